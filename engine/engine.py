@@ -1,0 +1,211 @@
+"""Engine: a loaded Titans model with the session API of DESIGN.md §4.
+
+The engine works on token ids; `engine.tokenizer` converts text. Every call is pure: states go in,
+new states come out, and nothing is written into a state that was passed in.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+from collections.abc import Generator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+from .config import ConfigError, ModelConfig
+from .model import State, Titans
+from .sampling import SamplingParams, sample
+from .state import SessionState, read_snapshot
+from .tokenizer import load_tokenizer
+
+TokenIds = Sequence[int] | Tensor
+
+
+@dataclass(frozen=True)
+class Completion:
+    token_ids: list[int]
+    text: str
+    finish_reason: str  # "stop" (stop string or EOS) | "length"
+    state: SessionState
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def stack_states(states: Sequence[SessionState]) -> State:
+    return {k: torch.stack([s.tensors[k] for s in states]) for k in states[0].tensors}
+
+
+class Engine:
+    def __init__(self, model: Titans, tokenizer_dir: str | Path | None = None, device: torch.device | None = None):
+        self.device = device or default_device()
+        self.config: ModelConfig = model.cfg
+        self.model = model.to(self.device).eval()
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        self.tokenizer = load_tokenizer(self.config.tokenizer, tokenizer_dir)
+        if self.tokenizer.vocab_size > self.config.vocab_size:
+            raise ConfigError(f"tokenizer has {self.tokenizer.vocab_size} tokens but the model only "
+                              f"{self.config.vocab_size}")
+        self._tokenizer_dir = tokenizer_dir
+        self.fingerprint = self._fingerprint()
+        with torch.inference_mode():
+            self._template = {k: v.detach().clone() for k, v in self.model.initial_state().items()}
+
+    # --- construction and checkpoints ----------------------------------------------------------
+
+    @classmethod
+    def from_config(cls, cfg: ModelConfig, seed: int = 0, device: torch.device | str | None = None) -> Engine:
+        torch.manual_seed(seed)
+        return cls(Titans(cfg), device=torch.device(device) if device else None)
+
+    @classmethod
+    def load(cls, model_dir: str | Path, device: torch.device | str | None = None) -> Engine:
+        """A model directory: config.json + model.safetensors (+ tokenizer.json for 'tokenizers')."""
+        model_dir = Path(model_dir)
+        cfg = ModelConfig.load(model_dir)
+        weights_path = model_dir / "model.safetensors"
+        if not weights_path.exists():
+            raise FileNotFoundError(f"no model.safetensors in {model_dir}")
+        model = Titans(cfg)
+        weights = load_file(str(weights_path))
+        expected = model.state_dict()
+        missing, extra = sorted(set(expected) - set(weights)), sorted(set(weights) - set(expected))
+        if missing or extra:
+            raise ConfigError(f"{weights_path} does not match config.json: missing {missing[:5]}, extra {extra[:5]}")
+        for name, ref in expected.items():
+            if weights[name].shape != ref.shape:
+                raise ConfigError(f"{weights_path}: {name} has shape {tuple(weights[name].shape)}, "
+                                  f"config.json implies {tuple(ref.shape)}")
+        model.load_state_dict(weights)
+        return cls(model, tokenizer_dir=model_dir, device=torch.device(device) if device else None)
+
+    def save(self, model_dir: str | Path) -> None:
+        model_dir = Path(model_dir)
+        model_dir.mkdir(parents=True, exist_ok=True)
+        self.config.save(model_dir / "config.json")
+        weights = {k: v.detach().cpu().contiguous() for k, v in self.model.state_dict().items()}
+        save_file(weights, str(model_dir / "model.safetensors"), metadata={"fingerprint": self.fingerprint})
+        if self._tokenizer_dir is not None and self.config.tokenizer == "tokenizers":
+            source = Path(self._tokenizer_dir) / "tokenizer.json"
+            if source.resolve() != (model_dir / "tokenizer.json").resolve():
+                shutil.copyfile(source, model_dir / "tokenizer.json")
+
+    def _fingerprint(self) -> str:
+        """Hash of the config and every weight: a snapshot is only valid for the model that made it."""
+        h = hashlib.sha256(self.config.to_json().encode())
+        for name, tensor in sorted(self.model.state_dict().items()):
+            t = tensor.detach().cpu().contiguous()
+            h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+            h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        return h.hexdigest()[:32]
+
+    # --- sessions ---------------------------------------------------------------------------------
+
+    def new_state(self) -> SessionState:
+        return SessionState({k: v.clone() for k, v in self._template.items()}, 0, self.fingerprint)
+
+    def load_state(self, blob: bytes) -> SessionState:
+        """Raises SnapshotError for a corrupted snapshot or one made by another model."""
+        return read_snapshot(blob, self.fingerprint, self._template)
+
+    def _ids(self, token_ids: TokenIds) -> Tensor:
+        ids = torch.as_tensor(token_ids if isinstance(token_ids, Tensor) else list(token_ids), dtype=torch.long)
+        if ids.dim() != 1:
+            raise ValueError(f"token ids must be 1-D, got shape {tuple(ids.shape)}")
+        if ids.numel() and not (0 <= int(ids.min()) and int(ids.max()) < self.config.vocab_size):
+            raise ValueError(f"token ids must be in [0, {self.config.vocab_size})")
+        return ids.to(self.device)
+
+    def _check(self, state: SessionState) -> None:
+        if state.model_fingerprint != self.fingerprint:
+            raise ValueError("state belongs to another model (fingerprint mismatch)")
+
+    @torch.inference_mode()
+    def forward_batch(self, token_ids: Sequence[TokenIds], states: Sequence[SessionState],
+                      return_surprise: bool = False) -> list[tuple]:
+        """Many sessions at once; each result equals forward() of that session alone.
+
+        Returns [(logits [T_s, V], new_state)] or with return_surprise [(logits, new_state, surprise [T_s])].
+        """
+        if len(token_ids) != len(states):
+            raise ValueError(f"{len(token_ids)} token sequences for {len(states)} states")
+        if not states:
+            return []
+        for s in states:
+            self._check(s)
+        ids = [self._ids(t) for t in token_ids]
+        batched = stack_states(states)
+        logits, new, surprise = self.model.forward_tokens(ids, batched, [s.tokens_seen for s in states],
+                                                          return_surprise)
+        results = []
+        for i, s in enumerate(states):
+            state = SessionState({k: v[i].clone() for k, v in new.items()}, s.tokens_seen + len(ids[i]),
+                                 self.fingerprint)
+            results.append((logits[i], state, surprise[i]) if return_surprise else (logits[i], state))
+        return results
+
+    def forward(self, token_ids: TokenIds, state: SessionState, return_surprise: bool = False):
+        """logits [T, V] after each token and the new state (+ surprise [T]); `state` is left untouched."""
+        return self.forward_batch([token_ids], [state], return_surprise)[0]
+
+    # --- generation -------------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def generate(self, prompt_ids: TokenIds, state: SessionState,
+                 params: SamplingParams = SamplingParams()) -> Generator[int, None, SessionState]:
+        """Yield sampled token ids; return (StopIteration.value) the state after prompt + generated tokens.
+
+        Every yielded token is absorbed into the returned state, including a matched stop string or EOS.
+        """
+        self._check(state)
+        ids = self._ids(prompt_ids)
+        if ids.numel() == 0:
+            raise ValueError("generation needs at least one prompt token")
+        generator = None
+        if params.seed is not None:
+            generator = torch.Generator(device=self.device).manual_seed(params.seed)
+        model, pos = self.model, state.tokens_seen
+        batched = {k: v.unsqueeze(0) for k, v in state.tensors.items()}
+        logits, batched, _ = model.forward_tokens([ids], batched, [pos])
+        pos += ids.numel()
+        last, out = logits[0][-1], []
+        for _ in range(params.max_tokens):
+            token = sample(last, params, generator)
+            out.append(token)
+            yield token
+            logits, batched, _ = model.forward_tokens([torch.tensor([token], device=self.device)], batched, [pos])
+            pos += 1
+            last = logits[0][-1]
+            if self._finished(out, params):
+                break
+        return SessionState({k: v[0].clone() for k, v in batched.items()}, pos, self.fingerprint)
+
+    def _finished(self, out: list[int], params: SamplingParams) -> bool:
+        if self.config.eos_token_id is not None and out[-1] == self.config.eos_token_id:
+            return True
+        if params.stop:
+            text = self.tokenizer.decode(out)
+            return any(s in text for s in params.stop)
+        return False
+
+    def complete(self, prompt_ids: TokenIds, state: SessionState, params: SamplingParams = SamplingParams()) -> Completion:
+        """Run generate() to the end. The text is cut before the first stop string."""
+        gen = self.generate(prompt_ids, state, params)
+        out = []
+        while True:
+            try:
+                out.append(next(gen))
+            except StopIteration as stop:
+                final = stop.value
+                break
+        text = self.tokenizer.decode(out)
+        cuts = [text.index(s) for s in params.stop if s in text]
+        eos = self.config.eos_token_id is not None and out and out[-1] == self.config.eos_token_id
+        reason = "stop" if cuts or eos else "length"
+        return Completion(out, text[: min(cuts)] if cuts else text, reason, final)

@@ -1,0 +1,150 @@
+"""Neural long-term memory: the per-head memory MLP, its read, and the chunked update (DESIGN.md §2.1, §2.4).
+
+Shapes (one memory layer):
+    B sessions, H memory heads, N tokens, d = mem_head_dim, e*d = hidden width, b = chunk size
+    weights W[l]: [B, H, d_in(l), d_out(l)], fp32     (row convention: layer l maps a -> a @ W[l])
+    momentum S[l]: same shapes as W[l]
+    keys/values/queries: [B, H, N, d]; gates log_eta, log_keep, theta: [B, H, b]
+
+The memory is M(x) = x + LN(W_L . gelu(... gelu(W_1 . x))) for depth L >= 2 (LN without affine
+parameters, so the fast weights are only the matrices) and M(x) = x . W_1 for depth 1.
+
+The update of one chunk, all gradients taken at the chunk-start weights M_0 (the "anchor"), with
+u_i = grad of ||M_0(k_i) - v_i||^2 and per-token gates:
+    S_t = eta_t S_{t-1} - theta_t u_t,   M_t = (1 - alpha_t) M_{t-1} + S_t
+has the closed form at the chunk end (P_t = prod eta, beta_t = prod (1 - alpha), within the chunk)
+    S_b = P_b S_0 - sum_i theta_i (P_b / P_i) u_i
+    M_b = beta_b M_0 + gamma S_0 - sum_i theta_i c_i u_i,
+    gamma = sum_s (beta_b / beta_s) P_s,   c_i = sum_{s>=i} (beta_b / beta_s) (P_s / P_i)
+and because every u_i is a sum of outer products a_i^T delta_i (one per MLP layer), each weighted
+sum over the chunk is one GEMM: A^T diag(coef) Delta. The gradients are written out by hand (no
+autograd), so serving runs the update under inference_mode; outer training differentiates through it.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+_INV_SQRT2 = 1.0 / math.sqrt(2.0)
+_INV_SQRT2PI = 1.0 / math.sqrt(2.0 * math.pi)
+
+
+def memory_shapes(depth: int, head_dim: int, expansion: int) -> list[tuple[int, int]]:
+    """(d_in, d_out) of each weight matrix of one head's memory MLP."""
+    if depth == 1:
+        return [(head_dim, head_dim)]
+    hidden = expansion * head_dim
+    return [(head_dim, hidden)] + [(hidden, hidden)] * (depth - 2) + [(hidden, head_dim)]
+
+
+def init_memory_weights(heads: int, depth: int, head_dim: int, expansion: int, generator=None) -> list[Tensor]:
+    """Initial weights M_0 (learned outer parameters): [H, d_in, d_out] per layer."""
+    weights = []
+    for d_in, d_out in memory_shapes(depth, head_dim, expansion):
+        std = 0.02 if depth == 1 else 1.0 / math.sqrt(d_in)
+        weights.append(torch.randn(heads, d_in, d_out, generator=generator) * std)
+    return weights
+
+
+def _gelu_grad(z: Tensor) -> Tensor:
+    return 0.5 * (1.0 + torch.erf(z * _INV_SQRT2)) + z * torch.exp(-0.5 * z * z) * _INV_SQRT2PI
+
+
+def memory_read(weights: list[Tensor], x: Tensor, eps: float) -> Tensor:
+    """M*(x): the memory's forward pass without update. x [B, H, N, d] -> [B, H, N, d]."""
+    if len(weights) == 1:
+        return x @ weights[0]
+    a = x
+    for w in weights[:-1]:
+        a = F.gelu(a @ w)
+    z = a @ weights[-1]
+    return x + F.layer_norm(z, z.shape[-1:], eps=eps)
+
+
+def _forward_with_activations(weights: list[Tensor], x: Tensor, eps: float):
+    """Forward that keeps what the hand-written backward needs: inputs a_{l-1} and pre-activations z_l."""
+    inputs, pre = [], []
+    a = x
+    for w in weights:
+        inputs.append(a)
+        z = a @ w
+        pre.append(z)
+        a = F.gelu(z)
+    if len(weights) == 1:
+        return pre[-1], inputs, pre, None
+    z = pre[-1]
+    mean = z.mean(-1, keepdim=True)
+    rstd = torch.rsqrt(z.var(-1, unbiased=False, keepdim=True) + eps)
+    zhat = (z - mean) * rstd
+    return x + zhat, inputs, pre, (zhat, rstd)
+
+
+def memory_surprise(weights: list[Tensor], k: Tensor, v: Tensor, eps: float) -> Tensor:
+    """Per-token loss ||M(k) - v||^2 (sum over features) at the given weights: [B, H, N]."""
+    return (memory_read(weights, k, eps) - v).square().sum(-1)
+
+
+def memory_grads(weights: list[Tensor], k: Tensor, v: Tensor, eps: float):
+    """Per-token gradients of ||M(k) - v||^2 in factored form.
+
+    Returns (inputs, deltas): for each layer l, the token gradient of W[l] is inputs[l]^T deltas[l]
+    (an outer product per token); inputs[l] [B, H, N, d_in], deltas[l] [B, H, N, d_out].
+    """
+    out, inputs, pre, ln = _forward_with_activations(weights, k, eps)
+    grad = 2.0 * (out - v)
+    if ln is not None:  # back through x + LN(z_L)
+        zhat, rstd = ln
+        grad = rstd * (grad - grad.mean(-1, keepdim=True) - zhat * (grad * zhat).mean(-1, keepdim=True))
+    deltas = [grad]
+    for layer in range(len(weights) - 1, 0, -1):
+        grad = (grad @ weights[layer].transpose(-1, -2)) * _gelu_grad(pre[layer - 1])
+        deltas.append(grad)
+    return inputs, deltas[::-1]
+
+
+def chunk_coefficients(log_eta: Tensor, log_keep: Tensor, theta: Tensor):
+    """Closed-form coefficients of one chunk's momentum + decay scan. Gates [..., b] -> 
+
+    beta [...]:   prod(1 - alpha) over the chunk, multiplies M_0
+    gamma [...]:  coefficient of S_0 in M_b
+    p_end [...]:  prod(eta) over the chunk, multiplies S_0 in S_b
+    coef_m [..., b], coef_s [..., b]: weights of u_i in M_b and S_b (already times theta_i)
+    Everything is computed from log-gates, so no division by a vanishing product.
+    """
+    lp = torch.cumsum(log_eta, -1)  # log P_t
+    lb = torch.cumsum(log_keep, -1)  # log beta_t
+    lp_end, lb_end = lp[..., -1:], lb[..., -1:]
+    # exponent[s, i] = log(beta_b / beta_s) + log(P_s / P_i), for s >= i
+    b = log_eta.shape[-1]
+    upper = torch.ones(b, b, dtype=torch.bool, device=log_eta.device).tril()  # [s, i]: s >= i
+    expo = (lb_end - lb + lp).unsqueeze(-1) - lp.unsqueeze(-2)
+    decay = torch.exp(expo.masked_fill(~upper, float("-inf")))
+    coef_m = theta * decay.sum(-2)
+    coef_s = theta * torch.exp(lp_end - lp)
+    gamma = torch.exp(lb_end - lb + lp).sum(-1)
+    return lb_end.exp().squeeze(-1), gamma, lp_end.exp().squeeze(-1), coef_m, coef_s
+
+
+def chunk_update(weights: list[Tensor], momentum: list[Tensor], k: Tensor, v: Tensor, log_eta: Tensor,
+                 log_keep: Tensor, theta: Tensor, eps: float, grad_clip: float | None):
+    """Apply one full chunk to (W, S). k, v [B, H, b, d]; gates [B, H, b]. Returns new (W, S) lists."""
+    inputs, deltas = memory_grads(weights, k, v, eps)
+    if grad_clip is not None:  # ||a^T delta||_F = ||a|| ||delta||, summed over the layers
+        norm_sq = sum(a.square().sum(-1) * d.square().sum(-1) for a, d in zip(inputs, deltas))
+        theta = theta * torch.clamp(grad_clip * torch.rsqrt(norm_sq + 1e-12), max=1.0)
+    beta, gamma, p_end, coef_m, coef_s = chunk_coefficients(log_eta, log_keep, theta)
+    coefs = torch.stack((coef_m, coef_s), -1).unsqueeze(-2)  # [B, H, b, 1, 2]
+    beta, gamma, p_end = (c[..., None, None] for c in (beta, gamma, p_end))
+    new_w, new_s = [], []
+    for w, s, a, d in zip(weights, momentum, inputs, deltas):
+        # one GEMM for both sums: A^T [coef_m * Delta | coef_s * Delta] -> [B, H, d_in, 2 * d_out]
+        scaled = (d.unsqueeze(-1) * coefs).flatten(-2)
+        both = a.transpose(-1, -2) @ scaled
+        upd_m, upd_s = both.view(*both.shape[:-1], -1, 2).unbind(-1)
+        new_w.append(beta * w + gamma * s - upd_m)
+        new_s.append(p_end * s - upd_s)
+    return new_w, new_s

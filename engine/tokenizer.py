@@ -1,0 +1,61 @@
+"""Tokenizers: byte-level (the default, vocabulary = the 256 byte values) or a `tokenizers` tokenizer.json."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Protocol
+
+
+class Tokenizer(Protocol):
+    vocab_size: int
+
+    def encode(self, text: str) -> list[int]: ...
+
+    def decode(self, ids: list[int]) -> str: ...
+
+    def decode_bytes(self, ids: list[int]) -> bytes: ...
+
+
+class ByteTokenizer:
+    """UTF-8 bytes are the tokens. decode() replaces bytes that do not form valid UTF-8."""
+
+    vocab_size = 256
+
+    def encode(self, text: str) -> list[int]:
+        return list(text.encode("utf-8"))
+
+    def decode_bytes(self, ids: list[int]) -> bytes:
+        return bytes(i for i in ids if 0 <= i < 256)
+
+    def decode(self, ids: list[int]) -> str:
+        return self.decode_bytes(ids).decode("utf-8", errors="replace")
+
+
+class HFTokenizer:
+    """A Hugging Face `tokenizers` tokenizer.json, with no special tokens added on encode."""
+
+    def __init__(self, path: str | Path):
+        from tokenizers import Tokenizer as _Tokenizer
+
+        self._tok = _Tokenizer.from_file(str(path))
+        self.vocab_size = self._tok.get_vocab_size()
+
+    def encode(self, text: str) -> list[int]:
+        return self._tok.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids: list[int]) -> str:
+        return self._tok.decode(list(ids), skip_special_tokens=False)
+
+    def decode_bytes(self, ids: list[int]) -> bytes:
+        return self.decode(ids).encode("utf-8")
+
+
+def load_tokenizer(kind: str, model_dir: str | Path | None) -> Tokenizer:
+    if kind == "byte":
+        return ByteTokenizer()
+    if model_dir is None:
+        raise ValueError("a 'tokenizers' model needs a model directory holding tokenizer.json")
+    path = Path(model_dir) / "tokenizer.json"
+    if not path.exists():
+        raise FileNotFoundError(f"config says tokenizer 'tokenizers' but {path} does not exist")
+    return HFTokenizer(path)
