@@ -66,9 +66,9 @@ class ModelConfig:
                 yield f"{name} must be a positive integer, got {value!r}"
         if self.n_persistent < 0:
             yield f"n_persistent must be >= 0, got {self.n_persistent}"
-        if isinstance(self.dim, int) and isinstance(self.n_heads, int) and self.n_heads > 0:
-            if self.dim % self.n_heads or (self.dim // self.n_heads) % 2:
-                yield f"dim ({self.dim}) must split into n_heads ({self.n_heads}) heads of even width"
+        heads_ok = isinstance(self.dim, int) and isinstance(self.n_heads, int) and self.n_heads > 0
+        if heads_ok and (self.dim % self.n_heads or (self.dim // self.n_heads) % 2):
+            yield f"dim ({self.dim}) must split into n_heads ({self.n_heads}) heads of even width"
         if isinstance(self.mem_heads, int) and self.mem_heads > 0 and self.dim % self.mem_heads:
             yield f"dim ({self.dim}) must be divisible by mem_heads ({self.mem_heads})"
         if self.variant == "mac" and self.segment_size % self.chunk_size:

@@ -60,9 +60,11 @@ class Engine:
     # --- construction and checkpoints ----------------------------------------------------------
 
     @classmethod
-    def from_config(cls, cfg: ModelConfig, seed: int = 0, device: torch.device | str | None = None) -> Engine:
+    def from_config(cls, cfg: ModelConfig, seed: int = 0, device: torch.device | str | None = None,
+                    tokenizer_dir: str | Path | None = None) -> Engine:
+        """A randomly initialised model (seeded). tokenizer_dir holds tokenizer.json for 'tokenizers' configs."""
         torch.manual_seed(seed)
-        return cls(Titans(cfg), device=torch.device(device) if device else None)
+        return cls(Titans(cfg), tokenizer_dir=tokenizer_dir, device=torch.device(device) if device else None)
 
     @classmethod
     def load(cls, model_dir: str | Path, device: torch.device | str | None = None) -> Engine:
@@ -118,7 +120,7 @@ class Engine:
         ids = torch.as_tensor(token_ids if isinstance(token_ids, Tensor) else list(token_ids), dtype=torch.long)
         if ids.dim() != 1:
             raise ValueError(f"token ids must be 1-D, got shape {tuple(ids.shape)}")
-        if ids.numel() and not (0 <= int(ids.min()) and int(ids.max()) < self.config.vocab_size):
+        if ids.numel() and not (int(ids.min()) >= 0 and int(ids.max()) < self.config.vocab_size):
             raise ValueError(f"token ids must be in [0, {self.config.vocab_size})")
         return ids.to(self.device)
 
@@ -171,7 +173,7 @@ class Engine:
         if params.seed is not None:
             generator = torch.Generator(device=self.device).manual_seed(params.seed)
         model, pos = self.model, state.tokens_seen
-        batched = {k: v.unsqueeze(0) for k, v in state.tensors.items()}
+        batched = {k: v.unsqueeze(0).clone() for k, v in state.tensors.items()}  # the model writes in place
         logits, batched, _ = model.forward_tokens([ids], batched, [pos])
         pos += ids.numel()
         last, out = logits[0][-1], []
@@ -194,7 +196,8 @@ class Engine:
             return any(s in text for s in params.stop)
         return False
 
-    def complete(self, prompt_ids: TokenIds, state: SessionState, params: SamplingParams = SamplingParams()) -> Completion:
+    def complete(self, prompt_ids: TokenIds, state: SessionState,
+                 params: SamplingParams = SamplingParams()) -> Completion:
         """Run generate() to the end. The text is cut before the first stop string."""
         gen = self.generate(prompt_ids, state, params)
         out = []

@@ -107,7 +107,7 @@ def memory_grads(weights: list[Tensor], k: Tensor, v: Tensor, eps: float):
 
 
 def chunk_coefficients(log_eta: Tensor, log_keep: Tensor, theta: Tensor):
-    """Closed-form coefficients of one chunk's momentum + decay scan. Gates [..., b] -> 
+    """Closed-form coefficients of one chunk's momentum + decay scan. Gates [..., b] ->
 
     beta [...]:   prod(1 - alpha) over the chunk, multiplies M_0
     gamma [...]:  coefficient of S_0 in M_b

@@ -43,34 +43,44 @@ class StepContext:
     rows: int  # R = max(counts)
     config: ModelConfig
     device: torch.device
+    mask_cache: dict | None = None  # shared across steps: masks depend on positions modulo the span
     _cache: dict = field(default_factory=dict)
 
     def __post_init__(self):
-        dev = self.device
-        self.pos_t = torch.tensor(self.pos, dtype=torch.long, device=dev)  # [B]
-        self.count_t = torch.tensor(self.counts, dtype=torch.long, device=dev)  # [B]
-        r = torch.arange(self.rows, device=dev)
-        self.row_pos = self.pos_t[:, None] + r  # [B, R]
-        self.row_valid = r < self.count_t[:, None]  # [B, R]
-        b = self.config.chunk_size
-        self.chunk_fill = [p % b for p in self.pos]
-        self.full = [f + c == b for f, c in zip(self.chunk_fill, self.counts)]
+        dev, b = self.device, self.config.chunk_size
+        valid = [(s, r) for s, c in enumerate(self.counts) for r in range(c)]
+        self.valid_b = torch.tensor([s for s, _ in valid], dtype=torch.long, device=dev)  # [n]
+        self.valid_r = torch.tensor([r for _, r in valid], dtype=torch.long, device=dev)  # [n]
+        self._valid = valid
+        self.full = [p % b + c == b for p, c in zip(self.pos, self.counts)]
         self.any_full = any(self.full)
-        self.full_t = torch.tensor(self.full, device=dev)
-        fill_t = torch.tensor(self.chunk_fill, dtype=torch.long, device=dev)
-        self.buffer_slot = torch.where(self.row_valid, fill_t[:, None] + r, b)  # [B, R], b = discard
         seg = self.config.segment_size
         self.segment_end = [c > 0 and (p + c) % seg == 0 for p, c in zip(self.pos, self.counts)]
         self.any_segment_end = any(self.segment_end)
-        self.segment_end_t = torch.tensor(self.segment_end, device=dev)
+
+    def flags(self, name: str) -> Tensor:
+        """A per-session bool list ("full", "segment_end") as a tensor [B, 1, 1, 1] for torch.where."""
+        key = ("flags", name)
+        if key not in self._cache:
+            self._cache[key] = torch.tensor(getattr(self, name), device=self.device)[:, None, None, None]
+        return self._cache[key]
+
+    def slot(self, span: int) -> Tensor:
+        """Slot (position mod span) of each valid row, in valid_b/valid_r order: [n]."""
+        key = ("slot", span)
+        if key not in self._cache:
+            self._cache[key] = torch.tensor([(self.pos[s] + r) % span for s, r in self._valid],
+                                            dtype=torch.long, device=self.device)
+        return self._cache[key]
 
     def rope(self, dtype) -> tuple[Tensor, Tensor]:
         """cos, sin [B, 1, R, hd/2]; angles in float64 so that large positions keep their precision."""
         key = ("rope", dtype)
         if key not in self._cache:
             hd = self.config.head_dim
-            inv_freq = self.config.rope_base ** (-torch.arange(0, hd, 2, dtype=torch.float64, device=self.device) / hd)
-            angles = self.row_pos.to(torch.float64)[..., None] * inv_freq
+            inv_freq = self.config.rope_base ** (-torch.arange(0, hd, 2, dtype=torch.float64) / hd)
+            row_pos = torch.tensor(self.pos, dtype=torch.float64)[:, None] + torch.arange(self.rows)
+            angles = (row_pos[..., None] * inv_freq).to(self.device)
             self._cache[key] = (angles.cos().to(dtype)[:, None], angles.sin().to(dtype)[:, None])
         return self._cache[key]
 
@@ -79,47 +89,51 @@ class StepContext:
 
         rule "window": key position q visible from p iff p - span < q <= p (sliding window of span)
         rule "segment": iff q <= p and q is in p's segment of size span (MAC)
+        The ring slot j holds the newest position < pos that is j mod span.
         """
-        key = ("mask", span, rule, rows_per_pos)
-        if key in self._cache:
-            return self._cache[key]
-        dev, m = self.device, rows_per_pos
-        p = self.row_pos[:, :, None]  # [B, R, 1]
-        last = self.pos_t[:, None] - 1
-        slot = torch.arange(span, device=dev)
-        ring_pos = (last - torch.remainder(last - slot, span))[:, None, :]  # [B, 1, span], newest pos per slot
+        cache = self.mask_cache if self.mask_cache is not None else self._cache
+        # a session's mask depends only on (pos mod span, whether pos >= span, its row count)
+        key = (span, rule, rows_per_pos, self.rows,
+               tuple((p % span, p >= span, c) for p, c in zip(self.pos, self.counts)))
+        if key in cache:
+            return cache[key]
+        m, R = rows_per_pos, self.rows
+        pos = torch.tensor([p % span + (span if p >= span else 0) for p in self.pos])[:, None, None]  # [B,1,1]
+        p = pos + torch.arange(R)[:, None]  # [B, R, 1]
+        last = pos - 1
+        ring_pos = last - torch.remainder(last - torch.arange(span), span)  # [B, 1, span]
+        row_pos = pos + torch.arange(R)  # [B, 1, R]
         if rule == "window":
             ring_ok = (ring_pos >= 0) & (p - ring_pos < span)
-            rows_ok = (p - self.row_pos[:, None, :] < span)
+            rows_ok = p - row_pos < span
         else:
             ring_ok = (ring_pos >= 0) & (ring_pos >= p - torch.remainder(p, span))
-            rows_ok = torch.ones_like(ring_ok[..., :1])
-        causal = self.row_pos[:, None, :] <= p
-        rows_ok = (rows_ok & causal & self.row_valid[:, None, :]) | torch.eye(self.rows, dtype=torch.bool, device=dev)
-        persistent = torch.ones(p.shape[0], self.rows, self.config.n_persistent, dtype=torch.bool, device=dev)
-        mask = torch.cat([persistent, ring_ok.repeat(1, 1, m), rows_ok.repeat(1, 1, m)], -1)[:, None]
-        self._cache[key] = mask
+            rows_ok = torch.ones(1, 1, 1, dtype=torch.bool)
+        valid = torch.arange(R) < torch.tensor(self.counts)[:, None, None]  # [B, 1, R]
+        rows_ok = (rows_ok & (row_pos <= p) & valid) | torch.eye(R, dtype=torch.bool)
+        persistent = torch.ones(len(self.pos), R, self.config.n_persistent, dtype=torch.bool)
+        mask = torch.cat([persistent, ring_ok.expand(-1, R, -1).repeat(1, 1, m), rows_ok.repeat(1, 1, m)], -1)
+        mask = mask[:, None].to(self.device)
+        if len(cache) > 4096:
+            cache.clear()
+        cache[key] = mask
         return mask
-
-    def ring_slot(self, span: int) -> Tensor:
-        """Ring slot of each row [B, R]; span (one past the end) for invalid rows."""
-        return torch.where(self.row_valid, torch.remainder(self.row_pos, span), span)
 
     def tail_index(self, kernel: int) -> Tensor:
         """Index into [tail | rows] of the last kernel-1 inputs after this step: [B, kernel-1]."""
-        return self.count_t[:, None] + torch.arange(kernel - 1, device=self.device)
+        key = ("tail", kernel)
+        if key not in self._cache:
+            self._cache[key] = (torch.tensor(self.counts)[:, None] + torch.arange(kernel - 1)).to(self.device)
+        return self._cache[key]
 
 
-def scatter_rows(store: Tensor, dim: int, slot: Tensor, rows: Tensor) -> Tensor:
-    """store with rows written at slot along dim; slot == store.shape[dim] discards the row.
-
-    store [..., N, ...], rows [..., R, ...], slot broadcastable to rows. Out of place.
-    """
-    pad_shape = list(store.shape)
-    pad_shape[dim] = 1
-    padded = torch.cat([store, store.new_zeros(pad_shape)], dim)
-    out = padded.scatter(dim, slot.expand_as(rows), rows)
-    return out.narrow(dim, 0, store.shape[dim])
+def write_rows(store: Tensor, index: tuple, rows: Tensor) -> Tensor:
+    """store[index] = rows. In place when no gradient is being recorded (the engine hands the model
+    states it owns); on a copy under autograd, where the old values may be needed for backward."""
+    if torch.is_grad_enabled():
+        store = store.clone()
+    store[index] = rows
+    return store
 
 
 # --- building blocks -----------------------------------------------------------------------------
@@ -157,12 +171,13 @@ class ShortConv(nn.Module):
     def __init__(self, channels: int, kernel: int):
         super().__init__()
         self.kernel = kernel
-        self.weight = nn.Parameter(torch.randn(channels, 1, kernel) / math.sqrt(kernel))
+        self.weight = nn.Parameter(torch.randn(channels, kernel) / math.sqrt(kernel))  # [P, K]
 
     def forward(self, x: Tensor, tail: Tensor, ctx: StepContext) -> tuple[Tensor, Tensor]:
         """x [B, R, P], tail [B, K-1, P] -> y [B, R, P], new tail [B, K-1, P]."""
         ext = torch.cat([tail, x], 1)  # [B, K-1+R, P]
-        y = F.conv1d(ext.transpose(1, 2), self.weight, groups=self.weight.shape[0]).transpose(1, 2)
+        # unfold + weighted sum: F.conv1d with groups=P is ~10x slower for the few rows of a step
+        y = (ext.unfold(1, self.kernel, 1) * self.weight).sum(-1)
         index = ctx.tail_index(self.kernel)[..., None].expand(-1, -1, x.shape[-1])
         return y, ext.gather(1, index)
 
@@ -222,16 +237,17 @@ class NeuralMemory(nn.Module):
 
     def write(self, state: State, k: Tensor, v: Tensor, gates: Tensor, ctx: StepContext) -> State:
         """Append this step's rows to the chunk buffer; apply the chunk for sessions whose chunk is full."""
-        d = self.head_dim
+        d, b = self.head_dim, self.cfg.chunk_size
         rows = torch.cat([k, v, gates], -1)  # [B, H, R, 2d+3]
-        buf = scatter_rows(state["buf"], 2, ctx.buffer_slot[:, None, :, None], rows)
+        vb = ctx.valid_b
+        buf = write_rows(state["buf"], (vb, slice(None), ctx.slot(b)), rows[vb, :, ctx.valid_r])
         new = dict(state)
         if ctx.any_full:
             w, s = self.weights(state), self.weights(state, "S")
             log_eta, log_keep, theta = buf[..., 2 * d:].unbind(-1)
             w_new, s_new = chunk_update(w, s, buf[..., :d], buf[..., d:2 * d], log_eta, log_keep, theta,
                                         self.cfg.norm_eps, self.cfg.mem_grad_clip)
-            full = ctx.full_t[:, None, None, None]
+            full = ctx.flags("full")
             for i in range(len(w)):
                 new[f"W{i}"] = torch.where(full, w_new[i], w[i])
                 new[f"S{i}"] = torch.where(full, s_new[i], s[i])
@@ -266,21 +282,26 @@ class Attention(nn.Module):
         """x [B, R, D] queries; sources: m tensors [B, R, D] giving each position's key/value rows.
 
         Returns the head outputs [B, R, D] (before any output projection) and the new ring.
+        Scores are computed per key block, so the ring is read in place, never concatenated.
         """
         cos, sin = ctx.rope(x.dtype)
-        q = apply_rope(self.heads(self.wq(x)), cos, sin)
+        q = apply_rope(self.heads(self.wq(x)), cos, sin) * self.hd ** -0.5
         kv = torch.stack([self.wkv(src) for src in sources], 2)  # [B, R, m, 2D]
         k, v = kv.unflatten(-1, (2, self.nh, self.hd)).permute(3, 0, 4, 2, 1, 5)  # [B, nh, m, R, hd] each
         k = apply_rope(k, cos[:, :, None], sin[:, :, None])
-        new_rows = torch.stack([k, v], 1)  # [B, 2, nh, m, R, hd]
-        ring = state["ring"]
-        B = x.shape[0]
-        keys = torch.cat([self.persistent[0].expand(B, -1, -1, -1), ring[:, 0].flatten(2, 3), k.flatten(2, 3)], 2)
-        vals = torch.cat([self.persistent[1].expand(B, -1, -1, -1), ring[:, 1].flatten(2, 3), v.flatten(2, 3)], 2)
+        ring = state["ring"]  # [B, 2, nh, m, span, hd]
+        ring_k, ring_v = ring[:, 0].flatten(2, 3), ring[:, 1].flatten(2, 3)  # [B, nh, m*span, hd]
+        new_k, new_v = k.flatten(2, 3), v.flatten(2, 3)  # [B, nh, m*R, hd]
+        p_k, p_v = self.persistent
+        scores = torch.cat([q @ p_k.transpose(-1, -2), q @ ring_k.transpose(-1, -2), q @ new_k.transpose(-1, -2)], -1)
         mask = ctx.attention_mask(self.span, self.rule, self.m)
-        out = F.scaled_dot_product_attention(q, keys, vals, attn_mask=mask)
-        slot = ctx.ring_slot(self.span)[:, None, None, None, :, None]
-        ring = scatter_rows(ring, 4, slot, new_rows)
+        probs = scores.masked_fill(~mask, float("-inf")).softmax(-1)
+        n_p, n_ring = p_k.shape[1], ring_k.shape[2]
+        out = (probs[..., :n_p] @ p_v + probs[..., n_p:n_p + n_ring] @ ring_v
+               + probs[..., n_p + n_ring:] @ new_v)  # [B, nh, R, hd]
+        vb, vr, slot = ctx.valid_b, ctx.valid_r, ctx.slot(self.span)
+        rows = torch.stack([k, v], 1)[vb, :, :, :, vr]  # [n, 2, nh, m, hd]
+        ring = write_rows(ring, (vb, slice(None), slice(None), slice(None), slot), rows)
         return out.transpose(1, 2).flatten(2), {"ring": ring}
 
 
@@ -408,7 +429,7 @@ class MACMixer(nn.Module):
         surprise = mem.surprise(state, k, v) if want_surprise else None
         new = mem.write(state, k, v, mem.gate_values(u), ctx)
         if ctx.any_segment_end:  # the next step starts a segment: remember the weights it starts with
-            end = ctx.segment_end_t[:, None, None, None]
+            end = ctx.flags("segment_end")
             for i in range(len(mem.init_weights)):
                 new[f"Wseg{i}"] = torch.where(end, new[f"W{i}"], state[f"Wseg{i}"])
         new.update(prefixed(ring, "attn"), conv_x=tail_x, conv_y=tail_y)
@@ -457,6 +478,7 @@ class Titans(nn.Module):
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.head = None if cfg.tie_embeddings else nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        self._mask_cache: dict = {}
         self._init_weights()
 
     def _init_weights(self):
@@ -505,7 +527,7 @@ class Titans(nn.Module):
         while any(d < n for d, n in zip(done, lengths)):
             counts = [min(n - d, b - p % b) for d, n, p in zip(done, lengths, pos)]
             rows = max(counts)
-            ctx = StepContext(pos, counts, rows, self.cfg, dev)
+            ctx = StepContext(pos, counts, rows, self.cfg, dev, self._mask_cache)
             index = torch.tensor(done, device=dev)[:, None] + torch.arange(rows, device=dev)
             step_tokens = padded.gather(1, index.clamp(max=padded.shape[1] - 1))
             logits, state, surprise = self.step(step_tokens, state, ctx, want_surprise)

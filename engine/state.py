@@ -46,8 +46,9 @@ class SessionState:
         header["__metadata__"] = {
             "format_version": FORMAT_VERSION,
             "model_fingerprint": self.model_fingerprint,
-            "tokens_seen": str(self.tokens_seen),
-            "created_at": f"{self.created_at:.6f}",
+            # fixed-width numbers: the snapshot's byte length never depends on how far the session got
+            "tokens_seen": f"{self.tokens_seen:020d}",
+            "created_at": f"{self.created_at:020.6f}",
             "content_sha256": hashlib.sha256(data).hexdigest(),
         }
         encoded = json.dumps(header, separators=(",", ":")).encode()

@@ -1,0 +1,156 @@
+"""Engine API: generation, sampling, checkpoints, tokenizers, surprise, input validation."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from engine import Engine, SamplingParams
+from engine.model import Titans
+
+from .helpers import assert_close, engine_for, tiny, tokens
+
+
+@pytest.fixture(scope="module")
+def engine():
+    return engine_for(tiny("mac"))
+
+
+def _run(gen):
+    out = []
+    while True:
+        try:
+            out.append(next(gen))
+        except StopIteration as stop:
+            return out, stop.value
+
+
+def test_generate_returns_the_state_after_prompt_and_completion(engine):
+    prompt = tokens(21)
+    out, final = _run(engine.generate(prompt, engine.new_state(), SamplingParams(max_tokens=13, temperature=0)))
+    assert len(out) == 13 and final.tokens_seen == 21 + 13
+    logits, replayed = engine.forward(torch.cat([prompt, torch.tensor(out)]), engine.new_state())
+    # greedy: every generated token is the argmax after the tokens before it
+    assert logits[20:-1].argmax(-1).tolist() == out
+    for name, t in replayed.tensors.items():
+        assert_close(final.tensors[name], t)
+
+
+def test_sampling_is_reproducible_with_a_seed_and_varies_without(engine):
+    params = SamplingParams(max_tokens=20, temperature=1.0, seed=7)
+    a, _ = _run(engine.generate(tokens(5), engine.new_state(), params))
+    prompt = tokens(5)
+    a, _ = _run(engine.generate(prompt, engine.new_state(), params))
+    b, _ = _run(engine.generate(prompt, engine.new_state(), params))
+    c, _ = _run(engine.generate(prompt, engine.new_state(), SamplingParams(max_tokens=20, temperature=1.0, seed=8)))
+    assert a == b and a != c
+
+
+def test_top_k_one_is_greedy_and_top_p_restricts_the_support(engine):
+    prompt = tokens(9)
+    greedy, _ = _run(engine.generate(prompt, engine.new_state(), SamplingParams(max_tokens=8, temperature=0)))
+    top1, _ = _run(engine.generate(prompt, engine.new_state(), SamplingParams(max_tokens=8, top_k=1, seed=3)))
+    tiny_p, _ = _run(engine.generate(prompt, engine.new_state(), SamplingParams(max_tokens=8, top_p=1e-6, seed=4)))
+    assert greedy == top1 == tiny_p
+
+
+def test_stop_strings_and_completion(engine):
+    prompt = engine.tokenizer.encode("hello")
+    free = engine.complete(prompt, engine.new_state(), SamplingParams(max_tokens=30, temperature=0))
+    assert free.finish_reason == "length" and len(free.token_ids) == 30
+    stop = engine.tokenizer.decode(free.token_ids[10:12])
+    done = engine.complete(prompt, engine.new_state(), SamplingParams(max_tokens=30, temperature=0, stop=(stop,)))
+    assert done.finish_reason == "stop"
+    assert stop not in done.text and free.text.startswith(done.text)
+    assert len(done.token_ids) <= 12
+    assert done.state.tokens_seen == len(prompt) + len(done.token_ids)
+
+
+def test_eos_ends_generation():
+    eng = engine_for(tiny("lmm"))
+    first = eng.complete([1, 2, 3], eng.new_state(), SamplingParams(max_tokens=5, temperature=0)).token_ids[2]
+    model = Titans(tiny("lmm", eos_token_id=first))
+    model.load_state_dict(eng.model.state_dict())
+    with_eos = Engine(model, device=torch.device("cpu"))
+    out = with_eos.complete([1, 2, 3], with_eos.new_state(), SamplingParams(max_tokens=5, temperature=0))
+    assert out.finish_reason == "stop" and out.token_ids[-1] == first and len(out.token_ids) <= 3
+
+
+def test_token_ids_as_list_or_tensor_and_invalid_ids(engine):
+    ids = tokens(12)
+    a, _ = engine.forward(ids, engine.new_state())
+    b, _ = engine.forward(ids.tolist(), engine.new_state())
+    assert torch.equal(a, b)
+    empty, same = engine.forward([], engine.new_state())
+    assert empty.shape == (0, engine.config.vocab_size) and same.tokens_seen == 0
+    for bad in ([256], [-1], torch.zeros(2, 2, dtype=torch.long)):
+        with pytest.raises(ValueError):
+            engine.forward(bad, engine.new_state())
+    with pytest.raises(ValueError, match="at least one prompt token"):
+        next(engine.generate([], engine.new_state()))
+
+
+def test_state_of_another_engine_is_refused(engine):
+    other = engine_for(tiny("mac"), seed=9)
+    with pytest.raises(ValueError, match="another model"):
+        engine.forward([1], other.new_state())
+
+
+def test_surprise_is_per_token_and_falls_when_text_repeats(engine):
+    text = tokens(48)
+    logits, _, surprise = engine.forward(torch.cat([text, text, text]), engine.new_state(), return_surprise=True)
+    assert surprise.shape == (144,) and (surprise >= 0).all()
+    # the memory learned the first pass: keys/values seen before are predicted better the next time
+    assert surprise[96:].mean() < surprise[:48].mean()
+
+
+def test_checkpoint_round_trip(tmp_path):
+    eng = engine_for(tiny("mal"))
+    eng.save(tmp_path / "m")
+    loaded = Engine.load(tmp_path / "m", device="cpu")
+    assert loaded.fingerprint == eng.fingerprint and loaded.config == eng.config
+    ids = tokens(30)
+    assert torch.equal(loaded.forward(ids, loaded.new_state())[0], eng.forward(ids, eng.new_state())[0])
+    # a snapshot made by one loads into the other: same model
+    blob = eng.forward(ids, eng.new_state())[1].to_bytes()
+    assert loaded.load_state(blob).tokens_seen == 30
+
+
+def test_checkpoint_that_does_not_match_its_config_is_refused(tmp_path):
+    from engine import ConfigError
+
+    eng = engine_for(tiny("mal"))
+    eng.save(tmp_path)
+    tiny("mal", n_layers=3).save(tmp_path / "config.json")
+    with pytest.raises(ConfigError, match="missing"):
+        Engine.load(tmp_path)
+    tiny("mal", ffn_hidden=64).save(tmp_path / "config.json")
+    with pytest.raises(ConfigError, match="shape"):
+        Engine.load(tmp_path)
+    (tmp_path / "model.safetensors").unlink()
+    with pytest.raises(FileNotFoundError):
+        Engine.load(tmp_path)
+
+
+def test_tokenizers_json_model(tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE(unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.train_from_iterator(["the memory of a titan remembers the past"] * 20,
+                            trainers.BpeTrainer(vocab_size=60, special_tokens=["[UNK]"]))
+    vocab = tok.get_vocab_size()
+    cfg = tiny("lmm", tokenizer="tokenizers", vocab_size=vocab)
+    tok.save(str(tmp_path / "tokenizer.json"))
+    Engine.from_config(cfg, device="cpu", tokenizer_dir=tmp_path).save(tmp_path)
+    eng = Engine.load(tmp_path, device="cpu")
+    ids = eng.tokenizer.encode("the titan remembers")
+    assert 0 < len(ids) < len("the titan remembers") and max(ids) < vocab
+    assert eng.tokenizer.decode(ids).replace(" ", "") == "thetitanremembers"
+    out = eng.complete(ids, eng.new_state(), SamplingParams(max_tokens=4, temperature=0))
+    assert len(out.token_ids) == 4 and all(0 <= t < vocab for t in out.token_ids)
+    eng.save(tmp_path / "copy")
+    assert (tmp_path / "copy" / "tokenizer.json").exists()
+    (tmp_path / "tokenizer.json").unlink()
+    with pytest.raises(FileNotFoundError, match="tokenizer.json"):
+        Engine.load(tmp_path)
