@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from .config import ConfigError, ModelConfig
-from .model import State, Titans
+from .model import Linear, State, Titans, flatten_state, nest_state
 from .sampling import SamplingParams, sample
 from .state import SessionState, read_snapshot
 from .tokenizer import load_tokenizer
@@ -42,12 +42,20 @@ def stack_states(states: Sequence[SessionState]) -> State:
 
 
 class Engine:
-    def __init__(self, model: Titans, tokenizer_dir: str | Path | None = None, device: torch.device | None = None):
+    def __init__(self, model: Titans, tokenizer_dir: str | Path | None = None, device: torch.device | None = None,
+                 weight_dtype: torch.dtype | None = None):
+        """weight_dtype: store the dense projections (not norms, memory or embeddings) in this dtype,
+        e.g. torch.float16 to halve the bytes each decode step reads. Activations and the memory stay
+        fp32. It is part of the fingerprint: snapshots are tied to the numerics that produced them."""
         self.device = device or default_device()
         self.config: ModelConfig = model.cfg
         self.model = model.to(self.device).eval()
         for p in self.model.parameters():
             p.requires_grad_(False)
+        if weight_dtype is not None:
+            for module in self.model.modules():
+                if isinstance(module, Linear):
+                    module.to(weight_dtype)
         self.tokenizer = load_tokenizer(self.config.tokenizer, tokenizer_dir)
         if self.tokenizer.vocab_size > self.config.vocab_size:
             raise ConfigError(f"tokenizer has {self.tokenizer.vocab_size} tokens but the model only "
@@ -55,19 +63,21 @@ class Engine:
         self._tokenizer_dir = tokenizer_dir
         self.fingerprint = self._fingerprint()
         with torch.inference_mode():
-            self._template = {k: v.detach().clone() for k, v in self.model.initial_state().items()}
+            self._template = {k: v.detach().clone() for k, v in flatten_state(self.model.initial_state()).items()}
 
     # --- construction and checkpoints ----------------------------------------------------------
 
     @classmethod
     def from_config(cls, cfg: ModelConfig, seed: int = 0, device: torch.device | str | None = None,
-                    tokenizer_dir: str | Path | None = None) -> Engine:
+                    tokenizer_dir: str | Path | None = None, weight_dtype: torch.dtype | None = None) -> Engine:
         """A randomly initialised model (seeded). tokenizer_dir holds tokenizer.json for 'tokenizers' configs."""
         torch.manual_seed(seed)
-        return cls(Titans(cfg), tokenizer_dir=tokenizer_dir, device=torch.device(device) if device else None)
+        return cls(Titans(cfg), tokenizer_dir=tokenizer_dir, device=torch.device(device) if device else None,
+                   weight_dtype=weight_dtype)
 
     @classmethod
-    def load(cls, model_dir: str | Path, device: torch.device | str | None = None) -> Engine:
+    def load(cls, model_dir: str | Path, device: torch.device | str | None = None,
+             weight_dtype: torch.dtype | None = None) -> Engine:
         """A model directory: config.json + model.safetensors (+ tokenizer.json for 'tokenizers')."""
         model_dir = Path(model_dir)
         cfg = ModelConfig.load(model_dir)
@@ -85,7 +95,8 @@ class Engine:
                 raise ConfigError(f"{weights_path}: {name} has shape {tuple(weights[name].shape)}, "
                                   f"config.json implies {tuple(ref.shape)}")
         model.load_state_dict(weights)
-        return cls(model, tokenizer_dir=model_dir, device=torch.device(device) if device else None)
+        return cls(model, tokenizer_dir=model_dir, device=torch.device(device) if device else None,
+                   weight_dtype=weight_dtype)
 
     def save(self, model_dir: str | Path) -> None:
         model_dir = Path(model_dir)
@@ -142,9 +153,10 @@ class Engine:
         for s in states:
             self._check(s)
         ids = [self._ids(t) for t in token_ids]
-        batched = stack_states(states)
+        batched = nest_state(stack_states(states))  # stacking copies: the model may write into it
         logits, new, surprise = self.model.forward_tokens(ids, batched, [s.tokens_seen for s in states],
                                                           return_surprise)
+        new = flatten_state(new)
         results = []
         for i, s in enumerate(states):
             state = SessionState({k: v[i].clone() for k, v in new.items()}, s.tokens_seen + len(ids[i]),
@@ -173,7 +185,7 @@ class Engine:
         if params.seed is not None:
             generator = torch.Generator(device=self.device).manual_seed(params.seed)
         model, pos = self.model, state.tokens_seen
-        batched = {k: v.unsqueeze(0).clone() for k, v in state.tensors.items()}  # the model writes in place
+        batched = nest_state({k: v.unsqueeze(0).clone() for k, v in state.tensors.items()})  # written in place
         logits, batched, _ = model.forward_tokens([ids], batched, [pos])
         pos += ids.numel()
         last, out = logits[0][-1], []
@@ -186,7 +198,7 @@ class Engine:
             last = logits[0][-1]
             if self._finished(out, params):
                 break
-        return SessionState({k: v[0].clone() for k, v in batched.items()}, pos, self.fingerprint)
+        return SessionState({k: v[0].clone() for k, v in flatten_state(batched).items()}, pos, self.fingerprint)
 
     def _finished(self, out: list[int], params: SamplingParams) -> bool:
         if self.config.eos_token_id is not None and out[-1] == self.config.eos_token_id:

@@ -12,9 +12,11 @@ Prefill over T tokens is ceil(T / b) steps of up to b rows; decode is the same s
 prefill and decode compute exactly the same function, and a batch of sessions at different positions
 is the same as each session alone: all per-session bookkeeping is by position, with masks.
 
-The session state is a flat dict of tensors with a leading batch dimension, fixed in size: memory
-weights W, momentum S and the partial-chunk buffer per memory layer, conv tails, attention rings
-(the last C or W positions' keys and values, slot = position mod span), MAC segment-start weights.
+Session state, fixed in size: per mixer a dict of tensors with a leading batch dimension: memory
+weights W{l}, momentum S{l} and the partial-chunk buffer, conv tails, the attention ring (keys and
+values of the last C or W positions, slot = position mod span), MAC segment-start weights Wseg{l}.
+The model works on the nested form layers[i][j] = dict of mixer j of block i; snapshots use the flat
+names "layers.{i}.m{j}.{name}" (nest_state / flatten_state).
 """
 
 from __future__ import annotations
@@ -29,7 +31,21 @@ from torch import Tensor, nn
 from .config import ModelConfig
 from .memory import chunk_update, init_memory_weights, memory_read, memory_surprise
 
-State = dict[str, Tensor]
+State = dict[str, Tensor]  # one mixer's state
+ModelState = list[list[State]]  # [layer][mixer]
+
+
+def nest_state(flat: State) -> ModelState:
+    layers: dict[int, dict[int, State]] = {}
+    for key, value in flat.items():
+        _, layer, mixer, name = key.split(".", 3)
+        layers.setdefault(int(layer), {}).setdefault(int(mixer[1:]), {})[name] = value
+    return [[mixers[j] for j in sorted(mixers)] for _, mixers in sorted(layers.items())]
+
+
+def flatten_state(nested: ModelState) -> State:
+    return {f"layers.{i}.m{j}.{k}": v for i, mixers in enumerate(nested) for j, st in enumerate(mixers)
+            for k, v in st.items()}
 
 
 # --- one step's bookkeeping, shared by all layers -----------------------------------------------
@@ -49,9 +65,9 @@ class StepContext:
     def __post_init__(self):
         dev, b = self.device, self.config.chunk_size
         valid = [(s, r) for s, c in enumerate(self.counts) for r in range(c)]
+        self._valid = valid
         self.valid_b = torch.tensor([s for s, _ in valid], dtype=torch.long, device=dev)  # [n]
         self.valid_r = torch.tensor([r for _, r in valid], dtype=torch.long, device=dev)  # [n]
-        self._valid = valid
         self.full = [p % b + c == b for p, c in zip(self.pos, self.counts)]
         self.any_full = any(self.full)
         seg = self.config.segment_size
@@ -73,19 +89,20 @@ class StepContext:
                                             dtype=torch.long, device=self.device)
         return self._cache[key]
 
-    def rope(self, dtype) -> tuple[Tensor, Tensor]:
-        """cos, sin [B, 1, R, hd/2]; angles in float64 so that large positions keep their precision."""
-        key = ("rope", dtype)
-        if key not in self._cache:
+    def rope(self) -> Tensor:
+        """exp(i * position * freq) [B, R, 1, 1, hd/2]; angles in float64 so that large positions keep
+        their precision."""
+        if "rope" not in self._cache:
             hd = self.config.head_dim
             inv_freq = self.config.rope_base ** (-torch.arange(0, hd, 2, dtype=torch.float64) / hd)
             row_pos = torch.tensor(self.pos, dtype=torch.float64)[:, None] + torch.arange(self.rows)
-            angles = (row_pos[..., None] * inv_freq).to(self.device)
-            self._cache[key] = (angles.cos().to(dtype)[:, None], angles.sin().to(dtype)[:, None])
-        return self._cache[key]
+            angles = row_pos[..., None] * inv_freq
+            cis = torch.polar(torch.ones_like(angles), angles)  # complex128; apply_rope narrows it
+            self._cache["rope"] = cis[:, :, None, None].to(self.device)
+        return self._cache["rope"]
 
     def attention_mask(self, span: int, rule: str, rows_per_pos: int) -> Tensor:
-        """Visibility [B, 1, R, N_p + m*span + m*R] over [persistent | ring | this step's rows].
+        """Visibility [B, 1, R, m*span + N_p + m*R] over [ring | persistent | this step's rows].
 
         rule "window": key position q visible from p iff p - span < q <= p (sliding window of span)
         rule "segment": iff q <= p and q is in p's segment of size span (MAC)
@@ -112,7 +129,7 @@ class StepContext:
         valid = torch.arange(R) < torch.tensor(self.counts)[:, None, None]  # [B, 1, R]
         rows_ok = (rows_ok & (row_pos <= p) & valid) | torch.eye(R, dtype=torch.bool)
         persistent = torch.ones(len(self.pos), R, self.config.n_persistent, dtype=torch.bool)
-        mask = torch.cat([persistent, ring_ok.expand(-1, R, -1).repeat(1, 1, m), rows_ok.repeat(1, 1, m)], -1)
+        mask = torch.cat([ring_ok.expand(-1, R, -1).repeat(1, 1, m), persistent, rows_ok.repeat(1, 1, m)], -1)
         mask = mask[:, None].to(self.device)
         if len(cache) > 4096:
             cache.clear()
@@ -127,6 +144,11 @@ class StepContext:
         return self._cache[key]
 
 
+def state_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Memory math runs in fp32, or wider when the model itself is (float64 in the exactness tests)."""
+    return torch.promote_types(dtype, torch.float32)
+
+
 def write_rows(store: Tensor, index: tuple, rows: Tensor) -> Tensor:
     """store[index] = rows. In place when no gradient is being recorded (the engine hands the model
     states it owns); on a copy under autograd, where the old values may be needed for backward."""
@@ -137,6 +159,17 @@ def write_rows(store: Tensor, index: tuple, rows: Tensor) -> Tensor:
 
 
 # --- building blocks -----------------------------------------------------------------------------
+
+class Linear(nn.Linear):
+    """nn.Linear whose weight may be stored in half precision (Engine weight_dtype): activations keep
+    their dtype, while the matrix-vector products of decode read half the bytes."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        w = self.weight
+        if w.dtype == x.dtype:
+            return F.linear(x, w, self.bias)
+        return F.linear(x.to(w.dtype), w, self.bias).to(x.dtype)
+
 
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
@@ -151,18 +184,18 @@ class RMSNorm(nn.Module):
 class SwiGLU(nn.Module):
     def __init__(self, dim: int, hidden: int):
         super().__init__()
-        self.w_in = nn.Linear(dim, 2 * hidden, bias=False)
-        self.w_out = nn.Linear(hidden, dim, bias=False)
+        self.w_in = Linear(dim, 2 * hidden, bias=False)
+        self.w_out = Linear(hidden, dim, bias=False)
 
     def forward(self, x: Tensor) -> Tensor:
         gate, up = self.w_in(x).chunk(2, -1)
         return self.w_out(F.silu(gate) * up)
 
 
-def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """x [B, nh, R, hd]; rotates the two halves of the head dimension."""
-    x1, x2 = x.chunk(2, -1)
-    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1)
+def apply_rope(x: Tensor, cis: Tensor) -> Tensor:
+    """Rotate consecutive pairs of the last dim by cis (complex, broadcastable to x[..., hd/2])."""
+    pairs = torch.view_as_complex(x.to(state_dtype(x.dtype)).reshape(*x.shape[:-1], -1, 2))
+    return torch.view_as_real(pairs * cis.to(pairs.dtype)).flatten(-2).to(x.dtype)
 
 
 class ShortConv(nn.Module):
@@ -182,11 +215,16 @@ class ShortConv(nn.Module):
         return y, ext.gather(1, index)
 
 
-class NeuralMemory(nn.Module):
-    """One memory layer's learned initial weights M_0, gates, and its read / write on session state.
+# gate logits (theta, eta, alpha) -> log sigmoid(z_theta), log eta, log(1 - alpha) = log sigmoid(-z_alpha)
+_GATE_SIGNS = (1.0, 1.0, -1.0)
 
-    State: W{l}, S{l} [B, H, d_in, d_out] fp32; buf [B, H, b, 2d+3] fp32 holding the current chunk's
-    keys, values and gates (log eta, log(1 - alpha), theta) for the rows already read.
+
+class NeuralMemory(nn.Module):
+    """One memory layer: learned initial weights M_0 and the read / write rules on session state.
+
+    The owning mixer projects q, k, v (conv, SiLU, l2 on q and k) and the gate logits (theta, eta,
+    alpha) per head. State: W{l}, S{l} [B, H, d_in, d_out] fp32; buf [B, H, b, 2d+3] fp32 holding the
+    current chunk's keys, values and log-gates (log sigmoid(z_theta), log eta, log(1 - alpha)).
     """
 
     def __init__(self, cfg: ModelConfig):
@@ -195,56 +233,63 @@ class NeuralMemory(nn.Module):
         self.heads, self.head_dim = cfg.mem_heads, cfg.mem_head_dim
         self.init_weights = nn.ParameterList(
             nn.Parameter(w) for w in init_memory_weights(self.heads, cfg.mem_depth, self.head_dim, cfg.mem_expansion))
-        self.gates = nn.Linear(cfg.dim, 3 * self.heads)
-        nn.init.normal_(self.gates.weight, std=0.02)
-        with torch.no_grad():
-            self.gates.bias.copy_(torch.tensor([cfg.theta_bias_init, cfg.eta_bias_init, cfg.alpha_bias_init])
-                                  .repeat_interleave(self.heads))
+        self.register_buffer("gate_signs", torch.tensor(_GATE_SIGNS).repeat_interleave(self.heads), persistent=False)
+
+    def gate_bias(self) -> Tensor:
+        """Initial bias of the 3H gate logits: small theta, eta ~ 0.9, alpha ~ 0 (DESIGN §2.3)."""
+        c = self.cfg
+        return torch.tensor([c.theta_bias_init, c.eta_bias_init, c.alpha_bias_init]).repeat_interleave(self.heads)
 
     def initial_state(self) -> State:
-        d, b = self.head_dim, self.cfg.chunk_size
-        state = {}
+        state, dtype = {}, self.dtype
         for i, w in enumerate(self.init_weights):
-            state[f"W{i}"] = w.float()
-            state[f"S{i}"] = torch.zeros_like(w, dtype=torch.float32)
-        state["buf"] = torch.zeros(self.heads, b, 2 * d + 3, device=w.device)
+            state[f"W{i}"] = w.to(dtype)
+            state[f"S{i}"] = torch.zeros_like(w, dtype=dtype)
+        state["buf"] = torch.zeros(self.heads, self.cfg.chunk_size, 2 * self.head_dim + 3, device=w.device, dtype=dtype)
         return state
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return state_dtype(self.init_weights[0].dtype)
 
     def weights(self, state: State, prefix: str = "W") -> list[Tensor]:
         return [state[f"{prefix}{i}"] for i in range(len(self.init_weights))]
 
-    def split_heads(self, x: Tensor) -> Tensor:
-        """[B, R, H*d] -> [B, H, R, d] in fp32 (memory math is fp32)."""
-        return x.unflatten(-1, (self.heads, self.head_dim)).transpose(1, 2).float()
+    def heads_of(self, x: Tensor, parts: int) -> Tensor:
+        """[B, R, parts*H*d] -> [parts, B, H, R, d] in the memory dtype (fp32 or wider)."""
+        B, R, _ = x.shape
+        return x.to(self.dtype).view(B, R, parts, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
 
-    def merge_heads(self, x: Tensor, dtype) -> Tensor:
-        return x.transpose(1, 2).flatten(2).to(dtype)
+    def qkv(self, projected: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Post-conv projections [B, R, 3D] -> q, k (SiLU, l2-normalised), v (SiLU): [B, H, R, d] each."""
+        x = self.heads_of(F.silu(projected), 3)
+        qk = F.normalize(x[:2], dim=-1)
+        return qk[0], qk[1], x[2]
 
-    def read(self, weights: list[Tensor], q: Tensor) -> Tensor:
-        """q [B, H, R, d] -> M*(q) [B, H, R, d]."""
-        return memory_read(weights, q, self.cfg.norm_eps)
+    def gates(self, logits: Tensor) -> Tensor:
+        """Gate logits [B, R, 3H] (theta, eta, alpha) -> log-gates [B, H, R, 3] for the chunk buffer."""
+        B, R, _ = logits.shape
+        return F.logsigmoid(logits.to(self.dtype) * self.gate_signs).view(B, R, 3, self.heads).permute(0, 3, 1, 2)
 
-    def gate_values(self, u: Tensor) -> Tensor:
-        """u [B, R, D] -> [B, H, R, 3] = (log eta, log(1 - alpha), theta), fp32."""
-        z = self.gates(u).float().unflatten(-1, (3, self.heads)).permute(0, 3, 1, 2)  # [B, H, R, 3]
-        z_theta, z_eta, z_alpha = z.unbind(-1)
-        return torch.stack([F.logsigmoid(z_eta), F.logsigmoid(-z_alpha),
-                            self.cfg.theta_max * torch.sigmoid(z_theta)], -1)
+    def read(self, weights: list[Tensor], q: Tensor, dtype) -> Tensor:
+        """M*(q): q [B, H, R, d] -> [B, R, H*d] in the activation dtype."""
+        return memory_read(weights, q, self.cfg.norm_eps).transpose(1, 2).flatten(2).to(dtype)
 
     def surprise(self, state: State, k: Tensor, v: Tensor) -> Tensor:
         """||M(k) - v||^2 at the read weights, mean over heads: [B, R]."""
         return memory_surprise(self.weights(state), k, v, self.cfg.norm_eps).mean(1)
 
-    def write(self, state: State, k: Tensor, v: Tensor, gates: Tensor, ctx: StepContext) -> State:
+    def write(self, state: State, k: Tensor, v: Tensor, log_gates: Tensor, ctx: StepContext) -> State:
         """Append this step's rows to the chunk buffer; apply the chunk for sessions whose chunk is full."""
         d, b = self.head_dim, self.cfg.chunk_size
-        rows = torch.cat([k, v, gates], -1)  # [B, H, R, 2d+3]
+        rows = torch.cat([k, v, log_gates], -1)  # [B, H, R, 2d+3]
         vb = ctx.valid_b
         buf = write_rows(state["buf"], (vb, slice(None), ctx.slot(b)), rows[vb, :, ctx.valid_r])
         new = dict(state)
         if ctx.any_full:
             w, s = self.weights(state), self.weights(state, "S")
-            log_eta, log_keep, theta = buf[..., 2 * d:].unbind(-1)
+            log_theta, log_eta, log_keep = buf[..., 2 * d:].unbind(-1)
+            theta = self.cfg.theta_max * log_theta.exp()
             w_new, s_new = chunk_update(w, s, buf[..., :d], buf[..., d:2 * d], log_eta, log_keep, theta,
                                         self.cfg.norm_eps, self.cfg.mem_grad_clip)
             full = ctx.flags("full")
@@ -257,52 +302,49 @@ class NeuralMemory(nn.Module):
 
 
 class Attention(nn.Module):
-    """Multi-head attention over [persistent rows | ring of past positions | this step's rows].
+    """Multi-head attention over [ring of past positions | persistent rows | this step's rows].
 
     rule "window" (MAG/MAL, span W) or "segment" (MAC, span C). With rows_per_pos = 2 (MAC), each
-    position contributes two key/value rows: its memory retrieval h and its token x. The ring state
-    is ring [B, 2 (k|v), nh, m, span, hd] holding RoPE-rotated keys.
+    position contributes two key/value rows: its memory retrieval h and its token x. State: ring
+    [B, 2 (k|v), nh, m, span, hd] with RoPE-rotated keys, read in place (never concatenated).
     """
 
     def __init__(self, cfg: ModelConfig, span: int, rule: str, rows_per_pos: int):
         super().__init__()
         self.cfg, self.span, self.rule, self.m = cfg, span, rule, rows_per_pos
         self.nh, self.hd = cfg.n_heads, cfg.head_dim
-        self.wq = nn.Linear(cfg.dim, cfg.dim, bias=False)
-        self.wkv = nn.Linear(cfg.dim, 2 * cfg.dim, bias=False)
+        self.wq = Linear(cfg.dim, cfg.dim, bias=False)
+        self.wkv = Linear(cfg.dim, 2 * cfg.dim, bias=False)
         self.persistent = nn.Parameter(torch.randn(2, self.nh, cfg.n_persistent, self.hd) * 0.02)
 
     def initial_state(self) -> State:
-        return {"ring": torch.zeros(2, self.nh, self.m, self.span, self.hd, device=self.persistent.device)}
+        p = self.persistent
+        return {"ring": torch.zeros(2, self.nh, self.m, self.span, self.hd, device=p.device, dtype=p.dtype)}
 
-    def heads(self, x: Tensor) -> Tensor:
-        return x.unflatten(-1, (self.nh, self.hd)).transpose(1, 2)  # [B, R, D] -> [B, nh, R, hd]
-
-    def forward(self, x: Tensor, sources: list[Tensor], state: State, ctx: StepContext) -> tuple[Tensor, State]:
+    def forward(self, x: Tensor, sources: list[Tensor], state: State, ctx: StepContext) -> tuple[Tensor, Tensor]:
         """x [B, R, D] queries; sources: m tensors [B, R, D] giving each position's key/value rows.
 
         Returns the head outputs [B, R, D] (before any output projection) and the new ring.
-        Scores are computed per key block, so the ring is read in place, never concatenated.
         """
-        cos, sin = ctx.rope(x.dtype)
-        q = apply_rope(self.heads(self.wq(x)), cos, sin) * self.hd ** -0.5
-        kv = torch.stack([self.wkv(src) for src in sources], 2)  # [B, R, m, 2D]
-        k, v = kv.unflatten(-1, (2, self.nh, self.hd)).permute(3, 0, 4, 2, 1, 5)  # [B, nh, m, R, hd] each
-        k = apply_rope(k, cos[:, :, None], sin[:, :, None])
-        ring = state["ring"]  # [B, 2, nh, m, span, hd]
+        B, R, _ = x.shape
+        nh, hd, m = self.nh, self.hd, self.m
+        kv = torch.stack([self.wkv(src) for src in sources], 2).view(B, R, m, 2, nh, hd)
+        qk = apply_rope(torch.cat([self.wq(x).view(B, R, 1, nh, hd), kv[:, :, :, 0]], 2), ctx.rope())
+        q = qk[:, :, 0].transpose(1, 2) * hd ** -0.5  # [B, nh, R, hd]
+        k, v = qk[:, :, 1:], kv[:, :, :, 1]  # [B, R, m, nh, hd]
+        ring = state["ring"]
         ring_k, ring_v = ring[:, 0].flatten(2, 3), ring[:, 1].flatten(2, 3)  # [B, nh, m*span, hd]
-        new_k, new_v = k.flatten(2, 3), v.flatten(2, 3)  # [B, nh, m*R, hd]
-        p_k, p_v = self.persistent
-        scores = torch.cat([q @ p_k.transpose(-1, -2), q @ ring_k.transpose(-1, -2), q @ new_k.transpose(-1, -2)], -1)
-        mask = ctx.attention_mask(self.span, self.rule, self.m)
+        p_k, p_v = (t.expand(B, -1, -1, -1) for t in self.persistent)  # [B, nh, N_p, hd]
+        step_k = torch.cat([p_k, k.permute(0, 3, 2, 1, 4).reshape(B, nh, m * R, hd)], 2)
+        step_v = torch.cat([p_v, v.permute(0, 3, 2, 1, 4).reshape(B, nh, m * R, hd)], 2)
+        scores = torch.cat([q @ ring_k.transpose(-1, -2), q @ step_k.transpose(-1, -2)], -1)
+        mask = ctx.attention_mask(self.span, self.rule, m)
         probs = scores.masked_fill(~mask, float("-inf")).softmax(-1)
-        n_p, n_ring = p_k.shape[1], ring_k.shape[2]
-        out = (probs[..., :n_p] @ p_v + probs[..., n_p:n_p + n_ring] @ ring_v
-               + probs[..., n_p + n_ring:] @ new_v)  # [B, nh, R, hd]
-        vb, vr, slot = ctx.valid_b, ctx.valid_r, ctx.slot(self.span)
-        rows = torch.stack([k, v], 1)[vb, :, :, :, vr]  # [n, 2, nh, m, hd]
-        ring = write_rows(ring, (vb, slice(None), slice(None), slice(None), slot), rows)
-        return out.transpose(1, 2).flatten(2), {"ring": ring}
+        n_ring = ring_k.shape[2]
+        out = probs[..., :n_ring] @ ring_v + probs[..., n_ring:] @ step_v  # [B, nh, R, hd]
+        rows = torch.stack([k, v], 2)[ctx.valid_b, ctx.valid_r].transpose(2, 3)  # [n, 2, nh, m, hd]
+        ring = write_rows(ring, (ctx.valid_b, slice(None), slice(None), slice(None), ctx.slot(self.span)), rows)
+        return out.transpose(1, 2).flatten(2), ring
 
 
 # --- the four mixers ---------------------------------------------------------------------------------
@@ -310,7 +352,8 @@ class Attention(nn.Module):
 class MemoryMixer(nn.Module):
     """LMM mixer (also MAL's memory layer and MAG's memory branch).
 
-    q, k, v = l2/silu(conv(u W)), y = M*(q) with chunk-start weights, output W_o(norm(y) * silu(u W_g)).
+    One projection of the block input u gives q, k, v (conv, SiLU, l2 on q and k), the output gate and
+    the gate logits; y = M*(q) with the chunk-start weights; output W_o(norm(y) * silu(u W_g)).
     """
 
     def __init__(self, cfg: ModelConfig, gated_output: bool = True):
@@ -319,28 +362,28 @@ class MemoryMixer(nn.Module):
         D = cfg.dim
         self.memory = NeuralMemory(cfg)
         self.gated_output = gated_output
-        self.w_in = nn.Linear(D, (4 if gated_output else 3) * D, bias=False)
+        self.w_in = Linear(D, (4 if gated_output else 3) * D + 3 * cfg.mem_heads)  # [qkv | gate | gate logits]
         self.conv = ShortConv(3 * D, cfg.conv_kernel)
         if gated_output:
             self.out_norm = RMSNorm(D, cfg.norm_eps)
-            self.w_out = nn.Linear(D, D, bias=False)
+            self.w_out = Linear(D, D, bias=False)
 
     def initial_state(self) -> State:
+        w = self.conv.weight
         return {**self.memory.initial_state(),
-                "conv": torch.zeros(self.cfg.conv_kernel - 1, 3 * self.cfg.dim, device=self.w_in.weight.device)}
+                "conv": torch.zeros(self.cfg.conv_kernel - 1, 3 * self.cfg.dim, device=w.device, dtype=w.dtype)}
 
     def retrieve(self, u: Tensor, state: State, ctx: StepContext, want_surprise: bool):
-        """Read then write the memory for this step's rows. Returns (y [B, R, D], gate input, state, surprise)."""
+        """Read then write the memory for this step's rows. Returns (y [B, R, D], out gate, state, surprise)."""
         mem, D = self.memory, self.cfg.dim
         proj = self.w_in(u)
         qkv, tail = self.conv(proj[..., :3 * D], state["conv"], ctx)
-        q, k, v = (mem.split_heads(t) for t in F.silu(qkv).split(D, -1))
-        q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
-        y = mem.merge_heads(mem.read(mem.weights(state), q), u.dtype)
+        q, k, v = mem.qkv(qkv)
+        y = mem.read(mem.weights(state), q, u.dtype)
         surprise = mem.surprise(state, k, v) if want_surprise else None
-        new = mem.write(state, k, v, mem.gate_values(u), ctx)
+        new = mem.write(state, k, v, mem.gates(proj[..., -3 * mem.heads:]), ctx)
         new["conv"] = tail
-        return y, proj[..., 3 * D:], new, surprise
+        return y, proj[..., 3 * D:-3 * mem.heads], new, surprise
 
     def forward(self, u: Tensor, state: State, ctx: StepContext, want_surprise: bool):
         y, gate, new, surprise = self.retrieve(u, state, ctx, want_surprise)
@@ -356,17 +399,16 @@ class MAGMixer(nn.Module):
         self.mem = MemoryMixer(cfg, gated_output=False)
         self.norm_attn = RMSNorm(cfg.dim, cfg.norm_eps)
         self.norm_mem = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.w_out = nn.Linear(cfg.dim, cfg.dim, bias=False)
+        self.w_out = Linear(cfg.dim, cfg.dim, bias=False)
 
     def initial_state(self) -> State:
-        return {**{f"attn.{k}": v for k, v in self.attn.initial_state().items()},
-                **{f"mem.{k}": v for k, v in self.mem.initial_state().items()}}
+        return {**self.attn.initial_state(), **self.mem.initial_state()}
 
     def forward(self, u: Tensor, state: State, ctx: StepContext, want_surprise: bool):
-        y, ring = self.attn(u, [u], sub(state, "attn"), ctx)
-        m, _, mem_state, surprise = self.mem.retrieve(u, sub(state, "mem"), ctx, want_surprise)
-        o = self.w_out(self.norm_attn(y) * torch.sigmoid(self.norm_mem(m)))
-        return o, {**prefixed(ring, "attn"), **prefixed(mem_state, "mem")}, surprise
+        y, ring = self.attn(u, [u], state, ctx)
+        m, _, new, surprise = self.mem.retrieve(u, state, ctx, want_surprise)
+        new["ring"] = ring
+        return self.w_out(self.norm_attn(y) * torch.sigmoid(self.norm_mem(m))), new, surprise
 
 
 class SWAMixer(nn.Module):
@@ -375,14 +417,14 @@ class SWAMixer(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.attn = Attention(cfg, cfg.window, "window", 1)
-        self.w_out = nn.Linear(cfg.dim, cfg.dim, bias=False)
+        self.w_out = Linear(cfg.dim, cfg.dim, bias=False)
 
     def initial_state(self) -> State:
         return self.attn.initial_state()
 
     def forward(self, u: Tensor, state: State, ctx: StepContext, want_surprise: bool):
         y, ring = self.attn(u, [u], state, ctx)
-        return self.w_out(y), ring, None
+        return self.w_out(y), {"ring": ring}, None
 
 
 class MACMixer(nn.Module):
@@ -390,7 +432,7 @@ class MACMixer(nn.Module):
 
     h_j = M*(q_j) with the segment-start weights; attention of x_i over [persistent | (h_j, x_j), j <= i in
     the segment]; the attention output y is written to memory; o = W_o(y * sigmoid(norm(M*(y)))) with
-    chunk-start weights. Extra state: Wseg{l} (segment-start weights), conv tails for x and y projections.
+    chunk-start weights. Extra state: Wseg{l} (segment-start weights), conv tails of the x and y projections.
     """
 
     def __init__(self, cfg: ModelConfig):
@@ -398,51 +440,41 @@ class MACMixer(nn.Module):
         self.cfg = cfg
         D = cfg.dim
         self.memory = NeuralMemory(cfg)
-        self.w_qh = nn.Linear(D, D, bias=False)
+        self.w_x = Linear(D, D + 3 * cfg.mem_heads)  # [retrieval query | gate logits]
         self.conv_x = ShortConv(D, cfg.conv_kernel)
         self.h_norm = RMSNorm(D, cfg.norm_eps)
         self.attn = Attention(cfg, cfg.segment_size, "segment", 2)
-        self.w_attn_out = nn.Linear(D, D, bias=False)
-        self.w_mem_in = nn.Linear(D, 3 * D, bias=False)
+        self.w_attn_out = Linear(D, D, bias=False)
+        self.w_y = Linear(D, 3 * D, bias=False)  # q, k, v of the memory write and output read
         self.conv_y = ShortConv(3 * D, cfg.conv_kernel)
         self.r_norm = RMSNorm(D, cfg.norm_eps)
-        self.w_out = nn.Linear(D, D, bias=False)
+        self.w_out = Linear(D, D, bias=False)
 
     def initial_state(self) -> State:
-        dev, K, D = self.w_qh.weight.device, self.cfg.conv_kernel, self.cfg.dim
-        mem = self.memory.initial_state()
-        seg = {f"Wseg{i}": w.float() for i, w in enumerate(self.memory.init_weights)}
-        return {**mem, **seg, **prefixed(self.attn.initial_state(), "attn"),
-                "conv_x": torch.zeros(K - 1, D, device=dev), "conv_y": torch.zeros(K - 1, 3 * D, device=dev)}
+        K, D, like = self.cfg.conv_kernel, self.cfg.dim, self.conv_x.weight
+        seg = {f"Wseg{i}": w.to(self.memory.dtype) for i, w in enumerate(self.memory.init_weights)}
+        return {**self.memory.initial_state(), **seg, **self.attn.initial_state(),
+                "conv_x": like.new_zeros(K - 1, D), "conv_y": like.new_zeros(K - 1, 3 * D)}
 
     def forward(self, u: Tensor, state: State, ctx: StepContext, want_surprise: bool):
         mem, D = self.memory, self.cfg.dim
-        qh, tail_x = self.conv_x(self.w_qh(u), state["conv_x"], ctx)
-        qh = F.normalize(mem.split_heads(F.silu(qh)), dim=-1)
-        h = mem.merge_heads(mem.read(mem.weights(state, "Wseg"), qh), u.dtype)
-        y, ring = self.attn(u, [self.h_norm(h), u], sub(state, "attn"), ctx)
+        proj = self.w_x(u)
+        qh, tail_x = self.conv_x(proj[..., :D], state["conv_x"], ctx)
+        qh = F.normalize(mem.heads_of(F.silu(qh), 1)[0], dim=-1)
+        h = mem.read(mem.weights(state, "Wseg"), qh, u.dtype)
+        y, ring = self.attn(u, [self.h_norm(h), u], state, ctx)
         y = self.w_attn_out(y)
-        qkv, tail_y = self.conv_y(self.w_mem_in(y), state["conv_y"], ctx)
-        q, k, v = (mem.split_heads(t) for t in F.silu(qkv).split(D, -1))
-        q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
-        r = mem.merge_heads(mem.read(mem.weights(state), q), u.dtype)
+        qkv, tail_y = self.conv_y(self.w_y(y), state["conv_y"], ctx)
+        q, k, v = mem.qkv(qkv)
+        r = mem.read(mem.weights(state), q, u.dtype)
         surprise = mem.surprise(state, k, v) if want_surprise else None
-        new = mem.write(state, k, v, mem.gate_values(u), ctx)
+        new = mem.write(state, k, v, mem.gates(proj[..., D:]), ctx)
         if ctx.any_segment_end:  # the next step starts a segment: remember the weights it starts with
             end = ctx.flags("segment_end")
             for i in range(len(mem.init_weights)):
                 new[f"Wseg{i}"] = torch.where(end, new[f"W{i}"], state[f"Wseg{i}"])
-        new.update(prefixed(ring, "attn"), conv_x=tail_x, conv_y=tail_y)
+        new.update(ring=ring, conv_x=tail_x, conv_y=tail_y)
         return self.w_out(y * torch.sigmoid(self.r_norm(r))), new, surprise
-
-
-def sub(state: State, prefix: str) -> State:
-    n = len(prefix) + 1
-    return {k[n:]: v for k, v in state.items() if k.startswith(prefix + ".")}
-
-
-def prefixed(state: State, prefix: str) -> State:
-    return {f"{prefix}.{k}": v for k, v in state.items()}
 
 
 class Block(nn.Module):
@@ -456,15 +488,12 @@ class Block(nn.Module):
         self.mlp_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.mlp = SwiGLU(cfg.dim, cfg.ffn_hidden)
 
-    def initial_state(self) -> State:
-        return {k: v for i, m in enumerate(self.mixers) for k, v in prefixed(m.initial_state(), f"m{i}").items()}
-
-    def forward(self, x: Tensor, state: State, ctx: StepContext, want_surprise: bool):
-        new, surprises = {}, []
-        for i, (norm, mixer) in enumerate(zip(self.mixer_norms, self.mixers)):
-            out, mixer_state, surprise = mixer(norm(x), sub(state, f"m{i}"), ctx, want_surprise)
+    def forward(self, x: Tensor, states: list[State], ctx: StepContext, want_surprise: bool):
+        new, surprises = [], []
+        for norm, mixer, state in zip(self.mixer_norms, self.mixers, states):
+            out, mixer_state, surprise = mixer(norm(x), state, ctx, want_surprise)
             x = x + out
-            new.update(prefixed(mixer_state, f"m{i}"))
+            new.append(mixer_state)
             if surprise is not None:
                 surprises.append(surprise)
         return x + self.mlp(self.mlp_norm(x)), new, surprises
@@ -477,44 +506,49 @@ class Titans(nn.Module):
         self.embed = nn.Embedding(cfg.vocab_size, cfg.dim)
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.head = None if cfg.tie_embeddings else nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        self.head = None if cfg.tie_embeddings else Linear(cfg.dim, cfg.vocab_size, bias=False)
         self._mask_cache: dict = {}
         self._init_weights()
 
     def _init_weights(self):
         for name, module in self.named_modules():
-            if isinstance(module, nn.Linear) and not name.endswith("gates"):
+            if isinstance(module, nn.Linear):
                 nn.init.normal_(module.weight, std=0.02)
                 if name.endswith(("w_out", "w_attn_out")):  # residual projections, GPT-2 style
                     module.weight.data.mul_(1.0 / math.sqrt(2 * self.cfg.n_layers))
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+        for module in self.modules():  # the gate logits are the last 3H outputs of the input projection
+            if isinstance(module, (MemoryMixer, MACMixer)):
+                w_in = module.w_in if isinstance(module, MemoryMixer) else module.w_x
+                w_in.bias.data[-3 * self.cfg.mem_heads:] = module.memory.gate_bias()
         nn.init.normal_(self.embed.weight, std=0.02)
 
-    def initial_state(self) -> State:
+    def initial_state(self) -> ModelState:
         """A fresh session (unbatched tensors). Differentiable w.r.t. M_0 for outer-loop training."""
-        return {k: v for i, layer in enumerate(self.layers)
-                for k, v in prefixed(layer.initial_state(), f"layers.{i}").items()}
+        return [[mixer.initial_state() for mixer in layer.mixers] for layer in self.layers]
 
-    def step(self, tokens: Tensor, state: State, ctx: StepContext, want_surprise: bool = False):
+    def step(self, tokens: Tensor, state: ModelState, ctx: StepContext, want_surprise: bool = False):
         """tokens [B, R] -> logits [B, R, V], new state, surprise [B, R] (or None).
 
         Rows beyond ctx.counts[s] are padding: their outputs are meaningless and they leave no trace.
         """
         x = self.embed(tokens)
-        new, surprises = {}, []
-        for i, layer in enumerate(self.layers):
-            x, layer_state, layer_surprises = layer(x, sub(state, f"layers.{i}"), ctx, want_surprise)
-            new.update(prefixed(layer_state, f"layers.{i}"))
+        new, surprises = [], []
+        for layer, layer_state in zip(self.layers, state):
+            x, layer_new, layer_surprises = layer(x, layer_state, ctx, want_surprise)
+            new.append(layer_new)
             surprises += layer_surprises
         x = self.norm(x)
         logits = F.linear(x, self.embed.weight) if self.head is None else self.head(x)
         surprise = torch.stack(surprises).mean(0) if surprises else None
         return logits, new, surprise
 
-    def forward_tokens(self, tokens: list[Tensor], state: State, pos: list[int], want_surprise: bool = False):
+    def forward_tokens(self, tokens: list[Tensor], state: ModelState, pos: list[int], want_surprise: bool = False):
         """Run each session s over tokens[s] (1-D) from position pos[s], in steps that end at chunk edges.
 
-        state: batched [B, ...]. Returns per-session logits [T_s, V], the new state, per-session
-        surprise [T_s] (or None).
+        state: nested, batched [B, ...]. Returns per-session logits [T_s, V], the new state,
+        per-session surprise [T_s] (or None).
         """
         b, dev = self.cfg.chunk_size, self.embed.weight.device
         lengths = [len(t) for t in tokens]
@@ -528,8 +562,11 @@ class Titans(nn.Module):
             counts = [min(n - d, b - p % b) for d, n, p in zip(done, lengths, pos)]
             rows = max(counts)
             ctx = StepContext(pos, counts, rows, self.cfg, dev, self._mask_cache)
-            index = torch.tensor(done, device=dev)[:, None] + torch.arange(rows, device=dev)
-            step_tokens = padded.gather(1, index.clamp(max=padded.shape[1] - 1))
+            if len(tokens) == 1:
+                step_tokens = padded[:, done[0]:done[0] + rows]
+            else:
+                index = torch.tensor(done, device=dev)[:, None] + torch.arange(rows, device=dev)
+                step_tokens = padded.gather(1, index.clamp(max=padded.shape[1] - 1))
             logits, state, surprise = self.step(step_tokens, state, ctx, want_surprise)
             for s, c in enumerate(counts):
                 if c:

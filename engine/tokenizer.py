@@ -59,3 +59,25 @@ def load_tokenizer(kind: str, model_dir: str | Path | None) -> Tokenizer:
     if not path.exists():
         raise FileNotFoundError(f"config says tokenizer 'tokenizers' but {path} does not exist")
     return HFTokenizer(path)
+
+
+class StreamDecoder:
+    """Turns a growing list of token ids into text pieces, never splitting a UTF-8 character."""
+
+    def __init__(self, tokenizer: Tokenizer):
+        self.tokenizer = tokenizer
+        self.ids: list[int] = []
+        self.emitted = 0  # characters of the decoded text already returned
+
+    def push(self, token_id: int) -> str:
+        self.ids.append(token_id)
+        text = self.tokenizer.decode(self.ids)
+        if text.endswith("\ufffd"):  # an incomplete multi-byte character: wait for the rest
+            return ""
+        piece, self.emitted = text[self.emitted :], len(text)
+        return piece
+
+    def flush(self) -> str:
+        text = self.tokenizer.decode(self.ids)
+        piece, self.emitted = text[self.emitted :], len(text)
+        return piece

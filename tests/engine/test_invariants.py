@@ -9,6 +9,11 @@ import torch
 
 from .helpers import VARIANTS, assert_close, assert_states_close, engine_for, random_config, tiny, tokens
 
+
+def assert_exact(a, b, tol=1e-8):
+    assert_close(a, b, tol=tol)
+
+
 CASES = [(v, d) for v in VARIANTS for d in (1, 2)]
 LENGTH = 70  # crosses several chunks (4), segments (16) and windows (16) of the tiny presets
 
@@ -16,7 +21,7 @@ LENGTH = 70  # crosses several chunks (4), segments (16) and windows (16) of the
 @pytest.fixture(scope="module", params=CASES, ids=[f"{v}-depth{d}" for v, d in CASES])
 def engine(request):
     variant, depth = request.param
-    return engine_for(tiny(variant, mem_depth=depth))
+    return engine_for(tiny(variant, mem_depth=depth), dtype=torch.float64)
 
 
 def test_causality(engine):
@@ -25,7 +30,7 @@ def test_causality(engine):
     for cut in random.Random(0).sample(range(1, LENGTH), 4):
         changed = torch.cat([ids[:cut], tokens(LENGTH - cut)])
         other, _ = engine.forward(changed, engine.new_state())
-        assert_close(other[:cut], logits[:cut], tol=1e-5)
+        assert_exact(other[:cut], logits[:cut], tol=1e-12)
         assert not torch.allclose(other[cut:], logits[cut:])  # the test can fail: later logits do change
 
 
@@ -39,7 +44,7 @@ def test_split_invariance_through_bytes(engine):
         for a, b in zip([0, *cuts], [*cuts, LENGTH]):
             out, state = engine.forward(ids[a:b], engine.load_state(state.to_bytes()))
             parts.append(out)
-        assert_close(torch.cat(parts), full)
+        assert_exact(torch.cat(parts), full)
         assert state.tokens_seen == full_state.tokens_seen == LENGTH
         assert_states_close(state, full_state)
 
@@ -51,7 +56,7 @@ def test_prefill_equals_decode(engine):
     for t in ids.tolist():
         out, state = engine.forward([t], state)
         steps.append(out)
-    assert_close(torch.cat(steps), prefill)
+    assert_exact(torch.cat(steps), prefill)
     assert_states_close(state, prefill_state)
 
 
@@ -63,8 +68,8 @@ def test_batched_equals_alone(engine):
     results = engine.forward_batch(batch, starts, return_surprise=True)
     for ids, start, (logits, state, surprise) in zip(batch, starts, results):
         alone_logits, alone_state, alone_surprise = engine.forward(ids, start, return_surprise=True)
-        assert_close(logits, alone_logits)
-        assert_close(surprise, alone_surprise)
+        assert_exact(logits, alone_logits)
+        assert_exact(surprise, alone_surprise)
         assert state.tokens_seen == start.tokens_seen + len(ids)
         assert_states_close(state, alone_state)
 
@@ -96,7 +101,7 @@ def test_memory_carries_information_across_attention_span(engine):
 def test_random_configs(seed):
     rng = random.Random(seed)
     cfg = random_config(rng)
-    engine = engine_for(cfg, seed=seed)
+    engine = engine_for(cfg, seed=seed, dtype=torch.float64)
     n = rng.randint(5, 40)
     ids = tokens(n)
     full, full_state = engine.forward(ids, engine.new_state(), return_surprise=False)
@@ -104,20 +109,20 @@ def test_random_configs(seed):
     cut = rng.randint(1, n - 1)
     a, mid = engine.forward(ids[:cut], engine.new_state())
     b, _ = engine.forward(ids[cut:], engine.load_state(mid.to_bytes()))
-    assert_close(torch.cat([a, b]), full)
+    assert_exact(torch.cat([a, b]), full)
     # prefill = decode
     state, steps = engine.new_state(), []
     for t in ids.tolist():
         out, state = engine.forward([t], state)
         steps.append(out)
-    assert_close(torch.cat(steps), full)
+    assert_exact(torch.cat(steps), full)
     # batched = alone, from different positions
     other = tokens(rng.randint(0, 12))
     res = engine.forward_batch([ids[cut:], other, ids], [engine.load_state(mid.to_bytes()), full_state,
                                                          engine.new_state()])
-    assert_close(res[0][0], b)
-    assert_close(res[1][0], engine.forward(other, full_state)[0])
-    assert_close(res[2][0], full)
+    assert_exact(res[0][0], b)
+    assert_exact(res[1][0], engine.forward(other, full_state)[0])
+    assert_exact(res[2][0], full)
     # causality
     changed = torch.cat([ids[:cut], tokens(n - cut)])
-    assert_close(engine.forward(changed, engine.new_state())[0][:cut], full[:cut], tol=1e-5)
+    assert_exact(engine.forward(changed, engine.new_state())[0][:cut], full[:cut], tol=1e-12)

@@ -1,0 +1,94 @@
+"""`titans` command line: generate from a model (optionally carrying a session snapshot), init a model."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from .config import PRESETS, ModelConfig
+from .engine import Engine
+from .sampling import SamplingParams
+from .tokenizer import StreamDecoder
+
+
+def _engine(args) -> Engine:
+    if args.model:
+        return Engine.load(args.model, device=args.device)
+    return Engine.from_config(ModelConfig.preset(args.preset), seed=args.seed_weights, device=args.device)
+
+
+def cmd_generate(args) -> int:
+    eng = _engine(args)
+    state = eng.load_state(Path(args.state_in).read_bytes()) if args.state_in else eng.new_state()
+    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+                            top_k=args.top_k, seed=args.seed, stop=tuple(args.stop))
+    prompt = eng.tokenizer.encode(args.prompt)
+    decoder = StreamDecoder(eng.tokenizer)
+    start = time.perf_counter()
+    gen = eng.generate(prompt, state, params)
+    n = 0
+    while True:
+        try:
+            token = next(gen)
+        except StopIteration as stop:
+            state = stop.value
+            break
+        if n == 0:
+            first = time.perf_counter()
+        n += 1
+        sys.stdout.write(decoder.push(token))
+        sys.stdout.flush()
+    sys.stdout.write(decoder.flush() + "\n")
+    end = time.perf_counter()
+    if args.state_out:
+        Path(args.state_out).write_bytes(state.to_bytes())
+    if n:
+        rate = (n - 1) / (end - first) if n > 1 else float("nan")
+        print(f"[{len(prompt)} prompt tokens, {n} generated; first token {1e3 * (first - start):.0f} ms, "
+              f"{rate:.0f} tokens/s after; session at {state.tokens_seen} tokens]", file=sys.stderr)
+    return 0
+
+
+def cmd_init(args) -> int:
+    eng = Engine.from_config(ModelConfig.preset(args.preset), seed=args.seed_weights, device="cpu")
+    eng.save(args.out)
+    params = sum(p.numel() for p in eng.model.parameters())
+    print(f"wrote {args.out}: {args.preset}, {params:,} parameters, fingerprint {eng.fingerprint}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="titans", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    gen = sub.add_parser("generate", help="generate text; --state-in/--state-out carry a session's memory")
+    source = gen.add_mutually_exclusive_group()
+    source.add_argument("--model", help="model directory (config.json + model.safetensors)")
+    source.add_argument("--preset", default="tiny-mac", choices=sorted(PRESETS), help="random-weight preset")
+    gen.add_argument("--seed-weights", type=int, default=0, help="initialisation seed for --preset")
+    gen.add_argument("--prompt", required=True)
+    gen.add_argument("--max-tokens", type=int, default=64)
+    gen.add_argument("--temperature", type=float, default=0.8)
+    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--top-k", type=int, default=0)
+    gen.add_argument("--seed", type=int, default=None)
+    gen.add_argument("--stop", action="append", default=[])
+    gen.add_argument("--state-in", help="session snapshot to continue from")
+    gen.add_argument("--state-out", help="write the session snapshot after generation here")
+    gen.add_argument("--device", default=None, help="cpu | cuda (default: cuda when available)")
+    gen.set_defaults(func=cmd_generate)
+
+    init = sub.add_parser("init", help="write a randomly initialised model directory")
+    init.add_argument("--preset", default="tiny-mac", choices=sorted(PRESETS))
+    init.add_argument("--seed-weights", type=int, default=0)
+    init.add_argument("--out", required=True)
+    init.set_defaults(func=cmd_init)
+
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
