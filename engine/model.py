@@ -50,112 +50,121 @@ def flatten_state(nested: ModelState) -> State:
 
 # --- one step's bookkeeping, shared by all layers -----------------------------------------------
 
-@dataclass
+@dataclass(eq=False)
 class StepContext:
-    """Positions and masks of one step. pos[s] is the position of session s's first row."""
+    """Positions of one step as tensors, so that a compiled step specialises on shapes only.
 
-    pos: list[int]
-    counts: list[int]  # valid rows per session (0 = session idle in this step)
-    rows: int  # R = max(counts)
+    pos[s] is the position of session s's first row, count[s] its valid rows (0 = idle this step).
+    Two host-side flags say whether any session completes a memory chunk / a MAC segment in this step
+    (the update is skipped entirely when none does). Derived tensors are built once per step.
+    """
+
+    pos: Tensor  # [B] long
+    count: Tensor  # [B] long
+    rows: int  # R = max(count)
+    any_full: bool
+    any_segment_end: bool
     config: ModelConfig
-    device: torch.device
-    mask_cache: dict | None = None  # shared across steps: masks depend on positions modulo the span
     _cache: dict = field(default_factory=dict)
 
-    def __post_init__(self):
-        dev, b = self.device, self.config.chunk_size
-        valid = [(s, r) for s, c in enumerate(self.counts) for r in range(c)]
-        self._valid = valid
-        self.valid_b = torch.tensor([s for s, _ in valid], dtype=torch.long, device=dev)  # [n]
-        self.valid_r = torch.tensor([r for _, r in valid], dtype=torch.long, device=dev)  # [n]
-        self.full = [p % b + c == b for p, c in zip(self.pos, self.counts)]
-        self.any_full = any(self.full)
-        seg = self.config.segment_size
-        self.segment_end = [c > 0 and (p + c) % seg == 0 for p, c in zip(self.pos, self.counts)]
-        self.any_segment_end = any(self.segment_end)
+    @classmethod
+    def build(cls, pos: list[int], counts: list[int], cfg: ModelConfig, device: torch.device) -> StepContext:
+        b, seg = cfg.chunk_size, cfg.segment_size
+        return cls(torch.tensor(pos, device=device), torch.tensor(counts, device=device), max(counts),
+                   any(p % b + c == b for p, c in zip(pos, counts)),
+                   any(c > 0 and (p + c) % seg == 0 for p, c in zip(pos, counts)), cfg)
 
-    def flags(self, name: str) -> Tensor:
-        """A per-session bool list ("full", "segment_end") as a tensor [B, 1, 1, 1] for torch.where."""
-        key = ("flags", name)
+    def _cached(self, key, make):
         if key not in self._cache:
-            self._cache[key] = torch.tensor(getattr(self, name), device=self.device)[:, None, None, None]
+            self._cache[key] = make()
         return self._cache[key]
 
-    def slot(self, span: int) -> Tensor:
-        """Slot (position mod span) of each valid row, in valid_b/valid_r order: [n]."""
-        key = ("slot", span)
-        if key not in self._cache:
-            self._cache[key] = torch.tensor([(self.pos[s] + r) % span for s, r in self._valid],
-                                            dtype=torch.long, device=self.device)
-        return self._cache[key]
+    @property
+    def row_pos(self) -> Tensor:
+        """Position of every row [B, R] (padding rows included)."""
+        return self._cached("row_pos", lambda: self.pos[:, None] + torch.arange(self.rows, device=self.pos.device))
 
-    def rope(self) -> Tensor:
-        """exp(i * position * freq) [B, R, 1, 1, hd/2]; angles in float64 so that large positions keep
+    @property
+    def valid(self) -> Tensor:
+        """Which rows are real tokens [B, R]."""
+        return self._cached("valid", lambda: torch.arange(self.rows, device=self.pos.device) < self.count[:, None])
+
+    def flag(self, name: str) -> Tensor:
+        """Per-session "full" (completes its chunk) or "segment_end" (completes its MAC segment): [B, 1, 1, 1]."""
+        def make():
+            cfg, end = self.config, self.pos + self.count
+            if name == "full":
+                flag = (self.pos % cfg.chunk_size + self.count) == cfg.chunk_size
+            else:
+                flag = (self.count > 0) & (end % cfg.segment_size == 0)
+            return flag[:, None, None, None]
+        return self._cached(("flag", name), make)
+
+    def rope(self, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """cos, sin [B, R, 1, 1, hd] for rotate-half RoPE; angles in float64 so that large positions keep
         their precision."""
-        if "rope" not in self._cache:
+        def make():
             hd = self.config.head_dim
-            inv_freq = self.config.rope_base ** (-torch.arange(0, hd, 2, dtype=torch.float64) / hd)
-            row_pos = torch.tensor(self.pos, dtype=torch.float64)[:, None] + torch.arange(self.rows)
-            angles = row_pos[..., None] * inv_freq
-            cis = torch.polar(torch.ones_like(angles), angles)  # complex128; apply_rope narrows it
-            self._cache["rope"] = cis[:, :, None, None].to(self.device)
-        return self._cache["rope"]
+            inv_freq = self.config.rope_base ** (
+                -torch.arange(0, hd, 2, dtype=torch.float64, device=self.pos.device) / hd)
+            angles = self.row_pos.to(torch.float64)[..., None] * inv_freq
+            angles = torch.cat([angles, angles], -1)[:, :, None, None]
+            return angles.cos().to(dtype), angles.sin().to(dtype)
+        return self._cached(("rope", dtype), make)
 
     def attention_mask(self, span: int, rule: str, rows_per_pos: int) -> Tensor:
         """Visibility [B, 1, R, m*span + N_p + m*R] over [ring | persistent | this step's rows].
 
         rule "window": key position q visible from p iff p - span < q <= p (sliding window of span)
         rule "segment": iff q <= p and q is in p's segment of size span (MAC)
-        The ring slot j holds the newest position < pos that is j mod span.
+        Ring slot j holds the newest position < pos that is j mod span (negative: never written).
         """
-        cache = self.mask_cache if self.mask_cache is not None else self._cache
-        # a session's mask depends only on (pos mod span, whether pos >= span, its row count)
-        key = (span, rule, rows_per_pos, self.rows,
-               tuple((p % span, p >= span, c) for p, c in zip(self.pos, self.counts)))
-        if key in cache:
-            return cache[key]
-        m, R = rows_per_pos, self.rows
-        pos = torch.tensor([p % span + (span if p >= span else 0) for p in self.pos])[:, None, None]  # [B,1,1]
-        p = pos + torch.arange(R)[:, None]  # [B, R, 1]
-        last = pos - 1
-        ring_pos = last - torch.remainder(last - torch.arange(span), span)  # [B, 1, span]
-        row_pos = pos + torch.arange(R)  # [B, 1, R]
-        if rule == "window":
-            ring_ok = (ring_pos >= 0) & (p - ring_pos < span)
-            rows_ok = p - row_pos < span
-        else:
-            ring_ok = (ring_pos >= 0) & (ring_pos >= p - torch.remainder(p, span))
-            rows_ok = torch.ones(1, 1, 1, dtype=torch.bool)
-        valid = torch.arange(R) < torch.tensor(self.counts)[:, None, None]  # [B, 1, R]
-        rows_ok = (rows_ok & (row_pos <= p) & valid) | torch.eye(R, dtype=torch.bool)
-        persistent = torch.ones(len(self.pos), R, self.config.n_persistent, dtype=torch.bool)
-        mask = torch.cat([ring_ok.expand(-1, R, -1).repeat(1, 1, m), persistent, rows_ok.repeat(1, 1, m)], -1)
-        mask = mask[:, None].to(self.device)
-        if len(cache) > 4096:
-            cache.clear()
-        cache[key] = mask
-        return mask
+        def make():
+            m, R, dev = rows_per_pos, self.rows, self.pos.device
+            p = self.row_pos[:, :, None]  # [B, R, 1]
+            last = self.pos[:, None, None] - 1
+            ring_pos = last - torch.remainder(last - torch.arange(span, device=dev), span)  # [B, 1, span]
+            row_pos = self.row_pos[:, None, :]  # [B, 1, R]
+            if rule == "window":
+                ring_ok = (ring_pos >= 0) & (p - ring_pos < span)
+                rows_ok = p - row_pos < span
+            else:
+                ring_ok = (ring_pos >= 0) & (ring_pos >= p - torch.remainder(p, span))
+                rows_ok = torch.ones(1, 1, 1, dtype=torch.bool, device=dev)
+            rows_ok = (rows_ok & (row_pos <= p) & self.valid[:, None, :]) | torch.eye(R, dtype=torch.bool, device=dev)
+            persistent = torch.ones(p.shape[0], R, self.config.n_persistent, dtype=torch.bool, device=dev)
+            mask = torch.cat([ring_ok.expand(-1, R, -1).repeat(1, 1, m), persistent, rows_ok.repeat(1, 1, m)], -1)
+            return mask[:, None]
+        return self._cached(("mask", span, rule, rows_per_pos), make)
 
     def tail_index(self, kernel: int) -> Tensor:
         """Index into [tail | rows] of the last kernel-1 inputs after this step: [B, kernel-1]."""
-        key = ("tail", kernel)
-        if key not in self._cache:
-            self._cache[key] = (torch.tensor(self.counts)[:, None] + torch.arange(kernel - 1)).to(self.device)
-        return self._cache[key]
+        return self._cached(("tail", kernel),
+                            lambda: self.count[:, None] + torch.arange(kernel - 1, device=self.pos.device))
+
+    def write(self, store: Tensor, slot_dim: int, span: int, rows: Tensor) -> Tensor:
+        """Write each valid row r of session s at slot (pos[s] + r) mod span along slot_dim of store.
+
+        store [B, ..., span, ...] (slot_dim counts the batch dim); rows [B, R, ...] shaped like
+        store[b, ..., slot, ...]. Padding rows write back the old value, so every (session, slot) pair
+        is written exactly once (span >= R) and the shapes never depend on the row counts. In place when
+        no gradient is recorded (the engine hands the model states it owns), on a copy under autograd.
+        """
+        def make_index():
+            slot = torch.remainder(self.row_pos, span)  # [B, R]
+            batch = torch.arange(slot.shape[0], device=slot.device)[:, None].expand_as(slot)
+            return (batch,) + (slice(None),) * (slot_dim - 1) + (slot,)
+        index = self._cached(("write", slot_dim, span), make_index)
+        valid = self.valid.view(*self.valid.shape, *([1] * (rows.dim() - 2)))
+        if torch.is_grad_enabled():
+            store = store.clone()
+        store[index] = torch.where(valid, rows, store[index])
+        return store
 
 
 def state_dtype(dtype: torch.dtype) -> torch.dtype:
     """Memory math runs in fp32, or wider when the model itself is (float64 in the exactness tests)."""
     return torch.promote_types(dtype, torch.float32)
-
-
-def write_rows(store: Tensor, index: tuple, rows: Tensor) -> Tensor:
-    """store[index] = rows. In place when no gradient is being recorded (the engine hands the model
-    states it owns); on a copy under autograd, where the old values may be needed for backward."""
-    if torch.is_grad_enabled():
-        store = store.clone()
-    store[index] = rows
-    return store
 
 
 # --- building blocks -----------------------------------------------------------------------------
@@ -192,10 +201,10 @@ class SwiGLU(nn.Module):
         return self.w_out(F.silu(gate) * up)
 
 
-def apply_rope(x: Tensor, cis: Tensor) -> Tensor:
-    """Rotate consecutive pairs of the last dim by cis (complex, broadcastable to x[..., hd/2])."""
-    pairs = torch.view_as_complex(x.to(state_dtype(x.dtype)).reshape(*x.shape[:-1], -1, 2))
-    return torch.view_as_real(pairs * cis.to(pairs.dtype)).flatten(-2).to(x.dtype)
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate-half RoPE on the last dim; cos, sin broadcastable to x."""
+    x1, x2 = x.chunk(2, -1)
+    return x * cos + torch.cat([-x2, x1], -1) * sin
 
 
 class ShortConv(nn.Module):
@@ -283,8 +292,7 @@ class NeuralMemory(nn.Module):
         """Append this step's rows to the chunk buffer; apply the chunk for sessions whose chunk is full."""
         d, b = self.head_dim, self.cfg.chunk_size
         rows = torch.cat([k, v, log_gates], -1)  # [B, H, R, 2d+3]
-        vb = ctx.valid_b
-        buf = write_rows(state["buf"], (vb, slice(None), ctx.slot(b)), rows[vb, :, ctx.valid_r])
+        buf = ctx.write(state["buf"], 2, b, rows.transpose(1, 2))
         new = dict(state)
         if ctx.any_full:
             w, s = self.weights(state), self.weights(state, "S")
@@ -292,7 +300,7 @@ class NeuralMemory(nn.Module):
             theta = self.cfg.theta_max * log_theta.exp()
             w_new, s_new = chunk_update(w, s, buf[..., :d], buf[..., d:2 * d], log_eta, log_keep, theta,
                                         self.cfg.norm_eps, self.cfg.mem_grad_clip)
-            full = ctx.flags("full")
+            full = ctx.flag("full")
             for i in range(len(w)):
                 new[f"W{i}"] = torch.where(full, w_new[i], w[i])
                 new[f"S{i}"] = torch.where(full, s_new[i], s[i])
@@ -329,7 +337,7 @@ class Attention(nn.Module):
         B, R, _ = x.shape
         nh, hd, m = self.nh, self.hd, self.m
         kv = torch.stack([self.wkv(src) for src in sources], 2).view(B, R, m, 2, nh, hd)
-        qk = apply_rope(torch.cat([self.wq(x).view(B, R, 1, nh, hd), kv[:, :, :, 0]], 2), ctx.rope())
+        qk = apply_rope(torch.cat([self.wq(x).view(B, R, 1, nh, hd), kv[:, :, :, 0]], 2), *ctx.rope(x.dtype))
         q = qk[:, :, 0].transpose(1, 2) * hd ** -0.5  # [B, nh, R, hd]
         k, v = qk[:, :, 1:], kv[:, :, :, 1]  # [B, R, m, nh, hd]
         ring = state["ring"]
@@ -342,8 +350,7 @@ class Attention(nn.Module):
         probs = scores.masked_fill(~mask, float("-inf")).softmax(-1)
         n_ring = ring_k.shape[2]
         out = probs[..., :n_ring] @ ring_v + probs[..., n_ring:] @ step_v  # [B, nh, R, hd]
-        rows = torch.stack([k, v], 2)[ctx.valid_b, ctx.valid_r].transpose(2, 3)  # [n, 2, nh, m, hd]
-        ring = write_rows(ring, (ctx.valid_b, slice(None), slice(None), slice(None), ctx.slot(self.span)), rows)
+        ring = ctx.write(ring, 4, self.span, torch.stack([k, v], 2).transpose(3, 4))  # rows [B, R, 2, nh, m, hd]
         return out.transpose(1, 2).flatten(2), ring
 
 
@@ -470,7 +477,7 @@ class MACMixer(nn.Module):
         surprise = mem.surprise(state, k, v) if want_surprise else None
         new = mem.write(state, k, v, mem.gates(proj[..., D:]), ctx)
         if ctx.any_segment_end:  # the next step starts a segment: remember the weights it starts with
-            end = ctx.flags("segment_end")
+            end = ctx.flag("segment_end")
             for i in range(len(mem.init_weights)):
                 new[f"Wseg{i}"] = torch.where(end, new[f"W{i}"], state[f"Wseg{i}"])
         new.update(ring=ring, conv_x=tail_x, conv_y=tail_y)
@@ -507,7 +514,6 @@ class Titans(nn.Module):
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.head = None if cfg.tie_embeddings else Linear(cfg.dim, cfg.vocab_size, bias=False)
-        self._mask_cache: dict = {}
         self._init_weights()
 
     def _init_weights(self):
@@ -561,7 +567,7 @@ class Titans(nn.Module):
         while any(d < n for d, n in zip(done, lengths)):
             counts = [min(n - d, b - p % b) for d, n, p in zip(done, lengths, pos)]
             rows = max(counts)
-            ctx = StepContext(pos, counts, rows, self.cfg, dev, self._mask_cache)
+            ctx = StepContext.build(pos, counts, self.cfg, dev)
             if len(tokens) == 1:
                 step_tokens = padded[:, done[0]:done[0] + rows]
             else:
