@@ -3,14 +3,15 @@
 Legend: B sessions in the batch, R rows (new tokens) in this step, D model width, V vocabulary,
 nh attention heads of width hd, H memory heads of width d, b memory chunk, C MAC segment, W window.
 
-The model advances in *steps*. In one step every session reads at most the tokens that remain in its
-current memory chunk (and so in its current MAC segment), so within a step:
-  - every row of a session reads the memory with the same weights (the chunk-start weights: DESIGN §2.5),
-  - MAC retrieval uses the weights at the segment start, kept in the state,
-  - after the rows are appended to the chunk buffer, a session whose chunk is now full applies it.
-Prefill over T tokens is ceil(T / b) steps of up to b rows; decode is the same step with one row. So
-prefill and decode compute exactly the same function, and a batch of sessions at different positions
-is the same as each session alone: all per-session bookkeeping is by position, with masks.
+The model advances in *steps*; a step is a span of rows per session that never crosses a MAC segment
+edge. Inside a step, projections, attention and MLPs run once over all rows, and only the memory walks
+the step chunk by chunk (NeuralMemory.scan):
+  - every row reads the memory with its chunk-start weights (chunk-lagged reads, DESIGN §2.5),
+  - MAC retrieval reads with the segment-start weights, kept in the state,
+  - rows are appended to the chunk buffer, and a chunk that fills is applied in closed form.
+A single session takes long steps (a MAC segment, or MAX_SPAN rows); a batch of sessions at different
+positions takes steps that end at each session's chunk edge; decode is a step of one row. All of these
+compute exactly the same function: per-session bookkeeping is by position, with masks (StepContext).
 
 Session state, fixed in size: per mixer a dict of tensors with a leading batch dimension: memory
 weights W{l}, momentum S{l} and the partial-chunk buffer, conv tails, the attention ring (keys and
@@ -73,6 +74,22 @@ class StepContext:
         return cls(torch.tensor(pos, device=device), torch.tensor(counts, device=device), max(counts),
                    any(p % b + c == b for p, c in zip(pos, counts)),
                    any(c > 0 and (p + c) % seg == 0 for p, c in zip(pos, counts)), cfg)
+
+    def chunk_pieces(self) -> list[tuple[int, int, StepContext]]:
+        """Row ranges [a, b) of this step that lie in one memory chunk, each with its own context.
+
+        A batched step never crosses a chunk edge (one piece). A single session's step may span many
+        chunks: the memory then reads and updates piece by piece, and everything else runs once.
+        """
+        b = self.config.chunk_size
+        if self.pos.shape[0] > 1 or self.rows == 0:
+            return [(0, self.rows, self)]
+        pos, count = int(self.pos[0]), int(self.count[0])
+        if pos % b + count <= b:
+            return [(0, self.rows, self)]
+        cuts = [0, *range(b - pos % b, count, b), count]
+        return [(a, e, StepContext.build([pos + a], [e - a], self.config, self.pos.device))
+                for a, e in zip(cuts, cuts[1:])]
 
     def _cached(self, key, make):
         if key not in self._cache:
@@ -147,15 +164,21 @@ class StepContext:
 
         store [B, ..., span, ...] (slot_dim counts the batch dim); rows [B, R, ...] shaped like
         store[b, ..., slot, ...]. Padding rows write back the old value, so every (session, slot) pair
-        is written exactly once (span >= R) and the shapes never depend on the row counts. In place when
+        is written exactly once and the shapes never depend on the row counts. In place when
         no gradient is recorded (the engine hands the model states it owns), on a copy under autograd.
         """
+        first = max(0, self.rows - span)  # more rows than slots (a long single-session step): keep the last span
+        if first:
+            assert self.pos.shape[0] == 1, "a batched step never has more rows than ring slots"
+            rows = rows[:, first:]
+
         def make_index():
-            slot = torch.remainder(self.row_pos, span)  # [B, R]
+            slot = torch.remainder(self.row_pos[:, first:], span)  # [B, R']
             batch = torch.arange(slot.shape[0], device=slot.device)[:, None].expand_as(slot)
             return (batch,) + (slice(None),) * (slot_dim - 1) + (slot,)
         index = self._cached(("write", slot_dim, span), make_index)
-        valid = self.valid.view(*self.valid.shape, *([1] * (rows.dim() - 2)))
+        valid = self.valid[:, first:]
+        valid = valid.view(*valid.shape, *([1] * (rows.dim() - 2)))
         if torch.is_grad_enabled():
             store = store.clone()
         store[index] = torch.where(valid, rows, store[index])
@@ -288,6 +311,21 @@ class NeuralMemory(nn.Module):
         """||M(k) - v||^2 at the read weights, mean over heads: [B, R]."""
         return memory_surprise(self.weights(state), k, v, self.cfg.norm_eps).mean(1)
 
+    def scan(self, state: State, q: Tensor, k: Tensor, v: Tensor, log_gates: Tensor, ctx: StepContext,
+             want_surprise: bool, dtype) -> tuple[Tensor, State, Tensor | None]:
+        """Read M*(q) with each row's chunk-start weights, writing the rows chunk by chunk.
+
+        q, k, v [B, H, R, d], log_gates [B, H, R, 3] -> (y [B, R, H*d], new state, surprise [B, R] or None).
+        """
+        ys, surprises = [], []
+        for a, b, piece in ctx.chunk_pieces():
+            ys.append(self.read(self.weights(state), q[:, :, a:b], dtype))
+            if want_surprise:
+                surprises.append(self.surprise(state, k[:, :, a:b], v[:, :, a:b]))
+            state = self.write(state, k[:, :, a:b], v[:, :, a:b], log_gates[:, :, a:b], piece)
+        surprise = torch.cat(surprises, 1) if want_surprise else None
+        return (ys[0] if len(ys) == 1 else torch.cat(ys, 1)), state, surprise
+
     def write(self, state: State, k: Tensor, v: Tensor, log_gates: Tensor, ctx: StepContext) -> State:
         """Append this step's rows to the chunk buffer; apply the chunk for sessions whose chunk is full."""
         d, b = self.head_dim, self.cfg.chunk_size
@@ -386,9 +424,7 @@ class MemoryMixer(nn.Module):
         proj = self.w_in(u)
         qkv, tail = self.conv(proj[..., :3 * D], state["conv"], ctx)
         q, k, v = mem.qkv(qkv)
-        y = mem.read(mem.weights(state), q, u.dtype)
-        surprise = mem.surprise(state, k, v) if want_surprise else None
-        new = mem.write(state, k, v, mem.gates(proj[..., -3 * mem.heads:]), ctx)
+        y, new, surprise = mem.scan(state, q, k, v, mem.gates(proj[..., -3 * mem.heads:]), ctx, want_surprise, u.dtype)
         new["conv"] = tail
         return y, proj[..., 3 * D:-3 * mem.heads], new, surprise
 
@@ -473,9 +509,7 @@ class MACMixer(nn.Module):
         y = self.w_attn_out(y)
         qkv, tail_y = self.conv_y(self.w_y(y), state["conv_y"], ctx)
         q, k, v = mem.qkv(qkv)
-        r = mem.read(mem.weights(state), q, u.dtype)
-        surprise = mem.surprise(state, k, v) if want_surprise else None
-        new = mem.write(state, k, v, mem.gates(proj[..., D:]), ctx)
+        r, new, surprise = mem.scan(state, q, k, v, mem.gates(proj[..., D:]), ctx, want_surprise, u.dtype)
         if ctx.any_segment_end:  # the next step starts a segment: remember the weights it starts with
             end = ctx.flag("segment_end")
             for i in range(len(mem.init_weights)):
@@ -504,6 +538,9 @@ class Block(nn.Module):
             if surprise is not None:
                 surprises.append(surprise)
         return x + self.mlp(self.mlp_norm(x)), new, surprises
+
+
+MAX_SPAN = 256  # rows of one single-session step outside MAC (attention cost grows with span * (window + span))
 
 
 class Titans(nn.Module):
@@ -550,13 +587,23 @@ class Titans(nn.Module):
         surprise = torch.stack(surprises).mean(0) if surprises else None
         return logits, new, surprise
 
+    def step_limit(self, pos: int, sessions: int) -> int:
+        """Most rows one step may take for a session at pos: a batched step stays inside one memory chunk;
+        a single session's step runs up to MAX_SPAN rows and never crosses a MAC segment edge."""
+        cfg = self.cfg
+        if sessions > 1:
+            return cfg.chunk_size - pos % cfg.chunk_size
+        if cfg.variant == "mac":
+            return cfg.segment_size - pos % cfg.segment_size
+        return MAX_SPAN
+
     def forward_tokens(self, tokens: list[Tensor], state: ModelState, pos: list[int], want_surprise: bool = False):
         """Run each session s over tokens[s] (1-D) from position pos[s], in steps that end at chunk edges.
 
         state: nested, batched [B, ...]. Returns per-session logits [T_s, V], the new state,
         per-session surprise [T_s] (or None).
         """
-        b, dev = self.cfg.chunk_size, self.embed.weight.device
+        dev = self.embed.weight.device
         lengths = [len(t) for t in tokens]
         padded = torch.zeros(len(tokens), max(lengths, default=0) + 1, dtype=torch.long, device=dev)
         for s, t in enumerate(tokens):
@@ -565,7 +612,7 @@ class Titans(nn.Module):
         pos = list(pos)
         logits_parts, surprise_parts = [[] for _ in tokens], [[] for _ in tokens]
         while any(d < n for d, n in zip(done, lengths)):
-            counts = [min(n - d, b - p % b) for d, n, p in zip(done, lengths, pos)]
+            counts = [min(n - d, self.step_limit(p, len(tokens))) for d, n, p in zip(done, lengths, pos)]
             rows = max(counts)
             ctx = StepContext.build(pos, counts, self.cfg, dev)
             if len(tokens) == 1:
