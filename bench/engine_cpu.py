@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from engine import Engine, ModelConfig, SamplingParams
-from engine.model import MemoryMixer, StepContext
+from engine.model import MAX_SPAN, MemoryMixer, StepContext
 
 DTYPES = {"fp32": None, "fp16": torch.float16}
 
@@ -90,14 +90,14 @@ def ours_memory_layer(cfg: ModelConfig, batch: int, length: int, args) -> float:
     """Our memory layer (LMM mixer: projections, conv, read, chunk updates, output) over [B, T, D]."""
     mixer = MemoryMixer(cfg).eval()
     x = torch.randn(batch, length, cfg.dim)
-    b = cfg.chunk_size
 
     @torch.inference_mode()
-    def run():
+    def run():  # the engine's steps for aligned sessions: MAX_SPAN rows, memory chunk by chunk inside
         state = {k: v.unsqueeze(0).repeat(batch, *[1] * v.dim()) for k, v in mixer.initial_state().items()}
-        for start in range(0, length, b):
-            ctx = StepContext.build([start] * batch, [min(b, length - start)] * batch, cfg, x.device)
-            _, state, _ = mixer(x[:, start:start + b], state, ctx, False)
+        for start in range(0, length, MAX_SPAN):
+            rows = min(MAX_SPAN, length - start)
+            ctx = StepContext.build([start] * batch, [rows] * batch, cfg, x.device)
+            _, state, _ = mixer(x[:, start:start + rows], state, ctx, False)
 
     return batch * length / timed(run, args.warmup, args.repeats)
 

@@ -9,8 +9,9 @@ the step chunk by chunk (NeuralMemory.scan):
   - every row reads the memory with its chunk-start weights (chunk-lagged reads, DESIGN §2.5),
   - MAC retrieval reads with the segment-start weights, kept in the state,
   - rows are appended to the chunk buffer, and a chunk that fills is applied in closed form.
-A single session takes long steps (a MAC segment, or MAX_SPAN rows); a batch of sessions at different
-positions takes steps that end at each session's chunk edge; decode is a step of one row. All of these
+Sessions at the same position take long steps (up to a MAC segment, or MAX_SPAN rows); a batch of
+sessions at different positions takes steps that end at each session's chunk edge; decode is a step of
+one row. All of these
 compute exactly the same function: per-session bookkeeping is by position, with masks (StepContext).
 
 Session state, fixed in size: per mixer a dict of tensors with a leading batch dimension: memory
@@ -78,17 +79,18 @@ class StepContext:
     def chunk_pieces(self) -> list[tuple[int, int, StepContext]]:
         """Row ranges [a, b) of this step that lie in one memory chunk, each with its own context.
 
-        A batched step never crosses a chunk edge (one piece). A single session's step may span many
+        Sessions at different positions take steps inside one chunk (one piece). When all sessions
+        start at the same position (one session, or a batch of aligned ones) a step may span many
         chunks: the memory then reads and updates piece by piece, and everything else runs once.
         """
         b = self.config.chunk_size
-        if self.pos.shape[0] > 1 or self.rows == 0:
+        pos, counts = self.pos.tolist(), self.count.tolist()
+        if all(p % b + c <= b for p, c in zip(pos, counts)):
             return [(0, self.rows, self)]
-        pos, count = int(self.pos[0]), int(self.count[0])
-        if pos % b + count <= b:
-            return [(0, self.rows, self)]
-        cuts = [0, *range(b - pos % b, count, b), count]
-        return [(a, e, StepContext.build([pos + a], [e - a], self.config, self.pos.device))
+        assert len(set(pos)) == 1, "a step over sessions at different positions stays inside one chunk"
+        cuts = [0, *range(b - pos[0] % b, self.rows, b), self.rows]
+        return [(a, e, StepContext.build([pos[0] + a] * len(pos), [min(max(c - a, 0), e - a) for c in counts],
+                                         self.config, self.pos.device))
                 for a, e in zip(cuts, cuts[1:])]
 
     def _cached(self, key, make):
@@ -169,7 +171,7 @@ class StepContext:
         """
         first = max(0, self.rows - span)  # more rows than slots (a long single-session step): keep the last span
         if first:
-            assert self.pos.shape[0] == 1, "a batched step never has more rows than ring slots"
+            assert self.pos.shape[0] == 1, "a batched step never has more rows than ring slots (step_limit)"
             rows = rows[:, first:]
 
         def make_index():
@@ -587,14 +589,17 @@ class Titans(nn.Module):
         surprise = torch.stack(surprises).mean(0) if surprises else None
         return logits, new, surprise
 
-    def step_limit(self, pos: int, sessions: int) -> int:
-        """Most rows one step may take for a session at pos: a batched step stays inside one memory chunk;
-        a single session's step runs up to MAX_SPAN rows and never crosses a MAC segment edge."""
+    def step_limit(self, pos: int, sessions: int, aligned: bool) -> int:
+        """Most rows one step may take for a session at pos. Sessions at different positions step inside
+        one memory chunk; otherwise a step runs up to MAX_SPAN rows, never crosses a MAC segment edge,
+        and in a batch stays within the attention window (ring writes need rows <= slots)."""
         cfg = self.cfg
-        if sessions > 1:
+        if not aligned:
             return cfg.chunk_size - pos % cfg.chunk_size
         if cfg.variant == "mac":
             return cfg.segment_size - pos % cfg.segment_size
+        if sessions > 1 and cfg.variant != "lmm":
+            return min(MAX_SPAN, cfg.window)
         return MAX_SPAN
 
     def forward_tokens(self, tokens: list[Tensor], state: ModelState, pos: list[int], want_surprise: bool = False):
@@ -612,7 +617,8 @@ class Titans(nn.Module):
         pos = list(pos)
         logits_parts, surprise_parts = [[] for _ in tokens], [[] for _ in tokens]
         while any(d < n for d, n in zip(done, lengths)):
-            counts = [min(n - d, self.step_limit(p, len(tokens))) for d, n, p in zip(done, lengths, pos)]
+            aligned = len(set(pos)) == 1
+            counts = [min(n - d, self.step_limit(p, len(tokens), aligned)) for d, n, p in zip(done, lengths, pos)]
             rows = max(counts)
             ctx = StepContext.build(pos, counts, self.cfg, dev)
             if len(tokens) == 1:

@@ -74,6 +74,18 @@ def test_batched_equals_alone(engine):
         assert_states_close(state, alone_state)
 
 
+def test_aligned_batch_equals_alone(engine):
+    # sessions at the same position take multi-chunk steps together, with ragged lengths
+    gen = torch.Generator().manual_seed(6)
+    for start_len in (0, 6):
+        starts = [engine.forward(tokens(start_len, gen), engine.new_state())[1] for _ in range(4)]
+        batch = [tokens(n, gen) for n in (40, 25, 0, 33)]
+        for ids, start, (logits, state) in zip(batch, starts, engine.forward_batch(batch, starts)):
+            alone_logits, alone_state = engine.forward(ids, start)
+            assert_exact(logits, alone_logits)
+            assert_states_close(state, alone_state)
+
+
 def test_forward_leaves_input_state_untouched(engine):
     state = engine.forward(tokens(10), engine.new_state())[1]
     before = {k: v.clone() for k, v in state.tensors.items()}
