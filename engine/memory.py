@@ -65,8 +65,8 @@ def memory_read(weights: list[Tensor], x: Tensor, eps: float) -> Tensor:
     return x + F.layer_norm(z, z.shape[-1:], eps=eps)
 
 
-def _forward_with_activations(weights: list[Tensor], x: Tensor, eps: float):
-    """Forward that keeps what the hand-written backward needs: inputs a_{l-1} and pre-activations z_l."""
+def memory_forward(weights: list[Tensor], x: Tensor, eps: float) -> tuple[Tensor, tuple]:
+    """M(x) and what the hand-written backward needs: inputs a_{l-1}, pre-activations z_l, LN stats."""
     inputs, pre = [], []
     a = x
     for w in weights:
@@ -75,12 +75,12 @@ def _forward_with_activations(weights: list[Tensor], x: Tensor, eps: float):
         pre.append(z)
         a = F.gelu(z)
     if len(weights) == 1:
-        return pre[-1], inputs, pre, None
+        return pre[-1], (inputs, pre, None)
     z = pre[-1]
     mean = z.mean(-1, keepdim=True)
     rstd = torch.rsqrt(z.var(-1, unbiased=False, keepdim=True) + eps)
     zhat = (z - mean) * rstd
-    return x + zhat, inputs, pre, (zhat, rstd)
+    return x + zhat, (inputs, pre, (zhat, rstd))
 
 
 def memory_surprise(weights: list[Tensor], k: Tensor, v: Tensor, eps: float) -> Tensor:
@@ -88,13 +88,13 @@ def memory_surprise(weights: list[Tensor], k: Tensor, v: Tensor, eps: float) -> 
     return (memory_read(weights, k, eps) - v).square().sum(-1)
 
 
-def memory_grads(weights: list[Tensor], k: Tensor, v: Tensor, eps: float):
-    """Per-token gradients of ||M(k) - v||^2 in factored form.
+def memory_backward(weights: list[Tensor], out: Tensor, v: Tensor, saved: tuple):
+    """Per-token gradients of ||M(k) - v||^2 in factored form, from memory_forward(k)'s output and saved.
 
     Returns (inputs, deltas): for each layer l, the token gradient of W[l] is inputs[l]^T deltas[l]
     (an outer product per token); inputs[l] [B, H, N, d_in], deltas[l] [B, H, N, d_out].
     """
-    out, inputs, pre, ln = _forward_with_activations(weights, k, eps)
+    inputs, pre, ln = saved
     grad = 2.0 * (out - v)
     if ln is not None:  # back through x + LN(z_L)
         zhat, rstd = ln
@@ -106,14 +106,21 @@ def memory_grads(weights: list[Tensor], k: Tensor, v: Tensor, eps: float):
     return inputs, deltas[::-1]
 
 
-def chunk_coefficients(log_eta: Tensor, log_keep: Tensor, theta: Tensor):
-    """Closed-form coefficients of one chunk's momentum + decay scan. Gates [..., b] ->
+def memory_grads(weights: list[Tensor], k: Tensor, v: Tensor, eps: float):
+    """(inputs, deltas) of the per-token gradients at k, v; see memory_backward."""
+    out, saved = memory_forward(weights, k, eps)
+    return memory_backward(weights, out, v, saved)
+
+
+def chunk_coefficients(log_eta: Tensor, log_keep: Tensor):
+    """Closed-form coefficients of a chunk's momentum + decay scan. Log-gates [..., b] ->
 
     beta [...]:   prod(1 - alpha) over the chunk, multiplies M_0
     gamma [...]:  coefficient of S_0 in M_b
     p_end [...]:  prod(eta) over the chunk, multiplies S_0 in S_b
-    coef_m [..., b], coef_s [..., b]: weights of u_i in M_b and S_b (already times theta_i)
-    Everything is computed from log-gates, so no division by a vanishing product.
+    decay_m [..., b], decay_s [..., b]: weight of theta_i u_i in M_b and in S_b
+    Computed from log-gates, so nothing divides by a vanishing product; independent of the memory
+    weights, so the coefficients of many chunks can be computed at once ([..., n_chunks, b]).
     """
     lp = torch.cumsum(log_eta, -1)  # log P_t
     lb = torch.cumsum(log_keep, -1)  # log beta_t
@@ -122,22 +129,23 @@ def chunk_coefficients(log_eta: Tensor, log_keep: Tensor, theta: Tensor):
     b = log_eta.shape[-1]
     upper = torch.ones(b, b, dtype=torch.bool, device=log_eta.device).tril()  # [s, i]: s >= i
     expo = (lb_end - lb + lp).unsqueeze(-1) - lp.unsqueeze(-2)
-    decay = torch.exp(expo.masked_fill(~upper, float("-inf")))
-    coef_m = theta * decay.sum(-2)
-    coef_s = theta * torch.exp(lp_end - lp)
+    decay_m = torch.exp(expo.masked_fill(~upper, float("-inf"))).sum(-2)
+    decay_s = torch.exp(lp_end - lp)
     gamma = torch.exp(lb_end - lb + lp).sum(-1)
-    return lb_end.exp().squeeze(-1), gamma, lp_end.exp().squeeze(-1), coef_m, coef_s
+    return lb_end.exp().squeeze(-1), gamma, lp_end.exp().squeeze(-1), decay_m, decay_s
 
 
-def chunk_update(weights: list[Tensor], momentum: list[Tensor], k: Tensor, v: Tensor, log_eta: Tensor,
-                 log_keep: Tensor, theta: Tensor, eps: float, grad_clip: float | None):
-    """Apply one full chunk to (W, S). k, v [B, H, b, d]; gates [B, H, b]. Returns new (W, S) lists."""
-    inputs, deltas = memory_grads(weights, k, v, eps)
+def apply_chunk(weights: list[Tensor], momentum: list[Tensor], inputs: list[Tensor], deltas: list[Tensor],
+                theta: Tensor, coefficients: tuple, grad_clip: float | None):
+    """New (W, S) after a chunk whose per-token gradients are inputs[l]^T deltas[l] (all at W).
+
+    theta [B, H, b]; coefficients from chunk_coefficients for this chunk.
+    """
     if grad_clip is not None:  # ||a^T delta||_F = ||a|| ||delta||, summed over the layers
         norm_sq = sum(a.square().sum(-1) * d.square().sum(-1) for a, d in zip(inputs, deltas))
         theta = theta * torch.clamp(grad_clip * torch.rsqrt(norm_sq + 1e-12), max=1.0)
-    beta, gamma, p_end, coef_m, coef_s = chunk_coefficients(log_eta, log_keep, theta)
-    coefs = torch.stack((coef_m, coef_s), -1).unsqueeze(-2)  # [B, H, b, 1, 2]
+    beta, gamma, p_end, decay_m, decay_s = coefficients
+    coefs = (torch.stack((decay_m, decay_s), -1) * theta[..., None]).unsqueeze(-2)  # [B, H, b, 1, 2]
     beta, gamma, p_end = (c[..., None, None] for c in (beta, gamma, p_end))
     new_w, new_s = [], []
     for w, s, a, d in zip(weights, momentum, inputs, deltas):
@@ -148,3 +156,27 @@ def chunk_update(weights: list[Tensor], momentum: list[Tensor], k: Tensor, v: Te
         new_w.append(beta * w + gamma * s - upd_m)
         new_s.append(p_end * s - upd_s)
     return new_w, new_s
+
+
+def chunk_update(weights: list[Tensor], momentum: list[Tensor], k: Tensor, v: Tensor, log_eta: Tensor,
+                 log_keep: Tensor, theta: Tensor, eps: float, grad_clip: float | None):
+    """Apply one full chunk to (W, S). k, v [B, H, b, d]; gates [B, H, b]. Returns new (W, S) lists."""
+    inputs, deltas = memory_grads(weights, k, v, eps)
+    return apply_chunk(weights, momentum, inputs, deltas, theta, chunk_coefficients(log_eta, log_keep), grad_clip)
+
+
+def read_and_update(weights: list[Tensor], momentum: list[Tensor], q: Tensor, k: Tensor, v: Tensor,
+                    theta: Tensor, coefficients: tuple, eps: float, grad_clip: float | None):
+    """A full chunk in one pass: read M*(q) and the surprise at the chunk-start weights, then apply the chunk.
+
+    q, k, v [B, H, b, d]; one forward over [q | k] serves both the read and the gradients.
+    Returns (read [B, H, b, d], surprise [B, H, b], new W, new S).
+    """
+    b = q.shape[2]
+    out, (inputs, pre, ln) = memory_forward(weights, torch.cat([q, k], 2), eps)
+    half = [t[:, :, b:] for t in inputs], [t[:, :, b:] for t in pre], None if ln is None else (
+        ln[0][:, :, b:], ln[1][:, :, b:])
+    out_k = out[:, :, b:]
+    new_w, new_s = apply_chunk(weights, momentum, *memory_backward(weights, out_k, v, half), theta, coefficients,
+                               grad_clip)
+    return out[:, :, :b], (out_k - v).square().sum(-1), new_w, new_s

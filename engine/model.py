@@ -31,7 +31,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .config import ModelConfig
-from .memory import chunk_update, init_memory_weights, memory_read, memory_surprise
+from .memory import (
+    chunk_coefficients,
+    chunk_update,
+    init_memory_weights,
+    memory_read,
+    memory_surprise,
+    read_and_update,
+)
 
 State = dict[str, Tensor]  # one mixer's state
 ModelState = list[list[State]]  # [layer][mixer]
@@ -67,6 +74,7 @@ class StepContext:
     any_full: bool
     any_segment_end: bool
     config: ModelConfig
+    host: tuple[list[int], list[int]]  # pos and count as the host knows them (no device reads)
     _cache: dict = field(default_factory=dict)
 
     @classmethod
@@ -74,7 +82,7 @@ class StepContext:
         b, seg = cfg.chunk_size, cfg.segment_size
         return cls(torch.tensor(pos, device=device), torch.tensor(counts, device=device), max(counts),
                    any(p % b + c == b for p, c in zip(pos, counts)),
-                   any(c > 0 and (p + c) % seg == 0 for p, c in zip(pos, counts)), cfg)
+                   any(c > 0 and (p + c) % seg == 0 for p, c in zip(pos, counts)), cfg, (pos, counts))
 
     def chunk_pieces(self) -> list[tuple[int, int, StepContext]]:
         """Row ranges [a, b) of this step that lie in one memory chunk, each with its own context.
@@ -84,7 +92,7 @@ class StepContext:
         chunks: the memory then reads and updates piece by piece, and everything else runs once.
         """
         b = self.config.chunk_size
-        pos, counts = self.pos.tolist(), self.count.tolist()
+        pos, counts = self.host
         if all(p % b + c <= b for p, c in zip(pos, counts)):
             return [(0, self.rows, self)]
         assert len(set(pos)) == 1, "a step over sessions at different positions stays inside one chunk"
@@ -319,14 +327,40 @@ class NeuralMemory(nn.Module):
 
         q, k, v [B, H, R, d], log_gates [B, H, R, 3] -> (y [B, R, H*d], new state, surprise [B, R] or None).
         """
+        pieces = ctx.chunk_pieces()
+        if len(pieces) == 1:  # the common case (decode, batched steps): no slicing
+            y = self.read(self.weights(state), q, dtype)
+            surprise = self.surprise(state, k, v) if want_surprise else None
+            return y, self.write(state, k, v, log_gates, ctx), surprise
+        # Chunks that every session covers whole skip the buffer: one forward serves read, surprise and
+        # gradients, and their scan coefficients (gate-only) are computed for all of them at once.
+        b, n_layers = self.cfg.chunk_size, len(self.init_weights)
+        whole = [i for i, (_, _, p) in enumerate(pieces) if all(x % b == 0 and c == b for x, c in zip(*p.host))]
+        if whole:
+            first = pieces[whole[0]][0]
+            span = log_gates[:, :, first:first + len(whole) * b]
+            log_theta, log_eta, log_keep = span.unflatten(2, (len(whole), b)).unbind(-1)  # [B, H, n, b]
+            coefficients = chunk_coefficients(log_eta, log_keep)
+            thetas = self.cfg.theta_max * log_theta.exp()
         ys, surprises = [], []
-        for a, b, piece in ctx.chunk_pieces():
-            ys.append(self.read(self.weights(state), q[:, :, a:b], dtype))
+        for i, (a, e, piece) in enumerate(pieces):
+            if i in whole:
+                j = i - whole[0]
+                y, surprise, w_new, s_new = read_and_update(
+                    self.weights(state), self.weights(state, "S"), q[:, :, a:e], k[:, :, a:e], v[:, :, a:e],
+                    thetas[:, :, j], tuple(c[:, :, j] for c in coefficients), self.cfg.norm_eps,
+                    self.cfg.mem_grad_clip)
+                ys.append(y.transpose(1, 2).flatten(2).to(dtype))
+                surprises.append(surprise.mean(1))
+                state = {**state, **{f"W{l}": w_new[l] for l in range(n_layers)},
+                         **{f"S{l}": s_new[l] for l in range(n_layers)}}
+                continue
+            ys.append(self.read(self.weights(state), q[:, :, a:e], dtype))
             if want_surprise:
-                surprises.append(self.surprise(state, k[:, :, a:b], v[:, :, a:b]))
-            state = self.write(state, k[:, :, a:b], v[:, :, a:b], log_gates[:, :, a:b], piece)
+                surprises.append(self.surprise(state, k[:, :, a:e], v[:, :, a:e]))
+            state = self.write(state, k[:, :, a:e], v[:, :, a:e], log_gates[:, :, a:e], piece)
         surprise = torch.cat(surprises, 1) if want_surprise else None
-        return (ys[0] if len(ys) == 1 else torch.cat(ys, 1)), state, surprise
+        return torch.cat(ys, 1), state, surprise
 
     def write(self, state: State, k: Tensor, v: Tensor, log_gates: Tensor, ctx: StepContext) -> State:
         """Append this step's rows to the chunk buffer; apply the chunk for sessions whose chunk is full."""

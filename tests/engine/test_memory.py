@@ -8,7 +8,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from engine.memory import chunk_coefficients, chunk_update, init_memory_weights, memory_read, memory_surprise
+from engine.memory import (
+    chunk_coefficients,
+    chunk_update,
+    init_memory_weights,
+    memory_read,
+    memory_surprise,
+    read_and_update,
+)
 
 from .naive import naive_chunk_update, naive_memory
 
@@ -63,8 +70,9 @@ def test_coefficients_stay_finite_for_extreme_gates():
     log_eta = F.logsigmoid(torch.full((b,), -60.0, dtype=torch.float32))
     log_keep = F.logsigmoid(-torch.full((b,), 60.0, dtype=torch.float32))
     theta = torch.full((b,), 0.5)
-    for c in chunk_coefficients(log_eta, log_keep, theta):
+    for c in chunk_coefficients(log_eta, log_keep):
         assert torch.isfinite(c).all()
+    assert theta.shape == (b,)
 
 
 def test_update_is_differentiable_for_outer_training():
@@ -77,3 +85,18 @@ def test_update_is_differentiable_for_outer_training():
     memory_read(new_w, k, 1e-5).square().sum().backward()
     assert z_theta.grad is not None and z_theta.grad.abs().sum() > 0
     assert all(w.grad is not None and torch.isfinite(w.grad).all() for w in weights)
+
+
+@pytest.mark.parametrize("depth", [1, 2, 3])
+def test_fused_read_and_update_equals_separate_steps(depth):
+    rng = random.Random(depth)
+    weights, momentum, k, v, (z_eta, z_alpha, z_theta) = _random_chunk(rng, depth)
+    q = F.normalize(torch.randn_like(k), dim=-1)
+    theta, log_eta, log_keep = torch.sigmoid(z_theta), F.logsigmoid(z_eta), F.logsigmoid(-z_alpha)
+    read, surprise, new_w, new_s = read_and_update(weights, momentum, q, k, v, theta,
+                                                   chunk_coefficients(log_eta, log_keep), 1e-5, 0.5)
+    ref_w, ref_s = chunk_update(weights, momentum, k, v, log_eta, log_keep, theta, 1e-5, 0.5)
+    torch.testing.assert_close(read, memory_read(weights, q, 1e-5))
+    torch.testing.assert_close(surprise, memory_surprise(weights, k, v, 1e-5))
+    for ours, ref in zip(new_w + new_s, ref_w + ref_s):
+        torch.testing.assert_close(ours, ref)
