@@ -139,7 +139,12 @@ class Engine:
         if state.model_fingerprint != self.fingerprint:
             raise ValueError("state belongs to another model (fingerprint mismatch)")
 
-    @torch.inference_mode()
+    def batch(self, states: Sequence[SessionState]) -> SessionBatch:
+        """Keep these sessions stacked across calls (a scheduler's running batch); see SessionBatch."""
+        for s in states:
+            self._check(s)
+        return SessionBatch(self, states)
+
     def forward_batch(self, token_ids: Sequence[TokenIds], states: Sequence[SessionState],
                       return_surprise: bool = False) -> list[tuple]:
         """Many sessions at once; each result equals forward() of that session alone.
@@ -150,19 +155,12 @@ class Engine:
             raise ValueError(f"{len(token_ids)} token sequences for {len(states)} states")
         if not states:
             return []
-        for s in states:
-            self._check(s)
-        ids = [self._ids(t) for t in token_ids]
-        batched = nest_state(stack_states(states))  # stacking copies: the model may write into it
-        logits, new, surprise = self.model.forward_tokens(ids, batched, [s.tokens_seen for s in states],
-                                                          return_surprise)
-        new = flatten_state(new)
-        results = []
-        for i, s in enumerate(states):
-            state = SessionState({k: v[i].clone() for k, v in new.items()}, s.tokens_seen + len(ids[i]),
-                                 self.fingerprint)
-            results.append((logits[i], state, surprise[i]) if return_surprise else (logits[i], state))
-        return results
+        batch = self.batch(states)
+        out = batch.forward(token_ids, return_surprise)
+        new = batch.states()
+        if return_surprise:
+            return [(logits, state, surprise) for (logits, surprise), state in zip(out, new)]
+        return [(logits, state) for (logits, _), state in zip(out, new)]
 
     def forward(self, token_ids: TokenIds, state: SessionState, return_surprise: bool = False):
         """logits [T, V] after each token and the new state (+ surprise [T]); `state` is left untouched."""
@@ -170,35 +168,28 @@ class Engine:
 
     # --- generation -------------------------------------------------------------------------------
 
-    @torch.inference_mode()
     def generate(self, prompt_ids: TokenIds, state: SessionState,
                  params: SamplingParams = SamplingParams()) -> Generator[int, None, SessionState]:
         """Yield sampled token ids; return (StopIteration.value) the state after prompt + generated tokens.
 
         Every yielded token is absorbed into the returned state, including a matched stop string or EOS.
         """
-        self._check(state)
         ids = self._ids(prompt_ids)
         if ids.numel() == 0:
             raise ValueError("generation needs at least one prompt token")
         generator = None
         if params.seed is not None:
             generator = torch.Generator(device=self.device).manual_seed(params.seed)
-        model, pos = self.model, state.tokens_seen
-        batched = nest_state({k: v.unsqueeze(0).clone() for k, v in state.tensors.items()})  # written in place
-        logits, batched, _ = model.forward_tokens([ids], batched, [pos])
-        pos += ids.numel()
-        last, out = logits[0][-1], []
+        session = self.batch([state])
+        last, out = session.forward([ids])[0][0][-1], []
         for _ in range(params.max_tokens):
             token = sample(last, params, generator)
             out.append(token)
             yield token
-            logits, batched, _ = model.forward_tokens([torch.tensor([token], device=self.device)], batched, [pos])
-            pos += 1
-            last = logits[0][-1]
+            last = session.forward([[token]])[0][0][-1]
             if self._finished(out, params):
                 break
-        return SessionState({k: v[0].clone() for k, v in flatten_state(batched).items()}, pos, self.fingerprint)
+        return session.states()[0]
 
     def _finished(self, out: list[int], params: SamplingParams) -> bool:
         if self.config.eos_token_id is not None and out[-1] == self.config.eos_token_id:
@@ -224,3 +215,33 @@ class Engine:
         eos = self.config.eos_token_id is not None and out and out[-1] == self.config.eos_token_id
         reason = "stop" if cuts or eos else "length"
         return Completion(out, text[: min(cuts)] if cuts else text, reason, final)
+
+
+class SessionBatch:
+    """Sessions stacked once and advanced in place, call after call: what a scheduler decodes with.
+
+    forward() returns, per session, (logits [T_s, V], surprise [T_s] or None); states() snapshots the
+    current states as SessionStates (copies). The SessionStates it was built from are never touched.
+    """
+
+    def __init__(self, engine: Engine, states: Sequence[SessionState]):
+        self.engine = engine
+        self.positions = [s.tokens_seen for s in states]
+        with torch.inference_mode():
+            self._state = nest_state(stack_states(states))  # stacking copies: the model writes into it
+
+    @torch.inference_mode()
+    def forward(self, token_ids: Sequence[TokenIds], return_surprise: bool = False) -> list[tuple]:
+        if len(token_ids) != len(self.positions):
+            raise ValueError(f"{len(token_ids)} token sequences for {len(self.positions)} sessions")
+        ids = [self.engine._ids(t) for t in token_ids]
+        logits, self._state, surprise = self.engine.model.forward_tokens(ids, self._state, self.positions,
+                                                                         return_surprise)
+        self.positions = [p + len(t) for p, t in zip(self.positions, ids)]
+        return [(lg, surprise[i] if return_surprise else None) for i, lg in enumerate(logits)]
+
+    @torch.inference_mode()
+    def states(self) -> list[SessionState]:
+        flat = flatten_state(self._state)
+        return [SessionState({k: v[i].clone() for k, v in flat.items()}, pos, self.engine.fingerprint)
+                for i, pos in enumerate(self.positions)]

@@ -2,19 +2,25 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
-import torch.nn.functional as F
 
 
 def naive_memory(weights, x, eps):
-    """M(x) written directly from DESIGN.md §2.1 for one head: x [N, d], weights [d_in, d_out] each."""
+    """M(x) written out from DESIGN.md §2.1 for one head: x [N, d], weights [d_in, d_out] each.
+
+    Spelled out independently of engine.memory (explicit GELU and LayerNorm formulas).
+    """
     if len(weights) == 1:
         return x @ weights[0]
-    a = x
+    hidden = x
     for w in weights[:-1]:
-        a = F.gelu(a @ w)
-    z = a @ weights[-1]
-    return x + F.layer_norm(z, z.shape[-1:], eps=eps)
+        pre = hidden @ w
+        hidden = 0.5 * pre * (1.0 + torch.erf(pre / math.sqrt(2.0)))
+    z = hidden @ weights[-1]
+    centered = z - z.mean(-1, keepdim=True)
+    return x + centered / torch.sqrt(centered.pow(2).mean(-1, keepdim=True) + eps)
 
 
 def naive_chunk_update(weights, momentum, k, v, eta, alpha, theta, eps, grad_clip=None):

@@ -86,6 +86,22 @@ def test_aligned_batch_equals_alone(engine):
             assert_states_close(state, alone_state)
 
 
+def test_running_batch_across_calls_equals_alone(engine):
+    # a scheduler's running batch: sessions stay stacked while they decode, prefill and idle
+    gen = torch.Generator().manual_seed(7)
+    starts = [engine.forward(tokens(n, gen), engine.new_state())[1] for n in (2, 9, 0)]
+    batch = engine.batch(starts)
+    alone = list(starts)
+    for lengths in [(1, 1, 1), (5, 0, 12), (1, 1, 1), (0, 3, 1)]:
+        ids = [tokens(n, gen) for n in lengths]
+        for i, ((logits, surprise), t) in enumerate(zip(batch.forward(ids, return_surprise=True), ids)):
+            expected, alone[i], expected_surprise = engine.forward(t, alone[i], return_surprise=True)
+            assert_exact(logits, expected)
+            assert_exact(surprise, expected_surprise)
+    for state, expected in zip(batch.states(), alone):
+        assert_states_close(state, expected)
+
+
 def test_forward_leaves_input_state_untouched(engine):
     state = engine.forward(tokens(10), engine.new_state())[1]
     before = {k: v.clone() for k, v in state.tensors.items()}
