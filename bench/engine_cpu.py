@@ -1,15 +1,20 @@
 """CPU benchmark of the engine, side by side with titans-pytorch==0.5.5 in the same process.
 
-Measures, for the small-mac preset (~7.5M parameters: dim 256, 4 layers, memory depth 2 x4, chunk 16,
-segment 128):
-  - model prefill tokens/s (one session, and 4 sessions batched),
-  - single-session decode tokens/s (after a 256-token prompt), and 256 new tokens including the prefill
-    (the definition of titans-pytorch's `sample` timing), and batched decode throughput,
-  - memory-layer prefill tokens/s against titans-pytorch's NeuralMemory at equal dim/heads/chunk/depth,
+For the small-mac preset (~7.5M parameters: dim 256, 4 layers, memory depth 2 x4, chunk 16, segment 128):
+  - model prefill tokens/s (one session; 4 fresh sessions batched),
+  - decode tokens/s of one session after a 256-token prompt, and 256 new tokens including that prefill
+    (how titans-pytorch's `sample` is timed), and the throughput of a running batch of 4 / 16 sessions,
+  - memory-layer prefill against titans-pytorch's NeuralMemory at equal dim/heads/chunk/depth, both in its
+    default mode (every gradient taken at M_0) and re-anchored per chunk (batch_size=chunk) as the paper
+    and this engine do,
   - titans-pytorch's MemoryAsContextTransformer forward and `sample(use_cache=True)`.
-Every number is the median of --repeats timed runs after one warm-up. Writes JSON, prints a table.
+Our weights run in fp32 and with fp16 dense weights (Engine weight_dtype).
 
-    python bench/engine_cpu.py                      # full run (~4 minutes on 2 cores)
+The machine is noisy, so every repetition runs all workloads once, interleaved, and each ratio is the median
+of per-repetition ratios (ours and the baseline timed back to back). Values are medians over --repeats
+after --warmup rounds. Writes JSON, prints a table.
+
+    python bench/engine_cpu.py                        # full run (about 3 minutes on 2 cores)
     python bench/engine_cpu.py --quick --no-baseline  # smoke test at tiny sizes
 """
 
@@ -21,6 +26,7 @@ import platform
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -29,98 +35,79 @@ from engine import Engine, ModelConfig, SamplingParams
 from engine.model import MAX_SPAN, MemoryMixer, StepContext
 
 DTYPES = {"fp32": None, "fp16": torch.float16}
+Workload = Callable[[], dict[str, float]]  # one timed run -> {metric: tokens per second}
 
 
-def timed(fn, warmup: int, repeats: int) -> float:
-    """Median seconds of fn() over repeats, after warmup calls."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+def rate(tokens: int, fn: Callable[[], object]) -> float:
+    start = time.perf_counter()
+    fn()
+    return tokens / (time.perf_counter() - start)
 
 
-def ours_model(cfg: ModelConfig, args, results: dict) -> None:
-    gen = torch.Generator().manual_seed(0)
-    for name, dtype in DTYPES.items():
-        measure_engine(Engine.from_config(cfg, seed=0, device="cpu", weight_dtype=dtype), name, gen, args, results)
-
-
-def measure_engine(eng: Engine, name: str, gen: torch.Generator, args, results: dict) -> None:
-    prompt_len, new_tokens, prefill_len = args.prompt, args.new_tokens, args.prefill
+def engine_workloads(eng: Engine, name: str, args, gen: torch.Generator) -> dict[str, Workload]:
     fresh = eng.new_state()
-    ids = torch.randint(0, 256, (prefill_len,), generator=gen)
-    t = timed(lambda: eng.forward(ids, fresh), args.warmup, args.repeats)
-    results[f"ours_{name}_prefill_b1_tok_s"] = prefill_len / t
-    batch = [torch.randint(0, 256, (prefill_len,), generator=gen) for _ in range(4)]
-    t = timed(lambda: eng.forward_batch(batch, [fresh] * 4), args.warmup, args.repeats)
-    results[f"ours_{name}_prefill_b4_tok_s"] = 4 * prefill_len / t
+    ids = torch.randint(0, 256, (args.prefill,), generator=gen)
+    batch = [torch.randint(0, 256, (args.prefill,), generator=gen) for _ in range(4)]
+    prompt = torch.randint(0, 256, (args.prompt,), generator=gen)
+    params = SamplingParams(max_tokens=args.new_tokens, temperature=0)
 
-    prompt = torch.randint(0, 256, (prompt_len,), generator=gen)
-    params = SamplingParams(max_tokens=new_tokens, temperature=0)
-    decode, total = [], []
-    for r in range(args.warmup + args.repeats):
+    def generate() -> dict[str, float]:
         start = time.perf_counter()
         for i, _ in enumerate(eng.generate(prompt, fresh, params)):
             if i == 0:
                 first = time.perf_counter()
         end = time.perf_counter()
-        if r >= args.warmup:
-            decode.append((new_tokens - 1) / (end - first))
-            total.append(new_tokens / (end - start))
-    results[f"ours_{name}_decode_tok_s"] = statistics.median(decode)
-    results[f"ours_{name}_sample_incl_prefill_tok_s"] = statistics.median(total)
+        return {f"ours_{name}_decode_tok_s": (args.new_tokens - 1) / (end - first),
+                f"ours_{name}_sample_incl_prefill_tok_s": args.new_tokens / (end - start)}
 
+    workloads = {
+        f"{name}_prefill_b1": lambda: {f"ours_{name}_prefill_b1_tok_s": rate(
+            args.prefill, lambda: eng.forward(ids, fresh))},
+        f"{name}_prefill_b4": lambda: {f"ours_{name}_prefill_b4_tok_s": rate(
+            4 * args.prefill, lambda: eng.forward_batch(batch, [fresh] * 4))},
+        f"{name}_generate": generate,
+    }
     for sessions in args.sessions:
-        states = [eng.forward(torch.randint(0, 256, (prompt_len,), generator=gen), fresh)[1]
-                  for _ in range(sessions)]
+        states = [eng.forward(torch.randint(0, 256, (args.prompt,), generator=gen), fresh)[1] for _ in range(sessions)]
 
-        def batched_decode(states=states):  # a running batch: sessions stay stacked between steps
-            batch = eng.batch(states)
+        def running_batch(states=states) -> None:  # sessions stay stacked between steps, as a scheduler keeps them
+            running = eng.batch(states)
             for _ in range(args.batched_steps):
-                batch.forward([[7]] * len(states))
+                running.forward([[7]] * len(states))
 
-        t = timed(batched_decode, args.warmup, args.repeats)
-        results[f"ours_{name}_decode_{sessions}sessions_tok_s"] = sessions * args.batched_steps / t
+        workloads[f"{name}_decode_{sessions}"] = lambda states=states, fn=running_batch, n=sessions: {
+            f"ours_{name}_decode_{n}sessions_tok_s": rate(n * args.batched_steps, fn)}
+    return workloads
 
 
-def ours_memory_layer(cfg: ModelConfig, batch: int, length: int, args) -> float:
-    """Our memory layer (LMM mixer: projections, conv, read, chunk updates, output) over [B, T, D]."""
+def ours_memory_layer(cfg: ModelConfig, batch: int, length: int) -> Callable[[], object]:
+    """Our memory layer (LMM mixer: projections, conv, read, chunk updates, output) over [B, T, D], stepping
+    as the engine steps aligned sessions: MAX_SPAN rows, the memory chunk by chunk inside."""
     mixer = MemoryMixer(cfg).eval()
     x = torch.randn(batch, length, cfg.dim)
 
     @torch.inference_mode()
-    def run():  # the engine's steps for aligned sessions: MAX_SPAN rows, memory chunk by chunk inside
+    def run():
         state = {k: v.unsqueeze(0).repeat(batch, *[1] * v.dim()) for k, v in mixer.initial_state().items()}
         for start in range(0, length, MAX_SPAN):
             rows = min(MAX_SPAN, length - start)
             ctx = StepContext.build([start] * batch, [rows] * batch, cfg, x.device)
             _, state, _ = mixer(x[:, start:start + rows], state, ctx, False)
 
-    return batch * length / timed(run, args.warmup, args.repeats)
+    return run
 
 
-def baseline_memory_layer(cfg: ModelConfig, batch: int, length: int, args, anchor_per_chunk: bool) -> float:
-    """titans-pytorch NeuralMemory at equal dim/heads/chunk/depth. Its default (batch_size=None) takes every
-    gradient at M_0; batch_size=chunk re-anchors the gradients at each chunk start, as the paper and we do."""
+def baseline_memory_layer(cfg: ModelConfig, batch: int, length: int, anchor_per_chunk: bool) -> Callable[[], object]:
     from titans_pytorch import NeuralMemory
 
     mem = NeuralMemory(dim=cfg.dim, chunk_size=cfg.chunk_size, heads=cfg.mem_heads, dim_head=cfg.mem_head_dim,
                        batch_size=cfg.chunk_size if anchor_per_chunk else None,
                        default_model_kwargs=dict(depth=cfg.mem_depth, expansion_factor=float(cfg.mem_expansion)))
     x = torch.randn(batch, length, cfg.dim)
-
-    @torch.no_grad()
-    def run():
-        mem(x)
-
-    return batch * length / timed(run, args.warmup, args.repeats)
+    return torch.no_grad()(lambda: mem(x))
 
 
-def baseline_mac(args, results: dict) -> None:
+def baseline_mac_workloads(args, results: dict) -> dict[str, Workload]:
     from titans_pytorch import MemoryAsContextTransformer
 
     model = MemoryAsContextTransformer(num_tokens=256, dim=256, depth=4, segment_len=128, num_persist_mem_tokens=4,
@@ -128,21 +115,42 @@ def baseline_mac(args, results: dict) -> None:
     results["titans_pytorch_mac_params"] = sum(p.numel() for p in model.parameters())
     gen = torch.Generator().manual_seed(1)
     ids = torch.randint(0, 256, (1, args.prefill), generator=gen)
-    with torch.no_grad():
-        t = timed(lambda: model(ids), args.warmup, args.repeats)
-    results["titans_pytorch_prefill_b1_tok_s"] = args.prefill / t
     prompt = torch.randint(0, 256, (1, args.prompt), generator=gen)
     total = args.prompt + args.new_tokens
-    t = timed(lambda: model.sample(prompt, total, temperature=0.0, use_cache=True, show_progress=False),
-              args.warmup, args.repeats)
-    results["titans_pytorch_sample_incl_prefill_tok_s"] = args.new_tokens / t
+    forward = torch.no_grad()(lambda: model(ids))
+    return {
+        "titans_prefill": lambda: {"titans_pytorch_prefill_b1_tok_s": rate(args.prefill, forward)},
+        "titans_sample": lambda: {"titans_pytorch_sample_incl_prefill_tok_s": rate(
+            args.new_tokens,
+            lambda: model.sample(prompt, total, temperature=0.0, use_cache=True, show_progress=False))},
+    }
+
+
+def run_interleaved(workloads: dict[str, Workload], warmup: int, repeats: int) -> dict[str, list[float]]:
+    samples: dict[str, list[float]] = {}
+    names = list(workloads)
+    for r in range(warmup + repeats):
+        order = names[r % len(names):] + names[: r % len(names)]  # rotate, so no workload always runs first
+        for name in order:
+            for metric, value in workloads[name]().items():
+                if r >= warmup:
+                    samples.setdefault(metric, []).append(value)
+    return samples
+
+
+_SAMPLE = "titans_pytorch_sample_incl_prefill_tok_s"
+RATIOS = [  # (name, ours, baseline)
+    ("ratio_fp32_prefill_b1", "ours_fp32_prefill_b1_tok_s", "titans_pytorch_prefill_b1_tok_s"),
+    ("ratio_fp32_sample_incl_prefill", "ours_fp32_sample_incl_prefill_tok_s", _SAMPLE),
+    ("ratio_fp16_sample_incl_prefill", "ours_fp16_sample_incl_prefill_tok_s", _SAMPLE),
+]
 
 
 def table(results: dict) -> str:
     rows = [(k, v) for k, v in results.items() if isinstance(v, float)]
     width = max(len(k) for k, _ in rows)
     lines = [f"{'measurement':<{width}}  value", f"{'-' * width}  ---------"]
-    lines += [f"{k:<{width}}  {v:9.1f}" for k, v in rows]
+    lines += [f"{k:<{width}}  {v:9.1f}" if v >= 10 else f"{k:<{width}}  {v:9.2f}" for k, v in rows]
     return "\n".join(lines)
 
 
@@ -150,7 +158,7 @@ def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--quick", action="store_true", help="tiny model and lengths (a smoke test)")
     parser.add_argument("--no-baseline", action="store_true", help="skip titans-pytorch")
     parser.add_argument("--out", default="bench/results/engine_cpu.json")
@@ -166,29 +174,38 @@ def main(argv=None) -> dict:
         mem_shapes = [(1, 1024), (4, 1024)]
     results: dict = {
         "machine": platform.processor() or platform.machine(), "threads": args.threads,
-        "torch": torch.__version__, "config": cfg.to_dict(),
+        "torch": torch.__version__, "config": cfg.to_dict(), "repeats": args.repeats,
         "params": sum(p.numel() for p in Engine.from_config(cfg, device="cpu").model.parameters()),
     }
-    ours_model(cfg, args, results)
+    gen = torch.Generator().manual_seed(0)
+    workloads: dict[str, Workload] = {}
+    for name, dtype in DTYPES.items():
+        eng = Engine.from_config(cfg, seed=0, device="cpu", weight_dtype=dtype)
+        workloads.update(engine_workloads(eng, name, args, gen))
     lmm = ModelConfig.from_dict({**cfg.to_dict(), "variant": "lmm"})
+    ratios = list(RATIOS) if not args.no_baseline else []
     for batch, length in mem_shapes:
-        results[f"ours_memory_layer_b{batch}_t{length}_tok_s"] = ours_memory_layer(lmm, batch, length, args)
-        if not args.no_baseline:
-            ours = results[f"ours_memory_layer_b{batch}_t{length}_tok_s"]
-            for suffix, per_chunk in (("", False), ("_anchor_per_chunk", True)):
-                base = baseline_memory_layer(lmm, batch, length, args, per_chunk)
-                results[f"titans_pytorch_memory_layer{suffix}_b{batch}_t{length}_tok_s"] = base
-                results[f"ratio_memory_layer{suffix}_b{batch}_t{length}"] = ours / base
+        shape = f"b{batch}_t{length}"
+        ours = f"ours_memory_layer_{shape}_tok_s"
+        workloads[f"mem_{shape}"] = lambda ours=ours, fn=ours_memory_layer(lmm, batch, length), n=batch * length: {
+            ours: rate(n, fn)}
+        if args.no_baseline:
+            continue
+        for suffix, per_chunk in (("", False), ("_anchor_per_chunk", True)):
+            base = f"titans_pytorch_memory_layer{suffix}_{shape}_tok_s"
+            fn = baseline_memory_layer(lmm, batch, length, per_chunk)
+            workloads[f"base{suffix}_{shape}"] = lambda base=base, fn=fn, n=batch * length: {base: rate(n, fn)}
+            ratios.append((f"ratio_memory_layer{suffix}_{shape}", ours, base))
     if not args.no_baseline:
-        baseline_mac(args, results)
-        for name in DTYPES:
-            results[f"ratio_{name}_prefill_b1"] = (results[f"ours_{name}_prefill_b1_tok_s"]
-                                                   / results["titans_pytorch_prefill_b1_tok_s"])
-            results[f"ratio_{name}_sample_incl_prefill"] = (results[f"ours_{name}_sample_incl_prefill_tok_s"]
-                                                            / results["titans_pytorch_sample_incl_prefill_tok_s"])
+        workloads.update(baseline_mac_workloads(args, results))
+
+    samples = run_interleaved(workloads, args.warmup, args.repeats)
+    results.update({metric: statistics.median(values) for metric, values in samples.items()})
+    for name, ours, base in ratios:  # repetition r of ours against repetition r of the baseline
+        results[name] = statistics.median(o / b for o, b in zip(samples[ours], samples[base]))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=2) + "\n")
+    out.write_text(json.dumps({**results, "samples": samples}, indent=2) + "\n")
     print(table(results))
     print(f"\nwrote {out}", file=sys.stderr)
     return results
