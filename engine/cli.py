@@ -1,4 +1,4 @@
-"""`titans` command line: generate from a model (optionally carrying a session snapshot), init a model."""
+"""`titans` command line: generate (optionally carrying a session snapshot), init a model, train."""
 
 from __future__ import annotations
 
@@ -59,6 +59,16 @@ def cmd_init(args) -> int:
     return 0
 
 
+def cmd_train(args) -> int:
+    from .train import TrainConfig, train
+
+    cfg = TrainConfig.load(args.config)
+    if args.out_dir:
+        cfg = TrainConfig(**{**cfg.__dict__, "out_dir": args.out_dir})
+    train(cfg, resume=not args.restart)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="titans", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -85,6 +95,12 @@ def main(argv: list[str] | None = None) -> int:
     init.add_argument("--seed-weights", type=int, default=0)
     init.add_argument("--out", required=True)
     init.set_defaults(func=cmd_init)
+
+    tr = sub.add_parser("train", help="train a model (outer loop through the memory updates)")
+    tr.add_argument("--config", required=True, help="training config (JSON): see engine/train.py TrainConfig")
+    tr.add_argument("--out-dir", help="override the config's out_dir")
+    tr.add_argument("--restart", action="store_true", help="ignore a checkpoint in out_dir instead of resuming")
+    tr.set_defaults(func=cmd_train)
 
     args = parser.parse_args(argv)
     return args.func(args)

@@ -1,0 +1,211 @@
+"""Outer-loop training: gradients flow through every memory update (the chunk updates are differentiable).
+
+AdamW, linear warm-up then cosine decay, gradient clipping, deterministic seeds, a progress line with loss
+and tokens/s, metrics as JSONL, checkpoints (a model directory Engine.load reads, plus trainer.safetensors)
+and resume. Batches mix synthetic recall examples (engine/data.py) with Python-source text; a curriculum
+moves the recall distance outward as training proceeds.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+from .config import ModelConfig
+from .data import recall_example, text_window
+from .model import Titans
+from .tokenizer import load_tokenizer
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    model: dict  # ModelConfig fields, or {"preset": name, **overrides}
+    out_dir: str = "runs/train"
+    steps: int = 1000
+    batch_size: int = 16
+    seq_len: int = 512  # text examples; recall examples are as long as their facts + distance + queries
+    lr: float = 2e-3
+    min_lr_ratio: float = 0.1
+    warmup: int = 100
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0
+    seed: int = 0
+    recall_fraction: float = 0.5  # share of each batch that is recall examples (the rest: text windows)
+    n_facts: int = 8
+    filler: str = "words"  # words | python
+    answer_weight: float = 4.0  # loss weight of answer digits relative to the other tokens
+    curriculum: list = field(default_factory=lambda: [[0, 0, 0]])  # [from_step, min_distance, max_distance]
+    log_every: int = 10
+    eval_every: int = 100
+    eval_examples: int = 32
+    checkpoint_every: int = 500
+    device: str = "auto"
+    bf16: bool = False  # autocast on CUDA
+    tokenizer_dir: str | None = None  # holds tokenizer.json for 'tokenizers' models
+
+    @classmethod
+    def load(cls, path: str | Path) -> TrainConfig:
+        data = json.loads(Path(path).read_text())
+        return cls(**data)
+
+    def model_config(self) -> ModelConfig:
+        spec = dict(self.model)
+        preset = spec.pop("preset", None)
+        base = ModelConfig.preset(preset).to_dict() if preset else {}
+        return ModelConfig.from_dict({**base, **spec})
+
+    def distance_range(self, step: int) -> tuple[int, int]:
+        stage = [s for s in self.curriculum if s[0] <= step][-1]
+        return stage[1], stage[2]
+
+
+def lr_at(cfg: TrainConfig, step: int) -> float:
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    progress = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+
+
+def make_batch(cfg: TrainConfig, step: int, rng: random.Random, tokenizer):
+    """Token ids and per-token loss weights for each sequence (weights[i] weighs predicting ids[i + 1])."""
+    low, high = cfg.distance_range(step)
+    ids, weights = [], []
+    for _ in range(cfg.batch_size):
+        if rng.random() < cfg.recall_fraction:
+            ex = recall_example(rng, cfg.n_facts, rng.randint(low, high), cfg.filler)
+            seq = tokenizer.encode(ex.text)
+            w = torch.ones(len(seq))
+            for a, b in ex.answer_spans:
+                w[a - 1:b - 1] = cfg.answer_weight
+        else:
+            seq = tokenizer.encode(text_window(rng, cfg.seq_len))
+            w = torch.ones(len(seq))
+        ids.append(torch.tensor(seq, dtype=torch.long))
+        weights.append(w[:-1])
+    return ids, weights
+
+
+def batch_loss(model: Titans, ids: list[torch.Tensor], weights: list[torch.Tensor]) -> torch.Tensor:
+    B = len(ids)
+    init = [[{k: v.unsqueeze(0).expand(B, *v.shape) for k, v in st.items()} for st in layer]
+            for layer in model.initial_state()]
+    logits, _, _ = model.forward_tokens(ids, init, [0] * B)
+    total, norm = 0.0, 0.0
+    for lg, seq, w in zip(logits, ids, weights):
+        w = w.to(lg.device)
+        nll = F.cross_entropy(lg[:-1].float(), seq[1:].to(lg.device), reduction="none")
+        total = total + (nll * w).sum()
+        norm += float(w.sum())
+    return total / norm
+
+
+@torch.no_grad()
+def recall_accuracy(model: Titans, tokenizer, examples) -> dict[str, float]:
+    """Teacher-forced exact match of the 4 answer digits (equal to greedy decoding getting them right)."""
+    correct = digits = queries = 0
+    for ex in examples:
+        seq = torch.tensor(tokenizer.encode(ex.text), dtype=torch.long)
+        state = [[{k: v.unsqueeze(0) for k, v in st.items()} for st in layer] for layer in model.initial_state()]
+        logits = model.forward_tokens([seq], state, [0])[0][0]
+        for a, b in ex.answer_spans:
+            hit = logits[a - 1:b - 1].argmax(-1).cpu() == seq[a:b]
+            correct += bool(hit.all())
+            digits += int(hit.sum())
+            queries += 1
+    return {"exact": correct / max(1, queries), "digit": digits / max(1, 4 * queries)}
+
+
+def _save(model: Titans, optimizer: torch.optim.Optimizer, step: int, out_dir: Path, tokenizer_dir: str | None) -> None:
+    """A model directory Engine.load reads, plus the optimizer in trainer.safetensors (no pickle)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.cfg.save(out_dir / "config.json")
+    if tokenizer_dir is not None and Path(tokenizer_dir).resolve() != out_dir.resolve():
+        shutil.copyfile(Path(tokenizer_dir) / "tokenizer.json", out_dir / "tokenizer.json")
+    save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
+              str(out_dir / "model.safetensors"))
+    state = optimizer.state_dict()
+    tensors = {f"{i}.{name}": t.detach().cpu().contiguous() for i, s in state["state"].items() for name, t in s.items()}
+    save_file(tensors, str(out_dir / "trainer.safetensors"),
+              metadata={"step": str(step), "param_groups": json.dumps(state["param_groups"])})
+
+
+def _resume(model: Titans, optimizer: torch.optim.Optimizer, out_dir: Path) -> int:
+    from safetensors import safe_open
+
+    path = out_dir / "trainer.safetensors"
+    if not path.exists():
+        return 0
+    model.load_state_dict(load_file(str(out_dir / "model.safetensors")))
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata()
+    tensors = load_file(str(path))
+    state: dict = {}
+    for key, t in tensors.items():
+        index, name = key.split(".", 1)
+        state.setdefault(int(index), {})[name] = t
+    optimizer.load_state_dict({"state": state, "param_groups": json.loads(meta["param_groups"])})
+    return int(meta["step"])
+
+
+def train(cfg: TrainConfig, resume: bool = True, log=print) -> dict:
+    device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available()
+                          else ("cpu" if cfg.device == "auto" else cfg.device))
+    torch.manual_seed(cfg.seed)
+    model = Titans(cfg.model_config()).to(device).train()
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "init_weights" not in n]
+    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2 or "init_weights" in n]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                                   {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95))
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "train_config.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n")
+    start = _resume(model, optimizer, out) if resume else 0
+    tokenizer = load_tokenizer(model.cfg.tokenizer, cfg.tokenizer_dir)
+    metrics_path = out / "metrics.jsonl"
+    last: dict = {}
+    tokens_done, t0 = 0, time.perf_counter()
+    for step in range(start, cfg.steps):
+        rng = random.Random(cfg.seed * 1_000_003 + step)  # the batch of a step does not depend on resumes
+        ids, weights = make_batch(cfg, step, rng, tokenizer)
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(cfg, step)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16 and device.type == "cuda"):
+            loss = batch_loss(model, [t.to(device) for t in ids], weights)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip))
+        loss_value = loss.item()
+        if not math.isfinite(loss_value) or not math.isfinite(grad_norm):  # never step on a NaN
+            raise FloatingPointError(f"loss {loss_value}, gradient norm {grad_norm} at step {step}")
+        optimizer.step()
+        tokens_done += sum(len(t) for t in ids)
+        if step % cfg.log_every == 0 or step == cfg.steps - 1:
+            elapsed = time.perf_counter() - t0
+            last = {"step": step, "loss": loss_value, "lr": lr_at(cfg, step), "grad_norm": grad_norm,
+                    "tokens_per_s": tokens_done / elapsed, "elapsed_s": elapsed,
+                    "distance": list(cfg.distance_range(step))}
+            if cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.steps - 1):
+                low, high = cfg.distance_range(step)
+                eval_rng = random.Random(10_000 + step)
+                model.eval()
+                examples = [recall_example(eval_rng, cfg.n_facts, eval_rng.randint(low, high), cfg.filler, "heldout")
+                            for _ in range(cfg.eval_examples)]
+                last["recall"] = recall_accuracy(model, tokenizer, examples)
+                model.train()
+            with metrics_path.open("a") as f:
+                f.write(json.dumps(last) + "\n")
+            log(f"step {step:6d}  loss {last['loss']:.4f}  lr {last['lr']:.2e}  "
+                f"{last['tokens_per_s']:,.0f} tok/s" + (f"  recall {last['recall']}" if "recall" in last else ""))
+        if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0:
+            _save(model, optimizer, step + 1, out, cfg.tokenizer_dir)
+    _save(model, optimizer, cfg.steps, out, cfg.tokenizer_dir)
+    return last
