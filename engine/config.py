@@ -47,7 +47,6 @@ class ModelConfig:
     tie_embeddings: bool = True
     tokenizer: str = "byte"  # byte | tokenizers (tokenizer.json in the model directory)
     eos_token_id: int | None = None
-    max_position: int = 1 << 40  # positions are int64; RoPE angles are computed in float64
 
     def __post_init__(self) -> None:
         errors = list(self._errors())

@@ -71,8 +71,10 @@ class Engine:
     def from_config(cls, cfg: ModelConfig, seed: int = 0, device: torch.device | str | None = None,
                     tokenizer_dir: str | Path | None = None, weight_dtype: torch.dtype | None = None) -> Engine:
         """A randomly initialised model (seeded). tokenizer_dir holds tokenizer.json for 'tokenizers' configs."""
-        torch.manual_seed(seed)
-        return cls(Titans(cfg), tokenizer_dir=tokenizer_dir, device=torch.device(device) if device else None,
+        with torch.random.fork_rng(devices=[]):  # seed the initialisation without touching the caller's RNG
+            torch.manual_seed(seed)
+            model = Titans(cfg)
+        return cls(model, tokenizer_dir=tokenizer_dir, device=torch.device(device) if device else None,
                    weight_dtype=weight_dtype)
 
     @classmethod
@@ -110,8 +112,10 @@ class Engine:
                 shutil.copyfile(source, model_dir / "tokenizer.json")
 
     def _fingerprint(self) -> str:
-        """Hash of the config and every weight: a snapshot is only valid for the model that made it."""
+        """Hash of the config, the tokenizer and every weight: a snapshot is valid only for the model that made it."""
         h = hashlib.sha256(self.config.to_json().encode())
+        if self.config.tokenizer == "tokenizers":
+            h.update((Path(self._tokenizer_dir) / "tokenizer.json").read_bytes())
         for name, tensor in sorted(self.model.state_dict().items()):
             t = tensor.detach().cpu().contiguous()
             h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
@@ -141,6 +145,8 @@ class Engine:
 
     def batch(self, states: Sequence[SessionState]) -> SessionBatch:
         """Keep these sessions stacked across calls (a scheduler's running batch); see SessionBatch."""
+        if not states:
+            raise ValueError("a batch needs at least one session")
         for s in states:
             self._check(s)
         return SessionBatch(self, states)
@@ -194,9 +200,9 @@ class Engine:
     def _finished(self, out: list[int], params: SamplingParams) -> bool:
         if self.config.eos_token_id is not None and out[-1] == self.config.eos_token_id:
             return True
-        if params.stop:
-            text = self.tokenizer.decode(out)
-            return any(s in text for s in params.stop)
+        if params.stop:  # a stop string that just completed lies within the last len(stop) tokens
+            tail = self.tokenizer.decode(out[-(max(len(s.encode()) for s in params.stop) + 1):])
+            return any(s in tail for s in params.stop)
         return False
 
     def complete(self, prompt_ids: TokenIds, state: SessionState,
@@ -210,9 +216,9 @@ class Engine:
             except StopIteration as stop:
                 final = stop.value
                 break
-        text = self.tokenizer.decode(out)
-        cuts = [text.index(s) for s in params.stop if s in text]
         eos = self.config.eos_token_id is not None and out and out[-1] == self.config.eos_token_id
+        text = self.tokenizer.decode(out[:-1] if eos else out)  # the EOS token has no text of its own
+        cuts = [text.index(s) for s in params.stop if s in text]
         reason = "stop" if cuts or eos else "length"
         return Completion(out, text[: min(cuts)] if cuts else text, reason, final)
 
@@ -222,21 +228,31 @@ class SessionBatch:
 
     forward() returns, per session, (logits [T_s, V], surprise [T_s] or None); states() snapshots the
     current states as SessionStates (copies). The SessionStates it was built from are never touched.
+    A step that raises leaves the batch half-written: it then refuses further use, and the sessions
+    must be rebuilt from their last SessionStates.
     """
 
     def __init__(self, engine: Engine, states: Sequence[SessionState]):
         self.engine = engine
         self.positions = [s.tokens_seen for s in states]
+        self._failed: BaseException | None = None
         with torch.inference_mode():
-            self._state = nest_state(stack_states(states))  # stacking copies: the model writes into it
+            self._state = nest_state(stack_states(states))  # stacking copies: the model may write into it
 
     @torch.inference_mode()
     def forward(self, token_ids: Sequence[TokenIds], return_surprise: bool = False) -> list[tuple]:
+        if self._failed is not None:
+            raise RuntimeError("this batch failed in an earlier step; rebuild it from the sessions' states") \
+                from self._failed
         if len(token_ids) != len(self.positions):
             raise ValueError(f"{len(token_ids)} token sequences for {len(self.positions)} sessions")
         ids = [self.engine._ids(t) for t in token_ids]
-        logits, self._state, surprise = self.engine.model.forward_tokens(ids, self._state, self.positions,
-                                                                         return_surprise)
+        try:
+            logits, self._state, surprise = self.engine.model.forward_tokens(
+                ids, self._state, self.positions, return_surprise, owned=True)
+        except BaseException as e:
+            self._failed = e
+            raise
         self.positions = [p + len(t) for p, t in zip(self.positions, ids)]
         return [(lg, surprise[i] if return_surprise else None) for i, lg in enumerate(logits)]
 

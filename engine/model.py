@@ -75,14 +75,16 @@ class StepContext:
     any_segment_end: bool
     config: ModelConfig
     host: tuple[list[int], list[int]]  # pos and count as the host knows them (no device reads)
+    owned: bool = False  # the caller owns the state tensors: rows may be written in place
     _cache: dict = field(default_factory=dict)
 
     @classmethod
-    def build(cls, pos: list[int], counts: list[int], cfg: ModelConfig, device: torch.device) -> StepContext:
+    def build(cls, pos: list[int], counts: list[int], cfg: ModelConfig, device: torch.device,
+              owned: bool = False) -> StepContext:
         b, seg = cfg.chunk_size, cfg.segment_size
         return cls(torch.tensor(pos, device=device), torch.tensor(counts, device=device), max(counts),
                    any(p % b + c == b for p, c in zip(pos, counts)),
-                   any(c > 0 and (p + c) % seg == 0 for p, c in zip(pos, counts)), cfg, (pos, counts))
+                   any(c > 0 and (p + c) % seg == 0 for p, c in zip(pos, counts)), cfg, (pos, counts), owned)
 
     def chunk_pieces(self) -> list[tuple[int, int, StepContext]]:
         """Row ranges [a, b) of this step that lie in one memory chunk, each with its own context.
@@ -98,7 +100,7 @@ class StepContext:
         assert len(set(pos)) == 1, "a step over sessions at different positions stays inside one chunk"
         cuts = [0, *range(b - pos[0] % b, self.rows, b), self.rows]
         return [(a, e, StepContext.build([pos[0] + a] * len(pos), [min(max(c - a, 0), e - a) for c in counts],
-                                         self.config, self.pos.device))
+                                         self.config, self.pos.device, self.owned))
                 for a, e in zip(cuts, cuts[1:])]
 
     def _cached(self, key, make):
@@ -174,8 +176,9 @@ class StepContext:
 
         store [B, ..., span, ...] (slot_dim counts the batch dim); rows [B, R, ...] shaped like
         store[b, ..., slot, ...]. Padding rows write back the old value, so every (session, slot) pair
-        is written exactly once and the shapes never depend on the row counts. In place when
-        no gradient is recorded (the engine hands the model states it owns), on a copy under autograd.
+        is written exactly once and the shapes never depend on the row counts. In place only when the
+        caller owns the state (a SessionBatch's stacked copy) and no gradient is recorded; otherwise on a
+        copy (a caller's tensors, expanded views, or values autograd still needs).
         """
         first = max(0, self.rows - span)  # more rows than slots (a long single-session step): keep the last span
         if first:
@@ -189,7 +192,7 @@ class StepContext:
         index = self._cached(("write", slot_dim, span), make_index)
         valid = self.valid[:, first:]
         valid = valid.view(*valid.shape, *([1] * (rows.dim() - 2)))
-        if torch.is_grad_enabled():
+        if not self.owned or torch.is_grad_enabled():
             store = store.clone()
         store[index] = torch.where(valid, rows, store[index])
         return store
@@ -636,11 +639,13 @@ class Titans(nn.Module):
             return min(MAX_SPAN, cfg.window)
         return MAX_SPAN
 
-    def forward_tokens(self, tokens: list[Tensor], state: ModelState, pos: list[int], want_surprise: bool = False):
-        """Run each session s over tokens[s] (1-D) from position pos[s], in steps that end at chunk edges.
+    def forward_tokens(self, tokens: list[Tensor], state: ModelState, pos: list[int], want_surprise: bool = False,
+                       owned: bool = False):
+        """Run each session s over tokens[s] (1-D) from position pos[s], in steps (see the module docstring).
 
-        state: nested, batched [B, ...]. Returns per-session logits [T_s, V], the new state,
-        per-session surprise [T_s] (or None).
+        state: nested, batched [B, ...]. owned=True lets the model write rows into it in place (the caller
+        holds the only reference, as SessionBatch does). Returns per-session logits [T_s, V], the new
+        state, per-session surprise [T_s] (or None).
         """
         dev = self.embed.weight.device
         lengths = [len(t) for t in tokens]
@@ -654,7 +659,7 @@ class Titans(nn.Module):
             aligned = len(set(pos)) == 1
             counts = [min(n - d, self.step_limit(p, len(tokens), aligned)) for d, n, p in zip(done, lengths, pos)]
             rows = max(counts)
-            ctx = StepContext.build(pos, counts, self.cfg, dev)
+            ctx = StepContext.build(pos, counts, self.cfg, dev, owned)
             if len(tokens) == 1:
                 step_tokens = padded[:, done[0]:done[0] + rows]
             else:

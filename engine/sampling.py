@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+
+GREEDY_BELOW = 1e-5  # temperatures under this are treated as 0
 
 
 @dataclass(frozen=True)
@@ -20,8 +23,8 @@ class SamplingParams:
     def __post_init__(self):
         if self.max_tokens < 0:
             raise ValueError(f"max_tokens must be >= 0, got {self.max_tokens}")
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not (math.isfinite(self.temperature) and self.temperature >= 0):
+            raise ValueError(f"temperature must be a finite number >= 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.top_k < 0:
@@ -34,12 +37,12 @@ class SamplingParams:
 
 def sample(logits: Tensor, params: SamplingParams, generator: torch.Generator | None) -> int:
     """logits [V] -> one token id."""
-    if params.temperature == 0:
+    if params.temperature < GREEDY_BELOW:  # below this, sampling is greedy up to float rounding anyway
         return int(logits.argmax())
-    logits = logits.float() / params.temperature
-    if params.top_k:
-        kth = torch.topk(logits, min(params.top_k, logits.numel())).values[-1]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
+    logits = (logits.float() - logits.max().float()) / params.temperature  # max 0: no overflow to inf
+    if params.top_k:  # exactly k tokens, ties broken by index
+        keep = torch.topk(logits, min(params.top_k, logits.numel())).indices
+        logits = torch.full_like(logits, float("-inf")).scatter(0, keep, logits[keep])
     if params.top_p < 1:
         sorted_logits, order = logits.sort(descending=True)
         probs = sorted_logits.softmax(-1)

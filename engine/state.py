@@ -2,7 +2,8 @@
 
 A snapshot is a safetensors file: the state's tensors, and in the header metadata
     format_version, model_fingerprint, tokens_seen, created_at, content_sha256
-where content_sha256 covers the tensor bytes, so a flipped bit anywhere is detected on load.
+where content_sha256 covers the other metadata fields and the tensor bytes, so a flipped bit anywhere
+is detected on load.
 """
 
 from __future__ import annotations
@@ -43,14 +44,14 @@ class SessionState:
     def to_bytes(self) -> bytes:
         tensors = {k: v.detach().to("cpu").contiguous() for k, v in sorted(self.tensors.items())}
         header, data = _split(st_save(tensors))
-        header["__metadata__"] = {
+        meta = {
             "format_version": FORMAT_VERSION,
             "model_fingerprint": self.model_fingerprint,
             # fixed-width numbers: the snapshot's byte length never depends on how far the session got
             "tokens_seen": f"{self.tokens_seen:020d}",
             "created_at": f"{self.created_at:020.6f}",
-            "content_sha256": hashlib.sha256(data).hexdigest(),
         }
+        header["__metadata__"] = {**meta, "content_sha256": _checksum(meta, data)}
         encoded = json.dumps(header, separators=(",", ":")).encode()
         encoded += b" " * (-len(encoded) % 8)  # safetensors keeps the data section 8-byte aligned
         return struct.pack("<Q", len(encoded)) + encoded + data
@@ -58,6 +59,18 @@ class SessionState:
     @property
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.tensors.values())
+
+
+_CHECKED = ("format_version", "model_fingerprint", "tokens_seen", "created_at")
+
+
+def _checksum(meta: dict, data: bytes) -> str:
+    """sha256 over the metadata fields and the tensor bytes: a change to either is detected."""
+    h = hashlib.sha256()
+    for key in _CHECKED:
+        h.update(f"{key}={meta.get(key)!s}\n".encode())
+    h.update(data)
+    return h.hexdigest()
 
 
 def _split(blob: bytes) -> tuple[dict, bytes]:
@@ -90,7 +103,7 @@ def read_snapshot(blob: bytes, fingerprint: str, template: dict[str, Tensor]) ->
     theirs = meta.get("model_fingerprint")
     if theirs != fingerprint:
         raise SnapshotError(f"snapshot belongs to another model (fingerprint {theirs!r}, this model {fingerprint!r})")
-    if hashlib.sha256(data).hexdigest() != meta.get("content_sha256"):
+    if _checksum(meta, data) != meta.get("content_sha256"):
         raise SnapshotError("snapshot content does not match its checksum (corrupted)")
     try:
         tokens_seen = int(meta["tokens_seen"])

@@ -62,22 +62,32 @@ def load_tokenizer(kind: str, model_dir: str | Path | None) -> Tokenizer:
 
 
 class StreamDecoder:
-    """Turns a growing list of token ids into text pieces, never splitting a UTF-8 character."""
+    """Turns a growing list of token ids into text pieces, never splitting a UTF-8 character.
+
+    Decodes only a short window (the tokens since the last emitted piece plus a few before them, for
+    context), so each push costs O(window), and it does not assume that decoding is prefix-stable
+    (Metaspace or WordPiece decoders change leading spaces depending on what precedes a token).
+    """
+
+    CONTEXT = 4  # tokens decoded before the unread ones
 
     def __init__(self, tokenizer: Tokenizer):
         self.tokenizer = tokenizer
         self.ids: list[int] = []
-        self.emitted = 0  # characters of the decoded text already returned
+        self.prefix = 0  # start of the decoded window
+        self.read = 0  # tokens whose text has been emitted
 
     def push(self, token_id: int) -> str:
         self.ids.append(token_id)
-        text = self.tokenizer.decode(self.ids)
-        if text.endswith("\ufffd"):  # an incomplete multi-byte character: wait for the rest
+        before = self.tokenizer.decode(self.ids[self.prefix:self.read])
+        text = self.tokenizer.decode(self.ids[self.prefix:])
+        if len(text) <= len(before) or text.endswith("\ufffd"):  # nothing new, or a character still incomplete
             return ""
-        piece, self.emitted = text[self.emitted :], len(text)
-        return piece
+        self.prefix, self.read = max(0, len(self.ids) - self.CONTEXT), len(self.ids)
+        return text[len(before):]
 
     def flush(self) -> str:
-        text = self.tokenizer.decode(self.ids)
-        piece, self.emitted = text[self.emitted :], len(text)
-        return piece
+        before = self.tokenizer.decode(self.ids[self.prefix:self.read])
+        text = self.tokenizer.decode(self.ids[self.prefix:])
+        self.prefix = self.read = len(self.ids)
+        return text[len(before):]

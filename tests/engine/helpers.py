@@ -41,10 +41,11 @@ def engine_for(cfg: ModelConfig, seed: int = 0, dtype: torch.dtype = torch.float
     """
     torch.manual_seed(seed)
     model = Titans(cfg).to(dtype)
+    gates = 3 * cfg.mem_heads  # the gate logits are the last 3H outputs of each memory input projection
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if name.endswith("gates.bias"):
-                p.add_(0.5 * torch.randn_like(p))
+            if name.endswith(("w_in.bias", "w_x.bias")):
+                p[-gates:] += 0.5 * torch.randn(gates)
     return Engine(model, device=torch.device("cpu"))
 
 

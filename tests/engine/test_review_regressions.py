@@ -1,0 +1,123 @@
+"""Regression tests for edge cases found in review: aliasing, metadata tampering, sampling, streaming."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from engine import SamplingParams, SnapshotError
+from engine.sampling import sample
+from engine.tokenizer import ByteTokenizer, StreamDecoder
+
+from .helpers import assert_close, engine_for, tiny, tokens
+from .test_state import _rewrite_header
+
+
+def test_model_never_writes_into_states_it_does_not_own():
+    # training builds batched states with expand() (one storage for all sessions); without gradients the
+    # model must still copy before writing rows, or sessions would overwrite each other
+    eng = engine_for(tiny("mag"))
+    model = eng.model
+    ids = [tokens(23), tokens(23)]
+    with torch.no_grad():
+        init = [[{k: v.unsqueeze(0).expand(2, *v.shape) for k, v in st.items()} for st in layer]
+                for layer in model.initial_state()]
+        logits, _, _ = model.forward_tokens(ids, init, [0, 0])
+    for lg, seq in zip(logits, ids):
+        assert_close(lg, eng.forward(seq, eng.new_state())[0], tol=1e-5)
+    params = {n: p.clone() for n, p in model.named_parameters()}
+    with torch.no_grad():
+        model.forward_tokens([tokens(9)], [[{k: v.unsqueeze(0) for k, v in st.items()} for st in layer]
+                                           for layer in model.initial_state()], [0])
+    for name, p in model.named_parameters():
+        assert torch.equal(p, params[name]), name
+
+
+def test_tampered_position_is_refused():
+    eng = engine_for(tiny("lmm"))
+    blob = eng.forward(tokens(30), eng.new_state())[1].to_bytes()
+    for forged in ("00000000000000000031", "00000000000000000000"):
+        with pytest.raises(SnapshotError, match="checksum"):
+            eng.load_state(_rewrite_header(blob, lambda h, f=forged: h["__metadata__"].update(tokens_seen=f)))
+
+
+def test_fingerprint_covers_the_tokenizer(tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    from engine import Engine
+
+    fingerprints = []
+    for i, corpus in enumerate(["alpha beta gamma", "delta epsilon zeta"]):
+        tok = Tokenizer(models.BPE(unk_token="[UNK]"))
+        tok.pre_tokenizer = pre_tokenizers.Whitespace()
+        tok.train_from_iterator([corpus] * 10, trainers.BpeTrainer(vocab_size=40, special_tokens=["[UNK]"]))
+        (tmp_path / str(i)).mkdir()
+        tok.save(str(tmp_path / str(i) / "tokenizer.json"))
+        cfg = tiny("lmm", tokenizer="tokenizers", vocab_size=64)
+        fingerprints.append(Engine.from_config(cfg, seed=0, device="cpu", tokenizer_dir=tmp_path / str(i)).fingerprint)
+    assert fingerprints[0] != fingerprints[1]  # same weights, different tokenizer: snapshots must not mix
+
+
+def test_from_config_leaves_the_callers_rng_alone():
+    from engine import Engine, ModelConfig
+
+    torch.manual_seed(5)
+    expected = torch.rand(3)
+    torch.manual_seed(5)
+    Engine.from_config(ModelConfig.preset("tiny-lmm"), seed=0, device="cpu")
+    assert torch.equal(torch.rand(3), expected)
+
+
+def test_sampling_edge_cases():
+    logits = torch.tensor([1.0, 3.0, 3.0, -2.0])
+    assert sample(logits, SamplingParams(temperature=1e-45), None) == 1  # no overflow, greedy
+    gen = torch.Generator().manual_seed(0)
+    picks = {sample(logits, SamplingParams(top_k=1, seed=0), gen) for _ in range(30)}
+    assert picks == {1}  # exactly one token survives top_k=1, even with a tie
+    for bad in (float("nan"), float("inf"), -1.0):
+        with pytest.raises(ValueError, match="temperature"):
+            SamplingParams(temperature=bad)
+    big = torch.tensor([1000.0, 999.0])
+    assert sample(big, SamplingParams(temperature=1e-3), gen) == 0
+
+
+def test_eos_text_is_not_part_of_the_completion():
+    from engine import Engine
+    from engine.model import Titans
+
+    eng = engine_for(tiny("lmm"))
+    first = eng.complete([1, 2, 3], eng.new_state(), SamplingParams(max_tokens=5, temperature=0)).token_ids[1]
+    model = Titans(tiny("lmm", eos_token_id=first))
+    model.load_state_dict(eng.model.state_dict())
+    with_eos = Engine(model, device=torch.device("cpu"))
+    out = with_eos.complete([1, 2, 3], with_eos.new_state(), SamplingParams(max_tokens=5, temperature=0))
+    assert out.finish_reason == "stop" and out.token_ids[-1] == first
+    assert out.text == with_eos.tokenizer.decode(out.token_ids[:-1])
+
+
+def test_failed_step_poisons_a_running_batch(monkeypatch):
+    eng = engine_for(tiny("lmm"))
+    batch = eng.batch([eng.new_state()])
+    batch.forward([[1, 2]])
+
+    def broken(*args, **kwargs):
+        raise MemoryError("simulated")
+
+    monkeypatch.setattr(eng.model, "forward_tokens", broken)
+    with pytest.raises(MemoryError):
+        batch.forward([[3]])
+    monkeypatch.undo()
+    with pytest.raises(RuntimeError, match="rebuild"):
+        batch.forward([[3]])
+    with pytest.raises(ValueError, match="at least one session"):
+        eng.batch([])
+
+
+def test_stream_decoder_never_splits_characters():
+    tok = ByteTokenizer()
+    text = "naïve → 東京 🚀 done"
+    decoder = StreamDecoder(tok)
+    pieces = [decoder.push(t) for t in tok.encode(text)]
+    pieces.append(decoder.flush())
+    assert "".join(pieces) == text
+    assert all("\ufffd" not in p for p in pieces)
