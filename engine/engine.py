@@ -41,7 +41,25 @@ def stack_states(states: Sequence[SessionState]) -> State:
     return {k: torch.stack([s.tensors[k] for s in states]) for k in states[0].tensors}
 
 
+def save_model_dir(model: Titans, model_dir: str | Path, tokenizer_dir: str | Path | None = None,
+                   metadata: dict[str, str] | None = None) -> None:
+    """A model directory Engine.load reads: config.json, model.safetensors and, for 'tokenizers' models,
+    tokenizer.json copied from tokenizer_dir."""
+    model_dir = Path(model_dir)
+    model_dir.mkdir(parents=True, exist_ok=True)
+    model.cfg.save(model_dir / "config.json")
+    weights = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    save_file(weights, str(model_dir / "model.safetensors"), metadata=metadata)
+    if tokenizer_dir is not None and model.cfg.tokenizer == "tokenizers":
+        source = Path(tokenizer_dir) / "tokenizer.json"
+        if source.resolve() != (model_dir / "tokenizer.json").resolve():
+            shutil.copyfile(source, model_dir / "tokenizer.json")
+
+
 class Engine:
+    """A model ready to serve sessions. It takes ownership of `model`: moves it to the device, freezes its
+    parameters and, with weight_dtype, casts its dense projections."""
+
     def __init__(self, model: Titans, tokenizer_dir: str | Path | None = None, device: torch.device | None = None,
                  weight_dtype: torch.dtype | None = None):
         """weight_dtype: store the dense projections (not norms, memory or embeddings) in this dtype,
@@ -101,15 +119,7 @@ class Engine:
                    weight_dtype=weight_dtype)
 
     def save(self, model_dir: str | Path) -> None:
-        model_dir = Path(model_dir)
-        model_dir.mkdir(parents=True, exist_ok=True)
-        self.config.save(model_dir / "config.json")
-        weights = {k: v.detach().cpu().contiguous() for k, v in self.model.state_dict().items()}
-        save_file(weights, str(model_dir / "model.safetensors"), metadata={"fingerprint": self.fingerprint})
-        if self._tokenizer_dir is not None and self.config.tokenizer == "tokenizers":
-            source = Path(self._tokenizer_dir) / "tokenizer.json"
-            if source.resolve() != (model_dir / "tokenizer.json").resolve():
-                shutil.copyfile(source, model_dir / "tokenizer.json")
+        save_model_dir(self.model, model_dir, self._tokenizer_dir, metadata={"fingerprint": self.fingerprint})
 
     def _fingerprint(self) -> str:
         """Hash of the config, the tokenizer and every weight: a snapshot is valid only for the model that made it."""

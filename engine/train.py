@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import math
 import random
-import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -22,6 +21,7 @@ from safetensors.torch import load_file, save_file
 
 from .config import ModelConfig
 from .data import recall_example, text_window
+from .engine import save_model_dir
 from .model import Titans
 from .tokenizer import load_tokenizer
 
@@ -126,12 +126,7 @@ def recall_accuracy(model: Titans, tokenizer, examples) -> dict[str, float]:
 
 def _save(model: Titans, optimizer: torch.optim.Optimizer, step: int, out_dir: Path, tokenizer_dir: str | None) -> None:
     """A model directory Engine.load reads, plus the optimizer in trainer.safetensors (no pickle)."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    model.cfg.save(out_dir / "config.json")
-    if tokenizer_dir is not None and Path(tokenizer_dir).resolve() != out_dir.resolve():
-        shutil.copyfile(Path(tokenizer_dir) / "tokenizer.json", out_dir / "tokenizer.json")
-    save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
-              str(out_dir / "model.safetensors"))
+    save_model_dir(model, out_dir, tokenizer_dir)
     state = optimizer.state_dict()
     tensors = {f"{i}.{name}": t.detach().cpu().contiguous() for i, s in state["state"].items() for name, t in s.items()}
     save_file(tensors, str(out_dir / "trainer.safetensors"),

@@ -74,6 +74,7 @@ def test_eos_ends_generation():
     with_eos = Engine(model, device=torch.device("cpu"))
     out = with_eos.complete([1, 2, 3], with_eos.new_state(), SamplingParams(max_tokens=5, temperature=0))
     assert out.finish_reason == "stop" and out.token_ids[-1] == first and len(out.token_ids) <= 3
+    assert out.text == with_eos.tokenizer.decode(out.token_ids[:-1])  # the EOS token has no text
 
 
 def test_token_ids_as_list_or_tensor_and_invalid_ids(engine):

@@ -81,20 +81,6 @@ def test_sampling_edge_cases():
     assert sample(big, SamplingParams(temperature=1e-3), gen) == 0
 
 
-def test_eos_text_is_not_part_of_the_completion():
-    from engine import Engine
-    from engine.model import Titans
-
-    eng = engine_for(tiny("lmm"))
-    first = eng.complete([1, 2, 3], eng.new_state(), SamplingParams(max_tokens=5, temperature=0)).token_ids[1]
-    model = Titans(tiny("lmm", eos_token_id=first))
-    model.load_state_dict(eng.model.state_dict())
-    with_eos = Engine(model, device=torch.device("cpu"))
-    out = with_eos.complete([1, 2, 3], with_eos.new_state(), SamplingParams(max_tokens=5, temperature=0))
-    assert out.finish_reason == "stop" and out.token_ids[-1] == first
-    assert out.text == with_eos.tokenizer.decode(out.token_ids[:-1])
-
-
 def test_failed_step_poisons_a_running_batch(monkeypatch):
     eng = engine_for(tiny("lmm"))
     batch = eng.batch([eng.new_state()])
