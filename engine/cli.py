@@ -1,4 +1,4 @@
-"""`titans` command line: generate (optionally carrying a session snapshot), init a model, train."""
+"""`titans` command line: generate (optionally carrying a session snapshot), init a model, train, eval."""
 
 from __future__ import annotations
 
@@ -69,6 +69,22 @@ def cmd_train(args) -> int:
     return 0
 
 
+def cmd_eval(args) -> int:
+    from .evaluate import evaluate, write_report
+
+    eng = Engine.load(args.model, device=args.device)
+    distances = [int(d) for d in args.distances.split(",")]
+    result = evaluate(eng, distances, args.facts, args.examples, args.filler, args.bpb_windows, args.seed)
+    write_report(result, args.out, args.plot)
+    print(f"{'distance':>9} {'windows':>8} {'carried':>8} {'reset':>8}   (exact recall of {args.facts} facts)")
+    for row in result["recall"]:
+        print(f"{row['distance']:>9} {row['windows']:>8.2f} {row['carried_exact']:>8.3f} {row['reset_exact']:>8.3f}")
+    if result["bits_per_byte"] is not None:
+        print(f"bits per byte (held-out Python source): {result['bits_per_byte']:.3f}")
+    print(f"wrote {args.out}" + (f" and {args.plot}" if args.plot else ""))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="titans", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -101,6 +117,19 @@ def main(argv: list[str] | None = None) -> int:
     tr.add_argument("--out-dir", help="override the config's out_dir")
     tr.add_argument("--restart", action="store_true", help="ignore a checkpoint in out_dir instead of resuming")
     tr.set_defaults(func=cmd_train)
+
+    ev = sub.add_parser("eval", help="recall by distance (memory carried vs reset) and bits per byte")
+    ev.add_argument("--model", required=True)
+    ev.add_argument("--distances", default="0,64,256,512,1024", help="filler bytes between facts and queries")
+    ev.add_argument("--facts", type=int, default=8)
+    ev.add_argument("--examples", type=int, default=32, help="examples per distance (each asks every fact)")
+    ev.add_argument("--filler", default="words", choices=["words", "python"])
+    ev.add_argument("--bpb-windows", type=int, default=8, help="held-out text windows of 1024 bytes (0: skip)")
+    ev.add_argument("--seed", type=int, default=0)
+    ev.add_argument("--out", default="eval.json")
+    ev.add_argument("--plot", default=None, help="PNG of recall vs distance (needs the 'plots' extra)")
+    ev.add_argument("--device", default=None)
+    ev.set_defaults(func=cmd_eval)
 
     args = parser.parse_args(argv)
     return args.func(args)
