@@ -513,8 +513,9 @@ class MACMixer(nn.Module):
     """Memory as context (DESIGN §2.6).
 
     h_j = M*(q_j) with the segment-start weights; attention of x_i over [persistent | (h_j, x_j), j <= i in
-    the segment]; the attention output y is written to memory; o = W_o(y * sigmoid(norm(M*(y)))) with
-    chunk-start weights. Extra state: Wseg{l} (segment-start weights), conv tails of the x and y projections.
+    the segment]; the attention output y (projected, RMS-normalised) is written to memory;
+    o = W_o(y * sigmoid(norm(M*(y)))) with chunk-start weights. Extra state: Wseg{l} (segment-start
+    weights), conv tails of the x and y projections.
     """
 
     def __init__(self, cfg: ModelConfig):
@@ -527,6 +528,7 @@ class MACMixer(nn.Module):
         self.h_norm = RMSNorm(D, cfg.norm_eps)
         self.attn = Attention(cfg, cfg.segment_size, "segment", 2)
         self.w_attn_out = Linear(D, D, bias=False)
+        self.y_norm = RMSNorm(D, cfg.norm_eps)  # y feeds the memory and the gate: keep it at unit scale
         self.w_y = Linear(D, 3 * D, bias=False)  # q, k, v of the memory write and output read
         self.conv_y = ShortConv(3 * D, cfg.conv_kernel)
         self.r_norm = RMSNorm(D, cfg.norm_eps)
@@ -545,7 +547,7 @@ class MACMixer(nn.Module):
         qh = F.normalize(mem.heads_of(F.silu(qh), 1)[0], dim=-1)
         h = mem.read(mem.weights(state, "Wseg"), qh, u.dtype)
         y, ring = self.attn(u, [self.h_norm(h), u], state, ctx)
-        y = self.w_attn_out(y)
+        y = self.y_norm(self.w_attn_out(y))
         qkv, tail_y = self.conv_y(self.w_y(y), state["conv_y"], ctx)
         q, k, v = mem.qkv(qkv)
         r, new, surprise = mem.scan(state, q, k, v, mem.gates(proj[..., D:]), ctx, want_surprise, u.dtype)
@@ -596,7 +598,7 @@ class Titans(nn.Module):
         for name, module in self.named_modules():
             if isinstance(module, nn.Linear):
                 nn.init.normal_(module.weight, std=0.02)
-                if name.endswith(("w_out", "w_attn_out")):  # residual projections, GPT-2 style
+                if name.endswith("w_out"):  # projections into the residual stream, GPT-2 style
                     module.weight.data.mul_(1.0 / math.sqrt(2 * self.cfg.n_layers))
                 if module.bias is not None:
                     nn.init.zeros_(module.bias)
