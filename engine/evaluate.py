@@ -23,6 +23,8 @@ from .engine import Engine
 
 def recall_by_distance(engine: Engine, distances: list[int], n_facts: int = 8, examples: int = 32,
                        filler_source: str = "words", seed: int = 0) -> list[dict]:
+    if engine.config.tokenizer != "byte":  # answer spans are byte offsets of the query text
+        raise ValueError("recall evaluation needs a byte-level model")
     rows = []
     tok = engine.tokenizer
     span = engine.config.attention_span or engine.config.chunk_size

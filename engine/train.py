@@ -165,6 +165,8 @@ def train(cfg: TrainConfig, resume: bool = True, log=print) -> dict:
     (out / "train_config.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n")
     start = _resume(model, optimizer, out) if resume else 0
     tokenizer = load_tokenizer(model.cfg.tokenizer, cfg.tokenizer_dir)
+    if cfg.recall_fraction > 0 and model.cfg.tokenizer != "byte":  # answer spans are byte offsets
+        raise ValueError("recall examples need the byte tokenizer; set recall_fraction to 0 for other tokenizers")
     metrics_path = out / "metrics.jsonl"
     last: dict = {}
     tokens_done, t0 = 0, time.perf_counter()
