@@ -48,6 +48,9 @@ def test_schedule_and_recall_format():
     cfg = TrainConfig(model={"preset": "tiny-mac"}, steps=100, warmup=10, lr=1.0, min_lr_ratio=0.1)
     assert lr_at(cfg, 0) == 0.1 and lr_at(cfg, 9) == 1.0
     assert abs(lr_at(cfg, 99) - 0.1) < 1e-3 and lr_at(cfg, 50) < lr_at(cfg, 20)
+    staged = TrainConfig(model={"preset": "tiny-lmm"}, n_facts=8, curriculum=[[0, 0, 0], [10, 8, 24, 1], [20, 8, 64]])
+    assert [staged.stage(s) for s in (0, 9, 10, 19, 20, 99)] == [
+        (0, 0, 8), (0, 0, 8), (8, 24, 1), (8, 24, 1), (8, 64, 8), (8, 64, 8)]
     ex = recall_example(random.Random(0), n_facts=3, distance=50)
     facts = ex.text[:33]
     assert facts.count("#") == 3 and facts.count(";") == 3
