@@ -27,7 +27,7 @@ def recall_by_distance(engine: Engine, distances: list[int], n_facts: int = 8, e
         raise ValueError("recall evaluation needs a byte-level model")
     rows = []
     tok = engine.tokenizer
-    span = engine.config.attention_span or engine.config.chunk_size
+    span = engine.config.attention_span or engine.config.chunk_size  # lmm has no attention: count chunks
     for distance in distances:
         rng = random.Random(seed * 7919 + distance)
         hits = {"carried": [0, 0], "reset": [0, 0]}  # [exact, digits]
@@ -75,7 +75,7 @@ def plot_recall(rows: list[dict], path: str | Path, title: str) -> None:
     windows = [r["windows"] for r in rows]
     ax.plot(windows, [r["carried_exact"] for r in rows], "o-", label="memory carried (through to_bytes)")
     ax.plot(windows, [r["reset_exact"] for r in rows], "s--", label="memory reset")
-    ax.set_xlabel("distance from the facts to the queries (attention windows)")
+    ax.set_xlabel("distance from the facts to the queries (attention windows; memory chunks for lmm)")
     ax.set_ylabel("exact recall (4 digits)")
     ax.set_ylim(-0.02, 1.02)
     ax.set_title(title)
