@@ -207,8 +207,11 @@ class Engine:
                 break
         return session.states()[0]
 
+    def _is_eos(self, token: int) -> bool:
+        return self.config.eos_token_id is not None and token == self.config.eos_token_id
+
     def _finished(self, out: list[int], params: SamplingParams) -> bool:
-        if self.config.eos_token_id is not None and out[-1] == self.config.eos_token_id:
+        if self._is_eos(out[-1]):
             return True
         if params.stop:  # a stop string that just completed lies within the last len(stop) tokens
             tail = self.tokenizer.decode(out[-(max(len(s.encode()) for s in params.stop) + 1):])
@@ -226,7 +229,7 @@ class Engine:
             except StopIteration as stop:
                 final = stop.value
                 break
-        eos = self.config.eos_token_id is not None and out and out[-1] == self.config.eos_token_id
+        eos = bool(out) and self._is_eos(out[-1])
         text = self.tokenizer.decode(out[:-1] if eos else out)  # the EOS token has no text of its own
         cuts = [text.index(s) for s in params.stop if s in text]
         reason = "stop" if cuts or eos else "length"

@@ -21,6 +21,17 @@ from .data import recall_example, text_window
 from .engine import Engine
 
 
+def score_answers(logits: torch.Tensor, ids: torch.Tensor, spans) -> tuple[int, int]:
+    """(queries with all 4 digits right, digits right) under teacher forcing: logits[i] predicts ids[i + 1],
+    so an answer at ids[a:b] is read off logits[a - 1:b - 1]; exact equals greedy decoding getting it right."""
+    exact = digits = 0
+    for a, b in spans:
+        hit = logits[a - 1:b - 1].argmax(-1).cpu() == ids[a:b]
+        exact += bool(hit.all())
+        digits += int(hit.sum())
+    return exact, digits
+
+
 def recall_by_distance(engine: Engine, distances: list[int], n_facts: int = 8, examples: int = 32,
                        filler_source: str = "words", seed: int = 0) -> list[dict]:
     if engine.config.tokenizer != "byte":  # answer spans are byte offsets of the query text
@@ -41,11 +52,9 @@ def recall_by_distance(engine: Engine, distances: list[int], n_facts: int = 8, e
             q_ids = torch.tensor(tok.encode(queries))
             for name, start in (("carried", carried), ("reset", engine.new_state())):
                 logits, _ = engine.forward(q_ids, start)
-                for a, b in ex.answer_spans:
-                    a, b = a - split, b - split
-                    hit = logits[a - 1:b - 1].argmax(-1).cpu() == q_ids[a:b]
-                    hits[name][0] += bool(hit.all())
-                    hits[name][1] += int(hit.sum())
+                exact, digits = score_answers(logits, q_ids, [(a - split, b - split) for a, b in ex.answer_spans])
+                hits[name][0] += exact
+                hits[name][1] += digits
             queries_total += n_facts
         rows.append({"distance": distance, "windows": distance / span, "queries": queries_total,
                      **{f"{name}_exact": h[0] / queries_total for name, h in hits.items()},

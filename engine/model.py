@@ -316,6 +316,10 @@ class NeuralMemory(nn.Module):
         B, R, _ = logits.shape
         return F.logsigmoid(logits.to(self.dtype) * self.gate_signs).view(B, R, 3, self.heads).permute(0, 3, 1, 2)
 
+    def theta(self, log_sigmoid_theta: Tensor) -> Tensor:
+        """Inner learning rate theta_max * sigmoid(z_theta), from the log-gate the chunk buffer keeps."""
+        return self.cfg.theta_max * log_sigmoid_theta.exp()
+
     def read(self, weights: list[Tensor], q: Tensor, dtype) -> Tensor:
         """M*(q): q [B, H, R, d] -> [B, R, H*d] in the activation dtype."""
         return memory_read(weights, q, self.cfg.norm_eps).transpose(1, 2).flatten(2).to(dtype)
@@ -344,7 +348,7 @@ class NeuralMemory(nn.Module):
             span = log_gates[:, :, first:first + len(whole) * b]
             log_theta, log_eta, log_keep = span.unflatten(2, (len(whole), b)).unbind(-1)  # [B, H, n, b]
             coefficients = chunk_coefficients(log_eta, log_keep)
-            thetas = self.cfg.theta_max * log_theta.exp()
+            thetas = self.theta(log_theta)
         ys, surprises = [], []
         for i, (a, e, piece) in enumerate(pieces):
             if i in whole:
@@ -374,7 +378,7 @@ class NeuralMemory(nn.Module):
         if ctx.any_full:
             w, s = self.weights(state), self.weights(state, "S")
             log_theta, log_eta, log_keep = buf[..., 2 * d:].unbind(-1)
-            theta = self.cfg.theta_max * log_theta.exp()
+            theta = self.theta(log_theta)
             w_new, s_new = chunk_update(w, s, buf[..., :d], buf[..., d:2 * d], log_eta, log_keep, theta,
                                         self.cfg.norm_eps, self.cfg.mem_grad_clip)
             full = ctx.flag("full")

@@ -22,6 +22,7 @@ from safetensors.torch import load_file, save_file
 from .config import ModelConfig
 from .data import recall_example, text_window
 from .engine import save_model_dir
+from .evaluate import score_answers
 from .model import Titans
 from .tokenizer import load_tokenizer
 
@@ -119,11 +120,8 @@ def recall_accuracy(model: Titans, tokenizer, examples) -> dict[str, float]:
         seq = torch.tensor(tokenizer.encode(ex.text), dtype=torch.long)
         state = [[{k: v.unsqueeze(0) for k, v in st.items()} for st in layer] for layer in model.initial_state()]
         logits = model.forward_tokens([seq], state, [0])[0][0]
-        for a, b in ex.answer_spans:
-            hit = logits[a - 1:b - 1].argmax(-1).cpu() == seq[a:b]
-            correct += bool(hit.all())
-            digits += int(hit.sum())
-            queries += 1
+        exact, right = score_answers(logits, seq, ex.answer_spans)
+        correct, digits, queries = correct + exact, digits + right, queries + len(ex.answer_spans)
     return {"exact": correct / max(1, queries), "digit": digits / max(1, 4 * queries)}
 
 
