@@ -1,0 +1,36 @@
+"""Session persistence: one async contract (base.py), a Redis store and an embedded SQLite store."""
+
+from __future__ import annotations
+
+from .base import (
+    InvalidArgument,
+    Lease,
+    LimitExceeded,
+    Page,
+    SessionBusy,
+    SessionNotFound,
+    SessionRecord,
+    SessionStore,
+    StoreError,
+    StoreLimits,
+    StoreOptions,
+    StoreUnavailable,
+    VersionConflict,
+)
+
+__all__ = ["InvalidArgument", "Lease", "LimitExceeded", "Page", "SessionBusy", "SessionNotFound", "SessionRecord",
+           "SessionStore", "StoreError", "StoreLimits", "StoreOptions", "StoreUnavailable", "VersionConflict",
+           "open_store"]
+
+
+def open_store(url: str, options: StoreOptions | None = None) -> SessionStore:
+    """`sqlite:///relative/path.db`, `sqlite:////absolute/path.db`, `redis://host:port/db` or `rediss://...`."""
+    if url.startswith("sqlite:///"):
+        from .sqlite import LocalStore
+
+        return LocalStore(url[len("sqlite:///"):], options)
+    if url.startswith(("redis://", "rediss://", "unix://")):
+        from .redis import RedisStore
+
+        return RedisStore(url, options)
+    raise ValueError(f"store URL must start with sqlite:/// or redis:// (got {url!r})")

@@ -1,0 +1,318 @@
+"""RedisStore: production persistence, shared by every server replica.
+
+Keys of one session share a hash tag, and a fork keeps its parent's tag, so every script below touches one
+Redis Cluster slot:
+    titans:{tag}:<id>:meta   hash: tenant, fingerprint, version, tokens_seen, timestamps, name, metadata,
+                             parent_id, snapshot_bytes, history ("version:tokens_seen ..." newest first)
+    titans:{tag}:<id>:snap   the snapshot bytes of the current version
+    titans:{tag}:<id>:hist   hash version -> snapshot bytes of the K versions before it
+    titans:{tag}:<id>:lease  the lease token, expiring by itself (PX)
+    titans:{t:<sha of tenant>}:sessions   sorted set of the tenant's session ids by creation time (for listing)
+Commit, rollback, fork, lease and reads are Lua scripts, so each is atomic and the tenant check happens inside
+Redis: another tenant's bytes never leave it, and a fork copies bytes without passing them through Python.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import time
+from typing import Any
+
+from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from .base import (
+    TAG_CHARS,
+    InvalidArgument,
+    Lease,
+    Page,
+    SessionBusy,
+    SessionNotFound,
+    SessionRecord,
+    SessionStore,
+    StoreOptions,
+    StoreUnavailable,
+    VersionConflict,
+    check_id,
+    check_limit,
+    encode_metadata,
+    new_lease_token,
+    new_session_id,
+)
+
+# KEYS = meta, snap, hist, lease of one session. ARGV[1] = tenant, ARGV[2] = sliding ttl in ms (0 = none).
+PRELUDE = """
+local function owned() return redis.call('HGET', KEYS[1], 'tenant') == ARGV[1] end
+local function touch()
+  local ms = tonumber(ARGV[2])
+  if ms > 0 then
+    for i = 1, 3 do redis.call('PEXPIRE', KEYS[i], ms) end
+  end
+end
+local function lease_ok(token)  -- token '' = caller holds no lease, so nobody may
+  local holder = redis.call('GET', KEYS[4])
+  if token == '' then return not holder end
+  return holder == token
+end
+local function install(snapshot, tokens, now, keep)
+  -- the current version moves into history, trimmed to `keep`; then the new snapshot becomes current
+  local version = tonumber(redis.call('HGET', KEYS[1], 'version'))
+  local entries = {}
+  if keep > 0 then
+    redis.call('HSET', KEYS[3], tostring(version), redis.call('GET', KEYS[2]))
+    table.insert(entries, version .. ':' .. redis.call('HGET', KEYS[1], 'tokens_seen'))
+  end
+  for entry in string.gmatch(redis.call('HGET', KEYS[1], 'history'), '%S+') do table.insert(entries, entry) end
+  while #entries > keep do
+    redis.call('HDEL', KEYS[3], string.match(table.remove(entries), '^(%d+)'))
+  end
+  redis.call('SET', KEYS[2], snapshot)
+  redis.call('HSET', KEYS[1], 'version', version + 1, 'tokens_seen', tokens, 'updated_at', now,
+             'history', table.concat(entries, ' '), 'snapshot_bytes', string.len(snapshot))
+  touch()
+  return redis.call('HGETALL', KEYS[1])
+end
+"""
+
+READ = PRELUDE + """
+if not owned() then return {'NOTFOUND'} end
+touch()
+if ARGV[3] == '1' then return {'OK', redis.call('HGETALL', KEYS[1]), redis.call('GET', KEYS[2])} end
+return {'OK', redis.call('HGETALL', KEYS[1])}
+"""
+
+# ARGV[3..] = expected version, snapshot, tokens_seen, now, lease token, keep
+COMMIT = PRELUDE + """
+if not owned() then return {'NOTFOUND'} end
+if not lease_ok(ARGV[7]) then return {'BUSY'} end
+local version = redis.call('HGET', KEYS[1], 'version')
+if version ~= ARGV[3] then return {'CONFLICT', version} end
+return {'OK', install(ARGV[4], ARGV[5], ARGV[6], tonumber(ARGV[8]))}
+"""
+
+# ARGV[3..] = version to return to, now, lease token, keep
+ROLLBACK = PRELUDE + """
+if not owned() then return {'NOTFOUND'} end
+if not lease_ok(ARGV[5]) then return {'BUSY'} end
+local snapshot = redis.call('HGET', KEYS[3], ARGV[3])
+if not snapshot then return {'NOVERSION', redis.call('HGET', KEYS[1], 'history')} end
+local tokens = string.match(redis.call('HGET', KEYS[1], 'history'), '%f[%d]' .. ARGV[3] .. ':(%d+)')
+return {'OK', install(snapshot, tokens, ARGV[4], tonumber(ARGV[6]))}
+"""
+
+# ARGV[3..] = lease token, lease ttl ms; ACQUIRE returns the version the holder starts from
+ACQUIRE = PRELUDE + """
+if not owned() then return {'NOTFOUND'} end
+if not redis.call('SET', KEYS[4], ARGV[3], 'NX', 'PX', ARGV[4]) then return {'BUSY'} end
+touch()
+return {'OK', redis.call('HGET', KEYS[1], 'version')}
+"""
+
+RENEW = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+return redis.call('PEXPIRE', KEYS[1], ARGV[2])
+"""
+
+RELEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
+DELETE = PRELUDE + """
+if not owned() then return {'NOTFOUND'} end
+redis.call('DEL', KEYS[1], KEYS[2], KEYS[3], KEYS[4])
+return {'OK'}
+"""
+
+# KEYS[5], KEYS[6] = meta, snap of the child (same slot: a fork keeps the family tag)
+# ARGV[3..] = child id, now, name, metadata, parent id
+FORK = PRELUDE + """
+if not owned() then return {'NOTFOUND'} end
+touch()
+redis.call('COPY', KEYS[2], KEYS[6])
+local parent = redis.call('HMGET', KEYS[1], 'fingerprint', 'tokens_seen', 'snapshot_bytes')
+redis.call('HSET', KEYS[5], 'tenant', ARGV[1], 'fingerprint', parent[1], 'version', 1, 'tokens_seen', parent[2],
+           'created_at', ARGV[4], 'updated_at', ARGV[4], 'name', ARGV[5], 'metadata', ARGV[6],
+           'parent_id', ARGV[7], 'snapshot_bytes', parent[3], 'history', '')
+local ms = tonumber(ARGV[2])
+if ms > 0 then
+  redis.call('PEXPIRE', KEYS[5], ms)
+  redis.call('PEXPIRE', KEYS[6], ms)
+end
+return {'OK', redis.call('HGETALL', KEYS[5])}
+"""
+
+
+def session_keys(session_id: str) -> list[str]:
+    prefix = f"titans:{{{session_id[:TAG_CHARS]}}}:{session_id}"
+    return [f"{prefix}:meta", f"{prefix}:snap", f"{prefix}:hist", f"{prefix}:lease"]
+
+
+def tenant_index(tenant: str) -> str:
+    return f"titans:{{t:{hashlib.sha256(tenant.encode()).hexdigest()[:24]}}}:sessions"
+
+
+def _record(session_id: str, flat: list[bytes]) -> SessionRecord:
+    meta = {flat[i].decode(): flat[i + 1].decode() for i in range(0, len(flat), 2)}
+    return SessionRecord(
+        id=session_id, tenant=meta["tenant"], fingerprint=meta["fingerprint"], version=int(meta["version"]),
+        tokens_seen=int(meta["tokens_seen"]), created_at=float(meta["created_at"]),
+        updated_at=float(meta["updated_at"]), snapshot_bytes=int(meta["snapshot_bytes"]),
+        name=meta.get("name") or None, metadata=json.loads(meta.get("metadata") or "{}"),
+        parent_id=meta.get("parent_id") or None,
+        history=tuple(int(entry.split(":")[0]) for entry in meta.get("history", "").split()))
+
+
+class RedisStore(SessionStore):
+    def __init__(self, url: str = "redis://localhost:6379/0", options: StoreOptions | None = None,
+                 max_connections: int = 64):
+        self.options = options or StoreOptions()
+        timeout = self.options.timeout_s
+        # one retry without back-off: a pooled connection that went stale while Redis restarted is replaced at once
+        pool = BlockingConnectionPool.from_url(url, max_connections=max_connections, timeout=timeout,
+                                               socket_timeout=timeout, socket_connect_timeout=timeout,
+                                               retry=Retry(NoBackoff(), 1))
+        self.redis = Redis(connection_pool=pool)
+        self.url = url
+        self._scripts = {name: self.redis.register_script(src) for name, src in [
+            ("read", READ), ("commit", COMMIT), ("rollback", ROLLBACK), ("acquire", ACQUIRE), ("renew", RENEW),
+            ("release", RELEASE), ("delete", DELETE), ("fork", FORK)]}
+
+    async def _call(self, coro) -> Any:
+        """Every Redis round trip goes through here: bounded in time, and Redis errors become StoreUnavailable."""
+        try:
+            return await asyncio.wait_for(coro, self.options.timeout_s)
+        except (RedisConnectionError, RedisTimeoutError, asyncio.TimeoutError, OSError) as e:
+            raise StoreUnavailable(f"redis at {self.url} is unreachable: {e or type(e).__name__}") from e
+        except RedisError as e:
+            if "OOM" in str(e) or "LOADING" in str(e) or "READONLY" in str(e):
+                raise StoreUnavailable(f"redis at {self.url} refused the write: {e}") from e
+            raise
+
+    def _ttl_ms(self) -> int:
+        return int(self.options.ttl_s * 1000) if self.options.ttl_s else 0
+
+    async def _script(self, name: str, session_id: str, tenant: str, *args, extra_keys: list[str] = ()) -> list:
+        check_id(session_id)
+        result = await self._call(self._scripts[name](
+            keys=session_keys(session_id) + list(extra_keys), args=[tenant, self._ttl_ms(), *args]))
+        status = result[0].decode()
+        if status == "NOTFOUND":
+            raise SessionNotFound(f"no session {session_id!r}")
+        if status == "BUSY":
+            raise SessionBusy(f"session {session_id} is in use by another request (or the lease expired)")
+        return [status, *result[1:]]
+
+    async def create(self, tenant, fingerprint, snapshot, *, tokens_seen=0, name=None, metadata=None):
+        metadata = metadata or {}
+        self.options.limits.check(snapshot, name, metadata)
+        session_id, now = new_session_id(), time.time()
+        meta, snap, _, _ = session_keys(session_id)
+        fields = {"tenant": tenant, "fingerprint": fingerprint, "version": 1, "tokens_seen": tokens_seen,
+                  "created_at": repr(now), "updated_at": repr(now), "name": name or "",
+                  "metadata": encode_metadata(metadata), "parent_id": "", "snapshot_bytes": len(snapshot),
+                  "history": ""}
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.set(snap, snapshot)  # bytes first: a meta hash always has its snapshot
+            pipe.hset(meta, mapping=fields)
+            if self.options.ttl_s:
+                pipe.pexpire(snap, self._ttl_ms())
+                pipe.pexpire(meta, self._ttl_ms())
+            await self._call(pipe.execute())
+        await self._call(self.redis.zadd(tenant_index(tenant), {session_id: now}))
+        return SessionRecord(id=session_id, tenant=tenant, fingerprint=fingerprint, version=1,
+                             tokens_seen=tokens_seen, created_at=now, updated_at=now, snapshot_bytes=len(snapshot),
+                             name=name, metadata=metadata)
+
+    async def get(self, tenant, session_id):
+        _, flat = await self._script("read", session_id, tenant, "0")
+        return _record(session_id, flat)
+
+    async def load(self, tenant, session_id):
+        _, flat, snapshot = await self._script("read", session_id, tenant, "1")
+        return _record(session_id, flat), snapshot
+
+    async def list(self, tenant, limit=20, after=None):
+        check_limit(limit)
+        index = tenant_index(tenant)
+        start = 0
+        if after is not None:
+            rank = await self._call(self.redis.zrevrank(index, after))
+            if rank is None:
+                raise InvalidArgument(f"'after' is not one of your sessions: {after!r}")
+            start = rank + 1
+        records: list[SessionRecord] = []
+        while len(records) <= limit:
+            ids = [i.decode() for i in await self._call(self.redis.zrevrange(index, start, start + limit))]
+            if not ids:
+                break
+            start += len(ids)
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for session_id in ids:
+                    pipe.hgetall(session_keys(session_id)[0])
+                metas = await self._call(pipe.execute())
+            stale = []
+            for session_id, meta in zip(ids, metas):
+                if not meta or meta.get(b"tenant", b"").decode() != tenant:  # expired or deleted half-way
+                    stale.append(session_id)
+                    continue
+                records.append(_record(session_id, [x for kv in meta.items() for x in kv]))
+            if stale:
+                await self._call(self.redis.zrem(index, *stale))
+                start -= len(stale)
+        return Page(records[:limit], has_more=len(records) > limit)
+
+    async def delete(self, tenant, session_id):
+        await self._script("delete", session_id, tenant)
+        await self._call(self.redis.zrem(tenant_index(tenant), session_id))
+
+    async def commit(self, tenant, session_id, expected_version, snapshot, tokens_seen, lease=None):
+        self.options.limits.check(snapshot)
+        result = await self._script("commit", session_id, tenant, expected_version, snapshot, tokens_seen,
+                                    repr(time.time()), lease.token if lease else "", self.options.history)
+        if result[0] == "CONFLICT":
+            raise VersionConflict(session_id, expected_version, int(result[1]))
+        return _record(session_id, result[1])
+
+    async def acquire(self, tenant, session_id, ttl_s):
+        token = new_lease_token()
+        _, version = await self._script("acquire", session_id, tenant, token, int(ttl_s * 1000))
+        return Lease(session_id, token, int(version), time.time() + ttl_s)
+
+    async def renew(self, lease, ttl_s):
+        lease_key = session_keys(lease.session_id)[3]
+        if not await self._call(self._scripts["renew"](keys=[lease_key], args=[lease.token, int(ttl_s * 1000)])):
+            raise SessionBusy(f"the lease on session {lease.session_id} expired or was taken over")
+        return Lease(lease.session_id, lease.token, lease.version, time.time() + ttl_s)
+
+    async def release(self, lease):
+        await self._call(self._scripts["release"](keys=[session_keys(lease.session_id)[3]], args=[lease.token]))
+
+    async def fork(self, tenant, session_id, *, name=None, metadata=None):
+        metadata = metadata or {}
+        self.options.limits.check(name=name, metadata=metadata)
+        child, now = new_session_id(session_id), time.time()
+        _, flat = await self._script("fork", session_id, tenant, child, repr(now), name or "",
+                                     encode_metadata(metadata), session_id, extra_keys=session_keys(child)[:2])
+        await self._call(self.redis.zadd(tenant_index(tenant), {child: now}))
+        return _record(child, flat)
+
+    async def rollback(self, tenant, session_id, version, lease=None):
+        result = await self._script("rollback", session_id, tenant, version, repr(time.time()),
+                                    lease.token if lease else "", self.options.history)
+        if result[0] == "NOVERSION":
+            kept = [int(e.split(":")[0]) for e in result[1].decode().split()]
+            raise InvalidArgument(f"session {session_id} keeps no version {version}; kept: {kept}")
+        return _record(session_id, result[1])
+
+    async def ping(self):
+        await self._call(self.redis.ping())
+
+    async def close(self):
+        await self.redis.aclose()

@@ -1,0 +1,229 @@
+"""One contract suite, run against both stores (a real redis-server and an SQLite file)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+
+import pytest
+
+from server.store import (
+    InvalidArgument,
+    LimitExceeded,
+    SessionBusy,
+    SessionNotFound,
+    StoreLimits,
+    VersionConflict,
+)
+from server.store.base import is_session_id
+from tests.server.conftest import make_store
+
+FP = "fingerprint-of-the-model"
+
+
+async def test_create_get_load_round_trip(store):
+    snapshot = os.urandom(10_000)
+    rec = await store.create("a", FP, snapshot, tokens_seen=7, name="notes", metadata={"user": "42"})
+    assert is_session_id(rec.id) and rec.version == 1 and rec.tokens_seen == 7 and rec.snapshot_bytes == 10_000
+    got = await store.get("a", rec.id)
+    assert (got.id, got.tenant, got.fingerprint, got.version, got.tokens_seen) == (rec.id, "a", FP, 1, 7)
+    assert got.name == "notes" and got.metadata == {"user": "42"} and got.parent_id is None and got.history == ()
+    loaded, data = await store.load("a", rec.id)
+    assert data == snapshot and loaded.version == 1
+    assert await store.export("a", rec.id) == snapshot
+
+
+async def test_import_is_a_new_session_with_those_bytes(store):
+    snapshot = os.urandom(5000)
+    rec = await store.import_("a", FP, snapshot, tokens_seen=3)
+    assert (await store.load("a", rec.id))[1] == snapshot and rec.tokens_seen == 3
+
+
+async def test_unknown_and_malformed_ids_are_not_found(store):
+    for bad in ["x" * 28, "nope", "../../etc/passwd", ""]:
+        with pytest.raises(SessionNotFound):
+            await store.get("a", bad)
+        with pytest.raises(SessionNotFound):
+            await store.load("a", bad)
+
+
+async def test_commit_is_compare_and_set_and_keeps_history(store):
+    rec = await store.create("a", FP, b"v1")
+    for version in range(1, 6):
+        rec = await store.commit("a", rec.id, version, f"v{version + 1}".encode(), tokens_seen=10 * version)
+        assert rec.version == version + 1 and rec.tokens_seen == 10 * version
+    assert rec.history == (5, 4, 3)  # K = 3 older versions, newest first
+    with pytest.raises(VersionConflict) as err:
+        await store.commit("a", rec.id, 4, b"stale", tokens_seen=0)
+    assert err.value.current == 6
+    record, data = await store.load("a", rec.id)
+    assert data == b"v6" and record.version == 6
+
+
+async def test_rollback_restores_a_kept_version_as_a_new_version(store):
+    rec = await store.create("a", FP, b"v1")
+    for version in range(1, 5):
+        rec = await store.commit("a", rec.id, version, f"v{version + 1}".encode(), tokens_seen=version)
+    assert rec.history == (4, 3, 2)
+    back = await store.rollback("a", rec.id, 3)
+    assert back.version == 6 and back.tokens_seen == 2  # version 3 was committed with tokens_seen 2
+    assert (await store.load("a", rec.id))[1] == b"v3"
+    assert back.history == (5, 4, 3)
+    with pytest.raises(InvalidArgument):
+        await store.rollback("a", rec.id, 1)  # no longer kept
+    assert (await store.get("a", rec.id)).version == 6
+
+
+async def test_list_is_newest_first_paginated_and_per_tenant(store):
+    ids = [(await store.create("a", FP, b"x")).id for _ in range(7)]
+    await store.create("b", FP, b"y")
+    page = await store.list("a", limit=3)
+    assert [r.id for r in page.data] == ids[::-1][:3] and page.has_more
+    seen = [r.id for r in page.data]
+    while page.has_more:
+        page = await store.list("a", limit=3, after=seen[-1])
+        seen += [r.id for r in page.data]
+    assert seen == ids[::-1]
+    with pytest.raises(InvalidArgument):
+        await store.list("a", limit=0)
+    with pytest.raises(InvalidArgument):
+        await store.list("b", after=ids[0])  # a's id is no cursor for b
+
+
+async def test_delete(store):
+    keep = await store.create("a", FP, b"keep")
+    gone = await store.create("a", FP, b"gone")
+    await store.delete("a", gone.id)
+    with pytest.raises(SessionNotFound):
+        await store.get("a", gone.id)
+    with pytest.raises(SessionNotFound):
+        await store.delete("a", gone.id)
+    assert [r.id for r in (await store.list("a")).data] == [keep.id]
+
+
+async def test_fork_copies_the_snapshot_and_then_lives_apart(store):
+    parent = await store.create("a", FP, b"shared", tokens_seen=5, metadata={"k": "v"})
+    parent = await store.commit("a", parent.id, 1, b"shared-2", tokens_seen=6)
+    child = await store.fork("a", parent.id, name="branch")
+    assert child.id != parent.id and child.parent_id == parent.id and child.version == 1
+    assert child.tokens_seen == 6 and child.name == "branch" and child.fingerprint == FP
+    assert (await store.load("a", child.id))[1] == b"shared-2"
+    await store.commit("a", child.id, 1, b"child", tokens_seen=9)
+    await store.commit("a", parent.id, 2, b"parent", tokens_seen=8)
+    assert (await store.load("a", child.id))[1] == b"child"
+    assert (await store.load("a", parent.id))[1] == b"parent"
+    await store.delete("a", parent.id)
+    assert (await store.load("a", child.id))[1] == b"child"
+
+
+async def test_tenants_cannot_touch_each_others_sessions(store):
+    rec = await store.create("a", FP, b"secret of a")
+    for call in (lambda: store.get("b", rec.id), lambda: store.load("b", rec.id),
+                 lambda: store.export("b", rec.id), lambda: store.fork("b", rec.id),
+                 lambda: store.delete("b", rec.id), lambda: store.commit("b", rec.id, 1, b"evil", 0),
+                 lambda: store.acquire("b", rec.id, 5.0), lambda: store.rollback("b", rec.id, 1)):
+        with pytest.raises(SessionNotFound):
+            await call()
+    assert (await store.list("b")).data == []
+    record, data = await store.load("a", rec.id)
+    assert data == b"secret of a" and record.version == 1
+
+
+async def test_a_lease_is_exclusive_until_released_or_expired(store):
+    rec = await store.create("a", FP, b"v1")
+    lease = await store.acquire("a", rec.id, ttl_s=5.0)
+    assert lease.version == 1
+    with pytest.raises(SessionBusy):
+        await store.acquire("a", rec.id, ttl_s=5.0)
+    with pytest.raises(SessionBusy):  # nobody else may commit while it is held
+        await store.commit("a", rec.id, 1, b"intruder", 0)
+    await store.commit("a", rec.id, lease.version, b"v2", 1, lease=lease)
+    lease = await store.renew(lease, ttl_s=5.0)
+    await store.release(lease)
+    await store.release(lease)  # idempotent
+    short = await store.acquire("a", rec.id, ttl_s=0.2)
+    await asyncio.sleep(0.35)
+    taken = await store.acquire("a", rec.id, ttl_s=5.0)  # expired: another request may take it
+    with pytest.raises(SessionBusy):  # the expired holder can neither commit nor renew
+        await store.commit("a", rec.id, 2, b"late", 0, lease=short)
+    with pytest.raises(SessionBusy):
+        await store.renew(short, ttl_s=5.0)
+    await store.release(short)  # does not release the new holder's lease
+    with pytest.raises(SessionBusy):
+        await store.acquire("a", rec.id, ttl_s=5.0)
+    await store.release(taken)
+    assert (await store.load("a", rec.id))[1] == b"v2"
+
+
+async def test_limits_are_enforced_with_clear_errors(store_kind, redis_server, tmp_path):
+    store = await make_store(store_kind, redis_server, tmp_path, limits=StoreLimits(max_snapshot_bytes=1000))
+    try:
+        with pytest.raises(LimitExceeded, match="1001 bytes"):
+            await store.create("a", FP, b"x" * 1001)
+        rec = await store.create("a", FP, b"x" * 1000)
+        with pytest.raises(LimitExceeded):
+            await store.commit("a", rec.id, 1, b"x" * 1001, 0)
+        with pytest.raises(LimitExceeded):
+            await store.create("a", FP, b"x", metadata={f"k{i}": "v" for i in range(17)})
+        with pytest.raises(LimitExceeded):
+            await store.create("a", FP, b"x", metadata={"k": "v" * 5000})
+        with pytest.raises(InvalidArgument):
+            await store.create("a", FP, b"x", metadata={"k": 1})
+        with pytest.raises(LimitExceeded):
+            await store.fork("a", rec.id, name="n" * 300)
+        assert (await store.get("a", rec.id)).version == 1
+    finally:
+        await store.close()
+
+
+async def test_sliding_ttl_expires_idle_sessions_only(store_kind, redis_server, tmp_path):
+    store = await make_store(store_kind, redis_server, tmp_path, ttl_s=0.6)
+    try:
+        idle = await store.create("a", FP, b"idle")
+        used = await store.create("a", FP, b"used")
+        for _ in range(4):
+            await asyncio.sleep(0.25)
+            await store.get("a", used.id)  # every use renews the expiry
+        with pytest.raises(SessionNotFound):
+            await store.get("a", idle.id)
+        assert (await store.load("a", used.id))[1] == b"used"
+        assert [r.id for r in (await store.list("a")).data] == [used.id]
+    finally:
+        await store.close()
+
+
+async def test_fifty_concurrent_committers_lose_no_update(store_kind, redis_server, tmp_path):
+    """Each writer appends its mark to the snapshot and commits with CAS, retrying on conflict. Every mark must
+    end up in the final snapshot exactly once, and the versions a writer sees must strictly increase."""
+    stores = [await make_store(store_kind, redis_server, tmp_path, flush=i == 0) for i in range(4)]  # several connections / pools
+    rec = await stores[0].create("a", FP, b"")
+    conflicts = 0
+    committed_versions: list[int] = []
+
+    async def writer(i: int):
+        nonlocal conflicts
+        store = stores[i % len(stores)]
+        seen = 0
+        while True:
+            record, data = await store.load("a", rec.id)
+            assert record.version >= seen
+            seen = record.version
+            try:
+                done = await store.commit("a", rec.id, record.version, data + b"%d," % i, record.tokens_seen + 1)
+            except VersionConflict:
+                conflicts += 1
+                continue
+            committed_versions.append(done.version)
+            return
+
+    try:
+        await asyncio.gather(*(writer(i) for i in range(50)))
+        record, data = await stores[0].load("a", rec.id)
+        marks = data.decode().rstrip(",").split(",")
+        assert sorted(map(int, marks)) == list(range(50))
+        assert record.version == 51 and record.tokens_seen == 50
+        assert sorted(committed_versions) == list(range(2, 52))  # each success got its own version
+        assert conflicts > 0  # the writers really raced
+    finally:
+        for store in stores:
+            await store.close()
