@@ -188,7 +188,7 @@ class RedisStore(SessionStore):
         """Every Redis round trip goes through here: bounded in time, and Redis errors become StoreUnavailable."""
         try:
             return await asyncio.wait_for(coro, self.options.timeout_s)
-        except (RedisConnectionError, RedisTimeoutError, asyncio.TimeoutError, OSError) as e:
+        except (TimeoutError, RedisConnectionError, RedisTimeoutError, OSError) as e:
             raise StoreUnavailable(f"redis at {self.url} is unreachable: {e or type(e).__name__}") from e
         except RedisError as e:
             if "OOM" in str(e) or "LOADING" in str(e) or "READONLY" in str(e):

@@ -195,7 +195,8 @@ async def test_sliding_ttl_expires_idle_sessions_only(store_kind, redis_server, 
 async def test_fifty_concurrent_committers_lose_no_update(store_kind, redis_server, tmp_path):
     """Each writer appends its mark to the snapshot and commits with CAS, retrying on conflict. Every mark must
     end up in the final snapshot exactly once, and the versions a writer sees must strictly increase."""
-    stores = [await make_store(store_kind, redis_server, tmp_path, flush=i == 0) for i in range(4)]  # several connections / pools
+    # several connections (sqlite) or pools (redis) racing
+    stores = [await make_store(store_kind, redis_server, tmp_path, flush=i == 0) for i in range(4)]
     rec = await stores[0].create("a", FP, b"")
     conflicts = 0
     committed_versions: list[int] = []
