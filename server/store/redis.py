@@ -1,15 +1,18 @@
 """RedisStore: production persistence, shared by every server replica.
 
-Keys of one session share a hash tag, and a fork keeps its parent's tag, so every script below touches one
-Redis Cluster slot:
+Snapshots are immutable blobs with reference counts, so a fork or a rollback moves a pointer instead of
+copying megabytes, and a commit never copies the old snapshot into history. Every key of a session shares a
+hash tag, and a fork keeps its parent's tag, so each script below touches one Redis Cluster slot:
     titans:{tag}:<id>:meta   hash: tenant, fingerprint, version, tokens_seen, timestamps, name, metadata,
-                             parent_id, snapshot_bytes, history ("version:tokens_seen ..." newest first)
-    titans:{tag}:<id>:snap   the snapshot bytes of the current version
-    titans:{tag}:<id>:hist   hash version -> snapshot bytes of the K versions before it
+                             parent_id, snapshot_bytes, blob (the current snapshot), history
+                             ("version:tokens_seen:blob ..." newest first, at most K entries)
     titans:{tag}:<id>:lease  the lease token, expiring by itself (PX)
+    titans:{tag}:refs        hash blob -> number of sessions and history entries that point at it
+    titans:{tag}:b:<blob>    the snapshot bytes
     titans:{t:<sha of tenant>}:sessions   sorted set of the tenant's session ids by creation time (for listing)
-Commit, rollback, fork, lease and reads are Lua scripts, so each is atomic and the tenant check happens inside
-Redis: another tenant's bytes never leave it, and a fork copies bytes without passing them through Python.
+A commit first uploads its bytes as a pending blob that expires by itself, then one Lua script checks the
+tenant, the lease and the version and swaps the pointer; a crash between the two leaves only a blob that
+disappears. The tenant check happens inside Redis, so another tenant's bytes never leave it.
 """
 
 from __future__ import annotations
@@ -46,35 +49,50 @@ from .base import (
     new_session_id,
 )
 
-# KEYS = meta, snap, hist, lease of one session. ARGV[1] = tenant, ARGV[2] = sliding ttl in ms (0 = none).
+# KEYS = meta, lease, refs. ARGV[1] = tenant, ARGV[2] = sliding ttl in ms (0 = none), ARGV[3] = blob key prefix.
 PRELUDE = """
 local function owned() return redis.call('HGET', KEYS[1], 'tenant') == ARGV[1] end
+local function blob_key(blob) return ARGV[3] .. blob end
+local function history()
+  local entries = {}
+  for v, t, b in string.gmatch(redis.call('HGET', KEYS[1], 'history') or '', '(%d+):(%d+):(%S+)') do
+    table.insert(entries, {v, t, b})
+  end
+  return entries
+end
+local function encode(entries)
+  local parts = {}
+  for i, e in ipairs(entries) do parts[i] = e[1] .. ':' .. e[2] .. ':' .. e[3] end
+  return table.concat(parts, ' ')
+end
+local function decref(blob)
+  if redis.call('HINCRBY', KEYS[3], blob, -1) <= 0 then
+    redis.call('HDEL', KEYS[3], blob)
+    redis.call('DEL', blob_key(blob))
+  end
+end
 local function touch()
   local ms = tonumber(ARGV[2])
   if ms > 0 then
-    for i = 1, 3 do redis.call('PEXPIRE', KEYS[i], ms) end
+    redis.call('PEXPIRE', KEYS[1], ms)
+    redis.call('PEXPIRE', KEYS[3], ms)
+    redis.call('PEXPIRE', blob_key(redis.call('HGET', KEYS[1], 'blob')), ms)
+    for _, e in ipairs(history()) do redis.call('PEXPIRE', blob_key(e[3]), ms) end
   end
 end
-local function lease_ok(token)  -- token '' = caller holds no lease, so nobody may
-  local holder = redis.call('GET', KEYS[4])
+local function lease_ok(token)  -- token '' = the caller holds no lease, so nobody may
+  local holder = redis.call('GET', KEYS[2])
   if token == '' then return not holder end
   return holder == token
 end
-local function install(snapshot, tokens, now, keep)
-  -- the current version moves into history, trimmed to `keep`; then the new snapshot becomes current
-  local version = tonumber(redis.call('HGET', KEYS[1], 'version'))
-  local entries = {}
-  if keep > 0 then
-    redis.call('HSET', KEYS[3], tostring(version), redis.call('GET', KEYS[2]))
-    table.insert(entries, version .. ':' .. redis.call('HGET', KEYS[1], 'tokens_seen'))
-  end
-  for entry in string.gmatch(redis.call('HGET', KEYS[1], 'history'), '%S+') do table.insert(entries, entry) end
-  while #entries > keep do
-    redis.call('HDEL', KEYS[3], string.match(table.remove(entries), '^(%d+)'))
-  end
-  redis.call('SET', KEYS[2], snapshot)
-  redis.call('HSET', KEYS[1], 'version', version + 1, 'tokens_seen', tokens, 'updated_at', now,
-             'history', table.concat(entries, ' '), 'snapshot_bytes', string.len(snapshot))
+local function install(blob, tokens, now, keep)
+  -- `blob` (already counted) becomes current; the old current moves into history, trimmed to `keep`
+  local entries = history()
+  local old = redis.call('HMGET', KEYS[1], 'version', 'tokens_seen', 'blob')
+  if keep > 0 then table.insert(entries, 1, old) else decref(old[3]) end
+  while #entries > keep do decref(table.remove(entries)[3]) end
+  redis.call('HSET', KEYS[1], 'version', tonumber(old[1]) + 1, 'tokens_seen', tokens, 'updated_at', now,
+             'history', encode(entries), 'blob', blob, 'snapshot_bytes', redis.call('STRLEN', blob_key(blob)))
   touch()
   return redis.call('HGETALL', KEYS[1])
 end
@@ -83,33 +101,43 @@ end
 READ = PRELUDE + """
 if not owned() then return {'NOTFOUND'} end
 touch()
-if ARGV[3] == '1' then return {'OK', redis.call('HGETALL', KEYS[1]), redis.call('GET', KEYS[2])} end
-return {'OK', redis.call('HGETALL', KEYS[1])}
+local meta = redis.call('HGETALL', KEYS[1])
+if ARGV[4] == '1' then return {'OK', meta, redis.call('GET', blob_key(redis.call('HGET', KEYS[1], 'blob')))} end
+return {'OK', meta}
 """
 
-# ARGV[3..] = expected version, snapshot, tokens_seen, now, lease token, keep
+# ARGV[4..] = expected version, pending blob, tokens_seen, now, lease token, keep
 COMMIT = PRELUDE + """
-if not owned() then return {'NOTFOUND'} end
-if not lease_ok(ARGV[7]) then return {'BUSY'} end
+local function refuse(status, detail)
+  redis.call('DEL', blob_key(ARGV[5]))
+  return {status, detail}
+end
+if not owned() then return refuse('NOTFOUND') end
+if not lease_ok(ARGV[8]) then return refuse('BUSY') end
 local version = redis.call('HGET', KEYS[1], 'version')
-if version ~= ARGV[3] then return {'CONFLICT', version} end
-return {'OK', install(ARGV[4], ARGV[5], ARGV[6], tonumber(ARGV[8]))}
+if version ~= ARGV[4] then return refuse('CONFLICT', version) end
+if redis.call('PERSIST', blob_key(ARGV[5])) == 0 then return {'EXPIRED'} end
+redis.call('HSET', KEYS[3], ARGV[5], 1)
+return {'OK', install(ARGV[5], ARGV[6], ARGV[7], tonumber(ARGV[9]))}
 """
 
-# ARGV[3..] = version to return to, now, lease token, keep
+# ARGV[4..] = version to return to, now, lease token, keep
 ROLLBACK = PRELUDE + """
 if not owned() then return {'NOTFOUND'} end
-if not lease_ok(ARGV[5]) then return {'BUSY'} end
-local snapshot = redis.call('HGET', KEYS[3], ARGV[3])
-if not snapshot then return {'NOVERSION', redis.call('HGET', KEYS[1], 'history')} end
-local tokens = string.match(redis.call('HGET', KEYS[1], 'history'), '%f[%d]' .. ARGV[3] .. ':(%d+)')
-return {'OK', install(snapshot, tokens, ARGV[4], tonumber(ARGV[6]))}
+if not lease_ok(ARGV[6]) then return {'BUSY'} end
+for _, e in ipairs(history()) do
+  if e[1] == ARGV[4] then
+    redis.call('HINCRBY', KEYS[3], e[3], 1)
+    return {'OK', install(e[3], e[2], ARGV[5], tonumber(ARGV[7]))}
+  end
+end
+return {'NOVERSION', redis.call('HGET', KEYS[1], 'history')}
 """
 
-# ARGV[3..] = lease token, lease ttl ms; ACQUIRE returns the version the holder starts from
+# ARGV[4..] = lease token, lease ttl ms
 ACQUIRE = PRELUDE + """
 if not owned() then return {'NOTFOUND'} end
-if not redis.call('SET', KEYS[4], ARGV[3], 'NX', 'PX', ARGV[4]) then return {'BUSY'} end
+if not redis.call('SET', KEYS[2], ARGV[4], 'NX', 'PX', ARGV[5]) then return {'BUSY'} end
 touch()
 return {'OK', redis.call('HGET', KEYS[1], 'version')}
 """
@@ -126,32 +154,38 @@ return 0
 
 DELETE = PRELUDE + """
 if not owned() then return {'NOTFOUND'} end
-redis.call('DEL', KEYS[1], KEYS[2], KEYS[3], KEYS[4])
+decref(redis.call('HGET', KEYS[1], 'blob'))
+for _, e in ipairs(history()) do decref(e[3]) end
+redis.call('DEL', KEYS[1], KEYS[2])
 return {'OK'}
 """
 
-# KEYS[5], KEYS[6] = meta, snap of the child (same slot: a fork keeps the family tag)
-# ARGV[3..] = child id, now, name, metadata, parent id
+# KEYS[4] = the child's meta (same family tag, same slot). ARGV[4..] = child id, now, name, metadata, parent id
 FORK = PRELUDE + """
 if not owned() then return {'NOTFOUND'} end
+local parent = redis.call('HMGET', KEYS[1], 'fingerprint', 'tokens_seen', 'snapshot_bytes', 'blob')
+redis.call('HINCRBY', KEYS[3], parent[4], 1)
+redis.call('HSET', KEYS[4], 'tenant', ARGV[1], 'fingerprint', parent[1], 'version', 1, 'tokens_seen', parent[2],
+           'created_at', ARGV[5], 'updated_at', ARGV[5], 'name', ARGV[6], 'metadata', ARGV[7],
+           'parent_id', ARGV[8], 'snapshot_bytes', parent[3], 'blob', parent[4], 'history', '')
 touch()
-redis.call('COPY', KEYS[2], KEYS[6])
-local parent = redis.call('HMGET', KEYS[1], 'fingerprint', 'tokens_seen', 'snapshot_bytes')
-redis.call('HSET', KEYS[5], 'tenant', ARGV[1], 'fingerprint', parent[1], 'version', 1, 'tokens_seen', parent[2],
-           'created_at', ARGV[4], 'updated_at', ARGV[4], 'name', ARGV[5], 'metadata', ARGV[6],
-           'parent_id', ARGV[7], 'snapshot_bytes', parent[3], 'history', '')
-local ms = tonumber(ARGV[2])
-if ms > 0 then
-  redis.call('PEXPIRE', KEYS[5], ms)
-  redis.call('PEXPIRE', KEYS[6], ms)
-end
-return {'OK', redis.call('HGETALL', KEYS[5])}
+if tonumber(ARGV[2]) > 0 then redis.call('PEXPIRE', KEYS[4], ARGV[2]) end
+return {'OK', redis.call('HGETALL', KEYS[4])}
 """
 
 
+def family(session_id: str) -> str:
+    return f"titans:{{{session_id[:TAG_CHARS]}}}"
+
+
 def session_keys(session_id: str) -> list[str]:
-    prefix = f"titans:{{{session_id[:TAG_CHARS]}}}:{session_id}"
-    return [f"{prefix}:meta", f"{prefix}:snap", f"{prefix}:hist", f"{prefix}:lease"]
+    """meta, lease, refs"""
+    return [f"{family(session_id)}:{session_id}:meta", f"{family(session_id)}:{session_id}:lease",
+            f"{family(session_id)}:refs"]
+
+
+def blob_prefix(session_id: str) -> str:
+    return f"{family(session_id)}:b:"
 
 
 def tenant_index(tenant: str) -> str:
@@ -201,7 +235,8 @@ class RedisStore(SessionStore):
     async def _script(self, name: str, session_id: str, tenant: str, *args, extra_keys: list[str] = ()) -> list:
         check_id(session_id)
         result = await self._call(self._scripts[name](
-            keys=session_keys(session_id) + list(extra_keys), args=[tenant, self._ttl_ms(), *args]))
+            keys=session_keys(session_id) + list(extra_keys),
+            args=[tenant, self._ttl_ms(), blob_prefix(session_id), *args]))
         status = result[0].decode()
         if status == "NOTFOUND":
             raise SessionNotFound(f"no session {session_id!r}")
@@ -212,17 +247,18 @@ class RedisStore(SessionStore):
     async def create(self, tenant, fingerprint, snapshot, *, tokens_seen=0, name=None, metadata=None):
         metadata = metadata or {}
         self.options.limits.check(snapshot, name, metadata)
-        session_id, now = new_session_id(), time.time()
-        meta, snap, _, _ = session_keys(session_id)
+        session_id, blob, now = new_session_id(), new_lease_token(), time.time()
+        meta, _, refs = session_keys(session_id)
         fields = {"tenant": tenant, "fingerprint": fingerprint, "version": 1, "tokens_seen": tokens_seen,
                   "created_at": repr(now), "updated_at": repr(now), "name": name or "",
                   "metadata": encode_metadata(metadata), "parent_id": "", "snapshot_bytes": len(snapshot),
-                  "history": ""}
-        async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.set(snap, snapshot)  # bytes first: a meta hash always has its snapshot
+                  "blob": blob, "history": ""}
+        async with self.redis.pipeline(transaction=True) as pipe:  # MULTI: all or nothing
+            pipe.set(blob_prefix(session_id) + blob, snapshot, px=self._ttl_ms() or None)
+            pipe.hset(refs, blob, 1)
             pipe.hset(meta, mapping=fields)
             if self.options.ttl_s:
-                pipe.pexpire(snap, self._ttl_ms())
+                pipe.pexpire(refs, self._ttl_ms())
                 pipe.pexpire(meta, self._ttl_ms())
             await self._call(pipe.execute())
         await self._call(self.redis.zadd(tenant_index(tenant), {session_id: now}))
@@ -274,10 +310,17 @@ class RedisStore(SessionStore):
 
     async def commit(self, tenant, session_id, expected_version, snapshot, tokens_seen, lease=None):
         self.options.limits.check(snapshot)
-        result = await self._script("commit", session_id, tenant, expected_version, snapshot, tokens_seen,
+        check_id(session_id)
+        # the bytes go up first as a pending blob that expires by itself unless the commit script adopts it
+        blob = new_lease_token()
+        pending_ms = int(max(60.0, 10 * self.options.timeout_s) * 1000)
+        await self._call(self.redis.set(blob_prefix(session_id) + blob, snapshot, px=pending_ms))
+        result = await self._script("commit", session_id, tenant, expected_version, blob, tokens_seen,
                                     repr(time.time()), lease.token if lease else "", self.options.history)
         if result[0] == "CONFLICT":
             raise VersionConflict(session_id, expected_version, int(result[1]))
+        if result[0] == "EXPIRED":
+            raise StoreUnavailable(f"the snapshot upload for session {session_id} expired before its commit")
         return _record(session_id, result[1])
 
     async def acquire(self, tenant, session_id, ttl_s):
@@ -286,20 +329,20 @@ class RedisStore(SessionStore):
         return Lease(session_id, token, int(version), time.time() + ttl_s)
 
     async def renew(self, lease, ttl_s):
-        lease_key = session_keys(lease.session_id)[3]
+        lease_key = session_keys(lease.session_id)[1]
         if not await self._call(self._scripts["renew"](keys=[lease_key], args=[lease.token, int(ttl_s * 1000)])):
             raise SessionBusy(f"the lease on session {lease.session_id} expired or was taken over")
         return Lease(lease.session_id, lease.token, lease.version, time.time() + ttl_s)
 
     async def release(self, lease):
-        await self._call(self._scripts["release"](keys=[session_keys(lease.session_id)[3]], args=[lease.token]))
+        await self._call(self._scripts["release"](keys=[session_keys(lease.session_id)[1]], args=[lease.token]))
 
     async def fork(self, tenant, session_id, *, name=None, metadata=None):
         metadata = metadata or {}
         self.options.limits.check(name=name, metadata=metadata)
         child, now = new_session_id(session_id), time.time()
         _, flat = await self._script("fork", session_id, tenant, child, repr(now), name or "",
-                                     encode_metadata(metadata), session_id, extra_keys=session_keys(child)[:2])
+                                     encode_metadata(metadata), session_id, extra_keys=session_keys(child)[:1])
         await self._call(self.redis.zadd(tenant_index(tenant), {child: now}))
         return _record(child, flat)
 
@@ -307,7 +350,7 @@ class RedisStore(SessionStore):
         result = await self._script("rollback", session_id, tenant, version, repr(time.time()),
                                     lease.token if lease else "", self.options.history)
         if result[0] == "NOVERSION":
-            kept = [int(e.split(":")[0]) for e in result[1].decode().split()]
+            kept = [int(e.split(":")[0]) for e in (result[1] or b"").decode().split()]
             raise InvalidArgument(f"session {session_id} keeps no version {version}; kept: {kept}")
         return _record(session_id, result[1])
 

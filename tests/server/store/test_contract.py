@@ -228,3 +228,27 @@ async def test_fifty_concurrent_committers_lose_no_update(store_kind, redis_serv
     finally:
         for store in stores:
             await store.close()
+
+
+async def blob_count(store) -> int:
+    if hasattr(store, "redis"):
+        return len(await store.redis.keys("titans:*:b:*"))
+    return await store._run(lambda db: db.execute("SELECT count(*) FROM blobs").fetchone()[0], write=False)
+
+
+async def test_snapshots_are_shared_not_copied_and_never_leak(store):
+    """Fork and rollback point at existing bytes; deleting every session frees every snapshot."""
+    rec = await store.create("a", FP, b"v1")
+    for version in range(1, 7):
+        rec = await store.commit("a", rec.id, version, b"v%d" % (version + 1), version)
+    assert await blob_count(store) == 4  # current + K = 3 kept versions
+    child = await store.fork("a", rec.id)
+    await store.rollback("a", rec.id, 5)
+    assert await blob_count(store) == 3  # copied nothing; v4 left the kept three (7, 6, 5)
+    await store.commit("a", child.id, 1, b"child", 0)
+    assert (await store.load("a", child.id))[1] == b"child"
+    await store.delete("a", rec.id)
+    assert (await store.rollback("a", child.id, 1)).version == 3  # the child's history outlives its parent
+    assert (await store.load("a", child.id))[1] == b"v7"
+    await store.delete("a", child.id)
+    assert await blob_count(store) == 0
