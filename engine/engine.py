@@ -254,9 +254,7 @@ class SessionBatch:
 
     @torch.inference_mode()
     def forward(self, token_ids: Sequence[TokenIds], return_surprise: bool = False) -> list[tuple]:
-        if self._failed is not None:
-            raise RuntimeError("this batch failed in an earlier step; rebuild it from the sessions' states") \
-                from self._failed
+        self._usable()
         if len(token_ids) != len(self.positions):
             raise ValueError(f"{len(token_ids)} token sequences for {len(self.positions)} sessions")
         ids = [self.engine._ids(t) for t in token_ids]
@@ -269,8 +267,40 @@ class SessionBatch:
         self.positions = [p + len(t) for p, t in zip(self.positions, ids)]
         return [(lg, surprise[i] if return_surprise else None) for i, lg in enumerate(logits)]
 
+    def __len__(self) -> int:
+        return len(self.positions)
+
+    def _usable(self) -> None:
+        if self._failed is not None:
+            raise RuntimeError("this batch failed in an earlier step; rebuild it from the sessions' states") \
+                from self._failed
+
     @torch.inference_mode()
-    def states(self) -> list[SessionState]:
+    def add(self, states: Sequence[SessionState]) -> None:
+        """Sessions join at the end of the batch (continuous batching: between steps)."""
+        self._usable()
+        for s in states:
+            self.engine._check(s)
+        if states:
+            flat, new = flatten_state(self._state), stack_states(states)
+            self._state = nest_state({k: torch.cat([flat[k], new[k]]) for k in flat})
+            self.positions += [s.tokens_seen for s in states]
+
+    @torch.inference_mode()
+    def remove(self, indices: Sequence[int]) -> None:
+        """Sessions leave; the others keep their order."""
+        self._usable()
+        gone = set(indices)
+        keep = [i for i in range(len(self.positions)) if i not in gone]
+        index = torch.tensor(keep, dtype=torch.long, device=self.engine.device)
+        self._state = nest_state({k: v.index_select(0, index) for k, v in flatten_state(self._state).items()})
+        self.positions = [self.positions[i] for i in keep]
+
+    @torch.inference_mode()
+    def state(self, i: int) -> SessionState:
+        """A copy of session i's current state."""
         flat = flatten_state(self._state)
-        return [SessionState({k: v[i].clone() for k, v in flat.items()}, pos, self.engine.fingerprint)
-                for i, pos in enumerate(self.positions)]
+        return SessionState({k: v[i].clone() for k, v in flat.items()}, self.positions[i], self.engine.fingerprint)
+
+    def states(self) -> list[SessionState]:
+        return [self.state(i) for i in range(len(self.positions))]

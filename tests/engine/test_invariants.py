@@ -102,6 +102,31 @@ def test_running_batch_across_calls_equals_alone(engine):
         assert_states_close(state, expected)
 
 
+def test_sessions_join_and_leave_a_running_batch(engine):
+    # continuous batching: a session's results do not depend on who joins or leaves around it
+    gen = torch.Generator().manual_seed(11)
+    a, b, c = (engine.forward(tokens(n, gen), engine.new_state())[1] for n in (3, 0, 8))
+    batch = engine.batch([a])
+    alone = {"a": a}
+    order = ["a"]
+    for step, (join, leave) in enumerate([(["b"], []), (["c"], ["a"]), ([], ["b"]), (["a2"], [])]):
+        if leave:
+            batch.remove([order.index(name) for name in leave])
+            order = [n for n in order if n not in leave]
+        fresh = {"b": b, "c": c, "a2": alone.get("a", a)}
+        batch.add([fresh[name] for name in join])
+        for name in join:
+            alone[name] = fresh[name]
+        order += join
+        ids = [tokens(1 + (step + i) % 4, gen) for i in range(len(order))]
+        for name, t, (logits, _) in zip(order, ids, batch.forward(ids)):
+            expected, alone[name] = engine.forward(t, alone[name])
+            assert_exact(logits, expected)
+    assert len(batch) == len(order)
+    for i, name in enumerate(order):
+        assert_states_close(batch.state(i), alone[name])
+
+
 def test_forward_leaves_input_state_untouched(engine):
     state = engine.forward(tokens(10), engine.new_state())[1]
     before = {k: v.clone() for k, v in state.tensors.items()}
