@@ -131,6 +131,12 @@ def main(argv: list[str] | None = None) -> int:
     ev.add_argument("--device", default=None)
     ev.set_defaults(func=cmd_eval)
 
+    from server.cli import add_serve_arguments, serve  # argparse only; the server loads when it runs
+
+    srv = sub.add_parser("serve", help="run the OpenAI-compatible server with memory sessions")
+    add_serve_arguments(srv)
+    srv.set_defaults(func=serve)
+
     args = parser.parse_args(argv)
     return args.func(args)
 

@@ -1,0 +1,41 @@
+"""FastAPI dependencies, all in one place: the runtime, the caller's tenant, the session a request binds to."""
+
+from __future__ import annotations
+
+import hmac
+
+from fastapi import Header, Request
+
+from server.errors import APIError
+from server.runtime import Runtime
+
+OPEN_TENANT = "default"  # the single tenant of a server without API keys
+
+
+def get_runtime(request: Request) -> Runtime:
+    runtime = getattr(request.app.state, "runtime", None)
+    if runtime is None:
+        raise APIError(503, "the model is still loading", "loading")
+    return runtime
+
+
+def get_tenant(request: Request, authorization: str | None = Header(None)) -> str:
+    keys: dict[str, str] = request.app.state.tenants_by_key
+    if not keys:
+        return OPEN_TENANT
+    scheme, _, token = (authorization or "").partition(" ")
+    if scheme.lower() != "bearer" or not token:
+        raise APIError(401, "missing API key: send 'Authorization: Bearer <key>'", "invalid_api_key",
+                       headers={"WWW-Authenticate": "Bearer"})
+    tenant = None
+    for key, owner in keys.items():  # compare against every key, in constant time each
+        if hmac.compare_digest(key.encode(), token.encode()):
+            tenant = owner
+    if tenant is None:
+        raise APIError(401, "invalid API key", "invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+    return tenant
+
+
+def session_binding(body_session_id: str | None, header_session_id: str | None) -> str | None:
+    """The body's session_id wins over the X-Session-ID header (vLLM precedent)."""
+    return body_session_id or header_session_id or None

@@ -1,0 +1,74 @@
+"""OpenAI-shaped errors: {"error": {"message", "type", "param", "code"}} with the status the openai SDKs expect."""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from engine import SnapshotError
+from server.store import StoreError
+
+log = logging.getLogger("titans.server")
+
+TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+         404: "not_found_error", 409: "conflict_error", 413: "invalid_request_error", 422: "invalid_request_error",
+         429: "rate_limit_error", 503: "unavailable_error"}
+
+
+class APIError(Exception):
+    def __init__(self, status: int, message: str, code: str | None = None, param: str | None = None,
+                 headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.status, self.message, self.code, self.param, self.headers = status, message, code, param, headers
+
+
+def error_body(status: int, message: str, code: str | None = None, param: str | None = None) -> dict:
+    return {"error": {"message": message, "type": TYPES.get(status, "server_error"), "param": param,
+                      "code": code}}
+
+
+def as_api_error(exc: BaseException) -> APIError:
+    if isinstance(exc, APIError):
+        return exc
+    if isinstance(exc, StoreError):
+        return APIError(exc.status, str(exc), exc.code)
+    if isinstance(exc, SnapshotError):
+        return APIError(400, f"invalid snapshot: {exc}", "invalid_snapshot")
+    log.exception("internal error", exc_info=exc)
+    return APIError(500, "internal server error", "internal_error")
+
+
+def error_response(exc: BaseException) -> JSONResponse:
+    err = as_api_error(exc)
+    return JSONResponse(error_body(err.status, err.message, err.code, err.param), status_code=err.status,
+                        headers=err.headers)
+
+
+def install_handlers(app: FastAPI) -> None:
+    @app.exception_handler(APIError)
+    @app.exception_handler(StoreError)
+    @app.exception_handler(SnapshotError)
+    async def _known(request: Request, exc: Exception):
+        return error_response(exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(request: Request, exc: RequestValidationError):
+        first = exc.errors()[0] if exc.errors() else {}
+        where = [str(p) for p in first.get("loc", ()) if p != "body"]
+        message = "; ".join(f"{'.'.join(str(p) for p in e.get('loc', ()) if p != 'body') or 'body'}: {e.get('msg')}"
+                            for e in exc.errors()[:5])
+        return JSONResponse(error_body(400, message or "invalid request", "invalid_request",
+                                       ".".join(where) or None), status_code=400)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException):
+        return JSONResponse(error_body(exc.status_code, str(exc.detail)), status_code=exc.status_code,
+                            headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception):
+        return error_response(exc)

@@ -1,0 +1,173 @@
+"""/v1/completions and /v1/chat/completions: one flow, two wire shapes (framed exactly as vLLM emits them).
+
+Streaming: `data: {json}\\n\\n` chunks; chat opens with the role; the last content chunk carries finish_reason;
+with stream_options.include_usage a usage chunk with empty choices follows; then `data: [DONE]`. Errors found
+before the first token are plain HTTP errors; an error after it is one `data: {"error": ...}` chunk, then [DONE].
+The last chunk is sent only after the session's new memory is committed, so finish_reason means "saved".
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+
+from fastapi import APIRouter, Depends, Header
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from server.deps import get_runtime, get_tenant, session_binding
+from server.errors import APIError, as_api_error, error_body
+from server.protocol import ChatCompletionRequest, CompletionRequest, SamplingFields
+from server.runtime import Runtime
+from server.scheduler import DoneEvent, TokenEvent
+
+router = APIRouter(prefix="/v1", tags=["generation"])
+
+CHAT_STOP = "<|"  # a role marker begins: the assistant's turn is over
+
+
+def render_chat(messages) -> str:
+    """The chat template: each message as `<|role|>\\n{content}\\n`, then `<|assistant|>\\n` to answer.
+    In a session only the new messages are sent: the memory holds the conversation so far."""
+    return "".join(f"<|{m.role}|>\n{m.text()}\n" for m in messages) + "<|assistant|>\n"
+
+
+class Shape:
+    """The wire shape of one request: ids, chunk and response bodies, for text or chat completions."""
+
+    def __init__(self, chat: bool, model: str, surprise: bool, token_ids: bool):
+        self.chat, self.model, self.surprise, self.token_ids = chat, model, surprise, token_ids
+        self.id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
+        self.created = int(time.time())
+        self.object = "chat.completion.chunk" if chat else "text_completion"
+
+    def choice(self, text: str | None, finish: str | None, surprise: list[float], ids: list[int],
+               role: bool = False) -> dict:
+        if self.chat:
+            delta = {"role": "assistant", "content": ""} if role else ({"content": text} if text is not None else {})
+            out = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+        else:
+            out = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
+        if finish is not None:
+            out["stop_reason"] = None
+        if self.surprise:
+            out["surprise"] = surprise
+        if self.token_ids and not role:
+            out["token_ids"] = ids
+        return out
+
+    def chunk(self, choices: list[dict], **extra) -> str:
+        body = {"id": self.id, "object": self.object, "created": self.created, "model": self.model,
+                "choices": choices, **extra}
+        return f"data: {json.dumps(body, separators=(',', ':'))}\n\n"
+
+    def response(self, text: str, finish: str, surprise: list[float], ids: list[int], usage: dict,
+                 session: dict | None) -> dict:
+        if self.chat:
+            choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
+                      "finish_reason": finish, "stop_reason": None}
+        else:
+            choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish, "stop_reason": None}
+        if self.surprise:
+            choice["surprise"] = surprise
+        if self.token_ids:
+            choice["token_ids"] = ids
+        body = {"id": self.id, "object": "chat.completion" if self.chat else "text_completion",
+                "created": self.created, "model": self.model, "choices": [choice], "usage": usage}
+        if session:
+            body["session"] = session
+        return body
+
+
+def usage_of(done: DoneEvent) -> dict:
+    return {"prompt_tokens": done.prompt_tokens, "completion_tokens": done.completion_tokens,
+            "total_tokens": done.prompt_tokens + done.completion_tokens}
+
+
+async def respond(rt: Runtime, tenant: str, req: SamplingFields, session_id: str | None, prompt_ids: list[int],
+                  max_tokens: int, chat: bool, echo: str = ""):
+    if req.model is not None and req.model != rt.model_name:
+        raise APIError(404, f"model {req.model!r} does not exist; this server serves {rt.model_name!r}",
+                       "model_not_found", "model")
+    try:
+        params = req.sampling(max_tokens, (CHAT_STOP,) if chat else ())
+    except ValueError as e:
+        raise APIError(400, str(e), "invalid_sampling") from e
+    events = rt.generate(tenant, session_id, prompt_ids, params, commit=req.memory == "commit",
+                         want_surprise=req.return_surprise)
+    shape = Shape(chat, rt.model_name, req.return_surprise, req.return_token_ids)
+    first = await anext(events)  # errors up to the first token are ordinary HTTP errors
+    session = {"id": session_id} if session_id else None
+    if req.stream:
+        return StreamingResponse(stream(shape, first, events, req.include_usage(), session, echo),
+                                 media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    text, surprise, ids, event = echo, [], [], first
+    try:
+        while True:
+            surprise += event.surprise
+            if isinstance(event, DoneEvent):
+                break
+            text += event.text
+            ids.append(event.token_id)
+            event = await anext(events)
+    finally:
+        await events.aclose()  # releases the session's lease now, not when the generator is collected
+    return JSONResponse(shape.response(text, event.finish_reason, surprise, ids, usage_of(event), session))
+
+
+async def stream(shape: Shape, first, events: AsyncIterator, include_usage: bool, session: dict | None,
+                 echo: str) -> AsyncIterator[str]:
+    held: TokenEvent | None = None  # the last token's chunk waits for the commit
+    try:
+        if shape.chat:
+            yield shape.chunk([shape.choice(None, None, [], [], role=True)])
+        elif echo:
+            yield shape.chunk([shape.choice(echo, None, [], [])])
+        event = first
+        while True:
+            if isinstance(event, DoneEvent):
+                text = held.text if held else ""
+                surprise = (held.surprise if held else []) + event.surprise
+                ids = [held.token_id] if held else []
+                yield shape.chunk([shape.choice(text, event.finish_reason, surprise, ids)],
+                                  **({"session": session} if session else {}))
+                if include_usage:
+                    yield shape.chunk([], usage=usage_of(event))
+                break
+            if event.finish_reason is not None:
+                held = event
+            else:
+                yield shape.chunk([shape.choice(event.text, None, event.surprise, [event.token_id])])
+            event = await anext(events)
+    except Exception as exc:  # after the first byte the status is sent: report in-band, as vLLM does
+        err = as_api_error(exc)
+        yield f"data: {json.dumps(error_body(err.status, err.message, err.code))}\n\n"
+    finally:
+        await events.aclose()  # a disconnect lands here: the job is dropped and nothing is committed
+    yield "data: [DONE]\n\n"
+
+
+@router.post("/completions")
+async def completions(req: CompletionRequest, rt: Runtime = Depends(get_runtime), tenant: str = Depends(get_tenant),
+                      x_session_id: str | None = Header(None)):
+    prompt = req.prompt
+    prompt_ids = rt.engine.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+    echo = (prompt if isinstance(prompt, str) else rt.engine.tokenizer.decode(prompt_ids)) if req.echo else ""
+    max_tokens = 16 if req.max_tokens is None else req.max_tokens
+    return await respond(rt, tenant, req, session_binding(req.session_id, x_session_id), prompt_ids, max_tokens,
+                         chat=False, echo=echo)
+
+
+@router.post("/chat/completions")
+async def chat_completions(req: ChatCompletionRequest, rt: Runtime = Depends(get_runtime),
+                           tenant: str = Depends(get_tenant), x_session_id: str | None = Header(None)):
+    try:
+        text = render_chat(req.messages)
+    except ValueError as e:
+        raise APIError(400, str(e), "invalid_content", "messages") from e
+    limit = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+    max_tokens = rt.settings.max_output_tokens if limit is None else limit
+    return await respond(rt, tenant, req, session_binding(req.session_id, x_session_id),
+                         rt.engine.tokenizer.encode(text), max_tokens, chat=True)

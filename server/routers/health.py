@@ -1,0 +1,41 @@
+"""Public probes: /health (liveness), /ready (model loaded and store reachable), /metrics (Prometheus)."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request, Response
+from fastapi.responses import JSONResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from server.errors import error_body
+from server.store import StoreUnavailable
+
+router = APIRouter(tags=["health"])
+
+
+@router.get("/health")
+async def health(request: Request):
+    rt = getattr(request.app.state, "runtime", None)
+    if rt is not None and not rt.scheduler.alive:
+        return Response(status_code=503)
+    return Response(status_code=200)
+
+
+@router.get("/ready")
+async def ready(request: Request):
+    rt = getattr(request.app.state, "runtime", None)
+    if rt is None:
+        return JSONResponse(error_body(503, "Loading model", "loading"), status_code=503)
+    try:
+        await rt.store.ping()
+    except StoreUnavailable as e:
+        return JSONResponse(error_body(503, str(e), "store_unavailable"), status_code=503)
+    if not rt.scheduler.alive:
+        return JSONResponse(error_body(503, "the engine thread has stopped", "engine_dead"), status_code=503)
+    return {"status": "ok"}
+
+
+@router.get("/metrics")
+async def metrics(request: Request):
+    rt = getattr(request.app.state, "runtime", None)
+    body = generate_latest(rt.metrics.registry) if rt else b""
+    return Response(body, media_type=CONTENT_TYPE_LATEST)

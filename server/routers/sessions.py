@@ -1,0 +1,119 @@
+"""/v1/sessions: a session is one user's memory (the memory MLP's weights), stored and versioned."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Depends, Query, Request, Response
+
+from engine import SamplingParams
+from server.deps import get_runtime, get_tenant
+from server.errors import APIError
+from server.protocol import SessionCreate, SessionFork, SessionMemorize, SessionRollback
+from server.runtime import Runtime
+from server.scheduler import DoneEvent
+
+router = APIRouter(prefix="/v1/sessions", tags=["sessions"])
+
+
+def check_model(rt: Runtime, model: str | None) -> None:
+    if model is not None and model != rt.model_name:
+        raise APIError(404, f"model {model!r} does not exist; this server serves {rt.model_name!r}",
+                       "model_not_found", "model")
+
+
+@router.post("", status_code=201)
+async def create_session(body: SessionCreate | None = None, rt: Runtime = Depends(get_runtime),
+                         tenant: str = Depends(get_tenant)):
+    body = body or SessionCreate()
+    check_model(rt, body.model)
+    blob = await rt.to_bytes(rt.engine.new_state())
+    record = await rt.store.create(tenant, rt.engine.fingerprint, blob, name=body.name, metadata=body.metadata)
+    rt.metrics.session_op("create")
+    return rt.session_object(record)
+
+
+@router.get("")
+async def list_sessions(limit: int = Query(20, ge=1, le=100), after: str | None = None,
+                        rt: Runtime = Depends(get_runtime), tenant: str = Depends(get_tenant)):
+    page = await rt.store.list(tenant, limit, after)
+    data = [rt.session_object(r) for r in page.data]
+    return {"object": "list", "data": data, "first_id": data[0]["id"] if data else None,
+            "last_id": data[-1]["id"] if data else None, "has_more": page.has_more}
+
+
+@router.get("/{session_id}")
+async def get_session(session_id: str, rt: Runtime = Depends(get_runtime), tenant: str = Depends(get_tenant)):
+    return rt.session_object(await rt.store.get(tenant, session_id))
+
+
+@router.delete("/{session_id}")
+async def delete_session(session_id: str, rt: Runtime = Depends(get_runtime), tenant: str = Depends(get_tenant)):
+    async with rt.leased(tenant, session_id):  # not while a request is writing it
+        await rt.store.delete(tenant, session_id)
+    rt.metrics.session_op("delete")
+    return {"id": session_id, "object": "session.deleted", "deleted": True}
+
+
+@router.post("/{session_id}/reset")
+async def reset_session(session_id: str, rt: Runtime = Depends(get_runtime), tenant: str = Depends(get_tenant)):
+    """Forget everything: the memory returns to the model's learned initial state (a new version)."""
+    async with rt.leased(tenant, session_id) as holder:
+        record = await rt.commit(tenant, holder["lease"], rt.engine.new_state())
+    rt.metrics.session_op("reset")
+    return rt.session_object(record)
+
+
+@router.post("/{session_id}/fork", status_code=201)
+async def fork_session(session_id: str, body: SessionFork | None = None, rt: Runtime = Depends(get_runtime),
+                       tenant: str = Depends(get_tenant)):
+    body = body or SessionFork()
+    record = await rt.store.fork(tenant, session_id, name=body.name, metadata=body.metadata)
+    rt.metrics.session_op("fork")
+    return rt.session_object(record)
+
+
+@router.post("/{session_id}/rollback")
+async def rollback_session(session_id: str, body: SessionRollback, rt: Runtime = Depends(get_runtime),
+                           tenant: str = Depends(get_tenant)):
+    async with rt.leased(tenant, session_id) as holder:
+        record = await rt.store.rollback(tenant, session_id, body.version, holder["lease"])
+    rt.metrics.session_op("rollback")
+    return rt.session_object(record)
+
+
+@router.post("/{session_id}/memorize")
+async def memorize(session_id: str, body: SessionMemorize, rt: Runtime = Depends(get_runtime),
+                   tenant: str = Depends(get_tenant)):
+    """Read text into the memory without generating: {"tokens", "mean_surprise", "session"}."""
+    ids = rt.engine.tokenizer.encode(body.text)
+    surprise, done = [], None
+    async for event in rt.generate(tenant, session_id, ids, SamplingParams(max_tokens=0), commit=True,
+                                   want_surprise=True):
+        surprise += event.surprise
+        if isinstance(event, DoneEvent):
+            done = event
+    record = await rt.store.get(tenant, session_id)
+    rt.metrics.session_op("memorize")
+    return {"tokens": done.prompt_tokens, "mean_surprise": sum(surprise) / len(surprise),
+            "session": rt.session_object(record)}
+
+
+@router.get("/{session_id}/snapshot")
+async def export_snapshot(session_id: str, rt: Runtime = Depends(get_runtime), tenant: str = Depends(get_tenant)):
+    record, blob = await rt.store.load(tenant, session_id)
+    rt.metrics.session_op("export")
+    return Response(blob, media_type="application/octet-stream", headers={
+        "Content-Disposition": f'attachment; filename="{session_id}.safetensors"',
+        "X-Session-Version": str(record.version)})
+
+
+@router.post("/import", status_code=201)
+async def import_snapshot(request: Request, rt: Runtime = Depends(get_runtime), tenant: str = Depends(get_tenant)):
+    """The raw bytes of a snapshot (as GET .../snapshot returns them) become a new session. A snapshot of
+    another model, or a damaged one, is refused with 400."""
+    blob = await request.body()
+    if not blob:
+        raise APIError(400, "send the snapshot bytes as the request body", "empty_body")
+    state = await rt.from_bytes(blob)  # SnapshotError -> 400
+    record = await rt.store.import_(tenant, rt.engine.fingerprint, blob, tokens_seen=state.tokens_seen)
+    rt.metrics.session_op("import")
+    return rt.session_object(record)

@@ -1,0 +1,156 @@
+"""What a request works with, in one place: settings, engine, store, scheduler, metrics; and the request flow
+that ties a session's stored memory to a generation.
+
+A request on a session: lease the session (409 if another request holds it), load and check its snapshot,
+run the job on the engine thread, and only when it has finished commit the new snapshot with a compare-and-set
+on the version the lease was taken at. Cancellation, disconnects and errors release the lease without a commit,
+so the session is exactly as it was.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from engine import Engine, SamplingParams, SessionState
+from server.errors import APIError
+from server.metrics import Metrics
+from server.scheduler import DoneEvent, ErrorEvent, Job, QueueFull, Scheduler, TokenEvent
+from server.settings import Settings
+from server.store import Lease, SessionBusy, SessionRecord, SessionStore, StoreUnavailable, VersionConflict
+
+log = logging.getLogger("titans.server")
+
+
+@dataclass
+class Runtime:
+    settings: Settings
+    engine: Engine
+    store: SessionStore
+    scheduler: Scheduler
+    metrics: Metrics
+    model_name: str
+    created: int = 0  # unix time the model was loaded
+    state_bytes: int = 0  # size of one session's snapshot
+
+    # --- sessions as the API shows them ---------------------------------------------------------------------
+
+    def session_object(self, record: SessionRecord) -> dict:
+        return {"id": record.id, "object": "session", "model": self.model_name, "version": record.version,
+                "tokens_seen": record.tokens_seen, "created_at": int(record.created_at),
+                "updated_at": int(record.updated_at), "parent_id": record.parent_id, "name": record.name,
+                "metadata": record.metadata, "snapshot_bytes": record.snapshot_bytes,
+                "history": list(record.history)}
+
+    async def to_bytes(self, state: SessionState) -> bytes:
+        started = time.perf_counter()
+        blob = await asyncio.to_thread(state.to_bytes)
+        self.metrics.state_bytes.observe(len(blob))
+        self.metrics.memory_save.observe(time.perf_counter() - started)
+        return blob
+
+    async def from_bytes(self, blob: bytes) -> SessionState:
+        return await asyncio.to_thread(self.engine.load_state, blob)
+
+    @contextlib.asynccontextmanager
+    async def leased(self, tenant: str, session_id: str):
+        """Hold the session's lease (renewed in the background) for the body of the block."""
+        try:
+            lease = await self.store.acquire(tenant, session_id, self.settings.lease_ttl_s)
+        except SessionBusy:
+            self.metrics.conflicts.inc()
+            raise
+        renewer = asyncio.create_task(self._renew(lease))
+        holder = {"lease": lease}
+        try:
+            yield holder
+        finally:
+            renewer.cancel()
+            with contextlib.suppress(Exception):
+                await self.store.release(holder["lease"])
+
+    async def _renew(self, lease: Lease) -> None:
+        while True:
+            await asyncio.sleep(self.settings.lease_ttl_s / 3)
+            with contextlib.suppress(StoreUnavailable):
+                await self.store.renew(lease, self.settings.lease_ttl_s)
+
+    async def commit(self, tenant: str, lease: Lease, state: SessionState) -> SessionRecord:
+        blob = await self.to_bytes(state)
+        try:
+            return await self.store.commit(tenant, lease.session_id, lease.version, blob, state.tokens_seen, lease)
+        except (VersionConflict, SessionBusy):
+            self.metrics.conflicts.inc()
+            raise
+
+    # --- a generation, stateless or on a session -------------------------------------------------------------
+
+    def check_prompt(self, prompt_ids: list[int], max_tokens: int) -> None:
+        s = self.settings
+        if not prompt_ids:
+            raise APIError(400, "the prompt must contain at least one token", "empty_prompt", "prompt")
+        if len(prompt_ids) > s.max_prompt_tokens:
+            raise APIError(413, f"the prompt has {len(prompt_ids)} tokens; the limit is {s.max_prompt_tokens}",
+                           "prompt_too_long", "prompt")
+        if max_tokens > s.max_output_tokens:
+            raise APIError(400, f"max_tokens is {max_tokens}; the limit is {s.max_output_tokens}",
+                           "max_tokens_too_large", "max_tokens")
+        if any(not 0 <= t < self.engine.config.vocab_size for t in prompt_ids):
+            raise APIError(400, f"token ids must be in [0, {self.engine.config.vocab_size})", "invalid_token",
+                           "prompt")
+
+    async def generate(self, tenant: str, session_id: str | None, prompt_ids: list[int], params: SamplingParams,
+                       commit: bool, want_surprise: bool) -> AsyncIterator[TokenEvent | DoneEvent]:
+        """Yields TokenEvents, then one DoneEvent once the session (if any, and if `commit`) is committed."""
+        self.check_prompt(prompt_ids, params.max_tokens)
+        if session_id is None:
+            async for event in self._run(self.engine.new_state(), prompt_ids, params, want_surprise):
+                yield event
+            return
+        async with self.leased(tenant, session_id) as holder:
+            started = time.perf_counter()
+            record, blob = await self.store.load(tenant, session_id)
+            if record.fingerprint != self.engine.fingerprint:
+                raise APIError(409, f"session {session_id} holds memory of another model ({record.fingerprint})",
+                               "model_mismatch", "session_id")
+            state = await self.from_bytes(blob)
+            self.metrics.memory_load.observe(time.perf_counter() - started)
+            async for event in self._run(state, prompt_ids, params, want_surprise):
+                if isinstance(event, DoneEvent) and commit:
+                    await self.commit(tenant, holder["lease"], event.state)
+                yield event
+
+    async def _run(self, state: SessionState, prompt_ids: list[int], params: SamplingParams,
+                   want_surprise: bool) -> AsyncIterator[TokenEvent | DoneEvent]:
+        if not self.scheduler.alive:
+            raise APIError(503, "the engine thread has stopped", "engine_dead")
+        job = Job(prompt_ids, state, params, want_surprise, asyncio.get_running_loop())
+        try:
+            self.scheduler.submit(job)
+        except QueueFull as e:
+            self.metrics.request_failed("rejected")
+            raise APIError(429, f"server busy: {e}", "queue_full", headers={"Retry-After": "1"}) from e
+        finished, surprise = False, []
+        try:
+            while True:
+                event = await job.events.get()
+                if isinstance(event, ErrorEvent):
+                    finished = True
+                    self.metrics.request_failed("error")
+                    raise APIError(500, f"generation failed: {event.error}", "engine_error")
+                surprise += event.surprise
+                if isinstance(event, DoneEvent):
+                    finished = True
+                    if surprise:
+                        self.metrics.surprise.observe(sum(surprise) / len(surprise))
+                yield event
+                if finished:
+                    return
+        finally:
+            if not finished:  # cancelled or disconnected: the engine drops the job at its next step
+                job.cancel()
+                self.metrics.request_failed("abort")

@@ -1,0 +1,267 @@
+"""The engine thread (DESIGN §5): admit -> one batched step -> emit, forever.
+
+Requests join the running batch between steps (continuous batching across sessions, each with its own memory),
+prompts are read in chunks of `prefill_chunk` tokens, and every event goes back to the asyncio side with
+call_soon_threadsafe, so the event loop never runs model math and never waits on it.
+
+A job's life: its prompt is read chunk by chunk; then each step samples one token from the last logits and
+feeds it back in the next step, so the final state has read every generated token (as Engine.generate does).
+A token that ends the request (EOS, stop string, max_tokens) is still fed once, then the job leaves the batch
+with its final state.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from engine import Engine, SamplingParams, SessionState
+from engine.sampling import sample
+from engine.tokenizer import StreamDecoder
+
+log = logging.getLogger("titans.scheduler")
+
+
+class QueueFull(Exception):
+    pass
+
+
+@dataclass(frozen=True)
+class TokenEvent:
+    token_id: int
+    text: str  # the new text this token completes (held back while it may be the start of a stop string)
+    surprise: list[float]  # surprise of the tokens the memory read in the step that produced this token
+    finish_reason: str | None  # set on the request's last token: "stop" | "length"
+
+
+@dataclass(frozen=True)
+class DoneEvent:
+    state: SessionState  # after the prompt and every generated token
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: str
+    surprise: list[float]  # of the tokens read after the last TokenEvent
+
+
+@dataclass(frozen=True)
+class ErrorEvent:
+    error: BaseException
+
+
+class StopStrings:
+    """Streams text while never emitting the start of a stop string that may still complete."""
+
+    def __init__(self, engine: Engine, stops: tuple[str, ...]):
+        self.decoder = StreamDecoder(engine.tokenizer)
+        self.stops = stops
+        self.hold = max((len(s) for s in stops), default=1) - 1
+        self.pending = ""
+
+    def push(self, token_id: int) -> tuple[str, bool]:
+        """(text safe to emit, whether a stop string completed)."""
+        self.pending += self.decoder.push(token_id)
+        return self._release(final=False)
+
+    def finish(self) -> str:
+        self.pending += self.decoder.flush()
+        return self._release(final=True)[0]
+
+    def _release(self, final: bool) -> tuple[str, bool]:
+        hits = [i for i in (self.pending.find(s) for s in self.stops) if i >= 0]
+        if hits:
+            text, self.pending = self.pending[:min(hits)], ""
+            return text, True
+        cut = len(self.pending) if final else max(0, len(self.pending) - self.hold)
+        text, self.pending = self.pending[:cut], self.pending[cut:]
+        return text, False
+
+
+@dataclass(eq=False)
+class Job:
+    prompt_ids: list[int]
+    state: SessionState
+    params: SamplingParams
+    want_surprise: bool
+    loop: asyncio.AbstractEventLoop
+    events: asyncio.Queue = field(default_factory=asyncio.Queue)
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    submitted_at: float = field(default_factory=time.perf_counter)
+    # engine-thread bookkeeping
+    read: int = 0  # prompt tokens fed so far
+    next_input: int | None = None  # the sampled token to feed in the next step
+    generated: list[int] = field(default_factory=list)
+    pending_surprise: list[float] = field(default_factory=list)  # of prompt chunks read before the first token
+    finish_reason: str | None = None  # set when the last token is sampled; the job ends after feeding it
+    first_token_at: float | None = None
+    last_token_at: float | None = None
+    stops: StopStrings | None = None
+    generator: torch.Generator | None = None
+
+    def emit(self, event) -> None:
+        self.loop.call_soon_threadsafe(self.events.put_nowait, event)
+
+    def cancel(self) -> None:
+        self.cancelled.set()
+
+
+class Scheduler:
+    def __init__(self, engine: Engine, max_running: int, max_waiting: int, prefill_chunk: int, metrics=None):
+        self.engine = engine
+        self.max_running, self.max_waiting, self.prefill_chunk = max_running, max_waiting, prefill_chunk
+        self.metrics = metrics
+        self.waiting: collections.deque[Job] = collections.deque()
+        self.running: list[Job] = []
+        self.batch = None
+        self._wake = threading.Condition()
+        self._stopping = False
+        self.alive = True
+        self._thread = threading.Thread(target=self._loop, name="titans-engine", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        with self._wake:
+            self._stopping = True
+            self._wake.notify()
+        self._thread.join(timeout=30)
+
+    def submit(self, job: Job) -> None:
+        with self._wake:
+            if len(self.waiting) >= self.max_waiting:
+                raise QueueFull(f"{len(self.waiting)} requests are already waiting")
+            self.waiting.append(job)
+            self._wake.notify()
+        self._gauges()
+
+    # --- the loop -------------------------------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        try:
+            while True:
+                with self._wake:
+                    while not self._stopping and not self.waiting and not self.running:
+                        self._wake.wait()
+                    if self._stopping:
+                        break
+                    admitted = []
+                    while self.waiting and len(self.running) + len(admitted) < self.max_running:
+                        admitted.append(self.waiting.popleft())
+                self._admit(admitted)
+                self._drop_cancelled()
+                if self.running:
+                    self._step()
+                self._gauges()
+        except BaseException as e:  # the engine thread must never die silently
+            self.alive = False
+            log.exception("engine thread died")
+            for job in list(self.waiting) + self.running:
+                job.emit(ErrorEvent(e))
+            raise
+
+    def _admit(self, jobs: list[Job]) -> None:
+        for job in jobs:
+            if job.cancelled.is_set():
+                continue
+            if self.metrics:
+                self.metrics.queue_time.observe(time.perf_counter() - job.submitted_at)
+            job.stops = StopStrings(self.engine, job.params.stop)
+            if job.params.seed is not None:
+                job.generator = torch.Generator(device=self.engine.device).manual_seed(job.params.seed)
+            try:
+                if self.batch is None:
+                    self.batch = self.engine.batch([job.state])
+                else:
+                    self.batch.add([job.state])
+            except Exception as e:
+                job.emit(ErrorEvent(e))
+                continue
+            self.running.append(job)
+
+    def _drop_cancelled(self) -> None:
+        gone = [i for i, job in enumerate(self.running) if job.cancelled.is_set()]
+        if gone:
+            self._remove(gone)
+
+    def _remove(self, indices: list[int]) -> None:
+        self.batch.remove(indices)
+        drop = set(indices)
+        self.running = [job for i, job in enumerate(self.running) if i not in drop]
+        if not self.running:
+            self.batch = None
+
+    def _inputs(self, job: Job) -> list[int]:
+        if job.read < len(job.prompt_ids):
+            chunk = job.prompt_ids[job.read:job.read + self.prefill_chunk]
+            job.read += len(chunk)
+            return chunk
+        token, job.next_input = job.next_input, None
+        return [token]
+
+    def _step(self) -> None:
+        inputs = [self._inputs(job) for job in self.running]
+        want_surprise = any(job.want_surprise for job in self.running)
+        try:
+            out = self.batch.forward(inputs, return_surprise=want_surprise)
+        except Exception as e:  # the batch is poisoned: fail its jobs (their sessions are untouched)
+            log.exception("engine step failed")
+            for job in self.running:
+                job.emit(ErrorEvent(e))
+            self.running, self.batch = [], None
+            return
+        finished = []
+        now = time.perf_counter()
+        for i, (job, (logits, surprise)) in enumerate(zip(self.running, out)):
+            job.pending_surprise += surprise.tolist() if job.want_surprise else []
+            if job.read < len(job.prompt_ids):
+                continue
+            read_surprise, job.pending_surprise = job.pending_surprise, []
+            if job.finish_reason is not None or job.params.max_tokens == 0:
+                self._finish(job, i, read_surprise)
+                finished.append(i)
+                continue
+            token = sample(logits[-1], job.params, job.generator)
+            job.generated.append(token)
+            eos = self.engine._is_eos(token)
+            text, stopped = ("", False) if eos else job.stops.push(token)  # EOS has no text of its own
+            if eos or stopped:
+                job.finish_reason = "stop"
+            elif len(job.generated) >= job.params.max_tokens:
+                job.finish_reason = "length"
+            if job.finish_reason == "length":
+                text += job.stops.finish()
+            job.next_input = token
+            self._observe_token(job, now)
+            job.emit(TokenEvent(token, text, read_surprise, job.finish_reason))
+        if finished:
+            self._remove(finished)
+
+    def _finish(self, job: Job, index: int, surprise: list[float]) -> None:
+        state = self.batch.state(index)
+        reason = job.finish_reason or "length"
+        job.emit(DoneEvent(state, len(job.prompt_ids), len(job.generated), reason, surprise))
+        if self.metrics:
+            self.metrics.finished(job, reason)
+
+    def _observe_token(self, job: Job, now: float) -> None:
+        if self.metrics:
+            if job.first_token_at is None:
+                self.metrics.ttft.observe(now - job.submitted_at)
+            else:
+                self.metrics.itl.observe(now - job.last_token_at)
+            self.metrics.generation_tokens.inc()
+        if job.first_token_at is None:
+            job.first_token_at = now
+        job.last_token_at = now
+
+    def _gauges(self) -> None:
+        if self.metrics:
+            self.metrics.running.set(len(self.running))
+            self.metrics.sessions_active.set(len(self.running))
+            self.metrics.waiting.set(len(self.waiting))

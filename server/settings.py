@@ -1,0 +1,56 @@
+"""Server settings: every option is a `titans serve` flag and a TITANS_* environment variable (pydantic-settings)."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Annotated
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_MODEL = REPO / "models" / "titans-mal-recall"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="TITANS_", frozen=True)
+
+    model: Path = Field(DEFAULT_MODEL, description="model directory (config.json + model.safetensors)")
+    served_model_name: str | None = Field(None, description="the model id clients send; default: directory name")
+    store: str = Field("sqlite:///./data/sessions.db", description="sqlite:///path.db or redis://host:port/db")
+    host: str = "127.0.0.1"
+    port: int = 8000
+    # "KEY" or "KEY:TENANT", comma-separated in TITANS_API_KEYS; a key without a tenant is its own tenant
+    api_keys: Annotated[tuple[str, ...], NoDecode] = ()
+    device: str = Field("auto", description="auto | cpu | cuda")
+
+    max_prompt_tokens: int = Field(16384, gt=0)
+    max_output_tokens: int = Field(4096, gt=0)
+    max_waiting: int = Field(256, ge=0, description="queued requests beyond this get 429")
+    max_running: int = Field(32, gt=0, description="sessions decoding together in one batch")
+    prefill_chunk: int = Field(512, gt=0, description="prompt tokens a session reads per engine step")
+    max_body_bytes: int = Field(64 * 2**20, gt=0, description="request bodies, snapshot imports included")
+
+    lease_ttl_s: float = Field(60.0, gt=0, description="a request's hold on its session; renewed while it runs")
+    session_ttl_s: float | None = Field(None, gt=0, description="sliding expiry of idle sessions (off by default)")
+    history: int = Field(3, ge=0, description="older versions kept per session for rollback")
+    store_timeout_s: float = Field(2.0, gt=0)
+
+    @field_validator("api_keys", mode="before")
+    @classmethod
+    def _split_keys(cls, value):
+        if isinstance(value, str):
+            return tuple(k.strip() for k in value.split(",") if k.strip())
+        return value
+
+    def tenants_by_key(self) -> dict[str, str]:
+        """key -> tenant. A key without a tenant gets one derived from a hash of it (the key itself is never stored)."""
+        keys = {}
+        for entry in self.api_keys:
+            key, _, tenant = entry.partition(":")
+            keys[key] = tenant or "key-" + hashlib.sha256(key.encode()).hexdigest()[:16]
+        return keys
+
+    def model_name(self) -> str:
+        return self.served_model_name or Path(self.model).name
