@@ -134,8 +134,8 @@ class Scheduler:
 
     def submit(self, job: Job) -> None:
         with self._wake:
-            if len(self.waiting) >= self.max_waiting:
-                raise QueueFull(f"{len(self.waiting)} requests are already waiting")
+            if len(self.running) + len(self.waiting) >= self.max_running + self.max_waiting:
+                raise QueueFull(f"{len(self.running)} requests running and {len(self.waiting)} waiting")
             self.waiting.append(job)
             self._wake.notify()
         self._gauges()

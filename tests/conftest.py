@@ -3,6 +3,8 @@ import random
 import pytest
 import torch
 
+from tests.redis_server import RedisServer
+
 torch.set_num_threads(2)
 
 
@@ -10,3 +12,11 @@ torch.set_num_threads(2)
 def _seed():
     torch.manual_seed(1234)
     random.seed(1234)
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory):
+    """One real redis-server for the whole run (tests that stop Redis start their own)."""
+    server = RedisServer(tmp_path_factory.mktemp("redis")).start()
+    yield server
+    server.stop()

@@ -8,12 +8,13 @@ The last chunk is sent only after the session's new memory is committed, so fini
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 import uuid
 from collections.abc import AsyncIterator
 
-from fastapi import APIRouter, Depends, Header
+from fastapi import APIRouter, Depends, Header, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from server.deps import get_runtime, get_tenant, session_binding
@@ -85,8 +86,8 @@ def usage_of(done: DoneEvent) -> dict:
             "total_tokens": done.prompt_tokens + done.completion_tokens}
 
 
-async def respond(rt: Runtime, tenant: str, req: SamplingFields, session_id: str | None, prompt_ids: list[int],
-                  max_tokens: int, chat: bool, echo: str = ""):
+async def respond(request: Request, rt: Runtime, tenant: str, req: SamplingFields, session_id: str | None,
+                  prompt_ids: list[int], max_tokens: int, chat: bool, echo: str = ""):
     if req.model is not None and req.model != rt.model_name:
         raise APIError(404, f"model {req.model!r} does not exist; this server serves {rt.model_name!r}",
                        "model_not_found", "model")
@@ -100,7 +101,7 @@ async def respond(rt: Runtime, tenant: str, req: SamplingFields, session_id: str
     first = await anext(events)  # errors up to the first token are ordinary HTTP errors
     session = {"id": session_id} if session_id else None
     if req.stream:
-        return StreamingResponse(stream(shape, first, events, req.include_usage(), session, echo),
+        return StreamingResponse(stream(shape, first, events, req.include_usage(), session, echo, request),
                                  media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
     text, surprise, ids, event = echo, [], [], first
@@ -117,9 +118,31 @@ async def respond(rt: Runtime, tenant: str, req: SamplingFields, session_id: str
     return JSONResponse(shape.response(text, event.finish_reason, surprise, ids, usage_of(event), session))
 
 
+class ClientGone(Exception):
+    pass
+
+
+async def disconnected(request: Request) -> None:
+    """Returns when the client goes away (the body was already read, so the next message is the disconnect)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def next_event(events: AsyncIterator, gone: asyncio.Future):
+    """The next event, or ClientGone as soon as the client disconnects (even while a long prefill runs)."""
+    step = asyncio.ensure_future(anext(events))
+    await asyncio.wait({step, gone}, return_when=asyncio.FIRST_COMPLETED)
+    if not step.done():
+        step.cancel()  # lands in the job's wait: the job is dropped, the lease released, nothing committed
+        await asyncio.gather(step, return_exceptions=True)
+        raise ClientGone
+    return step.result()
+
+
 async def stream(shape: Shape, first, events: AsyncIterator, include_usage: bool, session: dict | None,
-                 echo: str) -> AsyncIterator[str]:
+                 echo: str, request: Request) -> AsyncIterator[str]:
     held: TokenEvent | None = None  # the last token's chunk waits for the commit
+    gone = asyncio.ensure_future(disconnected(request))
     try:
         if shape.chat:
             yield shape.chunk([shape.choice(None, None, [], [], role=True)])
@@ -140,28 +163,31 @@ async def stream(shape: Shape, first, events: AsyncIterator, include_usage: bool
                 held = event
             else:
                 yield shape.chunk([shape.choice(event.text, None, event.surprise, [event.token_id])])
-            event = await anext(events)
+            event = await next_event(events, gone)
+    except ClientGone:
+        return
     except Exception as exc:  # after the first byte the status is sent: report in-band, as vLLM does
         err = as_api_error(exc)
         yield f"data: {json.dumps(error_body(err.status, err.message, err.code))}\n\n"
     finally:
-        await events.aclose()  # a disconnect lands here: the job is dropped and nothing is committed
+        gone.cancel()
+        await events.aclose()
     yield "data: [DONE]\n\n"
 
 
 @router.post("/completions")
-async def completions(req: CompletionRequest, rt: Runtime = Depends(get_runtime), tenant: str = Depends(get_tenant),
-                      x_session_id: str | None = Header(None)):
+async def completions(request: Request, req: CompletionRequest, rt: Runtime = Depends(get_runtime),
+                      tenant: str = Depends(get_tenant), x_session_id: str | None = Header(None)):
     prompt = req.prompt
     prompt_ids = rt.engine.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
     echo = (prompt if isinstance(prompt, str) else rt.engine.tokenizer.decode(prompt_ids)) if req.echo else ""
     max_tokens = 16 if req.max_tokens is None else req.max_tokens
-    return await respond(rt, tenant, req, session_binding(req.session_id, x_session_id), prompt_ids, max_tokens,
-                         chat=False, echo=echo)
+    return await respond(request, rt, tenant, req, session_binding(req.session_id, x_session_id), prompt_ids,
+                         max_tokens, chat=False, echo=echo)
 
 
 @router.post("/chat/completions")
-async def chat_completions(req: ChatCompletionRequest, rt: Runtime = Depends(get_runtime),
+async def chat_completions(request: Request, req: ChatCompletionRequest, rt: Runtime = Depends(get_runtime),
                            tenant: str = Depends(get_tenant), x_session_id: str | None = Header(None)):
     try:
         text = render_chat(req.messages)
@@ -169,5 +195,5 @@ async def chat_completions(req: ChatCompletionRequest, rt: Runtime = Depends(get
         raise APIError(400, str(e), "invalid_content", "messages") from e
     limit = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
     max_tokens = rt.settings.max_output_tokens if limit is None else limit
-    return await respond(rt, tenant, req, session_binding(req.session_id, x_session_id),
+    return await respond(request, rt, tenant, req, session_binding(req.session_id, x_session_id),
                          rt.engine.tokenizer.encode(text), max_tokens, chat=True)

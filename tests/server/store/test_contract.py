@@ -16,7 +16,7 @@ from server.store import (
     VersionConflict,
 )
 from server.store.base import is_session_id
-from tests.server.conftest import make_store
+from tests.server.store.conftest import make_store
 
 FP = "fingerprint-of-the-model"
 

@@ -14,7 +14,7 @@ import pytest
 
 from server.store import StoreOptions, StoreUnavailable, open_store
 from tests.redis_server import RedisServer
-from tests.server.conftest import make_store
+from tests.server.store.conftest import make_store
 
 FP = "fp"
 PAYLOAD = 1 << 20  # 1 MiB per snapshot: a kill lands in the middle of writing one

@@ -6,13 +6,6 @@ from server.store import StoreOptions, open_store
 from tests.redis_server import RedisServer
 
 
-@pytest.fixture(scope="session")
-def redis_server(tmp_path_factory):
-    server = RedisServer(tmp_path_factory.mktemp("redis")).start()
-    yield server
-    server.stop()
-
-
 async def make_store(kind: str, redis_server: RedisServer, tmp_path, flush: bool = True, **options):
     """A store on an empty database (the Redis db is flushed unless flush=False)."""
     url = redis_server.url if kind == "redis" else f"sqlite:///{tmp_path}/sessions.db"

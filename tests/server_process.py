@@ -1,0 +1,71 @@
+"""A real `titans serve` (uvicorn) process on a free port, and an SSE reader for its streams."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+from tests.redis_server import free_port
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+class ServerProcess:
+    def __init__(self, model_dir: Path, store: str, *args: str, env: dict[str, str] | None = None):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.cmd = [sys.executable, "-m", "engine.cli", "serve", "--model", str(model_dir), "--store", store,
+                    "--port", str(self.port), "--log-level", "warning", *args]
+        self.env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+        self.process: subprocess.Popen | None = None
+        self.log_path = Path(os.environ.get("TMPDIR", "/tmp")) / f"titans-serve-{self.port}.log"
+
+    def start(self, timeout: float = 60) -> ServerProcess:
+        self.log = open(self.log_path, "w")  # noqa: SIM115 (closed in stop)
+        self.process = subprocess.Popen(self.cmd, cwd=ROOT, env=self.env, stdout=self.log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"server exited with {self.process.returncode}:\n{self.log_path.read_text()}")
+            try:
+                if httpx.get(self.url + "/ready", timeout=1).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.1)
+        raise RuntimeError(f"server not ready after {timeout} s:\n{self.log_path.read_text()}")
+
+    def stop(self) -> None:
+        if self.process and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(15)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        if getattr(self, "log", None):
+            self.log.close()
+
+    def __enter__(self) -> ServerProcess:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def sse_events(raw: bytes) -> list:
+    """Parse an SSE body strictly: every event is one `data: ...` line followed by a blank line."""
+    text = raw.decode()
+    assert text.endswith("data: [DONE]\n\n"), text[-200:]
+    events = []
+    for block in text.split("\n\n")[:-1]:
+        assert block.startswith("data: ") and "\n" not in block, repr(block)
+        payload = block[len("data: "):]
+        events.append(payload if payload == "[DONE]" else json.loads(payload))
+    return events
