@@ -1,0 +1,102 @@
+"""Several server processes, restarts, Redis outages, API keys and back-pressure: each test runs its own servers."""
+
+from __future__ import annotations
+
+import httpx
+
+from tests.e2e.test_api import assert_error, complete, new_session
+from tests.redis_server import RedisServer
+from tests.server_process import ServerProcess
+
+
+def continue_twice(first_url: str, second_url: str, sid: str) -> tuple[list[int], list[int], list[int]]:
+    a, b = list(b"Memory across "), list(b"processes: ")
+    with httpx.Client(base_url=first_url, timeout=30) as c:
+        g1 = complete(c, a, sid)["choices"][0]["token_ids"]
+    with httpx.Client(base_url=second_url, timeout=30) as c:
+        g2 = complete(c, b, sid)["choices"][0]["token_ids"]
+        joined = complete(c, a + g1 + b)["choices"][0]["token_ids"]
+    return g1, g2, joined
+
+
+def test_memory_survives_a_server_restart(model_dir, tmp_path):
+    store = f"sqlite:///{tmp_path}/sessions.db"
+    with ServerProcess(model_dir, store) as srv, httpx.Client(base_url=srv.url) as c:
+        sid = new_session(c)["id"]
+        a = list(b"Memory across ")
+        g1 = complete(c, a, sid)["choices"][0]["token_ids"]
+    with ServerProcess(model_dir, store) as srv, httpx.Client(base_url=srv.url) as c:
+        b = list(b"a restart: ")
+        g2 = complete(c, b, sid)["choices"][0]["token_ids"]
+        assert g2 == complete(c, a + g1 + b)["choices"][0]["token_ids"]
+
+
+def test_two_servers_sharing_redis_continue_each_others_sessions(model_dir, redis_server):
+    with ServerProcess(model_dir, redis_server.url) as one, ServerProcess(model_dir, redis_server.url) as two:
+        with httpx.Client(base_url=one.url) as c:
+            sid = new_session(c)["id"]
+        _, g2, joined = continue_twice(one.url, two.url, sid)
+        assert g2 == joined
+        with httpx.Client(base_url=two.url) as c:
+            assert c.get(f"/v1/sessions/{sid}").json()["version"] == 3
+
+
+def test_redis_outage_gives_503_and_the_server_recovers(model_dir, tmp_path):
+    redis = RedisServer(tmp_path / "redis", appendonly=True).start()
+    try:
+        with ServerProcess(model_dir, redis.url, "--store-timeout-s", "0.5") as srv, \
+                httpx.Client(base_url=srv.url, timeout=30) as c:
+            sid = new_session(c)["id"]
+            complete(c, "before the outage ", sid)
+            redis.stop()
+            assert_error(c.post("/v1/completions", json={"prompt": "x", "session_id": sid}), 503,
+                         "store_unavailable")
+            assert_error(c.post("/v1/sessions"), 503, "store_unavailable")
+            assert c.get("/ready").status_code == 503
+            assert c.get("/health").status_code == 200  # alive, just not ready
+            assert c.post("/v1/completions", json={"prompt": "stateless still works", "max_tokens": 2}
+                          ).status_code == 200
+            redis.start()
+            assert c.get("/ready").status_code == 200
+            complete(c, "after ", sid)
+            assert c.get(f"/v1/sessions/{sid}").json()["version"] == 3  # nothing was lost (AOF)
+    finally:
+        redis.stop()
+
+
+def test_api_keys_map_to_tenants_that_cannot_see_each_other(model_dir, tmp_path):
+    store = f"sqlite:///{tmp_path}/sessions.db"
+    with ServerProcess(model_dir, store, "--api-key", "key-a:alice", env={"TITANS_API_KEYS": "key-x"}) as srv:
+        assert httpx.get(srv.url + "/v1/models", headers={"Authorization": "Bearer key-a"}).status_code == 200
+        assert httpx.get(srv.url + "/v1/models", headers={"Authorization": "Bearer key-x"}).status_code == 401
+    with ServerProcess(model_dir, store, env={"TITANS_API_KEYS": "key-a:alice,key-b:bob,key-c"}) as srv:
+        a = httpx.Client(base_url=srv.url, headers={"Authorization": "Bearer key-a"})
+        b = httpx.Client(base_url=srv.url, headers={"Authorization": "Bearer key-b"})
+        anon = httpx.Client(base_url=srv.url)
+        wrong = httpx.Client(base_url=srv.url, headers={"Authorization": "Bearer key-z"})
+        sid = new_session(a)["id"]
+        complete(a, "alice's secret ", sid)
+        for call in (lambda: b.get(f"/v1/sessions/{sid}"), lambda: b.get(f"/v1/sessions/{sid}/snapshot"),
+                     lambda: b.post(f"/v1/sessions/{sid}/fork"), lambda: b.delete(f"/v1/sessions/{sid}"),
+                     lambda: b.post("/v1/completions", json={"prompt": "x", "session_id": sid})):
+            assert_error(call(), 404, "session_not_found")
+        assert b.get("/v1/sessions").json()["data"] == []
+        assert [s["id"] for s in a.get("/v1/sessions").json()["data"]] == [sid]
+        assert_error(anon.get("/v1/models"), 401, "invalid_api_key")
+        assert_error(wrong.post("/v1/completions", json={"prompt": "x"}), 401, "invalid_api_key")
+        for public in ("/health", "/ready", "/metrics", "/docs"):
+            assert anon.get(public).status_code == 200, public
+        assert a.get(f"/v1/sessions/{sid}").json()["version"] == 2
+        for client in (a, b, anon, wrong):
+            client.close()
+
+
+def test_a_full_queue_answers_429_with_retry_after(model_dir, tmp_path):
+    store = f"sqlite:///{tmp_path}/sessions.db"
+    with ServerProcess(model_dir, store, "--max-running", "1", "--max-waiting", "0") as srv, \
+            httpx.Client(base_url=srv.url, timeout=60) as c, \
+            c.stream("POST", "/v1/completions", json={"prompt": "busy ", "max_tokens": 400, "stream": True}) as r:
+        next(r.iter_lines())  # the only running slot is taken
+        refused = c.post("/v1/completions", json={"prompt": "x"})
+        assert_error(refused, 429, "queue_full")
+        assert refused.headers["retry-after"] == "1"
