@@ -20,3 +20,14 @@ def redis_server(tmp_path_factory):
     server = RedisServer(tmp_path_factory.mktemp("redis")).start()
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def model_dir(tmp_path_factory):
+    """A tiny random MAL model (window 16, chunk 4): small enough that a server starts in a second or two."""
+    from engine import Engine
+    from tests.engine.helpers import tiny
+
+    path = tmp_path_factory.mktemp("model") / "tiny-mal"
+    Engine.from_config(tiny("mal"), seed=3).save(path)
+    return path

@@ -1,0 +1,130 @@
+"""Serving benchmark: N concurrent streaming sessions through a real server, against the engine alone.
+
+    .venv/bin/python bench/serve.py                      # the default model, N = 1, 8, 32; a few minutes on CPU
+    .venv/bin/python bench/serve.py --sessions 1 4 --tokens 32 --model /path/to/model
+
+For each N: N sessions, each streams one greedy completion of --tokens tokens after a --prompt-tokens prompt, all
+at once. Reported: time to first token and inter-token latency (p50/p99, client side, from SSE chunk arrival),
+aggregate generated tokens/s; and, in the same run, the same generation through Engine.generate in this process
+(no HTTP, no store), so `server N=1 / engine` isolates the serving overhead. JSON in bench/results/serve.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import httpx  # noqa: E402
+import torch  # noqa: E402
+
+from engine import Engine, SamplingParams  # noqa: E402
+from server.settings import DEFAULT_MODEL  # noqa: E402
+from tests.server_process import ServerProcess  # noqa: E402
+
+PROMPT = "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n    if n < 2:\n        return n\n"
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))] if ordered else float("nan")
+
+
+async def one_stream(client: httpx.AsyncClient, session_id: str, prompt: str, tokens: int) -> dict:
+    body = {"prompt": prompt, "max_tokens": tokens, "temperature": 0, "stream": True, "session_id": session_id,
+            "stream_options": {"include_usage": True}}
+    start = time.perf_counter()
+    arrivals, usage = [], None
+    async with client.stream("POST", "/v1/completions", json=body) as r:
+        r.raise_for_status()
+        async for line in r.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            if chunk["choices"]:
+                arrivals.append(time.perf_counter())
+            else:
+                usage = chunk["usage"]
+    end = time.perf_counter()
+    return {"ttft": arrivals[0] - start, "itl": [b - a for a, b in zip(arrivals, arrivals[1:])],
+            "tokens": usage["completion_tokens"], "seconds": end - start}
+
+
+async def run_n(url: str, n: int, prompt: str, tokens: int) -> dict:
+    async with httpx.AsyncClient(base_url=url, timeout=600, limits=httpx.Limits(max_connections=n + 4)) as client:
+        sessions = [(await client.post("/v1/sessions")).json()["id"] for _ in range(n)]
+        await asyncio.gather(*(one_stream(client, s, prompt, 4) for s in sessions))  # warm every path once
+        start = time.perf_counter()
+        results = await asyncio.gather(*(one_stream(client, s, prompt, tokens) for s in sessions))
+        wall = time.perf_counter() - start
+    ttft = [r["ttft"] for r in results]
+    itl = [x for r in results for x in r["itl"]]
+    generated = sum(r["tokens"] for r in results)
+    return {"sessions": n, "generated_tokens": generated, "wall_s": wall, "aggregate_tok_s": generated / wall,
+            "ttft_p50_ms": 1000 * percentile(ttft, 0.5), "ttft_p99_ms": 1000 * percentile(ttft, 0.99),
+            "itl_p50_ms": 1000 * percentile(itl, 0.5), "itl_p99_ms": 1000 * percentile(itl, 0.99),
+            "itl_mean_ms": 1000 * statistics.fmean(itl) if itl else float("nan")}
+
+
+def engine_alone(model: Path, prompt: str, tokens: int) -> dict:
+    engine = Engine.load(model)
+    ids = engine.tokenizer.encode(prompt)
+    params = SamplingParams(max_tokens=tokens, temperature=0)
+    list(engine.generate(ids, engine.new_state(), SamplingParams(max_tokens=4, temperature=0)))  # warm-up
+    start = time.perf_counter()
+    out = list(engine.generate(ids, engine.new_state(), params))
+    wall = time.perf_counter() - start
+    return {"generated_tokens": len(out), "wall_s": wall, "tok_s": len(out) / wall}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default=str(DEFAULT_MODEL))
+    parser.add_argument("--sessions", type=int, nargs="+", default=[1, 8, 32])
+    parser.add_argument("--tokens", type=int, default=64)
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads, both sides")
+    parser.add_argument("--out", default=str(ROOT / "bench/results/serve.json"))
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    results: dict = {"model": args.model, "tokens": args.tokens, "prompt_bytes": len(PROMPT.encode()),
+                     "threads": args.threads, "server": []}
+    results["engine_alone_before"] = engine_alone(Path(args.model), PROMPT, args.tokens)
+    with tempfile.TemporaryDirectory() as tmp:
+        env = {"OMP_NUM_THREADS": str(args.threads)}
+        with ServerProcess(Path(args.model), f"sqlite:///{tmp}/sessions.db", "--max-running",
+                           str(max(args.sessions)), env=env) as srv:
+            for n in args.sessions:
+                results["server"].append(asyncio.run(run_n(srv.url, n, PROMPT, args.tokens)))
+    results["engine_alone_after"] = engine_alone(Path(args.model), PROMPT, args.tokens)
+    engine_tok_s = statistics.fmean([results["engine_alone_before"]["tok_s"], results["engine_alone_after"]["tok_s"]])
+    by_n = {r["sessions"]: r for r in results["server"]}
+    if 1 in by_n:
+        results["server_n1_over_engine"] = by_n[1]["aggregate_tok_s"] / engine_tok_s
+        for n, r in by_n.items():
+            r["speedup_over_n1"] = r["aggregate_tok_s"] / by_n[1]["aggregate_tok_s"]
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
+
+    print(f"engine alone (one session, Engine.generate): {engine_tok_s:.1f} tok/s "
+          f"(before {results['engine_alone_before']['tok_s']:.1f}, after {results['engine_alone_after']['tok_s']:.1f})")
+    print("| sessions | aggregate tok/s | × N=1 | TTFT p50 / p99 (ms) | ITL p50 / p99 (ms) |")
+    print("|---|---|---|---|---|")
+    for r in results["server"]:
+        print(f"| {r['sessions']} | {r['aggregate_tok_s']:.1f} | {r.get('speedup_over_n1', float('nan')):.2f} | "
+              f"{r['ttft_p50_ms']:.0f} / {r['ttft_p99_ms']:.0f} | {r['itl_p50_ms']:.1f} / {r['itl_p99_ms']:.1f} |")
+    if "server_n1_over_engine" in results:
+        print(f"server N=1 / engine alone: {results['server_n1_over_engine']:.3f}")
+
+
+if __name__ == "__main__":
+    main()

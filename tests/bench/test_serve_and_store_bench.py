@@ -1,0 +1,37 @@
+"""The serving and store benchmarks still run end to end (tiny sizes) and report sane numbers."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.slow
+def test_serve_benchmark_quick(tmp_path, model_dir):
+    out = tmp_path / "serve.json"
+    proc = subprocess.run([sys.executable, "bench/serve.py", "--model", str(model_dir), "--sessions", "1", "2",
+                           "--tokens", "8", "--threads", "1", "--out", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    results = json.loads(out.read_text())
+    assert [r["sessions"] for r in results["server"]] == [1, 2]
+    assert all(r["generated_tokens"] == 8 * r["sessions"] and r["aggregate_tok_s"] > 0 for r in results["server"])
+    assert results["server_n1_over_engine"] > 0 and "aggregate tok/s" in proc.stdout
+
+
+@pytest.mark.slow
+def test_store_benchmark_quick(tmp_path):
+    out = tmp_path / "store.json"
+    proc = subprocess.run([sys.executable, "bench/store.py", "--sizes", "1", "--iters", "3", "--seconds", "0.5",
+                           "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    results = json.loads(out.read_text())
+    for store in ("redis", "sqlite"):
+        assert results["stores"][store]["by_size_mb"]["1"]["commit_plus_load"]["p50_ms"] > 0
+        assert results["stores"][store]["concurrent"]["commits_per_s"] > 0
