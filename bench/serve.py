@@ -110,7 +110,7 @@ def main() -> None:
     by_n = {r["sessions"]: r for r in results["server"]}
     if 1 in by_n:
         results["server_n1_over_engine"] = by_n[1]["aggregate_tok_s"] / engine_tok_s
-        for n, r in by_n.items():
+        for r in by_n.values():
             r["speedup_over_n1"] = r["aggregate_tok_s"] / by_n[1]["aggregate_tok_s"]
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
