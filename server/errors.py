@@ -10,7 +10,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from engine import SnapshotError
-from server.store import StoreError
+from server.store import StoreError, StoreUnavailable
 
 log = logging.getLogger("titans.server")
 
@@ -53,6 +53,10 @@ def install_handlers(app: FastAPI) -> None:
     @app.exception_handler(StoreError)
     @app.exception_handler(SnapshotError)
     async def _known(request: Request, exc: Exception):
+        rt = getattr(request.app.state, "runtime", None)
+        if rt is not None and isinstance(exc, StoreUnavailable):
+            route = request.scope.get("route")
+            rt.metrics.store_error(f"{request.method} {getattr(route, 'path', '?')}")  # a template, not an id
         return error_response(exc)
 
     @app.exception_handler(RequestValidationError)

@@ -17,12 +17,14 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 class ServerProcess:
-    def __init__(self, model_dir: Path, store: str, *args: str, env: dict[str, str] | None = None):
-        self.port = free_port()
+    def __init__(self, model_dir: Path | None, store: str | None, *args: str, env: dict[str, str] | None = None,
+                 command: list[str] | None = None, port: int | None = None, clean_env: bool = False):
+        """`titans serve` with these options, or `command` (which must listen on `port`)."""
+        self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.cmd = [sys.executable, "-m", "engine.cli", "serve", "--model", str(model_dir), "--store", store,
-                    "--port", str(self.port), "--log-level", "warning", *args]
-        self.env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+        self.cmd = command or [sys.executable, "-m", "engine.cli", "serve", "--model", str(model_dir), "--store",
+                               store, "--port", str(self.port), "--log-level", "warning", *args]
+        self.env = {**({} if clean_env else os.environ), "OMP_NUM_THREADS": "1", **(env or {})}
         self.process: subprocess.Popen | None = None
         self.log_path = Path(os.environ.get("TMPDIR", "/tmp")) / f"titans-serve-{self.port}.log"
 
