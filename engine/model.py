@@ -30,6 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from kernels.memory.dispatch import use_triton
+
 from .config import ModelConfig
 from .memory import (
     chunk_coefficients,
@@ -322,7 +324,29 @@ class NeuralMemory(nn.Module):
 
     def read(self, weights: list[Tensor], q: Tensor, dtype) -> Tensor:
         """M*(q): q [B, H, R, d] -> [B, R, H*d] in the activation dtype."""
-        return memory_read(weights, q, self.cfg.norm_eps).transpose(1, 2).flatten(2).to(dtype)
+        if use_triton(weights, q):
+            from kernels.memory import fused_chunk
+
+            weights = [w.contiguous() for w in weights]
+            out = fused_chunk.read(weights, torch.arange(q.shape[0], device=q.device), q, self.cfg.norm_eps)
+        else:
+            out = memory_read(weights, q, self.cfg.norm_eps)
+        return out.transpose(1, 2).flatten(2).to(dtype)
+
+    def chunk_kernel(self, state: State, q: Tensor | None, k: Tensor, v: Tensor, log_gates: Tensor,
+                     sessions: Tensor) -> tuple[Tensor | None, Tensor, State]:
+        """The Triton chunk step for `sessions` (indices into the batch): (read, surprise, new state). The
+        state's W/S are copied once and updated in place by the kernel (inputs are never written)."""
+        from kernels.memory import fused_chunk
+
+        n_layers = len(self.init_weights)
+        w = [state[f"W{i}"].contiguous().clone() for i in range(n_layers)]
+        s = [state[f"S{i}"].contiguous().clone() for i in range(n_layers)]
+        log_theta, log_eta, log_keep = log_gates.unbind(-1)
+        read, surprise = fused_chunk.chunk_step(w, s, sessions, q, k, v, log_eta, log_keep, self.theta(log_theta),
+                                                self.cfg.norm_eps, self.cfg.mem_grad_clip)
+        return read, surprise, {**state, **{f"W{i}": w[i] for i in range(n_layers)},
+                                **{f"S{i}": s[i] for i in range(n_layers)}}
 
     def surprise(self, state: State, k: Tensor, v: Tensor) -> Tensor:
         """||M(k) - v||^2 at the read weights, mean over heads: [B, R]."""
@@ -343,7 +367,8 @@ class NeuralMemory(nn.Module):
         # gradients, and their scan coefficients (gate-only) are computed for all of them at once.
         b, n_layers = self.cfg.chunk_size, len(self.init_weights)
         whole = [i for i, (_, _, p) in enumerate(pieces) if all(x % b == 0 and c == b for x, c in zip(*p.host))]
-        if whole:
+        kernel = bool(whole) and use_triton(self.weights(state), q)
+        if whole and not kernel:
             first = pieces[whole[0]][0]
             span = log_gates[:, :, first:first + len(whole) * b]
             log_theta, log_eta, log_keep = span.unflatten(2, (len(whole), b)).unbind(-1)  # [B, H, n, b]
@@ -351,6 +376,13 @@ class NeuralMemory(nn.Module):
             thetas = self.theta(log_theta)
         ys, surprises = [], []
         for i, (a, e, piece) in enumerate(pieces):
+            if i in whole and kernel:
+                everyone = torch.arange(q.shape[0], device=q.device)
+                y, surprise, state = self.chunk_kernel(state, q[:, :, a:e], k[:, :, a:e], v[:, :, a:e],
+                                                       log_gates[:, :, a:e], everyone)
+                ys.append(y.transpose(1, 2).flatten(2).to(dtype))
+                surprises.append(surprise.mean(1))
+                continue
             if i in whole:
                 j = i - whole[0]
                 y, surprise, w_new, s_new = read_and_update(
@@ -375,7 +407,13 @@ class NeuralMemory(nn.Module):
         rows = torch.cat([k, v, log_gates], -1)  # [B, H, R, 2d+3]
         buf = ctx.write(state["buf"], 2, b, rows.transpose(1, 2))
         new = dict(state)
-        if ctx.any_full:
+        if ctx.any_full and use_triton(self.weights(state), k):
+            full = ctx.flag("full").flatten()
+            _, _, kernel_state = self.chunk_kernel(state, None, buf[..., :d], buf[..., d:2 * d], buf[..., 2 * d:],
+                                                   full.nonzero().flatten())
+            new.update({key: kernel_state[key] for key in kernel_state if key[0] in "WS"})
+            buf = buf.masked_fill(ctx.flag("full"), 0.0)
+        elif ctx.any_full:
             w, s = self.weights(state), self.weights(state, "S")
             log_theta, log_eta, log_keep = buf[..., 2 * d:].unbind(-1)
             theta = self.theta(log_theta)

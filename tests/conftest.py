@@ -1,3 +1,4 @@
+import os
 import random
 
 import pytest
@@ -6,6 +7,8 @@ import torch
 from tests.redis_server import RedisServer
 
 torch.set_num_threads(2)
+if not torch.cuda.is_available():  # Triton kernels run in its interpreter on the CPU (set before triton loads)
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture(autouse=True)
