@@ -113,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     init.set_defaults(func=cmd_init)
 
     tr = sub.add_parser("train", help="train a model (outer loop through the memory updates)")
-    tr.add_argument("--config", required=True, help="training config (JSON): see engine/train.py TrainConfig")
+    tr.add_argument("--config", required=True, help="training config (JSON or YAML): see engine/train.py TrainConfig")
     tr.add_argument("--out-dir", help="override the config's out_dir")
     tr.add_argument("--restart", action="store_true", help="ignore a checkpoint in out_dir instead of resuming")
     tr.set_defaults(func=cmd_train)

@@ -12,7 +12,7 @@ import json
 import math
 import random
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import torch
@@ -57,7 +57,19 @@ class TrainConfig:
 
     @classmethod
     def load(cls, path: str | Path) -> TrainConfig:
-        data = json.loads(Path(path).read_text())
+        """A JSON or YAML file (YAML needs PyYAML, which the dev extra installs)."""
+        text = Path(path).read_text()
+        if str(path).endswith((".yaml", ".yml")):
+            try:
+                import yaml
+            except ImportError as e:
+                raise RuntimeError(f"{path} is YAML: pip install pyyaml, or use a JSON config") from e
+            data = yaml.safe_load(text)
+        else:
+            data = json.loads(text)
+        unknown = set(data) - {f.name for f in fields(cls)}
+        if unknown:
+            raise ValueError(f"{path}: unknown training options {sorted(unknown)}")
         return cls(**data)
 
     def model_config(self) -> ModelConfig:

@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import json
 import random
+from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
 from engine import Engine
 from engine.data import recall_example
 from engine.train import TrainConfig, lr_at, train
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _config(tmp_path, **overrides) -> TrainConfig:
@@ -59,3 +63,17 @@ def test_schedule_and_recall_format():
         assert ex.text[a - 6] == "#" and ex.text[a - 1] == "=" and ex.text[a:b].isdigit()
         assert f"#{key}={ex.text[a:b]};" in facts  # the answer is the value stored for that key
     assert ex.distance == 50 and len(ex.text) == 33 + 50 + 3 * 11
+
+
+def test_config_files_json_and_yaml(tmp_path):
+    import yaml
+
+    spec = {"model": {"preset": "tiny-lmm"}, "steps": 3, "curriculum": [[0, 8, 16, 1]], "n_facts": 2}
+    (tmp_path / "c.json").write_text(json.dumps(spec))
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(spec))
+    assert TrainConfig.load(tmp_path / "c.json") == TrainConfig.load(tmp_path / "c.yaml")
+    (tmp_path / "bad.json").write_text(json.dumps({**spec, "stpes": 5}))
+    with pytest.raises(ValueError, match="stpes"):
+        TrainConfig.load(tmp_path / "bad.json")
+    for shipped in (ROOT / "configs").glob("*.json"):  # every checked-in recipe loads and builds its model
+        TrainConfig.load(shipped).model_config()
