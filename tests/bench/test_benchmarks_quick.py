@@ -1,4 +1,4 @@
-"""The serving and store benchmarks still run end to end (tiny sizes) and report sane numbers."""
+"""The serving, store and kernel benchmarks still run end to end (tiny sizes) and report sane numbers."""
 
 from __future__ import annotations
 
@@ -35,3 +35,16 @@ def test_store_benchmark_quick(tmp_path):
     for store in ("redis", "sqlite"):
         assert results["stores"][store]["by_size_mb"]["1"]["commit_plus_load"]["p50_ms"] > 0
         assert results["stores"][store]["concurrent"]["commits_per_s"] > 0
+
+
+@pytest.mark.slow
+def test_kernel_gpu_benchmark_dry_run(tmp_path):
+    out = tmp_path / "kernels.json"
+    proc = subprocess.run([sys.executable, "bench/kernels_gpu.py", "--dry-run", "--out", str(out)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    results = json.loads(out.read_text())
+    assert results["dry_run"] and all(err < 1e-3 for err in results["check"].values())
+    assert {(r["chunk"], r["depth"]) for r in results["prefill"]} == {(16, 1), (16, 2)}
+    assert all(r["triton_tok_s"] > 0 and r["torch_eager_tok_s"] > 0 for r in results["prefill"])
+    assert [r["sessions"] for r in results["decode"]] == [1, 2]

@@ -1,0 +1,192 @@
+"""Memory kernels on a GPU: check correctness first, then time prefill and decode against the baselines.
+
+    python bench/kernels_gpu.py                 # on a CUDA machine; writes bench/results/kernels_gpu.json
+    python bench/kernels_gpu.py --dry-run       # the whole script at tiny sizes on the CPU (TRITON_INTERPRET=1)
+
+Measured in one run, side by side:
+  - ceilings of this card: copy bandwidth (a large device-to-device copy) and a bf16 matmul;
+  - prefill (B sessions x T tokens, H heads of d, chunk b, memory depth 1 and 2): our Triton chunk step,
+    our PyTorch path eager and under torch.compile, and titans-pytorch NeuralMemory (if installed);
+  - decode (N sessions, one token each, a chunk update every b tokens): Triton vs PyTorch, with the
+    achieved bandwidth (the weights each read step must stream) against the copy ceiling.
+The correctness check compares the Triton kernels with the PyTorch reference on the same random inputs and
+refuses to time anything if they disagree.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+if "--dry-run" in sys.argv:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from engine.memory import chunk_coefficients, init_memory_weights, memory_read, read_and_update  # noqa: E402
+from kernels.memory import fused_chunk  # noqa: E402
+from kernels.memory.naive import chunk_step_ref  # noqa: E402
+
+EPS = 1e-5
+
+
+def timed(fn, device: torch.device, repeats: int) -> float:
+    """Median seconds of fn() over repeats (after one warm-up), synchronising the device."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return sorted(times)[len(times) // 2]
+
+
+def ceilings(device: torch.device, dry: bool) -> dict:
+    n = 2**20 if dry else 2**28  # 4 MiB / 1 GiB of fp32
+    src = torch.empty(n, device=device)
+    dst = torch.empty_like(src)
+    copy_s = timed(lambda: dst.copy_(src), device, 3)
+    m = 256 if dry else 8192
+    a = torch.randn(m, m, device=device, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32)
+    mm_s = timed(lambda: a @ a, device, 3)
+    return {"copy_gb_s": 2 * n * 4 / copy_s / 1e9, "matmul_tflops": 2 * m**3 / mm_s / 1e12}
+
+
+def make_inputs(B, T, H, d, depth, expansion, device, pool=None):
+    weights = [w.unsqueeze(0).repeat(pool or B, 1, 1, 1).to(device).contiguous()
+               for w in init_memory_weights(H, depth, d, expansion)]
+    momentum = [torch.zeros_like(w) for w in weights]
+    q, k, v = (F.normalize(torch.randn(B, H, T, d, device=device), dim=-1) for _ in range(3))
+    log_eta = F.logsigmoid(torch.randn(B, H, T, device=device) + 2)
+    log_keep = F.logsigmoid(torch.randn(B, H, T, device=device) + 6)
+    theta = 0.1 * torch.rand(B, H, T, device=device)
+    return weights, momentum, q, k, v, log_eta, log_keep, theta
+
+
+def check(device: torch.device) -> dict:
+    """Triton = PyTorch on one chunk, depth 1 and 2, ragged chunk, non-contiguous slots."""
+    errors = {}
+    for depth in (1, 2):
+        w, s, q, k, v, le, lk, th = make_inputs(3, 13, 2, 32, depth, 2, device, pool=5)
+        slots = torch.tensor([4, 0, 2], device=device)
+        ref = chunk_step_ref(w, s, slots, q, k, v, le, lk, th, EPS, 1.0)
+        pool_w, pool_s = [x.clone() for x in w], [x.clone() for x in s]
+        read, _ = fused_chunk.chunk_step(pool_w, pool_s, slots, q, k, v, le, lk, th, EPS, 1.0)
+        err = max([float((read - ref[0]).abs().max())]
+                  + [float((pool_w[i][slots] - ref[2][i]).abs().max()) for i in range(depth)])
+        errors[f"depth{depth}_max_abs_err"] = err
+        if err > 1e-3:
+            raise SystemExit(f"Triton and PyTorch disagree (depth {depth}): max error {err}")
+    return errors
+
+
+def prefill(B, T, H, d, chunk, depth, device, repeats, baseline: bool) -> dict:
+    w, s, q, k, v, le, lk, th = make_inputs(B, T, H, d, depth, 4, device)
+    slots = torch.arange(B, device=device)
+    n = T // chunk
+
+    def triton_run():
+        pool_w, pool_s = [x.clone() for x in w], [x.clone() for x in s]
+        for c in range(n):
+            sl = slice(c * chunk, (c + 1) * chunk)
+            fused_chunk.chunk_step(pool_w, pool_s, slots, q[:, :, sl], k[:, :, sl], v[:, :, sl], le[:, :, sl],
+                                   lk[:, :, sl], th[:, :, sl], EPS, 1.0)
+
+    def torch_run():
+        ww, ss = w, s
+        for c in range(n):
+            sl = slice(c * chunk, (c + 1) * chunk)
+            coefficients = chunk_coefficients(le[:, :, sl], lk[:, :, sl])
+            _, _, ww, ss = read_and_update(ww, ss, q[:, :, sl], k[:, :, sl], v[:, :, sl], th[:, :, sl], coefficients,
+                                           EPS, 1.0)
+
+    tokens = B * T
+    out = {"B": B, "T": T, "heads": H, "head_dim": d, "chunk": chunk, "depth": depth,
+           "triton_tok_s": tokens / timed(triton_run, device, repeats),
+           "torch_eager_tok_s": tokens / timed(torch_run, device, repeats)}
+    if device.type == "cuda":
+        compiled = torch.compile(torch_run)
+        out["torch_compile_tok_s"] = tokens / timed(compiled, device, repeats)
+    if baseline:
+        out["titans_pytorch_tok_s"] = titans_pytorch_prefill(B, T, H, d, chunk, depth, device, repeats)
+    out["triton_over_titans_pytorch"] = out["triton_tok_s"] / out["titans_pytorch_tok_s"] if baseline and out[
+        "titans_pytorch_tok_s"] else None
+    return out
+
+
+def titans_pytorch_prefill(B, T, H, d, chunk, depth, device, repeats) -> float | None:
+    try:
+        from titans_pytorch import MemoryMLP, NeuralMemory
+    except ImportError:
+        return None
+    memory = NeuralMemory(dim=H * d, chunk_size=chunk, heads=H, dim_head=d,
+                          model=MemoryMLP(dim=d, depth=depth, expansion_factor=4.0)).to(device)
+    x = torch.randn(B, T, H * d, device=device)
+    with torch.no_grad():
+        return B * T / timed(lambda: memory(x), device, repeats)
+
+
+def decode(N, H, d, chunk, device, repeats) -> dict:
+    w, s, q, k, v, le, lk, th = make_inputs(N, chunk, H, d, 2, 4, device)
+    slots = torch.arange(N, device=device)
+
+    def triton_chunk():  # chunk tokens: a read each, then the chunk's update
+        for t in range(chunk):
+            fused_chunk.read(w, slots, q[:, :, t:t + 1], EPS)
+        fused_chunk.chunk_step([x.clone() for x in w], [x.clone() for x in s], slots, None, k, v, le, lk, th,
+                               EPS, 1.0)
+
+    def torch_chunk():
+        for t in range(chunk):
+            memory_read(w, q[:, :, t:t + 1], EPS)
+        read_and_update(w, s, q, k, v, th, chunk_coefficients(le, lk), EPS, 1.0)
+
+    weight_bytes = sum(x.numel() * 4 for x in w)
+    t_triton = timed(triton_chunk, device, repeats) / chunk
+    return {"sessions": N, "triton_tok_s": N / t_triton,
+            "torch_tok_s": N / (timed(torch_chunk, device, repeats) / chunk),
+            "triton_weight_stream_gb_s": weight_bytes / t_triton / 1e9}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dry-run", action="store_true", help="tiny sizes on the CPU (Triton interpreter)")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--out", default=str(ROOT / "bench/results/kernels_gpu.json"))
+    args = parser.parse_args()
+    dry = args.dry_run
+    device = torch.device("cpu" if dry else "cuda")
+    if not dry and not torch.cuda.is_available():
+        raise SystemExit("no CUDA device: run with --dry-run on a CPU")
+    torch.manual_seed(0)
+    name = "cpu (dry run)" if dry else torch.cuda.get_device_name()
+    results = {"device": name, "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__, "dry_run": dry}
+    results["check"] = check(device)
+    results["ceilings"] = ceilings(device, dry)
+    repeats = 1 if dry else args.repeats
+    B, T, H, d = (1, 32, 2, 16) if dry else (8, 4096, 8, 64)
+    results["prefill"] = [prefill(B, T, H, d, chunk, depth, device, repeats, baseline=not dry)
+                          for chunk in ((16,) if dry else (16, 64)) for depth in (1, 2)]
+    results["decode"] = [decode(n, 2 if dry else 8, 16 if dry else 64, 16, device, repeats)
+                         for n in ((1, 2) if dry else (1, 16, 128, 512))]
+    for row in results["decode"]:
+        row["fraction_of_copy_bandwidth"] = row["triton_weight_stream_gb_s"] / results["ceilings"]["copy_gb_s"]
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
+    print(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
