@@ -33,6 +33,14 @@ class SamplingFields(BaseModel):
     return_surprise: bool = False
     return_token_ids: bool = False  # vLLM's extension: the sampled token ids in each choice
     user: str | None = None
+    logprobs: bool | int | None = None  # chat: bool, completions: int; not supported either way
+
+    @field_validator("logprobs")
+    @classmethod
+    def _no_logprobs(cls, value):
+        if value:
+            raise ValueError("logprobs are not supported")
+        return value
 
     @field_validator("stop")
     @classmethod
@@ -57,14 +65,6 @@ class CompletionRequest(SamplingFields):
     prompt: str | list[int] = Field(..., description="text, or token ids")
     max_tokens: int | None = Field(16, ge=0)
     echo: bool = False
-    logprobs: int | None = None
-
-    @field_validator("logprobs")
-    @classmethod
-    def _no_logprobs(cls, value):
-        if value:
-            raise ValueError("logprobs are not supported")
-        return value
 
 
 class ChatMessage(BaseModel):
@@ -88,14 +88,6 @@ class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage] = Field(..., min_length=1)
     max_tokens: int | None = Field(None, ge=0)
     max_completion_tokens: int | None = Field(None, ge=0)
-    logprobs: bool = False
-
-    @field_validator("logprobs")
-    @classmethod
-    def _no_logprobs(cls, value):
-        if value:
-            raise ValueError("logprobs are not supported")
-        return value
 
 
 class SessionCreate(BaseModel):

@@ -51,6 +51,18 @@ def _mlp_out(x, w1, w2, md, D, eps, DEPTH: tl.constexpr):
 
 
 @triton.jit
+def _weight_offsets(head, i, j, md, mf, D, F, DEPTH: tl.constexpr):
+    """Offsets and masks of one head's W1 and W2 in the pool (depth 1: W [d, d], both point at it)."""
+    if DEPTH == 1:
+        w1_off = head * D * D + i[:, None] * D + i[None, :]
+        mw1 = md[:, None] & md[None, :]
+        return w1_off, mw1, w1_off, mw1
+    w1_off = head * D * F + i[:, None] * F + j[None, :]
+    w2_off = head * F * D + j[:, None] * D + i[None, :]
+    return w1_off, md[:, None] & mf[None, :], w2_off, mf[:, None] & md[None, :]
+
+
+@triton.jit
 def _chunk_step_kernel(W1, W2, S1, S2, IDX, Q, K, V, LOG_ETA, LOG_KEEP, THETA, READ, SURPRISE,
                        H, T, D, F, eps, clip,
                        DEPTH: tl.constexpr, HAS_CLIP: tl.constexpr, DO_READ: tl.constexpr,
@@ -64,17 +76,7 @@ def _chunk_step_kernel(W1, W2, S1, S2, IDX, Q, K, V, LOG_ETA, LOG_KEEP, THETA, R
     mx = mt[:, None] & md[None, :]
     k = tl.load(K + x_off, mask=mx, other=0.0).to(tl.float32)
     v = tl.load(V + x_off, mask=mx, other=0.0).to(tl.float32)
-    head = slot * H + h
-    if DEPTH == 1:  # W [d, d]
-        w1_off = head * D * D + i[:, None] * D + i[None, :]
-        mw1 = md[:, None] & md[None, :]
-        w2_off = w1_off
-        mw2 = mw1
-    else:  # W1 [d, F], W2 [F, d]
-        w1_off = head * D * F + i[:, None] * F + j[None, :]
-        mw1 = md[:, None] & mf[None, :]
-        w2_off = head * F * D + j[:, None] * D + i[None, :]
-        mw2 = mf[:, None] & md[None, :]
+    w1_off, mw1, w2_off, mw2 = _weight_offsets(slot * H + h, i, j, md, mf, D, F, DEPTH)
     w1 = tl.load(W1 + w1_off, mask=mw1, other=0.0)
     s1 = tl.load(S1 + w1_off, mask=mw1, other=0.0)
     w2 = w1
@@ -145,13 +147,9 @@ def _read_kernel(W1, W2, IDX, Q, READ, H, T, D, F, eps,
     row = (pid * H + h).to(tl.int64)
     x_off = row * T * D + t[:, None] * D + i[None, :]
     mx = mt[:, None] & md[None, :]
-    head = slot * H + h
-    if DEPTH == 1:
-        w1 = tl.load(W1 + head * D * D + i[:, None] * D + i[None, :], mask=md[:, None] & md[None, :], other=0.0)
-        w2 = w1
-    else:
-        w1 = tl.load(W1 + head * D * F + i[:, None] * F + j[None, :], mask=md[:, None] & mf[None, :], other=0.0)
-        w2 = tl.load(W2 + head * F * D + j[:, None] * D + i[None, :], mask=mf[:, None] & md[None, :], other=0.0)
+    w1_off, mw1, w2_off, mw2 = _weight_offsets(slot * H + h, i, j, md, mf, D, F, DEPTH)
+    w1 = tl.load(W1 + w1_off, mask=mw1, other=0.0)
+    w2 = tl.load(W2 + w2_off, mask=mw2, other=0.0)  # depth 1: the same matrix again (unused)
     q = tl.load(Q + x_off, mask=mx, other=0.0).to(tl.float32)
     read, _, _, _, _ = _mlp_out(q, w1, w2, md, D, eps, DEPTH)
     tl.store(READ + x_off, read, mask=mx)

@@ -294,6 +294,7 @@ def test_concurrent_sessions_are_batched_and_each_gets_its_own_answer(client, se
     ({"json": {"prompt": ""}}, 400, "empty_prompt"),
     ({"json": {"prompt": [300]}}, 400, "invalid_token"),
     ({"json": {"prompt": "x", "n": 2}}, 400, "invalid_request"),
+    ({"json": {"prompt": "x", "logprobs": 2}}, 400, "invalid_request"),
 ])
 def test_bad_requests_get_the_right_status_and_envelope(client, kwargs, status, code):
     assert_error(client.post("/v1/completions", **kwargs), status, code)
