@@ -85,6 +85,14 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_plot_training(args) -> int:
+    from .evaluate import plot_training
+
+    plot_training(args.metrics, args.out)
+    print(f"wrote {args.out}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="titans", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -130,6 +138,11 @@ def main(argv: list[str] | None = None) -> int:
     ev.add_argument("--plot", default=None, help="PNG of recall vs distance (needs the 'plots' extra)")
     ev.add_argument("--device", default=None)
     ev.set_defaults(func=cmd_eval)
+
+    pt = sub.add_parser("plot-training", help="loss and recall curves (PNG) from a training run's metrics.jsonl")
+    pt.add_argument("--metrics", required=True)
+    pt.add_argument("--out", default="training.png")
+    pt.set_defaults(func=cmd_plot_training)
 
     from server.cli import add_serve_arguments, serve  # argparse only; the server loads when it runs
 

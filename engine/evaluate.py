@@ -74,12 +74,49 @@ def bits_per_byte(engine: Engine, windows: int = 8, length: int = 1024, seed: in
     return nats / n_bytes / math.log(2)
 
 
-def plot_recall(rows: list[dict], path: str | Path, title: str) -> None:
+def _pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def plot_training(metrics: str | Path, path: str | Path) -> None:
+    """Loss (all tokens, answers weighted) and teacher-forced recall over training, from train.py's metrics.jsonl."""
+    rows = [json.loads(line) for line in Path(metrics).read_text().splitlines() if line.strip()]
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], lw=1, label="training loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats, answer digits weighted)")
+    ax.set_ylim(0, min(6.0, max(r["loss"] for r in rows)))
+    evals = [r for r in rows if "recall" in r]
+    if evals:
+        right = ax.twinx()
+        right.plot([r["step"] for r in evals], [r["recall"]["exact"] for r in evals], "o-", color="C1", ms=3,
+                   label="exact recall, current stage (held-out)")
+        right.set_ylabel("exact recall")
+        right.set_ylim(-0.02, 1.02)
+        right.legend(loc="upper right")
+    stages, last = [], None
+    for r in rows:
+        if r["stage"] != last:
+            stages.append((r["step"], r["stage"]))
+            last = r["stage"]
+    for step, (low, high, facts) in stages:
+        ax.axvline(step, color="grey", lw=0.5, ls=":")
+        ax.text(step, 0.05, f" {facts} facts, {low}-{high} B", fontsize=7, va="bottom", color="grey", rotation=90)
+    ax.legend(loc="upper left")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_recall(rows: list[dict], path: str | Path, title: str) -> None:
+    plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
     windows = [r["windows"] for r in rows]
     ax.plot(windows, [r["carried_exact"] for r in rows], "o-", label="memory carried (through to_bytes)")

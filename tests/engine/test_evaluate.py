@@ -35,3 +35,12 @@ def test_recall_is_deterministic_per_seed():
     a = recall_by_distance(eng, [8], n_facts=2, examples=2, seed=3)
     b = recall_by_distance(eng, [8], n_facts=2, examples=2, seed=3)
     assert a == b
+
+
+def test_plot_training_cli(tmp_path):
+    rows = [{"step": s, "loss": 3.0 - s / 100, "stage": [8, 16, 1 if s < 50 else 2]} for s in range(0, 100, 10)]
+    rows[3]["recall"] = {"exact": 0.25, "digit": 0.5}
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "loss.png"
+    assert main(["plot-training", "--metrics", str(tmp_path / "metrics.jsonl"), "--out", str(out)]) == 0
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
