@@ -9,11 +9,11 @@ import logging
 import time
 
 import torch
-from fastapi import FastAPI, Request
+from fastapi import FastAPI
 from fastapi.responses import JSONResponse
 
 from engine import Engine
-from server.errors import error_body, install_handlers
+from server.errors import APIError, error_body, install_handlers
 from server.metrics import Metrics
 from server.routers import generation, health, models, sessions
 from server.runtime import Runtime
@@ -35,6 +35,35 @@ def load_runtime(settings: Settings) -> Runtime:
     scheduler = Scheduler(engine, settings.max_running, settings.max_waiting, settings.prefill_chunk, metrics)
     return Runtime(settings, engine, store, scheduler, metrics, name, created=int(time.time()),
                    state_bytes=len(engine.new_state().to_bytes()))
+
+
+class BodyLimit:
+    """Refuse request bodies over `limit` bytes with 413: at once when Content-Length says so, and while reading
+    when it does not (chunked uploads), so no handler ever holds more than the limit in memory."""
+
+    def __init__(self, app, limit: int):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope["headers"]).get(b"content-length", b"")
+        if declared.isdigit() and int(declared) > self.limit:
+            response = JSONResponse(error_body(413, f"request body of {int(declared)} bytes exceeds the limit of "
+                                                    f"{self.limit}", "body_too_large"), status_code=413)
+            return await response(scope, receive, send)
+        received = 0
+
+        async def limited():
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.limit:
+                    raise APIError(413, f"request body exceeds the limit of {self.limit} bytes", "body_too_large")
+            return message
+
+        await self.app(scope, limited, send)
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -62,14 +91,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.tenants_by_key = settings.tenants_by_key()
     install_handlers(app)
 
-    @app.middleware("http")
-    async def limit_body(request: Request, call_next):
-        size = request.headers.get("content-length")
-        if size is not None and size.isdigit() and int(size) > settings.max_body_bytes:
-            return JSONResponse(error_body(413, f"request body of {size} bytes exceeds the limit of "
-                                                f"{settings.max_body_bytes}", "body_too_large"), status_code=413)
-        return await call_next(request)
-
+    app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
     for module in (generation, sessions, models, health):
         app.include_router(module.router)
     return app

@@ -11,15 +11,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
+import anyio
+
 from engine import Engine, SamplingParams, SessionState
 from server.errors import APIError
 from server.metrics import Metrics
-from server.scheduler import DoneEvent, ErrorEvent, Job, QueueFull, Scheduler, TokenEvent
+from server.scheduler import DoneEvent, EngineStopped, ErrorEvent, Job, QueueFull, Scheduler, TokenEvent
 from server.settings import Settings
 from server.store import Lease, SessionBusy, SessionRecord, SessionStore, StoreUnavailable, VersionConflict
 
@@ -70,7 +73,7 @@ class Runtime:
             yield holder
         finally:
             renewer.cancel()
-            with contextlib.suppress(Exception):
+            with anyio.CancelScope(shield=True), contextlib.suppress(Exception):  # even when cancelled
                 await self.store.release(holder["lease"])
 
     async def _renew(self, lease: Lease) -> None:
@@ -120,8 +123,9 @@ class Runtime:
             state = await self.from_bytes(blob)
             self.metrics.memory_load.observe(time.perf_counter() - started)
             async for event in self._run(state, prompt_ids, params, want_surprise):
-                if isinstance(event, DoneEvent) and commit:
-                    await self.commit(tenant, holder["lease"], event.state)
+                if isinstance(event, DoneEvent):
+                    record = await self.commit(tenant, holder["lease"], event.state) if commit else record
+                    event = dataclasses.replace(event, record=record)
                 yield event
 
     async def _run(self, state: SessionState, prompt_ids: list[int], params: SamplingParams,
@@ -134,6 +138,8 @@ class Runtime:
         except QueueFull as e:
             self.metrics.request_failed("rejected")
             raise APIError(429, f"server busy: {e}", "queue_full", headers={"Retry-After": "1"}) from e
+        except EngineStopped as e:
+            raise APIError(503, str(e), "engine_dead") from e
         finished, surprise = False, []
         try:
             while True:

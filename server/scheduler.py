@@ -32,12 +32,17 @@ class QueueFull(Exception):
     pass
 
 
+class EngineStopped(RuntimeError):
+    pass
+
+
 @dataclass(frozen=True)
 class TokenEvent:
     token_id: int
     text: str  # the new text this token completes (held back while it may be the start of a stop string)
     surprise: list[float]  # surprise of the tokens the memory read in the step that produced this token
     finish_reason: str | None  # set on the request's last token: "stop" | "length"
+    stop_reason: str | None = None  # the stop string that ended the request, if one did
 
 
 @dataclass(frozen=True)
@@ -47,6 +52,7 @@ class DoneEvent:
     completion_tokens: int
     finish_reason: str
     surprise: list[float]  # of the tokens read after the last TokenEvent
+    record: object = None  # the session's record after the commit (set by the runtime, not the engine)
 
 
 @dataclass(frozen=True)
@@ -62,6 +68,7 @@ class StopStrings:
         self.stops = stops
         self.hold = max((len(s) for s in stops), default=1) - 1
         self.pending = ""
+        self.matched: str | None = None
 
     def push(self, token_id: int) -> tuple[str, bool]:
         """(text safe to emit, whether a stop string completed)."""
@@ -73,9 +80,10 @@ class StopStrings:
         return self._release(final=True)[0]
 
     def _release(self, final: bool) -> tuple[str, bool]:
-        hits = [i for i in (self.pending.find(s) for s in self.stops) if i >= 0]
+        hits = [(i, s) for i, s in ((self.pending.find(s), s) for s in self.stops) if i >= 0]
         if hits:
-            text, self.pending = self.pending[:min(hits)], ""
+            cut, self.matched = min(hits)
+            text, self.pending = self.pending[:cut], ""
             return text, True
         cut = len(self.pending) if final else max(0, len(self.pending) - self.hold)
         text, self.pending = self.pending[:cut], self.pending[cut:]
@@ -134,6 +142,8 @@ class Scheduler:
 
     def submit(self, job: Job) -> None:
         with self._wake:
+            if not self.alive:
+                raise EngineStopped("the engine thread has stopped")
             if len(self.running) + len(self.waiting) >= self.max_running + self.max_waiting:
                 raise QueueFull(f"{len(self.running)} requests running and {len(self.waiting)} waiting")
             self.waiting.append(job)
@@ -143,6 +153,7 @@ class Scheduler:
     # --- the loop -------------------------------------------------------------------------------------------
 
     def _loop(self) -> None:
+        admitted: list[Job] = []
         try:
             while True:
                 with self._wake:
@@ -154,14 +165,18 @@ class Scheduler:
                     while self.waiting and len(self.running) + len(admitted) < self.max_running:
                         admitted.append(self.waiting.popleft())
                 self._admit(admitted)
+                admitted = []
                 self._drop_cancelled()
                 if self.running:
                     self._step()
                 self._gauges()
-        except BaseException as e:  # the engine thread must never die silently
-            self.alive = False
+        except BaseException as e:  # the engine thread must never die silently, nor leave a request waiting
             log.exception("engine thread died")
-            for job in list(self.waiting) + self.running:
+            with self._wake:
+                self.alive = False
+                doomed = admitted + list(self.waiting) + self.running
+                self.waiting.clear()
+            for job in doomed:
                 job.emit(ErrorEvent(e))
             raise
 
@@ -171,10 +186,10 @@ class Scheduler:
                 continue
             if self.metrics:
                 self.metrics.queue_time.observe(time.perf_counter() - job.submitted_at)
-            job.stops = StopStrings(self.engine, job.params.stop)
-            if job.params.seed is not None:
-                job.generator = torch.Generator(device=self.engine.device).manual_seed(job.params.seed)
             try:
+                job.stops = StopStrings(self.engine, job.params.stop)
+                if job.params.seed is not None:
+                    job.generator = torch.Generator(device=self.engine.device).manual_seed(job.params.seed)
                 if self.batch is None:
                     self.batch = self.engine.batch([job.state])
                 else:
@@ -215,32 +230,41 @@ class Scheduler:
                 job.emit(ErrorEvent(e))
             self.running, self.batch = [], None
             return
-        finished = []
+        done = []
         now = time.perf_counter()
         for i, (job, (logits, surprise)) in enumerate(zip(self.running, out)):
-            job.pending_surprise += surprise.tolist() if job.want_surprise else []
-            if job.read < len(job.prompt_ids):
-                continue
-            read_surprise, job.pending_surprise = job.pending_surprise, []
-            if job.finish_reason is not None or job.params.max_tokens == 0:
-                self._finish(job, i, read_surprise)
-                finished.append(i)
-                continue
-            token = sample(logits[-1], job.params, job.generator)
-            job.generated.append(token)
-            eos = self.engine._is_eos(token)
-            text, stopped = ("", False) if eos else job.stops.push(token)  # EOS has no text of its own
-            if eos or stopped:
-                job.finish_reason = "stop"
-            elif len(job.generated) >= job.params.max_tokens:
-                job.finish_reason = "length"
-            if job.finish_reason == "length":
-                text += job.stops.finish()
-            job.next_input = token
-            self._observe_token(job, now)
-            job.emit(TokenEvent(token, text, read_surprise, job.finish_reason))
-        if finished:
-            self._remove(finished)
+            try:
+                if self._advance(job, i, logits, surprise, now):
+                    done.append(i)
+            except Exception as e:  # one request's failure (sampling, decoding) is that request's alone
+                log.exception("request failed in the engine")
+                job.emit(ErrorEvent(e))
+                done.append(i)
+        if done:
+            self._remove(done)
+
+    def _advance(self, job: Job, i: int, logits, surprise, now: float) -> bool:
+        """Account for the rows job just fed; sample its next token. True when the job has finished."""
+        job.pending_surprise += surprise.tolist() if job.want_surprise else []
+        if job.read < len(job.prompt_ids):
+            return False
+        read_surprise, job.pending_surprise = job.pending_surprise, []
+        if job.finish_reason is not None or job.params.max_tokens == 0:
+            self._finish(job, i, read_surprise)
+            return True
+        token = sample(logits[-1], job.params, job.generator)
+        job.generated.append(token)
+        eos = self.engine._is_eos(token)
+        text, stopped = (job.stops.finish(), False) if eos else job.stops.push(token)  # EOS adds no text
+        if eos or stopped:
+            job.finish_reason = "stop"
+        elif len(job.generated) >= job.params.max_tokens:
+            job.finish_reason = "length"
+            text += job.stops.finish()
+        job.next_input = token
+        self._observe_token(job, now)
+        job.emit(TokenEvent(token, text, read_surprise, job.finish_reason, job.stops.matched))
+        return False
 
     def _finish(self, job: Job, index: int, surprise: list[float]) -> None:
         state = self.batch.state(index)

@@ -14,6 +14,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 
+import anyio
 from fastapi import APIRouter, Depends, Header, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
@@ -44,14 +45,16 @@ class Shape:
         self.object = "chat.completion.chunk" if chat else "text_completion"
 
     def choice(self, text: str | None, finish: str | None, surprise: list[float], ids: list[int],
-               role: bool = False) -> dict:
+               role: bool = False, stop_reason: str | None = None) -> dict:
+        """As vLLM: completions chunks always carry stop_reason, chat chunks only the last one."""
         if self.chat:
             delta = {"role": "assistant", "content": ""} if role else ({"content": text} if text is not None else {})
             out = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+            if finish is not None:
+                out["stop_reason"] = stop_reason
         else:
-            out = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
-        if finish is not None:
-            out["stop_reason"] = None
+            out = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish,
+                   "stop_reason": stop_reason}
         if self.surprise:
             out["surprise"] = surprise
         if self.token_ids and not role:
@@ -63,13 +66,14 @@ class Shape:
                 "choices": choices, **extra}
         return f"data: {json.dumps(body, separators=(',', ':'))}\n\n"
 
-    def response(self, text: str, finish: str, surprise: list[float], ids: list[int], usage: dict,
-                 session: dict | None) -> dict:
+    def response(self, text: str, finish: str, stop_reason: str | None, surprise: list[float], ids: list[int],
+                 usage: dict, session: dict | None) -> dict:
         if self.chat:
             choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
-                      "finish_reason": finish, "stop_reason": None}
+                      "finish_reason": finish, "stop_reason": stop_reason}
         else:
-            choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish, "stop_reason": None}
+            choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish,
+                      "stop_reason": stop_reason}
         if self.surprise:
             choice["surprise"] = surprise
         if self.token_ids:
@@ -98,13 +102,18 @@ async def respond(request: Request, rt: Runtime, tenant: str, req: SamplingField
     events = rt.generate(tenant, session_id, prompt_ids, params, commit=req.memory == "commit",
                          want_surprise=req.return_surprise)
     shape = Shape(chat, rt.model_name, req.return_surprise, req.return_token_ids)
-    first = await anext(events)  # errors up to the first token are ordinary HTTP errors
-    session = {"id": session_id} if session_id else None
+    gone = asyncio.ensure_future(disconnected(request))  # a client that leaves cancels its request
+    try:
+        first = await next_event(events, gone)  # errors up to the first token are ordinary HTTP errors
+    except BaseException:
+        gone.cancel()
+        await close(events)
+        raise
     if req.stream:
-        return StreamingResponse(stream(shape, first, events, req.include_usage(), session, echo, request),
+        return StreamingResponse(stream(shape, first, events, req.include_usage(), echo, gone),
                                  media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-    text, surprise, ids, event = echo, [], [], first
+    text, surprise, ids, event, stop_reason = echo, [], [], first, None
     try:
         while True:
             surprise += event.surprise
@@ -112,10 +121,17 @@ async def respond(request: Request, rt: Runtime, tenant: str, req: SamplingField
                 break
             text += event.text
             ids.append(event.token_id)
-            event = await anext(events)
+            stop_reason = event.stop_reason
+            event = await next_event(events, gone)
     finally:
-        await events.aclose()  # releases the session's lease now, not when the generator is collected
-    return JSONResponse(shape.response(text, event.finish_reason, surprise, ids, usage_of(event), session))
+        gone.cancel()
+        await close(events)  # releases the session's lease now, not when the generator is collected
+    return JSONResponse(shape.response(text, event.finish_reason, stop_reason, surprise, ids, usage_of(event),
+                                       session_info(event)))
+
+
+def session_info(done: DoneEvent) -> dict | None:
+    return {"id": done.record.id, "version": done.record.version} if done.record is not None else None
 
 
 class ClientGone(Exception):
@@ -128,21 +144,31 @@ async def disconnected(request: Request) -> None:
         pass
 
 
+async def close(events) -> None:
+    with anyio.CancelScope(shield=True):  # cleanup must finish even inside a cancelled scope
+        await events.aclose()
+
+
 async def next_event(events: AsyncIterator, gone: asyncio.Future):
-    """The next event, or ClientGone as soon as the client disconnects (even while a long prefill runs)."""
+    """The next event, or ClientGone as soon as the client disconnects (even while a long prefill runs).
+    However this wait ends (disconnect, cancellation), a step still running is cancelled and awaited, so the
+    job is dropped and the lease released before anything else touches the generator."""
     step = asyncio.ensure_future(anext(events))
-    await asyncio.wait({step, gone}, return_when=asyncio.FIRST_COMPLETED)
-    if not step.done():
-        step.cancel()  # lands in the job's wait: the job is dropped, the lease released, nothing committed
-        await asyncio.gather(step, return_exceptions=True)
+    try:
+        await asyncio.wait({step, gone}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        if not step.done():
+            step.cancel()
+            with anyio.CancelScope(shield=True):
+                await asyncio.gather(step, return_exceptions=True)
+    if step.cancelled():
         raise ClientGone
     return step.result()
 
 
-async def stream(shape: Shape, first, events: AsyncIterator, include_usage: bool, session: dict | None,
-                 echo: str, request: Request) -> AsyncIterator[str]:
+async def stream(shape: Shape, first, events: AsyncIterator, include_usage: bool, echo: str,
+                 gone: asyncio.Future) -> AsyncIterator[str]:
     held: TokenEvent | None = None  # the last token's chunk waits for the commit
-    gone = asyncio.ensure_future(disconnected(request))
     try:
         if shape.chat:
             yield shape.chunk([shape.choice(None, None, [], [], role=True)])
@@ -154,7 +180,9 @@ async def stream(shape: Shape, first, events: AsyncIterator, include_usage: bool
                 text = held.text if held else ""
                 surprise = (held.surprise if held else []) + event.surprise
                 ids = [held.token_id] if held else []
-                yield shape.chunk([shape.choice(text, event.finish_reason, surprise, ids)],
+                session = session_info(event)
+                yield shape.chunk([shape.choice(text, event.finish_reason, surprise, ids,
+                                                stop_reason=held.stop_reason if held else None)],
                                   **({"session": session} if session else {}))
                 if include_usage:
                     yield shape.chunk([], usage=usage_of(event))
@@ -171,7 +199,7 @@ async def stream(shape: Shape, first, events: AsyncIterator, include_usage: bool
         yield f"data: {json.dumps(error_body(err.status, err.message, err.code))}\n\n"
     finally:
         gone.cancel()
-        await events.aclose()
+        await close(events)
     yield "data: [DONE]\n\n"
 
 
@@ -179,9 +207,11 @@ async def stream(shape: Shape, first, events: AsyncIterator, include_usage: bool
 async def completions(request: Request, req: CompletionRequest, rt: Runtime = Depends(get_runtime),
                       tenant: str = Depends(get_tenant), x_session_id: str | None = Header(None)):
     prompt = req.prompt
-    prompt_ids = rt.engine.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
-    echo = (prompt if isinstance(prompt, str) else rt.engine.tokenizer.decode(prompt_ids)) if req.echo else ""
+    prompt_ids = await asyncio.to_thread(rt.engine.tokenizer.encode, prompt) if isinstance(prompt, str) \
+        else list(prompt)
     max_tokens = 16 if req.max_tokens is None else req.max_tokens
+    rt.check_prompt(prompt_ids, max_tokens)  # before decoding ids for echo
+    echo = (prompt if isinstance(prompt, str) else rt.engine.tokenizer.decode(prompt_ids)) if req.echo else ""
     return await respond(request, rt, tenant, req, session_binding(req.session_id, x_session_id), prompt_ids,
                          max_tokens, chat=False, echo=echo)
 
@@ -195,5 +225,6 @@ async def chat_completions(request: Request, req: ChatCompletionRequest, rt: Run
         raise APIError(400, str(e), "invalid_content", "messages") from e
     limit = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
     max_tokens = rt.settings.max_output_tokens if limit is None else limit
-    return await respond(request, rt, tenant, req, session_binding(req.session_id, x_session_id),
-                         rt.engine.tokenizer.encode(text), max_tokens, chat=True)
+    prompt_ids = await asyncio.to_thread(rt.engine.tokenizer.encode, text)
+    return await respond(request, rt, tenant, req, session_binding(req.session_id, x_session_id), prompt_ids,
+                         max_tokens, chat=True)

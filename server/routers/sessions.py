@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 from fastapi import APIRouter, Depends, Query, Request, Response
 
 from engine import SamplingParams
@@ -57,6 +59,10 @@ async def delete_session(session_id: str, rt: Runtime = Depends(get_runtime), te
 async def reset_session(session_id: str, rt: Runtime = Depends(get_runtime), tenant: str = Depends(get_tenant)):
     """Forget everything: the memory returns to the model's learned initial state (a new version)."""
     async with rt.leased(tenant, session_id) as holder:
+        current = await rt.store.get(tenant, session_id)
+        if current.fingerprint != rt.engine.fingerprint:
+            raise APIError(409, f"session {session_id} holds memory of another model ({current.fingerprint})",
+                           "model_mismatch", "session_id")
         record = await rt.commit(tenant, holder["lease"], rt.engine.new_state())
     rt.metrics.session_op("reset")
     return rt.session_object(record)
@@ -84,17 +90,16 @@ async def rollback_session(session_id: str, body: SessionRollback, rt: Runtime =
 async def memorize(session_id: str, body: SessionMemorize, rt: Runtime = Depends(get_runtime),
                    tenant: str = Depends(get_tenant)):
     """Read text into the memory without generating: {"tokens", "mean_surprise", "session"}."""
-    ids = rt.engine.tokenizer.encode(body.text)
+    ids = await asyncio.to_thread(rt.engine.tokenizer.encode, body.text)
     surprise, done = [], None
     async for event in rt.generate(tenant, session_id, ids, SamplingParams(max_tokens=0), commit=True,
                                    want_surprise=True):
         surprise += event.surprise
         if isinstance(event, DoneEvent):
             done = event
-    record = await rt.store.get(tenant, session_id)
     rt.metrics.session_op("memorize")
-    return {"tokens": done.prompt_tokens, "mean_surprise": sum(surprise) / len(surprise),
-            "session": rt.session_object(record)}
+    return {"tokens": done.prompt_tokens, "mean_surprise": sum(surprise) / max(1, len(surprise)),
+            "session": rt.session_object(done.record)}  # the record this commit produced
 
 
 @router.get("/{session_id}/snapshot")

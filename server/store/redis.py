@@ -12,7 +12,12 @@ hash tag, and a fork keeps its parent's tag, so each script below touches one Re
     titans:{t:<sha of tenant>}:sessions   sorted set of the tenant's session ids by creation time (for listing)
 A commit first uploads its bytes as a pending blob that expires by itself, then one Lua script checks the
 tenant, the lease and the version and swaps the pointer; a crash between the two leaves only a blob that
-disappears. The tenant check happens inside Redis, so another tenant's bytes never leave it.
+disappears. The tenant check happens inside Redis, so another tenant's bytes never leave it. Every mutating
+script is safe to run twice, because the client retries once when a connection drops (a reply may be lost
+after the script ran). The key layout is Redis Cluster ready (one slot per session family, the tenant index
+aside), but the client is a single-node client: run one Redis (with a replica for failover), or a managed
+single-endpoint Redis. Sessions that expire by TTL leave their entries in the family's refs hash; the blobs
+themselves expire with the same TTL.
 """
 
 from __future__ import annotations
@@ -106,13 +111,15 @@ if ARGV[4] == '1' then return {'OK', meta, redis.call('GET', blob_key(redis.call
 return {'OK', meta}
 """
 
-# ARGV[4..] = expected version, pending blob, tokens_seen, now, lease token, keep
+# ARGV[4..] = expected version, pending blob, tokens_seen, now, lease token, keep.
+# Safe to run twice (a client retry after a lost reply): the second run sees its blob installed and answers OK.
 COMMIT = PRELUDE + """
 local function refuse(status, detail)
-  redis.call('DEL', blob_key(ARGV[5]))
+  if redis.call('HEXISTS', KEYS[3], ARGV[5]) == 0 then redis.call('DEL', blob_key(ARGV[5])) end
   return {status, detail}
 end
 if not owned() then return refuse('NOTFOUND') end
+if redis.call('HGET', KEYS[1], 'blob') == ARGV[5] then return {'OK', redis.call('HGETALL', KEYS[1])} end
 if not lease_ok(ARGV[8]) then return refuse('BUSY') end
 local version = redis.call('HGET', KEYS[1], 'version')
 if version ~= ARGV[4] then return refuse('CONFLICT', version) end
@@ -121,13 +128,15 @@ redis.call('HSET', KEYS[3], ARGV[5], 1)
 return {'OK', install(ARGV[5], ARGV[6], ARGV[7], tonumber(ARGV[9]))}
 """
 
-# ARGV[4..] = version to return to, now, lease token, keep
+# ARGV[4..] = version to return to, now, lease token, keep, operation id (a retry of the same call is a no-op)
 ROLLBACK = PRELUDE + """
 if not owned() then return {'NOTFOUND'} end
+if redis.call('HGET', KEYS[1], 'op') == ARGV[8] then return {'OK', redis.call('HGETALL', KEYS[1])} end
 if not lease_ok(ARGV[6]) then return {'BUSY'} end
 for _, e in ipairs(history()) do
   if e[1] == ARGV[4] then
     redis.call('HINCRBY', KEYS[3], e[3], 1)
+    redis.call('HSET', KEYS[1], 'op', ARGV[8])
     return {'OK', install(e[3], e[2], ARGV[5], tonumber(ARGV[7]))}
   end
 end
@@ -137,6 +146,7 @@ return {'NOVERSION', redis.call('HGET', KEYS[1], 'history')}
 # ARGV[4..] = lease token, lease ttl ms
 ACQUIRE = PRELUDE + """
 if not owned() then return {'NOTFOUND'} end
+if redis.call('GET', KEYS[2]) == ARGV[4] then return {'OK', redis.call('HGET', KEYS[1], 'version')} end  -- a retry
 if not redis.call('SET', KEYS[2], ARGV[4], 'NX', 'PX', ARGV[5]) then return {'BUSY'} end
 touch()
 return {'OK', redis.call('HGET', KEYS[1], 'version')}
@@ -163,6 +173,7 @@ return {'OK'}
 # KEYS[4] = the child's meta (same family tag, same slot). ARGV[4..] = child id, now, name, metadata, parent id
 FORK = PRELUDE + """
 if not owned() then return {'NOTFOUND'} end
+if redis.call('EXISTS', KEYS[4]) == 1 then return {'OK', redis.call('HGETALL', KEYS[4])} end  -- a retry
 local parent = redis.call('HMGET', KEYS[1], 'fingerprint', 'tokens_seen', 'snapshot_bytes', 'blob')
 redis.call('HINCRBY', KEYS[3], parent[4], 1)
 redis.call('HSET', KEYS[4], 'tenant', ARGV[1], 'fingerprint', parent[1], 'version', 1, 'tokens_seen', parent[2],
@@ -172,6 +183,10 @@ touch()
 if tonumber(ARGV[2]) > 0 then redis.call('PEXPIRE', KEYS[4], ARGV[2]) end
 return {'OK', redis.call('HGETALL', KEYS[4])}
 """
+
+
+# Redis error prefixes that mean "not now" (a restart, a failover, memory full), not "wrong request"
+TRANSIENT = {"OOM", "LOADING", "READONLY", "MISCONF", "BUSY", "MASTERDOWN", "TRYAGAIN", "CLUSTERDOWN", "NOREPLICAS"}
 
 
 def family(session_id: str) -> str:
@@ -225,8 +240,8 @@ class RedisStore(SessionStore):
         except (TimeoutError, RedisConnectionError, RedisTimeoutError, OSError) as e:
             raise StoreUnavailable(f"redis at {self.url} is unreachable: {e or type(e).__name__}") from e
         except RedisError as e:
-            if "OOM" in str(e) or "LOADING" in str(e) or "READONLY" in str(e):
-                raise StoreUnavailable(f"redis at {self.url} refused the write: {e}") from e
+            if str(e).split(" ", 1)[0] in TRANSIENT:
+                raise StoreUnavailable(f"redis at {self.url} cannot serve now: {e}") from e
             raise
 
     def _ttl_ms(self) -> int:
@@ -253,15 +268,15 @@ class RedisStore(SessionStore):
                   "created_at": repr(now), "updated_at": repr(now), "name": name or "",
                   "metadata": encode_metadata(metadata), "parent_id": "", "snapshot_bytes": len(snapshot),
                   "blob": blob, "history": ""}
-        async with self.redis.pipeline(transaction=True) as pipe:  # MULTI: all or nothing
+        async with self.redis.pipeline(transaction=True) as pipe:  # MULTI: all or nothing, the index included
             pipe.set(blob_prefix(session_id) + blob, snapshot, px=self._ttl_ms() or None)
             pipe.hset(refs, blob, 1)
             pipe.hset(meta, mapping=fields)
             if self.options.ttl_s:
                 pipe.pexpire(refs, self._ttl_ms())
                 pipe.pexpire(meta, self._ttl_ms())
+            pipe.zadd(tenant_index(tenant), {session_id: now})
             await self._call(pipe.execute())
-        await self._call(self.redis.zadd(tenant_index(tenant), {session_id: now}))
         return SessionRecord(id=session_id, tenant=tenant, fingerprint=fingerprint, version=1,
                              tokens_seen=tokens_seen, created_at=now, updated_at=now, snapshot_bytes=len(snapshot),
                              name=name, metadata=metadata)
@@ -348,7 +363,7 @@ class RedisStore(SessionStore):
 
     async def rollback(self, tenant, session_id, version, lease=None):
         result = await self._script("rollback", session_id, tenant, version, repr(time.time()),
-                                    lease.token if lease else "", self.options.history)
+                                    lease.token if lease else "", self.options.history, new_lease_token())
         if result[0] == "NOVERSION":
             kept = [int(e.split(":")[0]) for e in (result[1] or b"").decode().split()]
             raise InvalidArgument(f"session {session_id} keeps no version {version}; kept: {kept}")

@@ -61,6 +61,7 @@ CREATE TABLE IF NOT EXISTS sessions (
     expires_at REAL
 );
 CREATE INDEX IF NOT EXISTS sessions_by_tenant ON sessions (tenant, created_at DESC, id DESC);
+CREATE INDEX IF NOT EXISTS sessions_by_expiry ON sessions (expires_at) WHERE expires_at IS NOT NULL;
 CREATE TABLE IF NOT EXISTS history (
     id TEXT NOT NULL,
     version INTEGER NOT NULL,

@@ -84,7 +84,7 @@ def test_sse_framing_matches_vllm_byte_for_byte(client):
     chunks = sse_events(r.content)
     assert [list(c) for c in chunks[:-1]] == [["id", "object", "created", "model", "choices"]] * 2
     assert chunks[0]["object"] == "text_completion"
-    assert list(chunks[0]["choices"][0]) == ["index", "text", "logprobs", "finish_reason"]
+    assert list(chunks[0]["choices"][0]) == ["index", "text", "logprobs", "finish_reason", "stop_reason"]
     assert "usage" not in json.dumps(chunks[:-1])  # no include_usage, no usage chunk
 
 
@@ -261,6 +261,36 @@ def test_a_client_that_disconnects_mid_stream_leaves_the_session_unchanged(clien
     assert (after["version"], after["tokens_seen"]) == (before["version"], before["tokens_seen"])
 
 
+def test_a_non_streaming_client_that_gives_up_leaves_the_session_unchanged(client, server):
+    sid = new_session(client)["id"]
+    before = client.get(f"/v1/sessions/{sid}").json()
+    with pytest.raises(httpx.ReadTimeout), httpx.Client(base_url=server.url, timeout=0.5) as impatient:
+        impatient.post("/v1/completions", json={"prompt": "x", "max_tokens": 3000, "session_id": sid})
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:  # the lease comes back once the server has dropped the job
+        r = client.post("/v1/completions", json={"prompt": "y", "max_tokens": 1, "session_id": sid,
+                                                 "memory": "discard"})
+        if r.status_code == 200:
+            break
+        time.sleep(0.1)
+    assert r.status_code == 200
+    assert client.get(f"/v1/sessions/{sid}").json()["version"] == before["version"]
+
+
+def test_stop_strings_cut_the_text_and_name_the_stop_reason(client):
+    free = complete(client, "def f(x):", max_tokens=12)
+    text = free["choices"][0]["text"]
+    firsts = [i for i, ch in enumerate(text) if text.find(ch) == i and ch.isprintable() and ch != "\ufffd"]
+    stop = text[firsts[-1]]  # the last character to appear for the first time: the cut keeps what precedes it
+    cut = complete(client, "def f(x):", max_tokens=12, stop=[stop])["choices"][0]
+    assert cut["text"] == text[:text.index(stop)] and cut["finish_reason"] == "stop" and cut["stop_reason"] == stop
+    chunks = sse_events(client.post("/v1/completions", json={"prompt": "def f(x):", "max_tokens": 12, "stream": True,
+                                                               "temperature": 0, "stop": [stop]}).content)[:-1]
+    assert all("stop_reason" in c["choices"][0] for c in chunks)  # completions chunks always carry it (vLLM)
+    assert chunks[-1]["choices"][0]["stop_reason"] == stop
+    assert "".join(c["choices"][0]["text"] for c in chunks) == cut["text"]
+
+
 def test_concurrent_sessions_are_batched_and_each_gets_its_own_answer(client, server):
     sids = [new_session(client)["id"] for _ in range(6)]
     prompts = [f"session {i} says: " for i in range(6)]
@@ -295,6 +325,8 @@ def test_concurrent_sessions_are_batched_and_each_gets_its_own_answer(client, se
     ({"json": {"prompt": [300]}}, 400, "invalid_token"),
     ({"json": {"prompt": "x", "n": 2}}, 400, "invalid_request"),
     ({"json": {"prompt": "x", "logprobs": 2}}, 400, "invalid_request"),
+    ({"json": {"prompt": "x", "seed": 2**64}}, 400, "invalid_request"),
+    ({"json": {"prompt": [-1], "echo": True}}, 400, "invalid_token"),
 ])
 def test_bad_requests_get_the_right_status_and_envelope(client, kwargs, status, code):
     assert_error(client.post("/v1/completions", **kwargs), status, code)

@@ -96,7 +96,21 @@ def test_a_full_queue_answers_429_with_retry_after(model_dir, tmp_path):
     with ServerProcess(model_dir, store, "--max-running", "1", "--max-waiting", "0") as srv, \
             httpx.Client(base_url=srv.url, timeout=60) as c, \
             c.stream("POST", "/v1/completions", json={"prompt": "busy ", "max_tokens": 400, "stream": True}) as r:
-        next(r.iter_lines())  # the only running slot is taken
+        lines = r.iter_lines()  # keep it: a dropped iterator closes the stream, which cancels the request
+        next(lines)  # the only running slot is taken
         refused = c.post("/v1/completions", json={"prompt": "x"})
         assert_error(refused, 429, "queue_full")
         assert refused.headers["retry-after"] == "1"
+
+
+def test_oversize_bodies_get_413_even_without_content_length(model_dir, tmp_path):
+    store = f"sqlite:///{tmp_path}/sessions.db"
+    with ServerProcess(model_dir, store, "--max-body-bytes", "2000") as srv, httpx.Client(base_url=srv.url) as c:
+        assert_error(c.post("/v1/sessions/import", content=b"x" * 5000), 413, "body_too_large")
+
+        def chunked():  # no Content-Length: the limit is enforced while reading
+            for _ in range(10):
+                yield b"x" * 1000
+
+        assert_error(c.post("/v1/sessions/import", content=chunked()), 413, "body_too_large")
+        assert c.post("/v1/completions", json={"prompt": "still fine", "max_tokens": 1}).status_code == 200

@@ -252,3 +252,39 @@ async def test_snapshots_are_shared_not_copied_and_never_leak(store):
     assert (await store.load("a", child.id))[1] == b"v7"
     await store.delete("a", child.id)
     assert await blob_count(store) == 0
+
+
+async def test_redis_scripts_are_safe_to_run_twice(redis_server, tmp_path):
+    """redis-py retries a command once when the connection drops, so a script may run again after it already
+    took effect (its reply lost). Replaying each mutating script must not change anything the second time."""
+    from server.store.redis import blob_prefix, session_keys
+
+    store = await make_store("redis", redis_server, tmp_path)
+    try:
+        rec = await store.create("a", FP, b"v1")
+        rec = await store.commit("a", rec.id, 1, b"v2", 1)
+        blob = (await store.redis.hget(session_keys(rec.id)[0], "blob")).decode()
+        replay = await store._script("commit", rec.id, "a", 1, blob, 1, "0", "", 3)  # the same commit again
+        assert replay[0] == "OK" and (await store.load("a", rec.id))[1] == b"v2"
+        assert await store.redis.exists(blob_prefix(rec.id) + blob)  # its snapshot was not deleted
+
+        op = "op-1"
+        first = await store._script("rollback", rec.id, "a", 1, "0", "", 3, op)
+        second = await store._script("rollback", rec.id, "a", 1, "0", "", 3, op)
+        assert first[0] == second[0] == "OK" and (await store.get("a", rec.id)).version == 3  # applied once
+
+        token = "lease-token"
+        assert (await store._script("acquire", rec.id, "a", token, 5000))[0] == "OK"
+        assert (await store._script("acquire", rec.id, "a", token, 5000))[0] == "OK"  # the same holder
+        with pytest.raises(SessionBusy):
+            await store.acquire("a", rec.id, 5.0)
+        await store.redis.delete(session_keys(rec.id)[1])
+
+        child = rec.id[:6] + "C" * 22
+        current = (await store.redis.hget(session_keys(rec.id)[0], "blob")).decode()
+        before = int(await store.redis.hget(session_keys(rec.id)[2], current))
+        for _ in range(2):
+            await store._script("fork", rec.id, "a", child, "0", "", "{}", rec.id, extra_keys=session_keys(child)[:1])
+        assert int(await store.redis.hget(session_keys(rec.id)[2], current)) == before + 1  # counted once
+    finally:
+        await store.close()
