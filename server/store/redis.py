@@ -103,12 +103,11 @@ local function install(blob, tokens, now, keep)
 end
 """
 
+# The bytes are read with a plain GET after this script: Lua copies a multi-megabyte string several times over
 READ = PRELUDE + """
 if not owned() then return {'NOTFOUND'} end
 touch()
-local meta = redis.call('HGETALL', KEYS[1])
-if ARGV[4] == '1' then return {'OK', meta, redis.call('GET', blob_key(redis.call('HGET', KEYS[1], 'blob')))} end
-return {'OK', meta}
+return {'OK', redis.call('HGETALL', KEYS[1])}
 """
 
 # ARGV[4..] = expected version, pending blob, tokens_seen, now, lease token, keep.
@@ -224,9 +223,10 @@ class RedisStore(SessionStore):
         self.options = options or StoreOptions()
         timeout = self.options.timeout_s
         # one retry without back-off: a pooled connection that went stale while Redis restarted is replaced at once
+        # reads of 1 MiB: snapshots are megabytes, and the default 32 KiB reads make parsing one a loop of hundreds
         pool = BlockingConnectionPool.from_url(url, max_connections=max_connections, timeout=timeout,
                                                socket_timeout=timeout, socket_connect_timeout=timeout,
-                                               retry=Retry(NoBackoff(), 1))
+                                               socket_read_size=2**20, retry=Retry(NoBackoff(), 1))
         self.redis = Redis(connection_pool=pool)
         self.url = url
         self._scripts = {name: self.redis.register_script(src) for name, src in [
@@ -282,12 +282,19 @@ class RedisStore(SessionStore):
                              name=name, metadata=metadata)
 
     async def get(self, tenant, session_id):
-        _, flat = await self._script("read", session_id, tenant, "0")
+        _, flat = await self._script("read", session_id, tenant)
         return _record(session_id, flat)
 
     async def load(self, tenant, session_id):
-        _, flat, snapshot = await self._script("read", session_id, tenant, "1")
-        return _record(session_id, flat), snapshot
+        """The record (tenant-checked in Redis), then its blob by id. Blobs never change, so the bytes are those
+        of that record's version; if a burst of commits freed the blob in between, read again."""
+        for _ in range(5):
+            _, flat = await self._script("read", session_id, tenant)
+            blob = next(flat[i + 1] for i in range(0, len(flat), 2) if flat[i] == b"blob").decode()
+            snapshot = await self._call(self.redis.get(blob_prefix(session_id) + blob))
+            if snapshot is not None:
+                return _record(session_id, flat), snapshot
+        raise StoreUnavailable(f"session {session_id} changed faster than it could be read")
 
     async def list(self, tenant, limit=20, after=None):
         check_limit(limit)

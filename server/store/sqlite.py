@@ -41,7 +41,11 @@ SCHEMA = """
 CREATE TABLE IF NOT EXISTS blobs (
     id INTEGER PRIMARY KEY,
     refs INTEGER NOT NULL,
-    size INTEGER NOT NULL,
+    size INTEGER NOT NULL
+);
+-- the bytes live apart from the counts: changing a count must not rewrite megabytes of row
+CREATE TABLE IF NOT EXISTS blob_data (
+    id INTEGER PRIMARY KEY REFERENCES blobs (id),
     data BLOB NOT NULL
 );
 CREATE TABLE IF NOT EXISTS sessions (
@@ -94,6 +98,7 @@ class LocalStore(SessionStore):
             db.row_factory = sqlite3.Row
             db.execute("PRAGMA journal_mode=WAL")
             db.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: a commit survives a process crash
+            db.execute("PRAGMA wal_autocheckpoint=16384")  # checkpoint every 64 MiB of WAL, not every 4 MiB snapshot
             db.executescript(SCHEMA)
             self._db = db
         return self._db
@@ -151,12 +156,16 @@ class LocalStore(SessionStore):
 
     @staticmethod
     def _new_blob(db: sqlite3.Connection, snapshot: bytes) -> int:
-        return db.execute("INSERT INTO blobs (refs, size, data) VALUES (1, ?, ?)", (len(snapshot), snapshot)).lastrowid
+        blob = db.execute("INSERT INTO blobs (refs, size) VALUES (1, ?)", (len(snapshot),)).lastrowid
+        db.execute("INSERT INTO blob_data (id, data) VALUES (?, ?)", (blob, snapshot))
+        return blob
 
     @staticmethod
     def _decref(db: sqlite3.Connection, blob: int) -> None:
         db.execute("UPDATE blobs SET refs = refs - 1 WHERE id = ?", (blob,))
-        db.execute("DELETE FROM blobs WHERE id = ? AND refs <= 0", (blob,))
+        if db.execute("SELECT refs FROM blobs WHERE id = ?", (blob,)).fetchone()[0] <= 0:
+            db.execute("DELETE FROM blob_data WHERE id = ?", (blob,))
+            db.execute("DELETE FROM blobs WHERE id = ?", (blob,))
 
     def _remove(self, db: sqlite3.Connection, session_id: str) -> None:
         blobs = [r[0] for r in db.execute("SELECT blob FROM history WHERE id = ? UNION ALL "
@@ -215,7 +224,7 @@ class LocalStore(SessionStore):
         def op(db):  # one transaction: the record and the bytes of the same version
             now = time.time()
             row = self._row(db, tenant, session_id, now)
-            data = db.execute("SELECT data FROM blobs WHERE id = ?", (row["blob"],)).fetchone()[0]
+            data = db.execute("SELECT data FROM blob_data WHERE id = ?", (row["blob"],)).fetchone()[0]
             self._touch(db, session_id, now)
             return self._record(db, row), bytes(data)
 
