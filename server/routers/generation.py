@@ -35,6 +35,10 @@ def render_chat(messages) -> str:
     return "".join(f"<|{m.role}|>\n{m.text()}\n" for m in messages) + "<|assistant|>\n"
 
 
+def compact(value) -> str:
+    return json.dumps(value, separators=(",", ":"))
+
+
 class Shape:
     """The wire shape of one request: ids, chunk and response bodies, for text or chat completions."""
 
@@ -43,6 +47,8 @@ class Shape:
         self.id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
         self.created = int(time.time())
         self.object = "chat.completion.chunk" if chat else "text_completion"
+        head = compact({"id": self.id, "object": self.object, "created": self.created, "model": self.model})
+        self._prefix = f'data: {head[:-1]},"choices":'
 
     def choice(self, text: str | None, finish: str | None, surprise: list[float], ids: list[int],
                role: bool = False, stop_reason: str | None = None) -> dict:
@@ -62,9 +68,9 @@ class Shape:
         return out
 
     def chunk(self, choices: list[dict], **extra) -> str:
-        body = {"id": self.id, "object": self.object, "created": self.created, "model": self.model,
-                "choices": choices, **extra}
-        return f"data: {json.dumps(body, separators=(',', ':'))}\n\n"
+        """One SSE event; the fields every chunk repeats are serialised once per request (see _prefix)."""
+        tail = "".join(f',"{key}":{compact(value)}' for key, value in extra.items())
+        return f"{self._prefix}{compact(choices)}{tail}}}\n\n"
 
     def response(self, text: str, finish: str, stop_reason: str | None, surprise: list[float], ids: list[int],
                  usage: dict, session: dict | None) -> dict:
