@@ -12,6 +12,7 @@ RUN pip install --no-cache-dir "torch==${TORCH_VERSION}" --index-url "${TORCH_IN
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY engine engine
+COPY kernels kernels
 COPY server server
 RUN pip install --no-cache-dir .
 
