@@ -91,7 +91,8 @@ def main() -> None:
     parser.add_argument("--model", default=str(DEFAULT_MODEL))
     parser.add_argument("--sessions", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--tokens", type=int, default=64)
-    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads, both sides")
+    parser.add_argument("--threads", type=int, default=max(1, (os.cpu_count() or 2) - 1),
+                        help="torch threads of the server and of the engine-alone run (default: the server's own)")
     parser.add_argument("--out", default=str(ROOT / "bench/results/serve.json"))
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -99,12 +100,11 @@ def main() -> None:
     results: dict = {"model": args.model, "tokens": args.tokens, "prompt_bytes": len(PROMPT.encode()),
                      "threads": args.threads, "server": []}
     results["engine_alone_before"] = engine_alone(Path(args.model), PROMPT, args.tokens)
-    with tempfile.TemporaryDirectory() as tmp:
-        env = {"OMP_NUM_THREADS": str(args.threads)}
-        with ServerProcess(Path(args.model), f"sqlite:///{tmp}/sessions.db", "--max-running",
-                           str(max(args.sessions)), env=env) as srv:
-            for n in args.sessions:
-                results["server"].append(asyncio.run(run_n(srv.url, n, PROMPT, args.tokens)))
+    with tempfile.TemporaryDirectory() as tmp, ServerProcess(
+            Path(args.model), f"sqlite:///{tmp}/sessions.db", "--max-running", str(max(args.sessions)),
+            "--torch-threads", str(args.threads)) as srv:
+        for n in args.sessions:
+            results["server"].append(asyncio.run(run_n(srv.url, n, PROMPT, args.tokens)))
     results["engine_alone_after"] = engine_alone(Path(args.model), PROMPT, args.tokens)
     engine_tok_s = statistics.fmean([results["engine_alone_before"]["tok_s"], results["engine_alone_after"]["tok_s"]])
     by_n = {r["sessions"]: r for r in results["server"]}

@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
+import sys
 import time
 
 import torch
@@ -25,6 +27,8 @@ log = logging.getLogger("titans.server")
 
 
 def load_runtime(settings: Settings) -> Runtime:
+    torch.set_num_threads(settings.torch_threads or max(1, (os.cpu_count() or 2) - 1))
+    sys.setswitchinterval(0.0005)  # the engine thread and the event loop share the GIL: hand it over sooner
     device = None if settings.device == "auto" else torch.device(settings.device)
     engine = Engine.load(settings.model, device=device)
     store = open_store(settings.store, StoreOptions(
