@@ -14,7 +14,7 @@ import contextlib
 import dataclasses
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 import anyio
@@ -22,7 +22,16 @@ import anyio
 from engine import Engine, SamplingParams, SessionState
 from server.errors import APIError
 from server.metrics import Metrics
-from server.scheduler import DoneEvent, EngineStopped, ErrorEvent, Job, QueueFull, Scheduler, TokenEvent
+from server.scheduler import (
+    ClientGone,
+    DoneEvent,
+    EngineStopped,
+    ErrorEvent,
+    Job,
+    QueueFull,
+    Scheduler,
+    TokenEvent,
+)
 from server.settings import Settings
 from server.store import Lease, SessionBusy, SessionRecord, SessionStore, StoreUnavailable, VersionConflict
 
@@ -107,11 +116,13 @@ class Runtime:
                            "prompt")
 
     async def generate(self, tenant: str, session_id: str | None, prompt_ids: list[int], params: SamplingParams,
-                       commit: bool, want_surprise: bool) -> AsyncIterator[TokenEvent | DoneEvent]:
-        """Yields TokenEvents, then one DoneEvent once the session (if any, and if `commit`) is committed."""
+                       commit: bool, want_surprise: bool,
+                       on_job: Callable[[Job], None] | None = None) -> AsyncIterator[TokenEvent | DoneEvent]:
+        """Yields TokenEvents, then one DoneEvent once the session (if any, and if `commit`) is committed.
+        on_job sees the engine job once it exists (to abort it when the client leaves: Job.abort)."""
         self.check_prompt(prompt_ids, params.max_tokens)
         if session_id is None:
-            async for event in self._run(self.engine.new_state(), prompt_ids, params, want_surprise):
+            async for event in self._run(self.engine.new_state(), prompt_ids, params, want_surprise, on_job):
                 yield event
             return
         async with self.leased(tenant, session_id) as holder:
@@ -122,17 +133,19 @@ class Runtime:
                                "model_mismatch", "session_id")
             state = await self.from_bytes(blob)
             self.metrics.memory_load.observe(time.perf_counter() - started)
-            async for event in self._run(state, prompt_ids, params, want_surprise):
+            async for event in self._run(state, prompt_ids, params, want_surprise, on_job):
                 if isinstance(event, DoneEvent):
                     record = await self.commit(tenant, holder["lease"], event.state) if commit else record
                     event = dataclasses.replace(event, record=record)
                 yield event
 
     async def _run(self, state: SessionState, prompt_ids: list[int], params: SamplingParams,
-                   want_surprise: bool) -> AsyncIterator[TokenEvent | DoneEvent]:
+                   want_surprise: bool, on_job: Callable[[Job], None] | None) -> AsyncIterator[TokenEvent | DoneEvent]:
         if not self.scheduler.alive:
             raise APIError(503, "the engine thread has stopped", "engine_dead")
         job = Job(prompt_ids, state, params, want_surprise, asyncio.get_running_loop())
+        if on_job is not None:
+            on_job(job)
         try:
             self.scheduler.submit(job)
         except QueueFull as e:
@@ -144,6 +157,8 @@ class Runtime:
         try:
             while True:
                 event = await job.events.get()
+                if isinstance(event, ErrorEvent) and isinstance(event.error, ClientGone):
+                    raise ClientGone  # finished stays False: counted as an abort below
                 if isinstance(event, ErrorEvent):
                     finished = True
                     self.metrics.request_failed("error")

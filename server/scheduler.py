@@ -36,6 +36,10 @@ class EngineStopped(RuntimeError):
     pass
 
 
+class ClientGone(Exception):
+    """The client disconnected: its request is abandoned (nothing is committed)."""
+
+
 @dataclass(frozen=True)
 class TokenEvent:
     token_id: int
@@ -116,6 +120,11 @@ class Job:
 
     def cancel(self) -> None:
         self.cancelled.set()
+
+    def abort(self) -> None:
+        """On the event loop: drop the job and wake whoever waits for its events."""
+        self.cancelled.set()
+        self.events.put_nowait(ErrorEvent(ClientGone()))
 
 
 class Scheduler:

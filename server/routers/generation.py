@@ -16,17 +16,18 @@ from collections.abc import AsyncIterator
 
 import anyio
 from fastapi import APIRouter, Depends, Header, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from server.deps import get_runtime, get_tenant, session_binding
 from server.errors import APIError, as_api_error, error_body
 from server.protocol import ChatCompletionRequest, CompletionRequest, SamplingFields
 from server.runtime import Runtime
-from server.scheduler import DoneEvent, TokenEvent
+from server.scheduler import ClientGone, DoneEvent, TokenEvent
 
 router = APIRouter(prefix="/v1", tags=["generation"])
 
 CHAT_STOP = "<|"  # a role marker begins: the assistant's turn is over
+CLIENT_CLOSED = 499  # nginx's "client closed request": nobody reads it, but the access log says what happened
 
 
 def render_chat(messages) -> str:
@@ -105,12 +106,17 @@ async def respond(request: Request, rt: Runtime, tenant: str, req: SamplingField
         params = req.sampling(max_tokens, (CHAT_STOP,) if chat else ())
     except ValueError as e:
         raise APIError(400, str(e), "invalid_sampling") from e
+    jobs: list = []
     events = rt.generate(tenant, session_id, prompt_ids, params, commit=req.memory == "commit",
-                         want_surprise=req.return_surprise)
+                         want_surprise=req.return_surprise, on_job=jobs.append)
     shape = Shape(chat, rt.model_name, req.return_surprise, req.return_token_ids)
-    gone = asyncio.ensure_future(disconnected(request))  # a client that leaves cancels its request
+    # a client that leaves aborts its job at once (even during a long prefill): nothing is committed
+    gone = asyncio.ensure_future(disconnected(request))
+    gone.add_done_callback(lambda f: None if f.cancelled() else [job.abort() for job in jobs])
     try:
-        first = await next_event(events, gone)  # errors up to the first token are ordinary HTTP errors
+        first = await anext(events)  # errors up to the first token are ordinary HTTP errors
+    except ClientGone:
+        return Response(status_code=CLIENT_CLOSED)
     except BaseException:
         gone.cancel()
         await close(events)
@@ -128,7 +134,9 @@ async def respond(request: Request, rt: Runtime, tenant: str, req: SamplingField
             text += event.text
             ids.append(event.token_id)
             stop_reason = event.stop_reason
-            event = await next_event(events, gone)
+            event = await anext(events)
+    except ClientGone:
+        return Response(status_code=CLIENT_CLOSED)
     finally:
         gone.cancel()
         await close(events)  # releases the session's lease now, not when the generator is collected
@@ -140,10 +148,6 @@ def session_info(done: DoneEvent) -> dict | None:
     return {"id": done.record.id, "version": done.record.version} if done.record is not None else None
 
 
-class ClientGone(Exception):
-    pass
-
-
 async def disconnected(request: Request) -> None:
     """Returns when the client goes away (the body was already read, so the next message is the disconnect)."""
     while (await request.receive())["type"] != "http.disconnect":
@@ -153,23 +157,6 @@ async def disconnected(request: Request) -> None:
 async def close(events) -> None:
     with anyio.CancelScope(shield=True):  # cleanup must finish even inside a cancelled scope
         await events.aclose()
-
-
-async def next_event(events: AsyncIterator, gone: asyncio.Future):
-    """The next event, or ClientGone as soon as the client disconnects (even while a long prefill runs).
-    However this wait ends (disconnect, cancellation), a step still running is cancelled and awaited, so the
-    job is dropped and the lease released before anything else touches the generator."""
-    step = asyncio.ensure_future(anext(events))
-    try:
-        await asyncio.wait({step, gone}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        if not step.done():
-            step.cancel()
-            with anyio.CancelScope(shield=True):
-                await asyncio.gather(step, return_exceptions=True)
-    if step.cancelled():
-        raise ClientGone
-    return step.result()
 
 
 async def stream(shape: Shape, first, events: AsyncIterator, include_usage: bool, echo: str,
@@ -197,7 +184,7 @@ async def stream(shape: Shape, first, events: AsyncIterator, include_usage: bool
                 held = event
             else:
                 yield shape.chunk([shape.choice(event.text, None, event.surprise, [event.token_id])])
-            event = await next_event(events, gone)
+            event = await anext(events)
     except ClientGone:
         return
     except Exception as exc:  # after the first byte the status is sent: report in-band, as vLLM does
