@@ -334,19 +334,22 @@ class NeuralMemory(nn.Module):
         return out.transpose(1, 2).flatten(2).to(dtype)
 
     def chunk_kernel(self, state: State, q: Tensor | None, k: Tensor, v: Tensor, log_gates: Tensor,
-                     sessions: Tensor) -> tuple[Tensor | None, Tensor, State]:
-        """The Triton chunk step for `sessions` (indices into the batch): (read, surprise, new state). The
-        state's W/S are copied once and updated in place by the kernel (inputs are never written)."""
+                     sessions: Tensor) -> tuple[Tensor | None, Tensor, list[Tensor], list[Tensor]]:
+        """The Triton chunk step for `sessions` (indices into the batch): (read, surprise, new W, new S), like
+        read_and_update. The state's W/S are copied once and updated in place by the kernel (inputs are never
+        written); sessions not listed keep their weights."""
         from kernels.memory import fused_chunk
 
-        n_layers = len(self.init_weights)
-        w = [state[f"W{i}"].contiguous().clone() for i in range(n_layers)]
-        s = [state[f"S{i}"].contiguous().clone() for i in range(n_layers)]
+        w = [x.contiguous().clone() for x in self.weights(state)]
+        s = [x.contiguous().clone() for x in self.weights(state, "S")]
         log_theta, log_eta, log_keep = log_gates.unbind(-1)
         read, surprise = fused_chunk.chunk_step(w, s, sessions, q, k, v, log_eta, log_keep, self.theta(log_theta),
                                                 self.cfg.norm_eps, self.cfg.mem_grad_clip)
-        return read, surprise, {**state, **{f"W{i}": w[i] for i in range(n_layers)},
-                                **{f"S{i}": s[i] for i in range(n_layers)}}
+        return read, surprise, w, s
+
+    @staticmethod
+    def with_memory(state: State, weights: list[Tensor], momentum: list[Tensor]) -> State:
+        return {**state, **{f"W{i}": w for i, w in enumerate(weights)}, **{f"S{i}": s for i, s in enumerate(momentum)}}
 
     def surprise(self, state: State, k: Tensor, v: Tensor) -> Tensor:
         """||M(k) - v||^2 at the read weights, mean over heads: [B, R]."""
@@ -365,10 +368,12 @@ class NeuralMemory(nn.Module):
             return y, self.write(state, k, v, log_gates, ctx), surprise
         # Chunks that every session covers whole skip the buffer: one forward serves read, surprise and
         # gradients, and their scan coefficients (gate-only) are computed for all of them at once.
-        b, n_layers = self.cfg.chunk_size, len(self.init_weights)
+        b = self.cfg.chunk_size
         whole = [i for i, (_, _, p) in enumerate(pieces) if all(x % b == 0 and c == b for x, c in zip(*p.host))]
         kernel = bool(whole) and use_triton(self.weights(state), q)
-        if whole and not kernel:
+        if kernel:
+            everyone = torch.arange(q.shape[0], device=q.device)
+        elif whole:
             first = pieces[whole[0]][0]
             span = log_gates[:, :, first:first + len(whole) * b]
             log_theta, log_eta, log_keep = span.unflatten(2, (len(whole), b)).unbind(-1)  # [B, H, n, b]
@@ -376,23 +381,19 @@ class NeuralMemory(nn.Module):
             thetas = self.theta(log_theta)
         ys, surprises = [], []
         for i, (a, e, piece) in enumerate(pieces):
-            if i in whole and kernel:
-                everyone = torch.arange(q.shape[0], device=q.device)
-                y, surprise, state = self.chunk_kernel(state, q[:, :, a:e], k[:, :, a:e], v[:, :, a:e],
-                                                       log_gates[:, :, a:e], everyone)
-                ys.append(y.transpose(1, 2).flatten(2).to(dtype))
-                surprises.append(surprise.mean(1))
-                continue
             if i in whole:
-                j = i - whole[0]
-                y, surprise, w_new, s_new = read_and_update(
-                    self.weights(state), self.weights(state, "S"), q[:, :, a:e], k[:, :, a:e], v[:, :, a:e],
-                    thetas[:, :, j], tuple(c[:, :, j] for c in coefficients), self.cfg.norm_eps,
-                    self.cfg.mem_grad_clip)
+                if kernel:
+                    y, surprise, w_new, s_new = self.chunk_kernel(state, q[:, :, a:e], k[:, :, a:e], v[:, :, a:e],
+                                                                  log_gates[:, :, a:e], everyone)
+                else:
+                    j = i - whole[0]
+                    y, surprise, w_new, s_new = read_and_update(
+                        self.weights(state), self.weights(state, "S"), q[:, :, a:e], k[:, :, a:e], v[:, :, a:e],
+                        thetas[:, :, j], tuple(c[:, :, j] for c in coefficients), self.cfg.norm_eps,
+                        self.cfg.mem_grad_clip)
                 ys.append(y.transpose(1, 2).flatten(2).to(dtype))
                 surprises.append(surprise.mean(1))
-                state = {**state, **{f"W{l}": w_new[l] for l in range(n_layers)},
-                         **{f"S{l}": s_new[l] for l in range(n_layers)}}
+                state = self.with_memory(state, w_new, s_new)
                 continue
             ys.append(self.read(self.weights(state), q[:, :, a:e], dtype))
             if want_surprise:
@@ -408,10 +409,9 @@ class NeuralMemory(nn.Module):
         buf = ctx.write(state["buf"], 2, b, rows.transpose(1, 2))
         new = dict(state)
         if ctx.any_full and use_triton(self.weights(state), k):
-            full = ctx.flag("full").flatten()
-            _, _, kernel_state = self.chunk_kernel(state, None, buf[..., :d], buf[..., d:2 * d], buf[..., 2 * d:],
-                                                   full.nonzero().flatten())
-            new.update({key: kernel_state[key] for key in kernel_state if key[0] in "WS"})
+            full = ctx.flag("full").flatten().nonzero().flatten()
+            _, _, w_new, s_new = self.chunk_kernel(state, None, buf[..., :d], buf[..., d:2 * d], buf[..., 2 * d:], full)
+            new = self.with_memory(new, w_new, s_new)
             buf = buf.masked_fill(ctx.flag("full"), 0.0)
         elif ctx.any_full:
             w, s = self.weights(state), self.weights(state, "S")

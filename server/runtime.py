@@ -99,6 +99,18 @@ class Runtime:
             self.metrics.conflicts.inc()
             raise
 
+    def check_served_model(self, model: str | None) -> None:
+        """A request that names a model must name this server's."""
+        if model is not None and model != self.model_name:
+            raise APIError(404, f"model {model!r} does not exist; this server serves {self.model_name!r}",
+                           "model_not_found", "model")
+
+    def check_memory_model(self, record: SessionRecord) -> None:
+        """A session's memory is only meaningful to the model that wrote it."""
+        if record.fingerprint != self.engine.fingerprint:
+            raise APIError(409, f"session {record.id} holds memory of another model ({record.fingerprint})",
+                           "model_mismatch", "session_id")
+
     # --- a generation, stateless or on a session -------------------------------------------------------------
 
     def check_prompt(self, prompt_ids: list[int], max_tokens: int) -> None:
@@ -128,9 +140,7 @@ class Runtime:
         async with self.leased(tenant, session_id) as holder:
             started = time.perf_counter()
             record, blob = await self.store.load(tenant, session_id)
-            if record.fingerprint != self.engine.fingerprint:
-                raise APIError(409, f"session {session_id} holds memory of another model ({record.fingerprint})",
-                               "model_mismatch", "session_id")
+            self.check_memory_model(record)
             state = await self.from_bytes(blob)
             self.metrics.memory_load.observe(time.perf_counter() - started)
             async for event in self._run(state, prompt_ids, params, want_surprise, on_job):
@@ -141,8 +151,6 @@ class Runtime:
 
     async def _run(self, state: SessionState, prompt_ids: list[int], params: SamplingParams,
                    want_surprise: bool, on_job: Callable[[Job], None] | None) -> AsyncIterator[TokenEvent | DoneEvent]:
-        if not self.scheduler.alive:
-            raise APIError(503, "the engine thread has stopped", "engine_dead")
         job = Job(prompt_ids, state, params, want_surprise, asyncio.get_running_loop())
         if on_job is not None:
             on_job(job)

@@ -99,9 +99,7 @@ def usage_of(done: DoneEvent) -> dict:
 
 async def respond(request: Request, rt: Runtime, tenant: str, req: SamplingFields, session_id: str | None,
                   prompt_ids: list[int], max_tokens: int, chat: bool, echo: str = ""):
-    if req.model is not None and req.model != rt.model_name:
-        raise APIError(404, f"model {req.model!r} does not exist; this server serves {rt.model_name!r}",
-                       "model_not_found", "model")
+    rt.check_served_model(req.model)
     try:
         params = req.sampling(max_tokens, (CHAT_STOP,) if chat else ())
     except ValueError as e:

@@ -16,17 +16,11 @@ from server.scheduler import DoneEvent
 router = APIRouter(prefix="/v1/sessions", tags=["sessions"])
 
 
-def check_model(rt: Runtime, model: str | None) -> None:
-    if model is not None and model != rt.model_name:
-        raise APIError(404, f"model {model!r} does not exist; this server serves {rt.model_name!r}",
-                       "model_not_found", "model")
-
-
 @router.post("", status_code=201)
 async def create_session(body: SessionCreate | None = None, rt: Runtime = Depends(get_runtime),
                          tenant: str = Depends(get_tenant)):
     body = body or SessionCreate()
-    check_model(rt, body.model)
+    rt.check_served_model(body.model)
     blob = await rt.to_bytes(rt.engine.new_state())
     record = await rt.store.create(tenant, rt.engine.fingerprint, blob, name=body.name, metadata=body.metadata)
     rt.metrics.session_op("create")
@@ -59,10 +53,7 @@ async def delete_session(session_id: str, rt: Runtime = Depends(get_runtime), te
 async def reset_session(session_id: str, rt: Runtime = Depends(get_runtime), tenant: str = Depends(get_tenant)):
     """Forget everything: the memory returns to the model's learned initial state (a new version)."""
     async with rt.leased(tenant, session_id) as holder:
-        current = await rt.store.get(tenant, session_id)
-        if current.fingerprint != rt.engine.fingerprint:
-            raise APIError(409, f"session {session_id} holds memory of another model ({current.fingerprint})",
-                           "model_mismatch", "session_id")
+        rt.check_memory_model(await rt.store.get(tenant, session_id))
         record = await rt.commit(tenant, holder["lease"], rt.engine.new_state())
     rt.metrics.session_op("reset")
     return rt.session_object(record)
