@@ -61,8 +61,18 @@ async def commit_and_load(store: SessionStore, size_mb: int, iters: int) -> dict
         forks.append(time.perf_counter() - t0)
         await store.delete("bench", child.id)
     await store.delete("bench", rec.id)
-    return {"commit_plus_load": summary(both[2:]), "commit": summary(commits[2:]), "load": summary(loads[2:]),
-            "fork": summary(forks[2:])}
+    result = {"commit_plus_load": summary(both[2:]), "commit": summary(commits[2:]), "load": summary(loads[2:]),
+              "fork": summary(forks[2:])}
+    if hasattr(store, "redis"):  # the floor: the same bytes through the same client as a plain SET then GET
+        raw = []
+        for _ in range(iters + 2):
+            t0 = time.perf_counter()
+            await store.redis.set("bench:raw", snapshot)
+            await store.redis.get("bench:raw")
+            raw.append(time.perf_counter() - t0)
+        await store.redis.delete("bench:raw")
+        result["raw_set_plus_get"] = summary(raw[2:])
+    return result
 
 
 async def concurrent_commits(store: SessionStore, writers: int, size_mb: int, seconds: float) -> dict:
@@ -109,13 +119,14 @@ async def run(args) -> dict:
 
 
 def table(results: dict) -> str:
-    lines = ["| store | snapshot | commit + load p50 / p99 (ms) | commit p50 | load p50 | fork p50 / p99 (ms) |",
-             "|---|---|---|---|---|---|"]
+    lines = ["| store | snapshot | commit + load p50 / p99 (ms) | commit p50 | load p50 | fork p50 / p99 (ms) "
+             "| plain SET + GET p50 (ms) |", "|---|---|---|---|---|---|---|"]
     for name, res in results["stores"].items():
         for size, r in res["by_size_mb"].items():
             lines.append(f"| {name} | {size} MB | {r['commit_plus_load']['p50_ms']:.1f} / "
                          f"{r['commit_plus_load']['p99_ms']:.1f} | {r['commit']['p50_ms']:.1f} | "
-                         f"{r['load']['p50_ms']:.1f} | {r['fork']['p50_ms']:.2f} / {r['fork']['p99_ms']:.2f} |")
+                         f"{r['load']['p50_ms']:.1f} | {r['fork']['p50_ms']:.2f} / {r['fork']['p99_ms']:.2f} | "
+                         + (f"{r['raw_set_plus_get']['p50_ms']:.1f} |" if "raw_set_plus_get" in r else "— |"))
     lines.append("")
     lines.append("| store | commits/s, 16 concurrent writers on distinct sessions (1 MB snapshots) |")
     lines.append("|---|---|")

@@ -35,6 +35,7 @@ def test_store_benchmark_quick(tmp_path):
     for store in ("redis", "sqlite"):
         assert results["stores"][store]["by_size_mb"]["1"]["commit_plus_load"]["p50_ms"] > 0
         assert results["stores"][store]["concurrent"]["commits_per_s"] > 0
+    assert results["stores"]["redis"]["by_size_mb"]["1"]["raw_set_plus_get"]["p50_ms"] > 0
 
 
 @pytest.mark.slow
