@@ -61,10 +61,12 @@ class Engine:
     parameters and, with weight_dtype, casts its dense projections."""
 
     def __init__(self, model: Titans, tokenizer_dir: str | Path | None = None, device: torch.device | None = None,
-                 weight_dtype: torch.dtype | None = None):
+                 weight_dtype: torch.dtype | None = None, compile: bool = False):
         """weight_dtype: store the dense projections (not norms, memory or embeddings) in this dtype,
         e.g. torch.float16 to halve the bytes each decode step reads. Activations and the memory stay
-        fp32. It is part of the fingerprint: snapshots are tied to the numerics that produced them."""
+        fp32. It is part of the fingerprint: snapshots are tied to the numerics that produced them.
+        compile: run decode steps through torch.compile (Titans.compile_decode); the same function,
+        so not part of the fingerprint."""
         self.device = device or default_device()
         self.config: ModelConfig = model.cfg
         self.model = model.to(self.device).eval()
@@ -80,6 +82,8 @@ class Engine:
                               f"{self.config.vocab_size}")
         self._tokenizer_dir = tokenizer_dir
         self.fingerprint = self._fingerprint()
+        if compile:
+            self.model.compile_decode()
         with torch.inference_mode():
             self._template = {k: v.detach().clone() for k, v in flatten_state(self.model.initial_state()).items()}
 
@@ -87,17 +91,18 @@ class Engine:
 
     @classmethod
     def from_config(cls, cfg: ModelConfig, seed: int = 0, device: torch.device | str | None = None,
-                    tokenizer_dir: str | Path | None = None, weight_dtype: torch.dtype | None = None) -> Engine:
+                    tokenizer_dir: str | Path | None = None, weight_dtype: torch.dtype | None = None,
+                    compile: bool = False) -> Engine:
         """A randomly initialised model (seeded). tokenizer_dir holds tokenizer.json for 'tokenizers' configs."""
         with torch.random.fork_rng(devices=[]):  # seed the initialisation without touching the caller's RNG
             torch.manual_seed(seed)
             model = Titans(cfg)
         return cls(model, tokenizer_dir=tokenizer_dir, device=torch.device(device) if device else None,
-                   weight_dtype=weight_dtype)
+                   weight_dtype=weight_dtype, compile=compile)
 
     @classmethod
     def load(cls, model_dir: str | Path, device: torch.device | str | None = None,
-             weight_dtype: torch.dtype | None = None) -> Engine:
+             weight_dtype: torch.dtype | None = None, compile: bool = False) -> Engine:
         """A model directory: config.json + model.safetensors (+ tokenizer.json for 'tokenizers')."""
         model_dir = Path(model_dir)
         cfg = ModelConfig.load(model_dir)
@@ -116,7 +121,7 @@ class Engine:
                                   f"config.json implies {tuple(ref.shape)}")
         model.load_state_dict(weights)
         return cls(model, tokenizer_dir=model_dir, device=torch.device(device) if device else None,
-                   weight_dtype=weight_dtype)
+                   weight_dtype=weight_dtype, compile=compile)
 
     def save(self, model_dir: str | Path) -> None:
         save_model_dir(self.model, model_dir, self._tokenizer_dir, metadata={"fingerprint": self.fingerprint})

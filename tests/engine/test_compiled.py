@@ -1,0 +1,43 @@
+"""Compiled decode (Titans.compile_decode, torch.compile of the one-row step) computes the eager step's function.
+
+In float64, so that the comparison is tight; every variant's attention rule, chunk ends and MAC segment ends are
+crossed, by one session and by a running batch at different positions with an idle session.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from .helpers import VARIANTS, assert_close, assert_states_close, engine_for, tiny, tokens
+
+pytestmark = pytest.mark.slow  # compiling takes seconds per graph
+
+
+def decode_both(eager, compiled, prompts: list[torch.Tensor], steps: int, generator: torch.Generator):
+    batches = [e.batch([e.new_state()] * len(prompts)) for e in (eager, compiled)]
+    for batch in batches:
+        batch.forward(prompts)
+    for step in range(steps):
+        ids = tokens(len(prompts), generator).tolist()
+        # one session idles now and then (count 0): it must come out untouched
+        step_ids = [[] if len(prompts) > 1 and step % 5 == 4 and s == 1 else [t] for s, t in enumerate(ids)]
+        (a, b) = (batch.forward(step_ids) for batch in batches)
+        for (logits_a, _), (logits_b, _) in zip(a, b):
+            assert_close(logits_a, logits_b, tol=1e-8)
+    return [batch.states() for batch in batches]
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_compiled_decode_equals_eager(variant):
+    cfg = tiny(variant)
+    eager = engine_for(cfg, dtype=torch.float64)
+    compiled = engine_for(cfg, dtype=torch.float64)
+    compiled.model.compile_decode()
+    g = torch.Generator().manual_seed(0)
+    steps = 2 * max(cfg.segment_size, cfg.window) + cfg.chunk_size + 1  # several chunk and segment ends
+    for prompts in ([tokens(3, g)], [tokens(5, g), tokens(9, g), tokens(2, g)]):
+        states_eager, states_compiled = decode_both(eager, compiled, prompts, steps, g)
+        for a, b in zip(states_eager, states_compiled):
+            assert a.tokens_seen == b.tokens_seen
+            assert_states_close(a, b, tol=1e-8)
