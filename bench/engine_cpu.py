@@ -8,7 +8,8 @@ For the small-mac preset (~7.5M parameters: dim 256, 4 layers, memory depth 2 x4
     default mode (every gradient taken at M_0) and re-anchored per chunk (batch_size=chunk) as the paper
     and this engine do,
   - titans-pytorch's MemoryAsContextTransformer forward and `sample(use_cache=True)`.
-Our weights run in fp32 and with fp16 dense weights (Engine weight_dtype).
+Our weights run in fp32 and with fp16 dense weights (Engine weight_dtype), each eager and with compiled decode
+(Engine compile=True: torch.compile of the one-row step; compiling happens in the warm-up round).
 
 The machine is noisy, so every repetition runs all workloads once, interleaved, and each ratio is the median
 of per-repetition ratios (ours and the baseline timed back to back). Values are medians over --repeats
@@ -34,7 +35,9 @@ import torch
 from engine import Engine, ModelConfig, SamplingParams
 from engine.model import MAX_SPAN, MemoryMixer, StepContext
 
-DTYPES = {"fp32": None, "fp16": torch.float16}
+# name -> Engine options; compiled engines run decode through torch.compile (prefill is the same eager code)
+ENGINES = {"fp32": {}, "fp16": {"weight_dtype": torch.float16},
+           "fp32_compiled": {"compile": True}, "fp16_compiled": {"weight_dtype": torch.float16, "compile": True}}
 Workload = Callable[[], dict[str, float]]  # one timed run -> {metric: tokens per second}
 
 
@@ -60,13 +63,12 @@ def engine_workloads(eng: Engine, name: str, args, gen: torch.Generator) -> dict
         return {f"ours_{name}_decode_tok_s": (args.new_tokens - 1) / (end - first),
                 f"ours_{name}_sample_incl_prefill_tok_s": args.new_tokens / (end - start)}
 
-    workloads = {
-        f"{name}_prefill_b1": lambda: {f"ours_{name}_prefill_b1_tok_s": rate(
-            args.prefill, lambda: eng.forward(ids, fresh))},
-        f"{name}_prefill_b4": lambda: {f"ours_{name}_prefill_b4_tok_s": rate(
-            4 * args.prefill, lambda: eng.forward_batch(batch, [fresh] * 4))},
-        f"{name}_generate": generate,
-    }
+    workloads = {f"{name}_generate": generate}
+    if eng.model.decode_step is None:  # compiling changes decode only
+        workloads[f"{name}_prefill_b1"] = lambda: {f"ours_{name}_prefill_b1_tok_s": rate(
+            args.prefill, lambda: eng.forward(ids, fresh))}
+        workloads[f"{name}_prefill_b4"] = lambda: {f"ours_{name}_prefill_b4_tok_s": rate(
+            4 * args.prefill, lambda: eng.forward_batch(batch, [fresh] * 4))}
     for sessions in args.sessions:
         states = [eng.forward(torch.randint(0, 256, (args.prompt,), generator=gen), fresh)[1] for _ in range(sessions)]
 
@@ -143,7 +145,11 @@ RATIOS = [  # (name, ours, baseline)
     ("ratio_fp32_prefill_b1", "ours_fp32_prefill_b1_tok_s", "titans_pytorch_prefill_b1_tok_s"),
     ("ratio_fp32_sample_incl_prefill", "ours_fp32_sample_incl_prefill_tok_s", _SAMPLE),
     ("ratio_fp16_sample_incl_prefill", "ours_fp16_sample_incl_prefill_tok_s", _SAMPLE),
+    ("ratio_fp16_compiled_sample_incl_prefill", "ours_fp16_compiled_sample_incl_prefill_tok_s", _SAMPLE),
 ]
+SPEEDUPS = [  # (name, compiled, eager): our own decode, compiled against eager, paired per repetition
+    (f"speedup_{dtype}_compiled_decode", f"ours_{dtype}_compiled_decode_tok_s", f"ours_{dtype}_decode_tok_s")
+    for dtype in ("fp32", "fp16")]
 
 
 def table(results: dict) -> str:
@@ -179,11 +185,11 @@ def main(argv=None) -> dict:
     }
     gen = torch.Generator().manual_seed(0)
     workloads: dict[str, Workload] = {}
-    for name, dtype in DTYPES.items():
-        eng = Engine.from_config(cfg, seed=0, device="cpu", weight_dtype=dtype)
+    for name, options in ENGINES.items():
+        eng = Engine.from_config(cfg, seed=0, device="cpu", **options)
         workloads.update(engine_workloads(eng, name, args, gen))
     lmm = ModelConfig.from_dict({**cfg.to_dict(), "variant": "lmm"})
-    ratios = list(RATIOS) if not args.no_baseline else []
+    ratios = SPEEDUPS + (RATIOS if not args.no_baseline else [])
     for batch, length in mem_shapes:
         shape = f"b{batch}_t{length}"
         ours = f"ours_memory_layer_{shape}_tok_s"

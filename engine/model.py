@@ -24,6 +24,7 @@ names "layers.{i}.m{j}.{name}" (nest_state / flatten_state).
 from __future__ import annotations
 
 import math
+import types
 from dataclasses import dataclass, field
 
 import torch
@@ -713,11 +714,18 @@ class Titans(nn.Module):
 
         On a CPU an eager decode step is bound by dispatching ~500 small ops, which the compiled step fuses
         (about 2.5x faster for small-mac). Compiling takes seconds to a minute per graph the first time
-        (inductor caches on disk), and needs a C++ compiler on the CPU. The parameters are frozen by the
-        Engine, so their guards are dropped: each call then checks only the step's tensors.
+        (inductor caches on disk), and needs a C++ compiler on the CPU.
+
+        The Engine freezes the parameters and the config, so the guards on this module are dropped (checking
+        them cost more than the step itself): each call checks only the step's inputs. Dynamo keeps compiled
+        graphs on the code object it compiled, so each model compiles a private copy of _single_row_step's
+        code; two models never share a graph.
         """
+        code = Titans._single_row_step.__code__
+        code = code.replace(co_name=f"{code.co_name}_{id(self):x}")
+        step = types.MethodType(types.FunctionType(code, globals(), code.co_name), self)
         self.decode_step = torch.compile(
-            self._single_row_step, options={"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe})
+            step, options={"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe})
 
     def step_limit(self, pos: int, sessions: int, aligned: bool) -> int:
         """Most rows one step may take for a session at pos. Sessions at different positions step inside

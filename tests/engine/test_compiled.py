@@ -41,3 +41,16 @@ def test_compiled_decode_equals_eager(variant):
         for a, b in zip(states_eager, states_compiled):
             assert a.tokens_seen == b.tokens_seen
             assert_states_close(a, b, tol=1e-8)
+
+
+def test_compiled_models_never_share_a_graph():
+    """Two models whose tensors all have the same shapes but whose config differs (theta_max is a constant
+    inside the graph): each compiled model must still compute its own function."""
+    g = torch.Generator().manual_seed(1)
+    prompt = [tokens(6, g)]
+    for theta_max in (1.0, 0.25):
+        cfg = tiny("mal", theta_max=theta_max)
+        eager, compiled = engine_for(cfg, dtype=torch.float64), engine_for(cfg, dtype=torch.float64)
+        compiled.model.compile_decode()
+        states_eager, states_compiled = decode_both(eager, compiled, prompt, 2 * cfg.chunk_size, g)
+        assert_states_close(states_eager[0], states_compiled[0], tol=1e-8)
