@@ -7,6 +7,7 @@ new states come out, and nothing is written into a state that was passed in.
 from __future__ import annotations
 
 import hashlib
+import os
 import shutil
 from collections.abc import Generator, Sequence
 from dataclasses import dataclass
@@ -83,6 +84,9 @@ class Engine:
         self._tokenizer_dir = tokenizer_dir
         self.fingerprint = self._fingerprint()
         if compile:
+            if self.device.type == "cpu" and not any(shutil.which(c) for c in (os.environ.get("CXX", "g++"), "c++")):
+                raise RuntimeError("compiled decode on a CPU needs a C++ compiler (g++ or $CXX); install one "
+                                   "or run without compile")
             self.model.compile_decode()
         with torch.inference_mode():
             self._template = {k: v.detach().clone() for k, v in flatten_state(self.model.initial_state()).items()}
@@ -136,6 +140,17 @@ class Engine:
             h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
             h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
         return h.hexdigest()[:32]
+
+    def warm_up(self) -> None:
+        """With compiled decode, compile its graphs now rather than in someone's request: one session and a
+        batch (whose size then stays dynamic), each through steps that end a memory chunk and a MAC segment."""
+        if self.model.decode_step is None:
+            return
+        steps = (self.config.segment_size if self.config.variant == "mac" else self.config.chunk_size) + 1
+        for sessions in (1, 2):
+            batch = self.batch([self.new_state()] * sessions)
+            for _ in range(steps):
+                batch.forward([[0]] * sessions)
 
     # --- sessions ---------------------------------------------------------------------------------
 

@@ -690,24 +690,24 @@ class Titans(nn.Module):
         return logits, new, surprise
 
     def _single_row_step(self, tokens: Tensor, state: ModelState, pos: Tensor, count: Tensor,
-                         rope: tuple[Tensor, Tensor], any_full: bool, any_segment_end: bool, want_surprise: bool):
+                         rope: tuple[Tensor, Tensor], any_full: bool, any_segment_end: bool):
         """step() for one row per session, from tensors and flags only: what compile_decode compiles. The host
         positions stay out of it, so one graph serves every position (two or three graphs in all: with and
         without a chunk end / segment end). RoPE's cos/sin come in computed: inside the graph inductor would
         recompute them for every key the query meets (it lowers a one-row bmm to an inlined mul + sum).
 
-        The state is updated in place and only (logits, surprise) come back: returning a tensor the graph also
+        The state is updated in place and only the logits come back: returning a tensor the graph also
         mutates makes it copy the whole tensor (every attention ring, every step) instead of writing one row.
         """
         ctx = StepContext(pos, count, 1, any_full, any_segment_end, self.cfg, None, owned=True)
         ctx._cache[("rope", rope[0].dtype)] = rope
-        logits, new, surprise = self.step(tokens, state, ctx, want_surprise)
+        logits, new, _ = self.step(tokens, state, ctx)
         for old_layer, new_layer in zip(state, new):
             for old, replaced in zip(old_layer, new_layer):
                 for name, value in replaced.items():
                     if value is not old[name]:
                         old[name].copy_(value)
-        return logits, surprise
+        return logits
 
     def compile_decode(self) -> None:
         """Run decode steps (one row per session) through torch.compile; prefill steps stay eager.
@@ -766,10 +766,11 @@ class Titans(nn.Module):
             else:
                 index = torch.tensor(done, device=dev)[:, None] + torch.arange(rows, device=dev)
                 step_tokens = padded.gather(1, index.clamp(max=padded.shape[1] - 1))
-            if rows == 1 and owned and self.decode_step is not None:  # in place, on the caller's own state
+            # compiled: in place, on the caller's own state; surprise requests stay eager (half the graphs)
+            if rows == 1 and owned and not want_surprise and self.decode_step is not None:
                 logits, surprise = self.decode_step(step_tokens, state, ctx.pos, ctx.count,
                                                     ctx.rope(self.embed.weight.dtype), ctx.any_full,
-                                                    ctx.any_segment_end, want_surprise)
+                                                    ctx.any_segment_end), None
             else:
                 logits, state, surprise = self.step(step_tokens, state, ctx, want_surprise)
             for s, c in enumerate(counts):

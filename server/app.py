@@ -30,7 +30,9 @@ def load_runtime(settings: Settings) -> Runtime:
     torch.set_num_threads(settings.torch_threads or max(1, (os.cpu_count() or 2) - 1))
     sys.setswitchinterval(0.0005)  # the engine thread and the event loop share the GIL: hand it over sooner
     device = None if settings.device == "auto" else torch.device(settings.device)
-    engine = Engine.load(settings.model, device=device)
+    weight_dtype = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}[settings.weights]
+    engine = Engine.load(settings.model, device=device, weight_dtype=weight_dtype, compile=settings.compile)
+    engine.warm_up()
     store = open_store(settings.store, StoreOptions(
         history=settings.history, ttl_s=settings.session_ttl_s, timeout_s=settings.store_timeout_s,
         limits=StoreLimits(max_snapshot_bytes=settings.max_body_bytes)))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -24,6 +24,11 @@ class Settings(BaseSettings):
     # "KEY" or "KEY:TENANT", comma-separated in TITANS_API_KEYS; a key without a tenant is its own tenant
     api_keys: Annotated[tuple[str, ...], NoDecode] = ()
     device: str = Field("auto", description="auto | cpu | cuda")
+    weights: Literal["fp32", "fp16", "bf16"] = Field(
+        "fp32", description="dtype of the dense projections: fp16 halves the bytes of every decode step; part of "
+                            "the model fingerprint, so snapshots do not move between servers that differ in it")
+    compile: bool = Field(False, description="torch.compile the decode step (about 2-3x faster decode on a CPU, "
+                                             "needs a C++ compiler); compiled at start-up, before /ready")
     torch_threads: int = Field(0, ge=0, description="CPU threads for the model; 0: all cores but one, which is "
                                                      "left to the HTTP side (on 2 cores this is faster too)")
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import httpx
+import pytest
 
 from tests.e2e.test_api import assert_error, complete, new_session
 from tests.redis_server import RedisServer
@@ -114,3 +115,21 @@ def test_oversize_bodies_get_413_even_without_content_length(model_dir, tmp_path
 
         assert_error(c.post("/v1/sessions/import", content=chunked()), 413, "body_too_large")
         assert c.post("/v1/completions", json={"prompt": "still fine", "max_tokens": 1}).status_code == 200
+
+
+@pytest.mark.slow
+def test_a_compiled_server_answers_like_an_eager_one_and_shares_its_sessions(model_dir, redis_server):
+    """--compile changes speed only: same fingerprint, so sessions move between the servers, and the same greedy
+    answers (compiled decode equals eager decode to fp32 rounding)."""
+    compiled = ServerProcess(model_dir, redis_server.url, "--compile", "true").start(timeout=600)  # compiles first
+    try:
+        with ServerProcess(model_dir, redis_server.url) as eager:
+            with httpx.Client(base_url=eager.url) as c:
+                sid = new_session(c)["id"]
+            g1, g2, joined = continue_twice(eager.url, compiled.url, sid)  # written eagerly, continued compiled
+            assert g2 == joined
+            with httpx.Client(base_url=eager.url, timeout=30) as c:
+                prompt = list(b"Memory across ") + g1 + list(b"processes: ")
+                assert complete(c, prompt)["choices"][0]["token_ids"] == joined
+    finally:
+        compiled.stop()
