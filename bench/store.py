@@ -22,7 +22,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from server.store import SessionStore, open_store  # noqa: E402
+from server.store import SessionStore, StoreOptions, open_store  # noqa: E402
 from tests.redis_server import RedisServer  # noqa: E402
 
 MB = 2**20
@@ -39,21 +39,30 @@ def summary(seconds: list[float]) -> dict:
             "n": len(ms)}
 
 
-async def commit_and_load(store: SessionStore, size_mb: int, iters: int) -> dict:
+async def commit_and_load(store: SessionStore, size_mb: int, iters: int, cold: SessionStore | None = None) -> dict:
+    """A request's store work on one replica: commit, then the next request's load (which the Redis store serves
+    from its BlobCache). `cold`: a second client without a cache on the same store, which loads every version
+    over the wire, as a replica that has never seen the session does."""
     snapshot = os.urandom(size_mb * MB)
     rec = await store.create("bench", "fp", snapshot)
     version = rec.version
-    commits, loads, both = [], [], []
-    for _ in range(iters + 2):  # the first two warm the connection / page cache
+    commits, loads, both, cold_loads = [], [], [], []
+    for i in range(iters + 2):  # the first two warm the connection / page cache
+        snapshot = snapshot[1:] + bytes([i % 256])  # every version has its own bytes
         t0 = time.perf_counter()
         version = (await store.commit("bench", rec.id, version, snapshot, 0)).version
         t1 = time.perf_counter()
         _, data = await store.load("bench", rec.id)
         t2 = time.perf_counter()
-        assert len(data) == len(snapshot)
+        assert data == snapshot
         commits.append(t1 - t0)
         loads.append(t2 - t1)
         both.append(t2 - t0)
+        if cold is not None:
+            t0 = time.perf_counter()
+            _, data = await cold.load("bench", rec.id)
+            cold_loads.append(time.perf_counter() - t0)
+            assert data == snapshot
     forks = []
     for _ in range(iters + 2):
         t0 = time.perf_counter()
@@ -63,6 +72,8 @@ async def commit_and_load(store: SessionStore, size_mb: int, iters: int) -> dict
     await store.delete("bench", rec.id)
     result = {"commit_plus_load": summary(both[2:]), "commit": summary(commits[2:]), "load": summary(loads[2:]),
               "fork": summary(forks[2:])}
+    if cold_loads:
+        result["load_cold"] = summary(cold_loads[2:])
     if hasattr(store, "redis"):  # the floor: the same bytes through the same client as a plain SET then GET
         raw = []
         for _ in range(iters + 2):
@@ -106,11 +117,15 @@ async def run(args) -> dict:
         try:
             for name, store_url in (("redis", url), ("sqlite", f"sqlite:///{tmp}/sessions.db")):
                 store = open_store(store_url)
+                cold = open_store(store_url, StoreOptions(cache_bytes=0)) if name == "redis" else None
                 try:
-                    per_size = {str(size): await commit_and_load(store, size, args.iters) for size in args.sizes}
+                    per_size = {str(size): await commit_and_load(store, size, args.iters, cold)
+                                for size in args.sizes}
                     concurrent = await concurrent_commits(store, 16, 1, args.seconds)
                 finally:
                     await store.close()
+                    if cold is not None:
+                        await cold.close()
                 results["stores"][name] = {"by_size_mb": per_size, "concurrent": concurrent}
         finally:
             if server:
@@ -119,13 +134,15 @@ async def run(args) -> dict:
 
 
 def table(results: dict) -> str:
-    lines = ["| store | snapshot | commit + load p50 / p99 (ms) | commit p50 | load p50 | fork p50 / p99 (ms) "
-             "| plain SET + GET p50 (ms) |", "|---|---|---|---|---|---|---|"]
+    lines = ["| store | snapshot | commit + load p50 / p99 (ms) | commit p50 | load p50 | load p50, another replica "
+             "| fork p50 / p99 (ms) | plain SET + GET p50 (ms) |", "|---|---|---|---|---|---|---|---|"]
     for name, res in results["stores"].items():
         for size, r in res["by_size_mb"].items():
             lines.append(f"| {name} | {size} MB | {r['commit_plus_load']['p50_ms']:.1f} / "
                          f"{r['commit_plus_load']['p99_ms']:.1f} | {r['commit']['p50_ms']:.1f} | "
-                         f"{r['load']['p50_ms']:.1f} | {r['fork']['p50_ms']:.2f} / {r['fork']['p99_ms']:.2f} | "
+                         f"{r['load']['p50_ms']:.1f} | "
+                         + (f"{r['load_cold']['p50_ms']:.1f} | " if "load_cold" in r else "— | ")
+                         + f"{r['fork']['p50_ms']:.2f} / {r['fork']['p99_ms']:.2f} | "
                          + (f"{r['raw_set_plus_get']['p50_ms']:.1f} |" if "raw_set_plus_get" in r else "— |"))
     lines.append("")
     lines.append("| store | commits/s, 16 concurrent writers on distinct sessions (1 MB snapshots) |")

@@ -35,6 +35,7 @@ def load_runtime(settings: Settings) -> Runtime:
     engine.warm_up()
     store = open_store(settings.store, StoreOptions(
         history=settings.history, ttl_s=settings.session_ttl_s, timeout_s=settings.store_timeout_s,
+        cache_bytes=settings.blob_cache_bytes,
         limits=StoreLimits(max_snapshot_bytes=settings.max_body_bytes)))
     name = settings.model_name()
     metrics = Metrics(name, max(settings.max_prompt_tokens, settings.max_output_tokens))

@@ -43,6 +43,9 @@ class Settings(BaseSettings):
     session_ttl_s: float | None = Field(None, gt=0, description="sliding expiry of idle sessions (off by default)")
     history: int = Field(3, ge=0, description="older versions kept per session for rollback")
     store_timeout_s: float = Field(2.0, gt=0)
+    blob_cache_bytes: int = Field(256 * 2**20, ge=0, description="snapshots a Redis-backed replica keeps in "
+                                                                 "memory: loading a version it wrote or read skips "
+                                                                 "the transfer")
 
     @field_validator("api_keys", mode="before")
     @classmethod

@@ -12,6 +12,7 @@ import base64
 import json
 import secrets
 from abc import ABC, abstractmethod
+from collections import OrderedDict
 from dataclasses import dataclass, field
 
 # Session ids: a 6-character family tag, then 128 random bits (22 base64url characters). A fork keeps its
@@ -108,12 +109,42 @@ class StoreOptions:
     ttl_s: float | None = None  # sliding expiry, renewed on every use; None = sessions never expire
     timeout_s: float = 2.0  # every call answers or raises StoreUnavailable within about this long
     limits: StoreLimits = field(default_factory=StoreLimits)
+    cache_bytes: int = 256 * 2**20  # snapshots a remote store keeps in this process (BlobCache); 0 = none
 
     def __post_init__(self) -> None:
         if self.history < 0:
             raise ValueError("history must be >= 0")
+        if self.cache_bytes < 0:
+            raise ValueError("cache_bytes must be >= 0")
         if self.ttl_s is not None and self.ttl_s <= 0:
             raise ValueError("ttl_s must be positive (or None for no expiry)")
+
+
+class BlobCache:
+    """Snapshot bytes by blob id, least recently used out first, at most `capacity` bytes in all.
+
+    A remote store names every snapshot it writes with a fresh random blob id and never rewrites a blob, so bytes
+    cached under an id are those bytes forever: a replica that committed or loaded a version serves the next
+    load of that version from memory, after the store has checked the tenant and read which blob is current.
+    """
+
+    def __init__(self, capacity: int):
+        self.capacity, self.size = capacity, 0
+        self._blobs: OrderedDict[str, bytes] = OrderedDict()
+
+    def get(self, blob: str) -> bytes | None:
+        data = self._blobs.get(blob)
+        if data is not None:
+            self._blobs.move_to_end(blob)
+        return data
+
+    def put(self, blob: str, data: bytes) -> None:
+        if len(data) > self.capacity or blob in self._blobs:
+            return
+        self._blobs[blob] = bytes(data)  # no copy for bytes; a caller's mutable buffer is copied
+        self.size += len(data)
+        while self.size > self.capacity:
+            self.size -= len(self._blobs.popitem(last=False)[1])
 
 
 @dataclass(frozen=True)

@@ -37,6 +37,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from .base import (
     TAG_CHARS,
+    BlobCache,
     InvalidArgument,
     Lease,
     Page,
@@ -228,6 +229,7 @@ class RedisStore(SessionStore):
                                                socket_timeout=timeout, socket_connect_timeout=timeout,
                                                socket_read_size=2**20, retry=Retry(NoBackoff(), 1))
         self.redis = Redis(connection_pool=pool)
+        self.blobs = BlobCache(self.options.cache_bytes)
         self.url = url
         self._scripts = {name: self.redis.register_script(src) for name, src in [
             ("read", READ), ("commit", COMMIT), ("rollback", ROLLBACK), ("acquire", ACQUIRE), ("renew", RENEW),
@@ -277,6 +279,7 @@ class RedisStore(SessionStore):
                 pipe.pexpire(meta, self._ttl_ms())
             pipe.zadd(tenant_index(tenant), {session_id: now})
             await self._call(pipe.execute())
+        self.blobs.put(blob_prefix(session_id) + blob, snapshot)
         return SessionRecord(id=session_id, tenant=tenant, fingerprint=fingerprint, version=1,
                              tokens_seen=tokens_seen, created_at=now, updated_at=now, snapshot_bytes=len(snapshot),
                              name=name, metadata=metadata)
@@ -286,13 +289,18 @@ class RedisStore(SessionStore):
         return _record(session_id, flat)
 
     async def load(self, tenant, session_id):
-        """The record (tenant-checked in Redis), then its blob by id. Blobs never change, so the bytes are those
-        of that record's version; if a burst of commits freed the blob in between, read again."""
+        """The record (tenant-checked in Redis), then its blob by id, from this process's BlobCache when it holds
+        it. Blobs never change, so the bytes are those of that record's version; if a burst of commits freed the
+        blob in between, read again."""
         for _ in range(5):
             _, flat = await self._script("read", session_id, tenant)
             blob = next(flat[i + 1] for i in range(0, len(flat), 2) if flat[i] == b"blob").decode()
-            snapshot = await self._call(self.redis.get(blob_prefix(session_id) + blob))
+            key = blob_prefix(session_id) + blob
+            snapshot = self.blobs.get(key)
+            if snapshot is None:
+                snapshot = await self._call(self.redis.get(key))
             if snapshot is not None:
+                self.blobs.put(key, snapshot)
                 return _record(session_id, flat), snapshot
         raise StoreUnavailable(f"session {session_id} changed faster than it could be read")
 
@@ -343,6 +351,7 @@ class RedisStore(SessionStore):
             raise VersionConflict(session_id, expected_version, int(result[1]))
         if result[0] == "EXPIRED":
             raise StoreUnavailable(f"the snapshot upload for session {session_id} expired before its commit")
+        self.blobs.put(blob_prefix(session_id) + blob, snapshot)
         return _record(session_id, result[1])
 
     async def acquire(self, tenant, session_id, ttl_s):

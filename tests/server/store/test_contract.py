@@ -15,7 +15,7 @@ from server.store import (
     StoreLimits,
     VersionConflict,
 )
-from server.store.base import is_session_id
+from server.store.base import BlobCache, is_session_id
 from tests.server.store.conftest import make_store
 
 FP = "fingerprint-of-the-model"
@@ -288,3 +288,41 @@ async def test_redis_scripts_are_safe_to_run_twice(redis_server, tmp_path):
         assert int(await store.redis.hget(session_keys(rec.id)[2], current)) == before + 1  # counted once
     finally:
         await store.close()
+
+
+async def test_the_blob_cache_never_serves_a_stale_or_foreign_snapshot(redis_server, tmp_path):
+    """Two replicas on one Redis, each with its own BlobCache: each load returns the current version's bytes, even
+    when the other replica moved the session on, and a cached snapshot is never handed to another tenant."""
+    one = await make_store("redis", redis_server, tmp_path)
+    two = await make_store("redis", redis_server, tmp_path, flush=False)
+    try:
+        rec = await one.create("a", FP, b"v1")
+        assert (await two.load("a", rec.id))[1] == b"v1"  # now cached by both
+        await one.commit("a", rec.id, 1, b"v2", 1)
+        assert (await two.load("a", rec.id))[1] == b"v2"
+        await two.commit("a", rec.id, 2, b"v3", 2)
+        assert (await one.load("a", rec.id))[1] == b"v3"
+        await one.rollback("a", rec.id, 1)  # back to v1's bytes, which both replicas still cache
+        assert (await two.load("a", rec.id))[1] == b"v1" == (await one.load("a", rec.id))[1]
+        with pytest.raises(SessionNotFound):
+            await two.load("b", rec.id)
+        await one.redis.flushdb()  # the session is gone from Redis: the cached bytes must not resurrect it
+        with pytest.raises(SessionNotFound):
+            await one.load("a", rec.id)
+    finally:
+        await one.close()
+        await two.close()
+
+
+def test_blob_cache_keeps_the_most_recently_used_within_its_capacity():
+    cache = BlobCache(10)
+    cache.put("a", b"1234")
+    cache.put("b", b"5678")
+    assert cache.get("a") == b"1234"  # a is now the most recent
+    cache.put("c", b"90")
+    cache.put("d", b"xy")  # 12 bytes: b, the least recently used, goes
+    assert cache.get("b") is None and cache.get("a") == b"1234" and cache.get("d") == b"xy"
+    assert cache.size <= 10
+    cache.put("big", b"x" * 11)  # larger than the whole cache: not kept, nothing evicted for it
+    assert cache.get("big") is None and cache.get("a") == b"1234"
+    assert BlobCache(0).get("a") is None
