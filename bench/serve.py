@@ -75,8 +75,9 @@ async def run_n(url: str, n: int, prompt: str, tokens: int) -> dict:
             "itl_mean_ms": 1000 * statistics.fmean(itl) if itl else float("nan")}
 
 
-def engine_alone(model: Path, prompt: str, tokens: int) -> dict:
-    engine = Engine.load(model)
+def engine_alone(model: Path, prompt: str, tokens: int, compile: bool) -> dict:
+    engine = Engine.load(model, compile=compile)
+    engine.warm_up()
     ids = engine.tokenizer.encode(prompt)
     params = SamplingParams(max_tokens=tokens, temperature=0)
     list(engine.generate(ids, engine.new_state(), SamplingParams(max_tokens=4, temperature=0)))  # warm-up
@@ -93,19 +94,24 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--threads", type=int, default=max(1, (os.cpu_count() or 2) - 1),
                         help="torch threads of the server and of the engine-alone run (default: the server's own)")
+    parser.add_argument("--compile", action="store_true", help="compiled decode, in the server and the engine alone")
     parser.add_argument("--out", default=str(ROOT / "bench/results/serve.json"))
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
     results: dict = {"model": args.model, "tokens": args.tokens, "prompt_bytes": len(PROMPT.encode()),
-                     "threads": args.threads, "server": []}
-    results["engine_alone_before"] = engine_alone(Path(args.model), PROMPT, args.tokens)
-    with tempfile.TemporaryDirectory() as tmp, ServerProcess(
-            Path(args.model), f"sqlite:///{tmp}/sessions.db", "--max-running", str(max(args.sessions)),
-            "--torch-threads", str(args.threads)) as srv:
-        for n in args.sessions:
-            results["server"].append(asyncio.run(run_n(srv.url, n, PROMPT, args.tokens)))
-    results["engine_alone_after"] = engine_alone(Path(args.model), PROMPT, args.tokens)
+                     "threads": args.threads, "compile": args.compile, "server": []}
+    results["engine_alone_before"] = engine_alone(Path(args.model), PROMPT, args.tokens, args.compile)
+    with tempfile.TemporaryDirectory() as tmp:
+        srv = ServerProcess(Path(args.model), f"sqlite:///{tmp}/sessions.db", "--max-running", str(max(args.sessions)),
+                            "--torch-threads", str(args.threads), "--compile", str(args.compile).lower())
+        srv.start(timeout=900)  # compiling happens before /ready
+        try:
+            for n in args.sessions:
+                results["server"].append(asyncio.run(run_n(srv.url, n, PROMPT, args.tokens)))
+        finally:
+            srv.stop()
+    results["engine_alone_after"] = engine_alone(Path(args.model), PROMPT, args.tokens, args.compile)
     engine_tok_s = statistics.fmean([results["engine_alone_before"]["tok_s"], results["engine_alone_after"]["tok_s"]])
     by_n = {r["sessions"]: r for r in results["server"]}
     if 1 in by_n:

@@ -75,7 +75,7 @@ class StepContext:
     count: Tensor  # [B] long
     rows: int  # R = max(count)
     any_full: bool
-    any_segment_end: bool
+    any_segment_end: bool  # MAC only
     config: ModelConfig
     host: tuple[list[int], list[int]] | None  # pos and count as the host knows them (no device reads)
     owned: bool = False  # the caller owns the state tensors: rows may be written in place
@@ -87,7 +87,8 @@ class StepContext:
         b, seg = cfg.chunk_size, cfg.segment_size
         return cls(torch.tensor(pos, device=device), torch.tensor(counts, device=device), max(counts),
                    any(p % b + c == b for p, c in zip(pos, counts)),
-                   any(c > 0 and (p + c) % seg == 0 for p, c in zip(pos, counts)), cfg, (pos, counts), owned)
+                   cfg.variant == "mac" and any(c > 0 and (p + c) % seg == 0 for p, c in zip(pos, counts)), cfg,
+                   (pos, counts), owned)
 
     def chunk_pieces(self) -> list[tuple[int, int, StepContext]]:
         """Row ranges [a, b) of this step that lie in one memory chunk, each with its own context.

@@ -54,3 +54,21 @@ def test_compiled_models_never_share_a_graph():
         compiled.model.compile_decode()
         states_eager, states_compiled = decode_both(eager, compiled, prompt, 2 * cfg.chunk_size, g)
         assert_states_close(states_eager[0], states_compiled[0], tol=1e-8)
+
+
+def test_after_warm_up_decoding_compiles_nothing_new():
+    """Engine.warm_up compiles every decode graph a server needs (one session, batches of any size, chunk and
+    segment ends, any position), so no request ever waits for a compile."""
+    from torch._dynamo.utils import counters
+
+    cfg = tiny("mac")
+    engine = engine_for(cfg)
+    engine.model.compile_decode()
+    engine.warm_up()
+    compiled = counters["stats"]["unique_graphs"]
+    g = torch.Generator().manual_seed(2)
+    for sessions in (1, 3):
+        batch = engine.batch([engine.forward(tokens(7 * s + 5, g), engine.new_state())[1] for s in range(sessions)])
+        for _ in range(2 * cfg.segment_size + 3):
+            batch.forward([[int(t)] for t in tokens(sessions, g)])
+    assert counters["stats"]["unique_graphs"] == compiled
