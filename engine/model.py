@@ -48,8 +48,10 @@ ModelState = list[list[State]]  # [layer][mixer]
 
 
 def nest_state(flat: State) -> ModelState:
+    """Mixer dicts in name order, whichever order the flat dict came in (a snapshot's, the template's): compiled
+    decode guards on the order of their keys."""
     layers: dict[int, dict[int, State]] = {}
-    for key, value in flat.items():
+    for key, value in sorted(flat.items()):
         _, layer, mixer, name = key.split(".", 3)
         layers.setdefault(int(layer), {}).setdefault(int(mixer[1:]), {})[name] = value
     return [[mixers[j] for j in sorted(mixers)] for _, mixers in sorted(layers.items())]

@@ -58,7 +58,7 @@ def test_compiled_models_never_share_a_graph():
 
 def test_after_warm_up_decoding_compiles_nothing_new():
     """Engine.warm_up compiles every decode graph a server needs (one session, batches of any size, chunk and
-    segment ends, any position), so no request ever waits for a compile."""
+    segment ends, any position, states fresh or loaded from snapshots), so no request waits for a compile."""
     from torch._dynamo.utils import counters
 
     cfg = tiny("mac")
@@ -68,7 +68,8 @@ def test_after_warm_up_decoding_compiles_nothing_new():
     compiled = counters["stats"]["unique_graphs"]
     g = torch.Generator().manual_seed(2)
     for sessions in (1, 3):
-        batch = engine.batch([engine.forward(tokens(7 * s + 5, g), engine.new_state())[1] for s in range(sessions)])
+        states = [engine.forward(tokens(7 * s + 5, g), engine.new_state())[1] for s in range(sessions)]
+        batch = engine.batch([engine.load_state(s.to_bytes()) for s in states])  # as a server gets them
         for _ in range(2 * cfg.segment_size + 3):
             batch.forward([[int(t)] for t in tokens(sessions, g)])
     assert counters["stats"]["unique_graphs"] == compiled
