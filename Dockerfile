@@ -1,6 +1,7 @@
 # Titans Server image: slim, non-root, CPU torch by default; the default model inside.
 #   docker build -t titans-server .
 #   docker build -t titans-server:cuda --build-arg TORCH_INDEX=https://download.pytorch.org/whl/cu128 .
+#   docker build -t titans-server:compile --build-arg WITH_COMPILER=1 .   # for TITANS_COMPILE=true on CPU
 ARG PYTHON_IMAGE=python:3.11-slim
 
 FROM ${PYTHON_IMAGE} AS build
@@ -17,6 +18,10 @@ COPY server server
 RUN pip install --no-cache-dir .
 
 FROM ${PYTHON_IMAGE}
+# --build-arg WITH_COMPILER=1 adds g++ (~200 MB), which `--compile true` needs on a CPU (torch.compile's backend)
+ARG WITH_COMPILER=""
+RUN if [ -n "${WITH_COMPILER}" ]; then apt-get update && apt-get install -y --no-install-recommends g++ \
+        && rm -rf /var/lib/apt/lists/*; fi
 RUN useradd --create-home --uid 10001 titans && mkdir -p /data && chown titans /data
 COPY --from=build /opt/venv /opt/venv
 COPY models/titans-mal-recall /opt/titans/models/titans-mal-recall
