@@ -21,14 +21,19 @@ from .data import recall_example, text_window
 from .engine import Engine
 
 
-def score_answers(logits: torch.Tensor, ids: torch.Tensor, spans) -> tuple[int, int]:
+def score_answers(logits: torch.Tensor, ids: torch.Tensor, spans, by_position: list[int] | None = None
+                  ) -> tuple[int, int]:
     """(queries with all 4 digits right, digits right) under teacher forcing: logits[i] predicts ids[i + 1],
-    so an answer at ids[a:b] is read off logits[a - 1:b - 1]; exact equals greedy decoding getting it right."""
+    so an answer at ids[a:b] is read off logits[a - 1:b - 1]; exact equals greedy decoding getting it right.
+    by_position, if given, accumulates the digits right at each place of the answer."""
     exact = digits = 0
     for a, b in spans:
         hit = logits[a - 1:b - 1].argmax(-1).cpu() == ids[a:b]
         exact += bool(hit.all())
         digits += int(hit.sum())
+        if by_position is not None:
+            for place, right in enumerate(hit.tolist()):
+                by_position[place] += right
     return exact, digits
 
 
@@ -42,6 +47,7 @@ def recall_by_distance(engine: Engine, distances: list[int], n_facts: int = 8, e
     for distance in distances:
         rng = random.Random(seed * 7919 + distance)
         hits = {"carried": [0, 0], "reset": [0, 0]}  # [exact, digits]
+        carried_by_position = [0, 0, 0, 0]  # which digit of an answer fails: a diagnosis of the read-out
         queries_total = 0
         for _ in range(examples):
             ex = recall_example(rng, n_facts, distance, filler_source, split="heldout")
@@ -52,13 +58,15 @@ def recall_by_distance(engine: Engine, distances: list[int], n_facts: int = 8, e
             q_ids = torch.tensor(tok.encode(queries))
             for name, start in (("carried", carried), ("reset", engine.new_state())):
                 logits, _ = engine.forward(q_ids, start)
-                exact, digits = score_answers(logits, q_ids, [(a - split, b - split) for a, b in ex.answer_spans])
+                exact, digits = score_answers(logits, q_ids, [(a - split, b - split) for a, b in ex.answer_spans],
+                                              carried_by_position if name == "carried" else None)
                 hits[name][0] += exact
                 hits[name][1] += digits
             queries_total += n_facts
         rows.append({"distance": distance, "windows": distance / span, "queries": queries_total,
                      **{f"{name}_exact": h[0] / queries_total for name, h in hits.items()},
-                     **{f"{name}_digit": h[1] / (4 * queries_total) for name, h in hits.items()}})
+                     **{f"{name}_digit": h[1] / (4 * queries_total) for name, h in hits.items()},
+                     "carried_digit_by_position": [n / queries_total for n in carried_by_position]})
     return rows
 
 

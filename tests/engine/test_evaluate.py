@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import math
 
+import pytest
+
 from engine import Engine
 from engine.cli import main
 from engine.evaluate import recall_by_distance
@@ -44,3 +46,11 @@ def test_plot_training_cli(tmp_path):
     out = tmp_path / "loss.png"
     assert main(["plot-training", "--metrics", str(tmp_path / "metrics.jsonl"), "--out", str(out)]) == 0
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_digit_accuracy_by_position_adds_up_to_the_digit_accuracy():
+    eng = Engine.from_config(tiny("mal"), seed=0, device="cpu")
+    for row in recall_by_distance(eng, [8, 24], n_facts=2, examples=3, seed=1):
+        places = row["carried_digit_by_position"]
+        assert len(places) == 4 and all(0.0 <= p <= 1.0 for p in places)
+        assert sum(places) / 4 == pytest.approx(row["carried_digit"])
