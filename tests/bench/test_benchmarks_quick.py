@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -49,3 +50,15 @@ def test_kernel_gpu_benchmark_dry_run(tmp_path):
     assert {(r["chunk"], r["depth"]) for r in results["prefill"]} == {(16, 1), (16, 2)}
     assert all(r["triton_tok_s"] > 0 and r["torch_eager_tok_s"] > 0 for r in results["prefill"])
     assert [r["sessions"] for r in results["decode"]] == [1, 2]
+
+
+@pytest.mark.slow
+def test_aoti_decode_probe_quick():
+    """The ahead-of-time compiled step computes exactly what the torch.compile step computes."""
+    proc = subprocess.run([sys.executable, "bench/decode_aoti_probe.py", "--preset", "tiny-mac", "--fp32",
+                           "--steps", "3"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    found = re.search(r"logits max diff (\S+), state max diff (\S+) \((\d+) state tensors", proc.stdout)
+    assert found, proc.stdout
+    assert float(found[1]) <= 1e-6 and float(found[2]) <= 1e-6 and int(found[3]) > 0
+    assert "speedup" in proc.stdout
