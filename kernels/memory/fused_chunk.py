@@ -63,10 +63,9 @@ def _weight_offsets(head, i, j, md, mf, D, F, DEPTH: tl.constexpr):
 
 
 @triton.jit
-def _chunk_step_kernel(W1, W2, S1, S2, IDX, Q, K, V, LOG_ETA, LOG_KEEP, THETA, READ, SURPRISE,
-                       H, T, D, F, eps, clip,
-                       DEPTH: tl.constexpr, HAS_CLIP: tl.constexpr, DO_READ: tl.constexpr,
-                       BT: tl.constexpr, BD: tl.constexpr, BF: tl.constexpr):
+def _program_tile(IDX, H, T, D, F, DEPTH: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr, BF: tl.constexpr):
+    """What program (b, h) works on: its rows of q/k/v ([T, D] at x_off) and its head's weights in pool slot
+    IDX[b]. Returns (row, t, mt, md, mf, x_off, mx, w1_off, mw1, w2_off, mw2)."""
     pid, h = tl.program_id(0), tl.program_id(1)
     slot = tl.load(IDX + pid).to(tl.int64)
     t, i, j = tl.arange(0, BT), tl.arange(0, BD), tl.arange(0, BF)
@@ -74,9 +73,18 @@ def _chunk_step_kernel(W1, W2, S1, S2, IDX, Q, K, V, LOG_ETA, LOG_KEEP, THETA, R
     row = (pid * H + h).to(tl.int64)
     x_off = row * T * D + t[:, None] * D + i[None, :]
     mx = mt[:, None] & md[None, :]
+    w1_off, mw1, w2_off, mw2 = _weight_offsets(slot * H + h, i, j, md, mf, D, F, DEPTH)
+    return row, t, mt, md, mf, x_off, mx, w1_off, mw1, w2_off, mw2
+
+
+@triton.jit
+def _chunk_step_kernel(W1, W2, S1, S2, IDX, Q, K, V, LOG_ETA, LOG_KEEP, THETA, READ, SURPRISE,
+                       H, T, D, F, eps, clip,
+                       DEPTH: tl.constexpr, HAS_CLIP: tl.constexpr, DO_READ: tl.constexpr,
+                       BT: tl.constexpr, BD: tl.constexpr, BF: tl.constexpr):
+    row, t, mt, md, mf, x_off, mx, w1_off, mw1, w2_off, mw2 = _program_tile(IDX, H, T, D, F, DEPTH, BT, BD, BF)
     k = tl.load(K + x_off, mask=mx, other=0.0).to(tl.float32)
     v = tl.load(V + x_off, mask=mx, other=0.0).to(tl.float32)
-    w1_off, mw1, w2_off, mw2 = _weight_offsets(slot * H + h, i, j, md, mf, D, F, DEPTH)
     w1 = tl.load(W1 + w1_off, mask=mw1, other=0.0)
     s1 = tl.load(S1 + w1_off, mask=mw1, other=0.0)
     w2 = w1
@@ -140,14 +148,7 @@ def _chunk_step_kernel(W1, W2, S1, S2, IDX, Q, K, V, LOG_ETA, LOG_KEEP, THETA, R
 @triton.jit
 def _read_kernel(W1, W2, IDX, Q, READ, H, T, D, F, eps,
                  DEPTH: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr, BF: tl.constexpr):
-    pid, h = tl.program_id(0), tl.program_id(1)
-    slot = tl.load(IDX + pid).to(tl.int64)
-    t, i, j = tl.arange(0, BT), tl.arange(0, BD), tl.arange(0, BF)
-    mt, md, mf = t < T, i < D, j < F
-    row = (pid * H + h).to(tl.int64)
-    x_off = row * T * D + t[:, None] * D + i[None, :]
-    mx = mt[:, None] & md[None, :]
-    w1_off, mw1, w2_off, mw2 = _weight_offsets(slot * H + h, i, j, md, mf, D, F, DEPTH)
+    _, _, _, md, _, x_off, mx, w1_off, mw1, w2_off, mw2 = _program_tile(IDX, H, T, D, F, DEPTH, BT, BD, BF)
     w1 = tl.load(W1 + w1_off, mask=mw1, other=0.0)
     w2 = tl.load(W2 + w2_off, mask=mw2, other=0.0)  # depth 1: the same matrix again (unused)
     q = tl.load(Q + x_off, mask=mx, other=0.0).to(tl.float32)
