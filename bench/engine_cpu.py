@@ -8,8 +8,9 @@ For the small-mac preset (~7.5M parameters: dim 256, 4 layers, memory depth 2 x4
     default mode (every gradient taken at M_0) and re-anchored per chunk (batch_size=chunk) as the paper
     and this engine do,
   - titans-pytorch's MemoryAsContextTransformer forward and `sample(use_cache=True)`.
-Our weights run in fp32 and with fp16 dense weights (Engine weight_dtype), each eager and with compiled decode
-(Engine compile=True: torch.compile of the one-row step; compiling happens in the warm-up round).
+Our weights run in fp32 and with fp16 dense weights (Engine weight_dtype), each eager and with compiled steps
+(Engine compile=True: torch.compile of the one-row decode step and of prefill's whole-chunk memory step;
+compiling happens in the warm-up round). Our memory layer runs eager and with its chunk step compiled.
 
 The machine is noisy, so every repetition runs all workloads once, interleaved, and each ratio is the median
 of per-repetition ratios (ours and the baseline timed back to back). Values are medians over --repeats
@@ -33,9 +34,10 @@ from pathlib import Path
 import torch
 
 from engine import Engine, ModelConfig, SamplingParams
+from engine.memory import read_and_update
 from engine.model import MAX_SPAN, MemoryMixer, StepContext
 
-# name -> Engine options; compiled engines run decode through torch.compile (prefill is the same eager code)
+# name -> Engine options; compiled engines run decode and prefill's memory chunks through torch.compile
 ENGINES = {"fp32": {}, "fp16": {"weight_dtype": torch.float16},
            "fp32_compiled": {"compile": True}, "fp16_compiled": {"weight_dtype": torch.float16, "compile": True}}
 Workload = Callable[[], dict[str, float]]  # one timed run -> {metric: tokens per second}
@@ -64,11 +66,10 @@ def engine_workloads(eng: Engine, name: str, args, gen: torch.Generator) -> dict
                 f"ours_{name}_sample_incl_prefill_tok_s": args.new_tokens / (end - start)}
 
     workloads = {f"{name}_generate": generate}
-    if eng.model.decode_step is None:  # compiling changes decode only
-        workloads[f"{name}_prefill_b1"] = lambda: {f"ours_{name}_prefill_b1_tok_s": rate(
-            args.prefill, lambda: eng.forward(ids, fresh))}
-        workloads[f"{name}_prefill_b4"] = lambda: {f"ours_{name}_prefill_b4_tok_s": rate(
-            4 * args.prefill, lambda: eng.forward_batch(batch, [fresh] * 4))}
+    workloads[f"{name}_prefill_b1"] = lambda: {f"ours_{name}_prefill_b1_tok_s": rate(
+        args.prefill, lambda: eng.forward(ids, fresh))}
+    workloads[f"{name}_prefill_b4"] = lambda: {f"ours_{name}_prefill_b4_tok_s": rate(
+        4 * args.prefill, lambda: eng.forward_batch(batch, [fresh] * 4))}
     for sessions in args.sessions:
         states = [eng.forward(torch.randint(0, 256, (args.prompt,), generator=gen), fresh)[1] for _ in range(sessions)]
 
@@ -82,10 +83,13 @@ def engine_workloads(eng: Engine, name: str, args, gen: torch.Generator) -> dict
     return workloads
 
 
-def ours_memory_layer(cfg: ModelConfig, batch: int, length: int) -> Callable[[], object]:
+def ours_memory_layer(cfg: ModelConfig, batch: int, length: int, compiled: bool) -> Callable[[], object]:
     """Our memory layer (LMM mixer: projections, conv, read, chunk updates, output) over [B, T, D], stepping
-    as the engine steps aligned sessions: MAX_SPAN rows, the memory chunk by chunk inside."""
+    as the engine steps aligned sessions: MAX_SPAN rows, the memory chunk by chunk inside; compiled: the
+    whole-chunk memory step through torch.compile, as Titans.compile_steps sets it."""
     mixer = MemoryMixer(cfg).eval()
+    if compiled:
+        mixer.memory.compiled_chunk_step = torch.compile(read_and_update)
     x = torch.randn(batch, length, cfg.dim)
 
     @torch.inference_mode()
@@ -143,13 +147,14 @@ def run_interleaved(workloads: dict[str, Workload], warmup: int, repeats: int) -
 _SAMPLE = "titans_pytorch_sample_incl_prefill_tok_s"
 RATIOS = [  # (name, ours, baseline)
     ("ratio_fp32_prefill_b1", "ours_fp32_prefill_b1_tok_s", "titans_pytorch_prefill_b1_tok_s"),
+    ("ratio_fp32_compiled_prefill_b1", "ours_fp32_compiled_prefill_b1_tok_s", "titans_pytorch_prefill_b1_tok_s"),
     ("ratio_fp32_sample_incl_prefill", "ours_fp32_sample_incl_prefill_tok_s", _SAMPLE),
     ("ratio_fp16_sample_incl_prefill", "ours_fp16_sample_incl_prefill_tok_s", _SAMPLE),
     ("ratio_fp16_compiled_sample_incl_prefill", "ours_fp16_compiled_sample_incl_prefill_tok_s", _SAMPLE),
 ]
-SPEEDUPS = [  # (name, compiled, eager): our own decode, compiled against eager, paired per repetition
-    (f"speedup_{dtype}_compiled_decode", f"ours_{dtype}_compiled_decode_tok_s", f"ours_{dtype}_decode_tok_s")
-    for dtype in ("fp32", "fp16")]
+SPEEDUPS = [  # (name, compiled, eager): our own engine, compiled against eager, paired per repetition
+    (f"speedup_{dtype}_compiled_{work}", f"ours_{dtype}_compiled_{work}_tok_s", f"ours_{dtype}_{work}_tok_s")
+    for dtype in ("fp32", "fp16") for work in ("decode", "prefill_b1")]
 
 
 def table(results: dict) -> str:
@@ -192,16 +197,21 @@ def main(argv=None) -> dict:
     ratios = SPEEDUPS + (RATIOS if not args.no_baseline else [])
     for batch, length in mem_shapes:
         shape = f"b{batch}_t{length}"
-        ours = f"ours_memory_layer_{shape}_tok_s"
-        workloads[f"mem_{shape}"] = lambda ours=ours, fn=ours_memory_layer(lmm, batch, length), n=batch * length: {
-            ours: rate(n, fn)}
+        for mode in ("", "_compiled"):
+            ours = f"ours_memory_layer{mode}_{shape}_tok_s"
+            fn = ours_memory_layer(lmm, batch, length, compiled=bool(mode))
+            workloads[f"mem{mode}_{shape}"] = lambda ours=ours, fn=fn, n=batch * length: {ours: rate(n, fn)}
+        ratios.append((f"speedup_memory_layer_compiled_{shape}", f"ours_memory_layer_compiled_{shape}_tok_s",
+                       f"ours_memory_layer_{shape}_tok_s"))
         if args.no_baseline:
             continue
         for suffix, per_chunk in (("", False), ("_anchor_per_chunk", True)):
             base = f"titans_pytorch_memory_layer{suffix}_{shape}_tok_s"
             fn = baseline_memory_layer(lmm, batch, length, per_chunk)
             workloads[f"base{suffix}_{shape}"] = lambda base=base, fn=fn, n=batch * length: {base: rate(n, fn)}
-            ratios.append((f"ratio_memory_layer{suffix}_{shape}", ours, base))
+            for mode in ("", "_compiled"):
+                ratios.append((f"ratio_memory_layer{mode}{suffix}_{shape}", f"ours_memory_layer{mode}_{shape}_tok_s",
+                               base))
     if not args.no_baseline:
         workloads.update(baseline_mac_workloads(args, results))
 

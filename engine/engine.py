@@ -66,8 +66,8 @@ class Engine:
         """weight_dtype: store the dense projections (not norms, memory or embeddings) in this dtype,
         e.g. torch.float16 to halve the bytes each decode step reads. Activations and the memory stay
         fp32. It is part of the fingerprint: snapshots are tied to the numerics that produced them.
-        compile: run decode steps through torch.compile (Titans.compile_decode); the same function,
-        so not part of the fingerprint."""
+        compile: run decode steps and prefill's memory chunks through torch.compile (Titans.compile_steps);
+        the same function, so not part of the fingerprint."""
         self.device = device or default_device()
         self.config: ModelConfig = model.cfg
         self.model = model.to(self.device).eval()
@@ -85,9 +85,9 @@ class Engine:
         self.fingerprint = self._fingerprint()
         if compile:
             if self.device.type == "cpu" and not any(shutil.which(c) for c in (os.environ.get("CXX", "g++"), "c++")):
-                raise RuntimeError("compiled decode on a CPU needs a C++ compiler (g++ or $CXX); install one "
+                raise RuntimeError("compiled steps on a CPU need a C++ compiler (g++ or $CXX); install one "
                                    "or run without compile")
-            self.model.compile_decode()
+            self.model.compile_steps()
         with torch.inference_mode():
             self._template = {k: v.detach().clone() for k, v in flatten_state(self.model.initial_state()).items()}
 
@@ -142,13 +142,15 @@ class Engine:
         return h.hexdigest()[:32]
 
     def warm_up(self) -> None:
-        """With compiled decode, compile its graphs now rather than in someone's request: one session and a
-        batch (whose size then stays dynamic), each through steps that end a memory chunk and a MAC segment."""
+        """With compiled steps, compile their graphs now rather than in someone's request: one session and a
+        batch (whose size then stays dynamic), each prefilling whole memory chunks, then decoding through steps
+        that end a memory chunk and a MAC segment."""
         if self.model.decode_step is None:
             return
         steps = (self.config.segment_size if self.config.variant == "mac" else self.config.chunk_size) + 1
         for sessions in (1, 2):
             batch = self.batch([self.new_state()] * sessions)
+            batch.forward([[0] * 2 * self.config.chunk_size] * sessions)  # two chunks: one alone takes the decode path
             for _ in range(steps):
                 batch.forward([[0]] * sessions)
 

@@ -100,7 +100,7 @@ class StepContext:
         chunks: the memory then reads and updates piece by piece, and everything else runs once.
         """
         b = self.config.chunk_size
-        if self.rows <= 1:  # a decode step (its host positions may be unknown: see Titans.compile_decode)
+        if self.rows <= 1:  # a decode step (its host positions may be unknown: see Titans.compile_steps)
             return [(0, self.rows, self)]
         pos, counts = self.host
         if all(p % b + c <= b for p, c in zip(pos, counts)):
@@ -215,6 +215,13 @@ class StepContext:
         return store
 
 
+def _private_copy(function: types.FunctionType, owner: int) -> types.FunctionType:
+    """The same function on a copy of its code object (dynamo caches compiled graphs per code object)."""
+    code = function.__code__
+    code = code.replace(co_name=f"{code.co_name}_{owner:x}")
+    return types.FunctionType(code, function.__globals__, code.co_name, function.__defaults__, function.__closure__)
+
+
 def state_dtype(dtype: torch.dtype) -> torch.dtype:
     """Memory math runs in fp32, or wider when the model itself is (float64 in the exactness tests)."""
     return torch.promote_types(dtype, torch.float32)
@@ -296,6 +303,7 @@ class NeuralMemory(nn.Module):
         self.init_weights = nn.ParameterList(
             nn.Parameter(w) for w in init_memory_weights(self.heads, cfg.mem_depth, self.head_dim, cfg.mem_expansion))
         self.register_buffer("gate_signs", torch.tensor(_GATE_SIGNS).repeat_interleave(self.heads), persistent=False)
+        self.compiled_chunk_step = None  # read_and_update through torch.compile, set by Titans.compile_steps
 
     def gate_bias(self) -> Tensor:
         """Initial bias of the 3H gate logits: small theta, eta ~ 0.9, alpha ~ 0 (DESIGN §2.3)."""
@@ -402,7 +410,9 @@ class NeuralMemory(nn.Module):
                                                                   log_gates[:, :, a:e], everyone)
                 else:
                     j = i - whole[0]
-                    y, surprise, w_new, s_new = read_and_update(
+                    # compiled only where nothing differentiates through it (serving, not training)
+                    chunk_step = self.compiled_chunk_step if not torch.is_grad_enabled() else None
+                    y, surprise, w_new, s_new = (chunk_step or read_and_update)(
                         self.weights(state), self.weights(state, "S"), q[:, :, a:e], k[:, :, a:e], v[:, :, a:e],
                         thetas[:, :, j], tuple(c[:, :, j] for c in coefficients), self.cfg.norm_eps,
                         self.cfg.mem_grad_clip)
@@ -651,7 +661,7 @@ class Titans(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
-        self.decode_step = None  # set by compile_decode
+        self.decode_step = None  # set by compile_steps
         self.embed = nn.Embedding(cfg.vocab_size, cfg.dim)
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
@@ -694,7 +704,7 @@ class Titans(nn.Module):
 
     def _single_row_step(self, tokens: Tensor, state: ModelState, pos: Tensor, count: Tensor,
                          rope: tuple[Tensor, Tensor], any_full: bool, any_segment_end: bool):
-        """step() for one row per session, from tensors and flags only: what compile_decode compiles. The host
+        """step() for one row per session, from tensors and flags only: what compile_steps compiles. The host
         positions stay out of it, so one graph serves every position (two or three graphs in all: with and
         without a chunk end / segment end). RoPE's cos/sin come in computed: inside the graph inductor would
         recompute them for every key the query meets (it lowers a one-row bmm to an inlined mul + sum).
@@ -712,23 +722,27 @@ class Titans(nn.Module):
                         old[name].copy_(value)
         return logits
 
-    def compile_decode(self) -> None:
-        """Run decode steps (one row per session) through torch.compile; prefill steps stay eager.
+    def compile_steps(self) -> None:
+        """Run through torch.compile the two steps that dominate on a CPU: the decode step (one row per
+        session, Titans._single_row_step) and prefill's whole-chunk memory step (read_and_update).
 
-        On a CPU an eager decode step is bound by dispatching ~500 small ops, which the compiled step fuses
-        (about 2.5x faster for small-mac). Compiling takes seconds to a minute per graph the first time
-        (inductor caches on disk), and needs a C++ compiler on the CPU.
+        Eager, both are bound by dispatching small ops (~500 per decode step, ~60 per memory chunk), which
+        the compiled steps fuse: about 2.5x faster each for small-mac. The rest of prefill (dense
+        projections, attention over many rows) stays eager. Compiling takes seconds to a minute per graph
+        the first time (inductor caches on disk), and needs a C++ compiler on the CPU.
 
         The Engine freezes the parameters and the config, so the guards on this module are dropped (checking
         them cost more than the step itself): each call checks only the step's inputs. Dynamo keeps compiled
-        graphs on the code object it compiled, so each model compiles a private copy of _single_row_step's
-        code; two models never share a graph.
+        graphs on the code object it compiled, so each model compiles private copies of the steps' code; two
+        models never share a graph (nor one model's recompile budget).
         """
-        code = Titans._single_row_step.__code__
-        code = code.replace(co_name=f"{code.co_name}_{id(self):x}")
-        step = types.MethodType(types.FunctionType(code, globals(), code.co_name), self)
         self.decode_step = torch.compile(
-            step, options={"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe})
+            types.MethodType(_private_copy(Titans._single_row_step, id(self)), self),
+            options={"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe})
+        chunk_step = torch.compile(_private_copy(read_and_update, id(self)))
+        for module in self.modules():
+            if isinstance(module, NeuralMemory):
+                module.compiled_chunk_step = chunk_step
 
     def step_limit(self, pos: int, sessions: int, aligned: bool) -> int:
         """Most rows one step may take for a session at pos. Sessions at different positions step inside

@@ -20,6 +20,7 @@ def test_engine_cpu_benchmark_quick(tmp_path):
     assert proc.returncode == 0, proc.stderr
     results = json.loads(out.read_text())
     for key in ("ours_fp32_prefill_b1_tok_s", "ours_fp32_decode_tok_s", "ours_fp16_decode_tok_s",
-                "ours_fp32_decode_4sessions_tok_s", "ours_memory_layer_b1_t64_tok_s"):
+                "ours_fp32_decode_4sessions_tok_s", "ours_memory_layer_b1_t64_tok_s",
+                "ours_memory_layer_compiled_b1_t64_tok_s", "ours_fp32_compiled_prefill_b1_tok_s"):
         assert results[key] > 0, key
     assert "ours_fp32_decode_tok_s" in proc.stdout  # the table is printed

@@ -1,4 +1,5 @@
-"""Compiled decode (Titans.compile_decode, torch.compile of the one-row step) computes the eager step's function.
+"""Compiled steps (Titans.compile_steps: torch.compile of the one-row decode step and of prefill's whole-chunk
+memory step) compute the eager steps' function.
 
 In float64, so that the comparison is tight; every variant's attention rule, chunk ends and MAC segment ends are
 crossed, by one session and by a running batch at different positions with an idle session.
@@ -33,7 +34,7 @@ def test_compiled_decode_equals_eager(variant):
     cfg = tiny(variant)
     eager = engine_for(cfg, dtype=torch.float64)
     compiled = engine_for(cfg, dtype=torch.float64)
-    compiled.model.compile_decode()
+    compiled.model.compile_steps()
     g = torch.Generator().manual_seed(0)
     steps = 2 * max(cfg.segment_size, cfg.window) + cfg.chunk_size + 1  # several chunk and segment ends
     for prompts in ([tokens(3, g)], [tokens(5, g), tokens(9, g), tokens(2, g)]):
@@ -41,6 +42,29 @@ def test_compiled_decode_equals_eager(variant):
         for a, b in zip(states_eager, states_compiled):
             assert a.tokens_seen == b.tokens_seen
             assert_states_close(a, b, tol=1e-8)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_compiled_prefill_equals_eager(variant):
+    """Prefill over many whole memory chunks, for one session and for an aligned batch (whose size differs, so
+    the chunk step's batch dimension goes dynamic), from fresh states and from a session mid-chunk."""
+    from torch._dynamo.utils import counters
+
+    cfg = tiny(variant)
+    eager = engine_for(cfg, dtype=torch.float64)
+    compiled = engine_for(cfg, dtype=torch.float64)
+    compiled.model.compile_steps()
+    g = torch.Generator().manual_seed(3)
+    graphs = counters["stats"]["unique_graphs"]
+    for prompts in ([tokens(9 * cfg.chunk_size + 3, g)], [tokens(6 * cfg.chunk_size, g)] * 3):
+        fresh = eager.new_state().to_bytes()
+        mid_chunk = eager.forward(tokens(cfg.chunk_size // 2, g), eager.new_state())[1].to_bytes()
+        for starts in ([fresh] * len(prompts), [mid_chunk] + [fresh] * (len(prompts) - 1)):
+            (a, b) = (e.forward_batch(prompts, [e.load_state(blob) for blob in starts]) for e in (eager, compiled))
+            for (logits_a, state_a), (logits_b, state_b) in zip(a, b):
+                assert_close(logits_a, logits_b, tol=1e-8)
+                assert_states_close(state_a, state_b, tol=1e-8)
+    assert counters["stats"]["unique_graphs"] > graphs  # the chunk step did compile
 
 
 def test_compiled_models_never_share_a_graph():
@@ -51,7 +75,7 @@ def test_compiled_models_never_share_a_graph():
     for theta_max in (1.0, 0.25):
         cfg = tiny("mal", theta_max=theta_max)
         eager, compiled = engine_for(cfg, dtype=torch.float64), engine_for(cfg, dtype=torch.float64)
-        compiled.model.compile_decode()
+        compiled.model.compile_steps()
         states_eager, states_compiled = decode_both(eager, compiled, prompt, 2 * cfg.chunk_size, g)
         assert_states_close(states_eager[0], states_compiled[0], tol=1e-8)
 
@@ -63,7 +87,7 @@ def test_after_warm_up_decoding_compiles_nothing_new():
 
     cfg = tiny("mac")
     engine = engine_for(cfg)
-    engine.model.compile_decode()
+    engine.model.compile_steps()
     engine.warm_up()
     compiled = counters["stats"]["unique_graphs"]
     g = torch.Generator().manual_seed(2)
