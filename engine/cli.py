@@ -140,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     ev.set_defaults(func=cmd_eval)
 
     pt = sub.add_parser("plot-training", help="loss and recall curves (PNG) from a training run's metrics.jsonl")
-    pt.add_argument("--metrics", required=True)
+    pt.add_argument("--metrics", required=True, nargs="+", help="metrics.jsonl of each stage, in order")
     pt.add_argument("--out", default="training.png")
     pt.set_defaults(func=cmd_plot_training)
 

@@ -142,13 +142,14 @@ class Engine:
         return h.hexdigest()[:32]
 
     def warm_up(self) -> None:
-        """With compiled steps, compile their graphs now rather than in someone's request: one session and a
-        batch (whose size then stays dynamic), each prefilling whole memory chunks, then decoding through steps
-        that end a memory chunk and a MAC segment."""
+        """With compiled steps, compile their graphs now rather than in someone's request: one session and
+        batches (whose size then stays dynamic; half-precision dense layers switch GEMMs at Linear.UPCAST_ROWS
+        rows), each prefilling whole memory chunks, then decoding through steps that end a memory chunk and a
+        MAC segment."""
         if self.model.decode_step is None:
             return
         steps = (self.config.segment_size if self.config.variant == "mac" else self.config.chunk_size) + 1
-        for sessions in (1, 2):
+        for sessions in (1, 2, Linear.UPCAST_ROWS):  # a batch of UPCAST_ROWS or more takes other GEMMs
             batch = self.batch([self.new_state()] * sessions)
             batch.forward([[0] * 2 * self.config.chunk_size] * sessions)  # two chunks: one alone takes the decode path
             for _ in range(steps):

@@ -91,9 +91,14 @@ def _pyplot():
     return plt
 
 
-def plot_training(metrics: str | Path, path: str | Path) -> None:
-    """Loss (all tokens, answers weighted) and teacher-forced recall over training, from train.py's metrics.jsonl."""
-    rows = [json.loads(line) for line in Path(metrics).read_text().splitlines() if line.strip()]
+def plot_training(metrics: str | Path | list[str | Path], path: str | Path) -> None:
+    """Loss (all tokens, answers weighted) and teacher-forced recall over training, from train.py's metrics.jsonl;
+    several files are stages of one training (init_from), drawn one after the other."""
+    rows, offset = [], 0
+    for stage in metrics if isinstance(metrics, list) else [metrics]:
+        stage_rows = [json.loads(line) for line in Path(stage).read_text().splitlines() if line.strip()]
+        rows += [{**r, "step": r["step"] + offset} for r in stage_rows]
+        offset = rows[-1]["step"] + 1 if rows else offset
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 4))
     ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], lw=1, label="training loss")

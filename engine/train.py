@@ -54,6 +54,9 @@ class TrainConfig:
     device: str = "auto"
     bf16: bool = False  # autocast on CUDA
     tokenizer_dir: str | None = None  # holds tokenizer.json for 'tokenizers' models
+    # a run (or model) directory whose weights, and optimizer moments when it has them, start this run at step 0:
+    # a later stage with its own steps, schedule, curriculum and seed (a run's own checkpoint still wins)
+    init_from: str | None = None
 
     @classmethod
     def load(cls, path: str | Path) -> TrainConfig:
@@ -146,22 +149,35 @@ def _save(model: Titans, optimizer: torch.optim.Optimizer, step: int, out_dir: P
               metadata={"step": str(step), "param_groups": json.dumps(state["param_groups"])})
 
 
-def _resume(model: Titans, optimizer: torch.optim.Optimizer, out_dir: Path) -> int:
+def _load_checkpoint(model: Titans, optimizer: torch.optim.Optimizer, directory: Path) -> int | None:
+    """Load a model directory's weights and, if it has trainer.safetensors, the optimizer; its step or None."""
     from safetensors import safe_open
 
-    path = out_dir / "trainer.safetensors"
+    model.load_state_dict(load_file(str(directory / "model.safetensors")))
+    path = directory / "trainer.safetensors"
     if not path.exists():
-        return 0
-    model.load_state_dict(load_file(str(out_dir / "model.safetensors")))
+        return None
     with safe_open(str(path), "pt") as f:
         meta = f.metadata()
-    tensors = load_file(str(path))
     state: dict = {}
-    for key, t in tensors.items():
+    for key, t in load_file(str(path)).items():
         index, name = key.split(".", 1)
         state.setdefault(int(index), {})[name] = t
     optimizer.load_state_dict({"state": state, "param_groups": json.loads(meta["param_groups"])})
     return int(meta["step"])
+
+
+def _start(cfg: TrainConfig, model: Titans, optimizer: torch.optim.Optimizer, out_dir: Path, resume: bool) -> int:
+    """The step to start at: resume from this run's checkpoint, else begin from init_from, else from scratch."""
+    if resume and (out_dir / "trainer.safetensors").exists():
+        return _load_checkpoint(model, optimizer, out_dir)
+    if cfg.init_from:
+        source = Path(cfg.init_from)
+        theirs = ModelConfig.load(source / "config.json")
+        if theirs != model.cfg:
+            raise ValueError(f"init_from {source}: its model config differs from this run's")
+        _load_checkpoint(model, optimizer, source)
+    return 0
 
 
 def train(cfg: TrainConfig, resume: bool = True, log=print) -> dict:
@@ -176,7 +192,7 @@ def train(cfg: TrainConfig, resume: bool = True, log=print) -> dict:
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "train_config.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n")
-    start = _resume(model, optimizer, out) if resume else 0
+    start = _start(cfg, model, optimizer, out, resume)
     tokenizer = load_tokenizer(model.cfg.tokenizer, cfg.tokenizer_dir)
     if cfg.recall_fraction > 0 and model.cfg.tokenizer != "byte":  # answer spans are byte offsets
         raise ValueError("recall examples need the byte tokenizer; set recall_fraction to 0 for other tokenizers")

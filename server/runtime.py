@@ -161,10 +161,17 @@ class Runtime:
             raise APIError(429, f"server busy: {e}", "queue_full", headers={"Retry-After": "1"}) from e
         except EngineStopped as e:
             raise APIError(503, str(e), "engine_dead") from e
-        finished, surprise = False, []
+        finished, surprise, after = False, [], None
         try:
             while True:
-                event = await job.events.get()
+                event, after = after or await job.events.get(), None
+                # A stream that fell behind the engine sends what has piled up as one event (vLLM merges its
+                # deltas the same way): the event loop and the client then do work per step, not per token.
+                while isinstance(event, TokenEvent) and event.finish_reason is None and not job.events.empty():
+                    after = job.events.get_nowait()
+                    if not isinstance(after, TokenEvent):
+                        break
+                    event, after = event.then(after), None
                 if isinstance(event, ErrorEvent) and isinstance(event.error, ClientGone):
                     raise ClientGone  # finished stays False: counted as an abort below
                 if isinstance(event, ErrorEvent):

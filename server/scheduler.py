@@ -7,13 +7,15 @@ call_soon_threadsafe, so the event loop never runs model math and never waits on
 A job's life: its prompt is read chunk by chunk; then each step samples one token from the last logits and
 feeds it back in the next step, so the final state has read every generated token (as Engine.generate does).
 A token that ends the request (EOS, stop string, max_tokens) is still fed once, then the job leaves the batch
-with its final state.
+with its final state. A step's events for all its jobs cross to the event loop in one call_soon_threadsafe:
+one wake-up of the loop per step, not per token.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import logging
 import threading
 import time
@@ -42,11 +44,16 @@ class ClientGone(Exception):
 
 @dataclass(frozen=True)
 class TokenEvent:
-    token_id: int
-    text: str  # the new text this token completes (held back while it may be the start of a stop string)
-    surprise: list[float]  # surprise of the tokens the memory read in the step that produced this token
+    token_ids: tuple[int, ...]  # one per step; several once merged (Runtime, when a stream falls behind)
+    text: str  # the new text these tokens complete (held back while it may be the start of a stop string)
+    surprise: list[float]  # surprise of the tokens the memory read in the steps that produced these tokens
     finish_reason: str | None  # set on the request's last token: "stop" | "length"
     stop_reason: str | None = None  # the stop string that ended the request, if one did
+
+    def then(self, later: TokenEvent) -> TokenEvent:
+        """This event and the next one of the same request as one."""
+        return TokenEvent(self.token_ids + later.token_ids, self.text + later.text, self.surprise + later.surprise,
+                          later.finish_reason, later.stop_reason)
 
 
 @dataclass(frozen=True)
@@ -127,6 +134,11 @@ class Job:
         self.events.put_nowait(ErrorEvent(ClientGone()))
 
 
+def _deliver(items: list[tuple[asyncio.Queue, object]]) -> None:
+    for queue, event in items:
+        queue.put_nowait(event)
+
+
 class Scheduler:
     def __init__(self, engine: Engine, max_running: int, max_waiting: int, prefill_chunk: int, metrics=None):
         self.engine = engine
@@ -135,6 +147,7 @@ class Scheduler:
         self.waiting: collections.deque[Job] = collections.deque()
         self.running: list[Job] = []
         self.batch = None
+        self._outbox: list[tuple[Job, object]] = []  # this iteration's events, sent together by _flush
         self._wake = threading.Condition()
         self._stopping = False
         self.alive = True
@@ -178,6 +191,7 @@ class Scheduler:
                 self._drop_cancelled()
                 if self.running:
                     self._step()
+                self._flush()
                 self._gauges()
         except BaseException as e:  # the engine thread must never die silently, nor leave a request waiting
             log.exception("engine thread died")
@@ -185,6 +199,7 @@ class Scheduler:
                 self.alive = False
                 doomed = admitted + list(self.waiting) + self.running
                 self.waiting.clear()
+            self._flush()
             for job in doomed:
                 job.emit(ErrorEvent(e))
             raise
@@ -204,7 +219,7 @@ class Scheduler:
                 else:
                     self.batch.add([job.state])
             except Exception as e:
-                job.emit(ErrorEvent(e))
+                self._send(job, ErrorEvent(e))
                 continue
             self.running.append(job)
 
@@ -236,7 +251,7 @@ class Scheduler:
         except Exception as e:  # the batch is poisoned: fail its jobs (their sessions are untouched)
             log.exception("engine step failed")
             for job in self.running:
-                job.emit(ErrorEvent(e))
+                self._send(job, ErrorEvent(e))
             self.running, self.batch = [], None
             return
         done = []
@@ -247,7 +262,7 @@ class Scheduler:
                     done.append(i)
             except Exception as e:  # one request's failure (sampling, decoding) is that request's alone
                 log.exception("request failed in the engine")
-                job.emit(ErrorEvent(e))
+                self._send(job, ErrorEvent(e))
                 done.append(i)
         if done:
             self._remove(done)
@@ -272,13 +287,13 @@ class Scheduler:
             text += job.stops.finish()
         job.next_input = token
         self._observe_token(job, now)
-        job.emit(TokenEvent(token, text, read_surprise, job.finish_reason, job.stops.matched))
+        self._send(job, TokenEvent((token,), text, read_surprise, job.finish_reason, job.stops.matched))
         return False
 
     def _finish(self, job: Job, index: int, surprise: list[float]) -> None:
         state = self.batch.state(index)
         reason = job.finish_reason or "length"
-        job.emit(DoneEvent(state, len(job.prompt_ids), len(job.generated), reason, surprise))
+        self._send(job, DoneEvent(state, len(job.prompt_ids), len(job.generated), reason, surprise))
         if self.metrics:
             self.metrics.finished(job, reason)
 
@@ -292,6 +307,19 @@ class Scheduler:
         if job.first_token_at is None:
             job.first_token_at = now
         job.last_token_at = now
+
+    def _send(self, job: Job, event) -> None:
+        self._outbox.append((job, event))
+
+    def _flush(self) -> None:
+        """Hand this iteration's events to their event loops, one call per loop."""
+        outbox, self._outbox = self._outbox, []
+        by_loop: dict[asyncio.AbstractEventLoop, list] = {}
+        for job, event in outbox:
+            by_loop.setdefault(job.loop, []).append((job.events, event))
+        for loop, items in by_loop.items():
+            with contextlib.suppress(RuntimeError):  # a closed loop: nobody is left to read these
+                loop.call_soon_threadsafe(_deliver, items)
 
     def _gauges(self) -> None:
         if self.metrics:

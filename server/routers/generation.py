@@ -130,7 +130,7 @@ async def respond(request: Request, rt: Runtime, tenant: str, req: SamplingField
             if isinstance(event, DoneEvent):
                 break
             text += event.text
-            ids.append(event.token_id)
+            ids += event.token_ids
             stop_reason = event.stop_reason
             event = await anext(events)
     except ClientGone:
@@ -170,7 +170,7 @@ async def stream(shape: Shape, first, events: AsyncIterator, include_usage: bool
             if isinstance(event, DoneEvent):
                 text = held.text if held else ""
                 surprise = (held.surprise if held else []) + event.surprise
-                ids = [held.token_id] if held else []
+                ids = list(held.token_ids) if held else []
                 session = session_info(event)
                 yield shape.chunk([shape.choice(text, event.finish_reason, surprise, ids,
                                                 stop_reason=held.stop_reason if held else None)],
@@ -181,7 +181,7 @@ async def stream(shape: Shape, first, events: AsyncIterator, include_usage: bool
             if event.finish_reason is not None:
                 held = event
             else:
-                yield shape.chunk([shape.choice(event.text, None, event.surprise, [event.token_id])])
+                yield shape.chunk([shape.choice(event.text, None, event.surprise, list(event.token_ids))])
             event = await anext(events)
     except ClientGone:
         return

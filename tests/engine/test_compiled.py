@@ -81,18 +81,20 @@ def test_compiled_models_never_share_a_graph():
 
 
 def test_after_warm_up_decoding_compiles_nothing_new():
-    """Engine.warm_up compiles every decode graph a server needs (one session, batches of any size, chunk and
-    segment ends, any position, states fresh or loaded from snapshots), so no request waits for a compile."""
+    """Engine.warm_up compiles every graph a server needs (one session, batches of any size, prefills of any
+    length, chunk and segment ends, any position, states fresh or loaded from snapshots), so no request waits
+    for a compile."""
     from torch._dynamo.utils import counters
 
     cfg = tiny("mac")
-    engine = engine_for(cfg)
+    engine = engine_for(cfg, weight_dtype=torch.float16)  # fp16 dense layers switch GEMMs at UPCAST_ROWS rows
     engine.model.compile_steps()
     engine.warm_up()
     compiled = counters["stats"]["unique_graphs"]
     g = torch.Generator().manual_seed(2)
-    for sessions in (1, 3):
+    for sessions in (1, 3, 6):
         states = [engine.forward(tokens(7 * s + 5, g), engine.new_state())[1] for s in range(sessions)]
+        engine.forward_batch([tokens(9 * cfg.chunk_size + 1, g)] * sessions, [engine.new_state()] * sessions)
         batch = engine.batch([engine.load_state(s.to_bytes()) for s in states])  # as a server gets them
         for _ in range(2 * cfg.segment_size + 3):
             batch.forward([[int(t)] for t in tokens(sessions, g)])

@@ -155,3 +155,34 @@ def test_tokenizers_json_model(tmp_path):
     (tmp_path / "tokenizer.json").unlink()
     with pytest.raises(FileNotFoundError, match="tokenizer.json"):
         Engine.load(tmp_path)
+
+
+def test_half_precision_linear_is_one_function_whatever_the_rows():
+    """Linear with fp16 weights runs few rows as an fp16 GEMM and many as an fp32 GEMM on the upcast weight
+    (much faster on CPUs); both round input and output to fp16, so they agree to one fp16 rounding."""
+    from engine.model import Linear
+
+    torch.manual_seed(0)
+    layer = Linear(64, 96).to(torch.float16)
+    x = torch.randn(3 * Linear.UPCAST_ROWS, 64)
+    together = layer(x)  # upcast path
+    one_by_one = torch.cat([layer(row[None]) for row in x])  # half path
+    assert together.dtype == one_by_one.dtype == torch.float32
+    ulp = torch.finfo(torch.float16).eps * together.abs().clamp(min=2.0**-14)
+    assert ((together - one_by_one).abs() <= ulp).all()
+    assert torch.equal(together.half().float(), together)  # rounded to fp16, as the half path is
+
+
+@pytest.mark.parametrize("variant", ["mac", "mal"])
+def test_half_precision_weights_keep_the_invariants_to_fp16_rounding(variant):
+    cfg = tiny(variant)
+    half, full = engine_for(cfg, weight_dtype=torch.float16), engine_for(cfg)
+    ids = tokens(50, torch.Generator().manual_seed(4))
+    prefill, state = half.forward(ids, half.new_state())
+    stepped, s = [], half.new_state()
+    for t in ids:
+        logits, s = half.forward([int(t)], s)
+        stepped.append(logits)
+    assert_close(torch.cat(stepped), prefill, tol=2e-2)
+    assert_close(prefill, full.forward(ids, full.new_state())[0], tol=5e-2)  # the same model as in fp32
+    assert half.fingerprint != full.fingerprint

@@ -44,7 +44,8 @@ def test_plot_training_cli(tmp_path):
     rows[3]["recall"] = {"exact": 0.25, "digit": 0.5}
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     out = tmp_path / "loss.png"
-    assert main(["plot-training", "--metrics", str(tmp_path / "metrics.jsonl"), "--out", str(out)]) == 0
+    stage = str(tmp_path / "metrics.jsonl")
+    assert main(["plot-training", "--metrics", stage, stage, "--out", str(out)]) == 0  # two stages
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 

@@ -48,6 +48,23 @@ def test_resume_continues_exactly(tmp_path):
         torch.testing.assert_close(b[name], t, atol=1e-6, rtol=1e-6)
 
 
+def test_a_later_stage_starts_from_init_from(tmp_path):
+    first = _config(tmp_path / "a", steps=3)
+    train(first, resume=False, log=lambda _: None)
+    # lr 0: a stage that starts from the first stage's weights ends with them
+    frozen = _config(tmp_path / "b", steps=2, lr=0.0, seed=5, init_from=first.out_dir)
+    train(frozen, log=lambda _: None)
+    a = load_file(str(Path(first.out_dir) / "model.safetensors"))
+    b = load_file(str(Path(frozen.out_dir) / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[name], b[name]) for name in a)
+    moving = _config(tmp_path / "c", steps=2, init_from=first.out_dir)
+    train(moving, log=lambda _: None)
+    c = load_file(str(Path(moving.out_dir) / "model.safetensors"))
+    assert not all(torch.equal(a[name], c[name]) for name in a)
+    with pytest.raises(ValueError, match="model config differs"):
+        train(_config(tmp_path / "d", model={"preset": "tiny-mal"}, init_from=first.out_dir), log=lambda _: None)
+
+
 def test_schedule_and_recall_format():
     cfg = TrainConfig(model={"preset": "tiny-mac"}, steps=100, warmup=10, lr=1.0, min_lr_ratio=0.1)
     assert lr_at(cfg, 0) == 0.1 and lr_at(cfg, 9) == 1.0
