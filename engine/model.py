@@ -111,6 +111,13 @@ class StepContext:
                                          self.config, self.pos.device, self.owned))
                 for a, e in zip(cuts, cuts[1:])]
 
+    def full_sessions(self) -> list[int] | None:
+        """Indices of the sessions that complete their memory chunk in this step; None without host positions."""
+        if self.host is None:
+            return None
+        b = self.config.chunk_size
+        return [i for i, (p, c) in enumerate(zip(*self.host)) if p % b + c == b]
+
     def _cached(self, key, make):
         if key not in self._cache:
             self._cache[key] = make()
@@ -438,6 +445,12 @@ class NeuralMemory(nn.Module):
         surprise = torch.cat(surprises, 1) if want_surprise else None
         return torch.cat(ys, 1), state, surprise
 
+    def _chunk_update(self, w: list[Tensor], s: list[Tensor], buf: Tensor, d: int):
+        """chunk_update from full chunk buffers [B', H, b, 2d+3]."""
+        log_theta, log_eta, log_keep = buf[..., 2 * d:].unbind(-1)
+        return chunk_update(w, s, buf[..., :d], buf[..., d:2 * d], log_eta, log_keep, self.theta(log_theta),
+                            self.cfg.norm_eps, self.cfg.mem_grad_clip)
+
     def write(self, state: State, k: Tensor, v: Tensor, log_gates: Tensor, ctx: StepContext) -> State:
         """Append this step's rows to the chunk buffer; apply the chunk for sessions whose chunk is full."""
         d, b = self.head_dim, self.cfg.chunk_size
@@ -451,14 +464,25 @@ class NeuralMemory(nn.Module):
             buf = buf.masked_fill(ctx.flag("full"), 0.0)
         elif ctx.any_full:
             w, s = self.weights(state), self.weights(state, "S")
-            log_theta, log_eta, log_keep = buf[..., 2 * d:].unbind(-1)
-            theta = self.theta(log_theta)
-            w_new, s_new = chunk_update(w, s, buf[..., :d], buf[..., d:2 * d], log_eta, log_keep, theta,
-                                        self.cfg.norm_eps, self.cfg.mem_grad_clip)
             full = ctx.flag("full")
-            for i in range(len(w)):
-                new[f"W{i}"] = torch.where(full, w_new[i], w[i])
-                new[f"S{i}"] = torch.where(full, s_new[i], s[i])
+            some = ctx.full_sessions()
+            if some is not None and len(some) < len(w[0]):
+                # staggered sessions (a server's running batch): only those completing a chunk pay for the update
+                some = torch.tensor(some, device=buf.device)
+                part = buf.index_select(0, some)
+                w_new, s_new = self._chunk_update([t.index_select(0, some) for t in w],
+                                                  [t.index_select(0, some) for t in s], part, d)
+                in_place = ctx.owned and not torch.is_grad_enabled()
+                for i in range(len(w)):
+                    new[f"W{i}"] = w[i].index_copy_(0, some, w_new[i]) if in_place else w[i].index_copy(
+                        0, some, w_new[i])
+                    new[f"S{i}"] = s[i].index_copy_(0, some, s_new[i]) if in_place else s[i].index_copy(
+                        0, some, s_new[i])
+            else:  # all sessions, or a compiled step (no host positions): masked
+                w_new, s_new = self._chunk_update(w, s, buf, d)
+                for i in range(len(w)):
+                    new[f"W{i}"] = torch.where(full, w_new[i], w[i])
+                    new[f"S{i}"] = torch.where(full, s_new[i], s[i])
             buf = buf.masked_fill(full, 0.0)  # a completed chunk leaves an empty buffer
         new["buf"] = buf
         return new
