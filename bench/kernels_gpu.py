@@ -5,8 +5,9 @@
 
 Measured in one run, side by side:
   - ceilings of this card: copy bandwidth (a large device-to-device copy) and a bf16 matmul;
-  - prefill (B sessions x T tokens, H heads of d, chunk b, memory depth 1 and 2): our Triton chunk step,
-    our PyTorch path eager and under torch.compile, and titans-pytorch NeuralMemory (if installed);
+  - prefill (B sessions x T tokens, H heads of d, chunk b, memory depth 1 and 2): our Triton varlen prefill
+    (all chunks of all sessions in one launch) and our Triton chunk step launched per chunk, our PyTorch path
+    eager and under torch.compile, and titans-pytorch NeuralMemory (if installed);
   - decode (N sessions, one token each, a chunk update every b tokens): Triton vs PyTorch, with the
     achieved bandwidth (the weights each read step must stream) against the copy ceiling.
 The correctness check compares the Triton kernels with the PyTorch reference on the same random inputs and
@@ -32,8 +33,9 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from engine.memory import chunk_coefficients, init_memory_weights, memory_read, read_and_update  # noqa: E402
+from kernels.memory import chunk as varlen  # noqa: E402
 from kernels.memory import fused_chunk  # noqa: E402
-from kernels.memory.naive import chunk_step_ref  # noqa: E402
+from kernels.memory.naive import chunk_step_ref, prefill_ref  # noqa: E402
 
 EPS = 1e-5
 
@@ -87,8 +89,19 @@ def check(device: torch.device) -> dict:
         err = max([float((read - ref[0]).abs().max())]
                   + [float((pool_w[i][slots] - ref[2][i]).abs().max()) for i in range(depth)])
         errors[f"depth{depth}_max_abs_err"] = err
-        if err > 1e-3:
-            raise SystemExit(f"Triton and PyTorch disagree (depth {depth}): max error {err}")
+        # varlen prefill: ragged packed sequences (3 chunks + a partial one, 2 chunks) in slots 4 and 0
+        cu = torch.tensor([0, 61, 93], device=device)
+        w, s, q, k, v, le, lk, th = make_inputs(1, 93, 2, 32, depth, 2, device, pool=5)
+        rows = [x[0].transpose(0, 1).contiguous() for x in (q, k, v, le, lk, th)]  # [N, H, ...]
+        slots = torch.tensor([4, 0], device=device)
+        ref = prefill_ref(w, s, slots, cu, *rows, 16, EPS, 1.0)
+        pool_w, pool_s = [x.clone() for x in w], [x.clone() for x in s]
+        read, _ = varlen.prefill(pool_w, pool_s, slots, cu, *rows, 16, EPS, 1.0)
+        err = max([float((read - ref[0]).abs().max())]
+                  + [float((pool_w[i][slots] - ref[2][i]).abs().max()) for i in range(depth)])
+        errors[f"varlen_depth{depth}_max_abs_err"] = err
+        if max(errors.values()) > 1e-3:
+            raise SystemExit(f"Triton and PyTorch disagree (depth {depth}): {errors}")
     return errors
 
 
@@ -104,6 +117,14 @@ def prefill(B, T, H, d, chunk, depth, device, repeats, baseline: bool) -> dict:
             fused_chunk.chunk_step(pool_w, pool_s, slots, q[:, :, sl], k[:, :, sl], v[:, :, sl], le[:, :, sl],
                                    lk[:, :, sl], th[:, :, sl], EPS, 1.0)
 
+    packed = [x.transpose(1, 2).reshape(B * T, *x.shape[1:2], *x.shape[3:]).contiguous()
+              for x in (q, k, v, le, lk, th)]  # [B*T, H, ...]
+    cu = torch.arange(B + 1, device=device) * T
+
+    def varlen_run():
+        pool_w, pool_s = [x.clone() for x in w], [x.clone() for x in s]
+        varlen.prefill(pool_w, pool_s, slots, cu, *packed, chunk, EPS, 1.0)
+
     def torch_run():
         ww, ss = w, s
         for c in range(n):
@@ -114,6 +135,7 @@ def prefill(B, T, H, d, chunk, depth, device, repeats, baseline: bool) -> dict:
 
     tokens = B * T
     out = {"B": B, "T": T, "heads": H, "head_dim": d, "chunk": chunk, "depth": depth,
+           "triton_varlen_tok_s": tokens / timed(varlen_run, device, repeats),
            "triton_tok_s": tokens / timed(triton_run, device, repeats),
            "torch_eager_tok_s": tokens / timed(torch_run, device, repeats)}
     if device.type == "cuda":
@@ -121,7 +143,7 @@ def prefill(B, T, H, d, chunk, depth, device, repeats, baseline: bool) -> dict:
         out["torch_compile_tok_s"] = tokens / timed(compiled, device, repeats)
     if baseline:
         out["titans_pytorch_tok_s"] = titans_pytorch_prefill(B, T, H, d, chunk, depth, device, repeats)
-    out["triton_over_titans_pytorch"] = out["triton_tok_s"] / out["titans_pytorch_tok_s"] if baseline and out[
+    out["triton_over_titans_pytorch"] = out["triton_varlen_tok_s"] / out["titans_pytorch_tok_s"] if baseline and out[
         "titans_pytorch_tok_s"] else None
     return out
 

@@ -388,6 +388,26 @@ class NeuralMemory(nn.Module):
                                                 self.cfg.norm_eps, self.cfg.mem_grad_clip)
         return read, surprise, w, s
 
+    def prefill_kernel(self, state: State, q: Tensor, k: Tensor, v: Tensor, log_gates: Tensor,
+                       dtype) -> tuple[Tensor, Tensor, State]:
+        """Whole chunks of aligned sessions in one Triton launch (kernels/memory/chunk.py: each session a packed
+        sequence): q, k, v [B, H, R, d] -> (y [B, R, H*d], surprise [B, R], new state)."""
+        from kernels.memory import chunk
+
+        B, H, R, d = q.shape
+        w = [x.contiguous().clone() for x in self.weights(state)]
+        s = [x.contiguous().clone() for x in self.weights(state, "S")]
+
+        def packed(x: Tensor) -> Tensor:  # [B, H, R, ...] -> [B * R, H, ...]
+            return x.transpose(1, 2).reshape(B * R, H, *x.shape[3:])
+
+        log_theta, log_eta, log_keep = log_gates.unbind(-1)
+        sessions = torch.arange(B, device=q.device)
+        read, surprise = chunk.prefill(w, s, sessions, torch.arange(B + 1, device=q.device) * R, packed(q), packed(k),
+                                       packed(v), packed(log_eta), packed(log_keep), packed(self.theta(log_theta)),
+                                       self.cfg.chunk_size, self.cfg.norm_eps, self.cfg.mem_grad_clip)
+        return read.view(B, R, H * d).to(dtype), surprise.view(B, R, H).mean(-1), self.with_memory(state, w, s)
+
     @staticmethod
     def with_memory(state: State, weights: list[Tensor], momentum: list[Tensor]) -> State:
         return {**state, **{f"W{i}": w for i, w in enumerate(weights)}, **{f"S{i}": s for i, s in enumerate(momentum)}}
@@ -412,9 +432,7 @@ class NeuralMemory(nn.Module):
         b = self.cfg.chunk_size
         whole = [i for i, (_, _, p) in enumerate(pieces) if all(x % b == 0 and c == b for x, c in zip(*p.host))]
         kernel = bool(whole) and use_triton(self.weights(state), q)
-        if kernel:
-            everyone = torch.arange(q.shape[0], device=q.device)
-        elif whole:
+        if whole and not kernel:
             first = pieces[whole[0]][0]
             span = log_gates[:, :, first:first + len(whole) * b]
             log_theta, log_eta, log_keep = span.unflatten(2, (len(whole), b)).unbind(-1)  # [B, H, n, b]
@@ -422,18 +440,22 @@ class NeuralMemory(nn.Module):
             thetas = self.theta(log_theta)
         ys, surprises = [], []
         for i, (a, e, piece) in enumerate(pieces):
+            if i in whole and kernel:  # the step's whole chunks, all in one launch
+                if i == whole[0]:
+                    e = pieces[whole[-1]][1]
+                    y, surprise, state = self.prefill_kernel(state, q[:, :, a:e], k[:, :, a:e], v[:, :, a:e],
+                                                             log_gates[:, :, a:e], dtype)
+                    ys.append(y)
+                    surprises.append(surprise)
+                continue
             if i in whole:
-                if kernel:
-                    y, surprise, w_new, s_new = self.chunk_kernel(state, q[:, :, a:e], k[:, :, a:e], v[:, :, a:e],
-                                                                  log_gates[:, :, a:e], everyone)
-                else:
-                    j = i - whole[0]
-                    # compiled only where nothing differentiates through it (serving, not training)
-                    chunk_step = self.compiled_chunk_step if not torch.is_grad_enabled() else None
-                    y, surprise, w_new, s_new = (chunk_step or read_and_update)(
-                        self.weights(state), self.weights(state, "S"), q[:, :, a:e], k[:, :, a:e], v[:, :, a:e],
-                        thetas[:, :, j], tuple(c[:, :, j] for c in coefficients), self.cfg.norm_eps,
-                        self.cfg.mem_grad_clip)
+                j = i - whole[0]
+                # compiled only where nothing differentiates through it (serving, not training)
+                chunk_step = self.compiled_chunk_step if not torch.is_grad_enabled() else None
+                y, surprise, w_new, s_new = (chunk_step or read_and_update)(
+                    self.weights(state), self.weights(state, "S"), q[:, :, a:e], k[:, :, a:e], v[:, :, a:e],
+                    thetas[:, :, j], tuple(c[:, :, j] for c in coefficients), self.cfg.norm_eps,
+                    self.cfg.mem_grad_clip)
                 ys.append(y.transpose(1, 2).flatten(2).to(dtype))
                 surprises.append(surprise.mean(1))
                 state = self.with_memory(state, w_new, s_new)

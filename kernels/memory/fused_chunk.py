@@ -78,32 +78,18 @@ def _program_tile(IDX, H, T, D, F, DEPTH: tl.constexpr, BT: tl.constexpr, BD: tl
 
 
 @triton.jit
-def _chunk_step_kernel(W1, W2, S1, S2, IDX, Q, K, V, LOG_ETA, LOG_KEEP, THETA, READ, SURPRISE,
-                       H, T, D, F, eps, clip,
-                       DEPTH: tl.constexpr, HAS_CLIP: tl.constexpr, DO_READ: tl.constexpr,
-                       BT: tl.constexpr, BD: tl.constexpr, BF: tl.constexpr):
-    row, t, mt, md, mf, x_off, mx, w1_off, mw1, w2_off, mw2 = _program_tile(IDX, H, T, D, F, DEPTH, BT, BD, BF)
-    k = tl.load(K + x_off, mask=mx, other=0.0).to(tl.float32)
-    v = tl.load(V + x_off, mask=mx, other=0.0).to(tl.float32)
-    w1 = tl.load(W1 + w1_off, mask=mw1, other=0.0)
-    s1 = tl.load(S1 + w1_off, mask=mw1, other=0.0)
-    w2 = w1
-    s2 = s1
-    if DEPTH == 2:
-        w2 = tl.load(W2 + w2_off, mask=mw2, other=0.0)
-        s2 = tl.load(S2 + w2_off, mask=mw2, other=0.0)
-
-    if DO_READ:  # chunk-lagged read: the chunk-start weights
-        q = tl.load(Q + x_off, mask=mx, other=0.0).to(tl.float32)
-        read, _, _, _, _ = _mlp_out(q, w1, w2, md, D, eps, DEPTH)
-        tl.store(READ + x_off, read, mask=mx)
-
+def _apply_chunk(w1, w2, s1, s2, k, v, LOG_ETA, LOG_KEEP, THETA, gate_off, t, mt, md, mf, D, eps, clip,
+                 DEPTH: tl.constexpr, HAS_CLIP: tl.constexpr):
+    """One chunk's rows k, v [BT, BD] (rows beyond mt are padding) at the chunk-start weights, gates at
+    gate_off: (surprise [BT], new w1, w2, s1, s2). Depth 1 returns w2/s2 as new w1/s1 (unused)."""
+    mx = mt[:, None] & md[None, :]
     out, z1, a, zhat, rstd = _mlp_out(k, w1, w2, md, D, eps, DEPTH)
     err = tl.where(mx, out - v, 0.0)
-    tl.store(SURPRISE + row * T + t, tl.sum(err * err, 1), mask=mt)
+    surprise = tl.sum(err * err, 1)
     g = 2.0 * err
     if DEPTH == 1:
         d1 = g
+        d2 = g
         norm_sq = tl.sum(k * k, 1) * tl.sum(d1 * d1, 1)
     else:
         d2 = rstd[:, None] * (g - (tl.sum(g, 1) / D)[:, None] - zhat * (tl.sum(g * zhat, 1) / D)[:, None])
@@ -112,7 +98,6 @@ def _chunk_step_kernel(W1, W2, S1, S2, IDX, Q, K, V, LOG_ETA, LOG_KEEP, THETA, R
         d1 = tl.where(mt[:, None] & mf[None, :], d1, 0.0)
         norm_sq = tl.sum(k * k, 1) * tl.sum(d1 * d1, 1) + tl.sum(a * a, 1) * tl.sum(d2 * d2, 1)
 
-    gate_off = row * T + t
     theta = tl.load(THETA + gate_off, mask=mt, other=0.0).to(tl.float32)
     if HAS_CLIP:  # per-token bound on the inner gradient's norm
         theta = theta * tl.minimum(clip / tl.sqrt(norm_sq + 1e-12), 1.0)
@@ -135,14 +120,53 @@ def _chunk_step_kernel(W1, W2, S1, S2, IDX, Q, K, V, LOG_ETA, LOG_KEEP, THETA, R
     kt = tl.trans(k)
     new_w1 = beta * w1 + gamma * s1 - tl.dot(kt, d1 * c_m[:, None], input_precision="ieee")
     new_s1 = p_end * s1 - tl.dot(kt, d1 * c_s[:, None], input_precision="ieee")
-    tl.store(W1 + w1_off, new_w1, mask=mw1)
-    tl.store(S1 + w1_off, new_s1, mask=mw1)
+    new_w2 = new_w1
+    new_s2 = new_s1
     if DEPTH == 2:
         at = tl.trans(a)
         new_w2 = beta * w2 + gamma * s2 - tl.dot(at, d2 * c_m[:, None], input_precision="ieee")
         new_s2 = p_end * s2 - tl.dot(at, d2 * c_s[:, None], input_precision="ieee")
-        tl.store(W2 + w2_off, new_w2, mask=mw2)
-        tl.store(S2 + w2_off, new_s2, mask=mw2)
+    return surprise, new_w1, new_w2, new_s1, new_s2
+
+
+@triton.jit
+def _load_weights(W1, W2, S1, S2, w1_off, mw1, w2_off, mw2, DEPTH: tl.constexpr):
+    w1 = tl.load(W1 + w1_off, mask=mw1, other=0.0)
+    s1 = tl.load(S1 + w1_off, mask=mw1, other=0.0)
+    w2 = w1
+    s2 = s1
+    if DEPTH == 2:
+        w2 = tl.load(W2 + w2_off, mask=mw2, other=0.0)
+        s2 = tl.load(S2 + w2_off, mask=mw2, other=0.0)
+    return w1, w2, s1, s2
+
+
+@triton.jit
+def _store_weights(W1, W2, S1, S2, w1_off, mw1, w2_off, mw2, w1, w2, s1, s2, DEPTH: tl.constexpr):
+    tl.store(W1 + w1_off, w1, mask=mw1)
+    tl.store(S1 + w1_off, s1, mask=mw1)
+    if DEPTH == 2:
+        tl.store(W2 + w2_off, w2, mask=mw2)
+        tl.store(S2 + w2_off, s2, mask=mw2)
+
+
+@triton.jit
+def _chunk_step_kernel(W1, W2, S1, S2, IDX, Q, K, V, LOG_ETA, LOG_KEEP, THETA, READ, SURPRISE,
+                       H, T, D, F, eps, clip,
+                       DEPTH: tl.constexpr, HAS_CLIP: tl.constexpr, DO_READ: tl.constexpr,
+                       BT: tl.constexpr, BD: tl.constexpr, BF: tl.constexpr):
+    row, t, mt, md, mf, x_off, mx, w1_off, mw1, w2_off, mw2 = _program_tile(IDX, H, T, D, F, DEPTH, BT, BD, BF)
+    k = tl.load(K + x_off, mask=mx, other=0.0).to(tl.float32)
+    v = tl.load(V + x_off, mask=mx, other=0.0).to(tl.float32)
+    w1, w2, s1, s2 = _load_weights(W1, W2, S1, S2, w1_off, mw1, w2_off, mw2, DEPTH)
+    if DO_READ:  # chunk-lagged read: the chunk-start weights
+        q = tl.load(Q + x_off, mask=mx, other=0.0).to(tl.float32)
+        read, _, _, _, _ = _mlp_out(q, w1, w2, md, D, eps, DEPTH)
+        tl.store(READ + x_off, read, mask=mx)
+    surprise, w1, w2, s1, s2 = _apply_chunk(w1, w2, s1, s2, k, v, LOG_ETA, LOG_KEEP, THETA, row * T + t, t, mt, md,
+                                            mf, D, eps, clip, DEPTH, HAS_CLIP)
+    tl.store(SURPRISE + row * T + t, surprise, mask=mt)
+    _store_weights(W1, W2, S1, S2, w1_off, mw1, w2_off, mw2, w1, w2, s1, s2, DEPTH)
 
 
 @triton.jit

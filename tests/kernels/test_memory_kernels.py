@@ -89,6 +89,9 @@ def test_engine_with_triton_kernels_equals_torch(variant, monkeypatch):
         for token in steps.tolist():
             step_logits, state = engine.forward([token], state)
             out.append(step_logits)
+        # an aligned batch prefills its whole chunks in one varlen launch
+        out += [logits for logits, _ in engine.forward_batch([prompt, steps.repeat(3), prompt.flip(0)],
+                                                              [engine.new_state()] * 3)]
         return torch.cat(out), state
 
     monkeypatch.setenv("TITANS_KERNELS", "torch")
@@ -98,3 +101,45 @@ def test_engine_with_triton_kernels_equals_torch(variant, monkeypatch):
     torch.testing.assert_close(logits, ref_logits, rtol=1e-4, atol=1e-4)
     for key in ref_state.tensors:
         torch.testing.assert_close(state.tensors[key], ref_state.tensors[key], rtol=1e-4, atol=1e-4)
+
+
+def packed_case(rng: random.Random, depth: int, chunk: int, lengths: list[int]):
+    weights, momentum, *_ = random_case(rng, depth)
+    P, H, D = weights[0].shape[0], weights[0].shape[1], weights[0].shape[2]
+    slots = torch.tensor(rng.sample(range(P), len(lengths)))
+    N = sum(lengths)
+    q, k = (F.normalize(torch.randn(N, H, D), dim=-1) for _ in range(2))
+    v = torch.randn(N, H, D) * 0.5
+    log_eta = F.logsigmoid(torch.randn(N, H) + 2)
+    log_keep = F.logsigmoid(torch.randn(N, H) + 4)
+    theta = torch.rand(N, H)
+    cu_seqlens = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()])
+    return weights, momentum, slots, cu_seqlens, q, k, v, log_eta, log_keep, theta
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("depth", [1, 2])
+def test_varlen_prefill_matches_the_reference(seed, depth):
+    """Ragged sequences (whole chunks, a partial last chunk, shorter than one chunk, empty) in non-contiguous pool
+    slots: one launch equals the chunk-by-chunk reference, and slots of other sessions stay untouched."""
+    from kernels.memory import chunk
+    from kernels.memory.naive import prefill_ref
+
+    rng = random.Random(100 + seed * 10 + depth)
+    b = rng.choice([4, 8, 16])
+    lengths = [3 * b, 2 * b + rng.randint(1, b - 1), rng.randint(1, b - 1), 0][: rng.randint(2, 4)]
+    rng.shuffle(lengths)
+    weights, momentum, slots, cu, q, k, v, log_eta, log_keep, theta = packed_case(rng, depth, b, lengths)
+    clip = rng.choice([None, 0.5])
+    ref_read, ref_surprise, ref_w, ref_s = prefill_ref(weights, momentum, slots, cu, q, k, v, log_eta, log_keep,
+                                                       theta, b, EPS, clip)
+    pool_w, pool_s = [w.clone() for w in weights], [s.clone() for s in momentum]
+    read, surprise = chunk.prefill(pool_w, pool_s, slots, cu, q, k, v, log_eta, log_keep, theta, b, EPS, clip)
+    torch.testing.assert_close(read, ref_read, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(surprise, ref_surprise, rtol=1e-4, atol=1e-4)
+    for layer in range(depth):
+        torch.testing.assert_close(pool_w[layer][slots], ref_w[layer], rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(pool_s[layer][slots], ref_s[layer], rtol=1e-4, atol=1e-4)
+        others = [i for i in range(pool_w[layer].shape[0]) if i not in slots.tolist()]
+        assert torch.equal(pool_w[layer][others], weights[layer][others])
+    assert any(not torch.equal(pool_w[0][s], weights[0][s]) for s in slots.tolist())  # some memory did change
