@@ -6,7 +6,9 @@
 For each N: N sessions, each streams one greedy completion of --tokens tokens after a --prompt-tokens prompt, all
 at once. Reported: time to first token and inter-token latency (p50/p99, client side, from SSE chunk arrival),
 aggregate generated tokens/s; and, in the same run, the same generation through Engine.generate in this process
-(no HTTP, no store), so `server N=1 / engine` isolates the serving overhead. JSON in bench/results/serve.json.
+(no HTTP, no store), so `server N=1 / engine` isolates the serving overhead. The machine is noisy, so the
+measurements run in --rounds rounds (engine alone, then every N through the server), and each ratio is the median
+of its per-round ratios; rates and latencies are per-round medians. JSON in bench/results/serve.json.
 """
 
 from __future__ import annotations
@@ -81,16 +83,17 @@ async def run_n(url: str, n: int, prompt: str, tokens: int) -> dict:
             "tokens_per_chunk": generated / sum(r["chunks"] for r in results)}
 
 
-def engine_alone(model: Path, prompt: str, tokens: int, compile: bool) -> dict:
-    engine = Engine.load(model, compile=compile)
-    engine.warm_up()
+def engine_alone(engine: Engine, prompt: str, tokens: int) -> dict:
     ids = engine.tokenizer.encode(prompt)
     params = SamplingParams(max_tokens=tokens, temperature=0)
-    list(engine.generate(ids, engine.new_state(), SamplingParams(max_tokens=4, temperature=0)))  # warm-up
     start = time.perf_counter()
     out = list(engine.generate(ids, engine.new_state(), params))
     wall = time.perf_counter() - start
     return {"generated_tokens": len(out), "wall_s": wall, "tok_s": len(out) / wall}
+
+
+def median_row(rows: list[dict]) -> dict:
+    return {k: statistics.median(r[k] for r in rows) for k in rows[0]}
 
 
 def main() -> None:
@@ -101,34 +104,42 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=max(1, (os.cpu_count() or 2) - 1),
                         help="torch threads of the server and of the engine-alone run (default: the server's own)")
     parser.add_argument("--compile", action="store_true", help="compiled decode, in the server and the engine alone")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds of engine alone + every N")
     parser.add_argument("--out", default=str(ROOT / "bench/results/serve.json"))
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
     results: dict = {"model": args.model, "tokens": args.tokens, "prompt_bytes": len(PROMPT.encode()),
-                     "threads": args.threads, "compile": args.compile, "server": []}
-    results["engine_alone_before"] = engine_alone(Path(args.model), PROMPT, args.tokens, args.compile)
+                     "threads": args.threads, "compile": args.compile, "rounds": []}
+    engine = Engine.load(Path(args.model), compile=args.compile)
+    engine.warm_up()
+    engine_alone(engine, PROMPT, 4)
     with tempfile.TemporaryDirectory() as tmp:
         srv = ServerProcess(Path(args.model), f"sqlite:///{tmp}/sessions.db", "--max-running", str(max(args.sessions)),
                             "--torch-threads", str(args.threads), "--compile", str(args.compile).lower())
         srv.start(timeout=900)  # compiling happens before /ready
         try:
-            for n in args.sessions:
-                results["server"].append(asyncio.run(run_n(srv.url, n, PROMPT, args.tokens)))
+            for _ in range(args.rounds):
+                results["rounds"].append({"engine_alone": engine_alone(engine, PROMPT, args.tokens),
+                                          "server": [asyncio.run(run_n(srv.url, n, PROMPT, args.tokens))
+                                                     for n in args.sessions]})
         finally:
             srv.stop()
-    results["engine_alone_after"] = engine_alone(Path(args.model), PROMPT, args.tokens, args.compile)
-    engine_tok_s = statistics.fmean([results["engine_alone_before"]["tok_s"], results["engine_alone_after"]["tok_s"]])
-    by_n = {r["sessions"]: r for r in results["server"]}
-    if 1 in by_n:
-        results["server_n1_over_engine"] = by_n[1]["aggregate_tok_s"] / engine_tok_s
-        for r in by_n.values():
-            r["speedup_over_n1"] = r["aggregate_tok_s"] / by_n[1]["aggregate_tok_s"]
+    rounds = results["rounds"]
+    results["engine_alone_tok_s"] = statistics.median(r["engine_alone"]["tok_s"] for r in rounds)
+    results["server"] = [median_row([r["server"][i] for r in rounds]) for i in range(len(args.sessions))]
+    if 1 in args.sessions:
+        one = args.sessions.index(1)
+        results["server_n1_over_engine"] = statistics.median(
+            r["server"][one]["aggregate_tok_s"] / r["engine_alone"]["tok_s"] for r in rounds)
+        for i, row in enumerate(results["server"]):
+            row["speedup_over_n1"] = statistics.median(
+                r["server"][i]["aggregate_tok_s"] / r["server"][one]["aggregate_tok_s"] for r in rounds)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
 
-    print(f"engine alone (one session, Engine.generate): {engine_tok_s:.1f} tok/s "
-          f"(before {results['engine_alone_before']['tok_s']:.1f}, after {results['engine_alone_after']['tok_s']:.1f})")
+    print(f"engine alone (one session, Engine.generate): {results['engine_alone_tok_s']:.1f} tok/s "
+          f"(median of {args.rounds} rounds; rates below are medians, ratios medians of per-round ratios)")
     print("| sessions | aggregate tok/s | × N=1 | TTFT p50 / p99 (ms) | ITL p50 / p99 (ms) | tokens per chunk |")
     print("|---|---|---|---|---|---|")
     for r in results["server"]:

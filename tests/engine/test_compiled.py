@@ -10,6 +10,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from engine.model import Linear
+
 from .helpers import VARIANTS, assert_close, assert_states_close, engine_for, tiny, tokens
 
 pytestmark = pytest.mark.slow  # compiling takes seconds per graph
@@ -92,8 +94,8 @@ def test_after_warm_up_decoding_compiles_nothing_new():
     engine.warm_up()
     compiled = counters["stats"]["unique_graphs"]
     g = torch.Generator().manual_seed(2)
-    for sessions in (1, 3, 6):
-        states = [engine.forward(tokens(7 * s + 5, g), engine.new_state())[1] for s in range(sessions)]
+    for sessions in (1, 3, Linear.UPCAST_ROWS + 1):
+        states = [engine.forward(tokens(7 * (s % 5) + 5, g), engine.new_state())[1] for s in range(sessions)]
         engine.forward_batch([tokens(9 * cfg.chunk_size + 1, g)] * sessions, [engine.new_state()] * sessions)
         batch = engine.batch([engine.load_state(s.to_bytes()) for s in states])  # as a server gets them
         for _ in range(2 * cfg.segment_size + 3):
