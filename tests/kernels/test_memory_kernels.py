@@ -42,11 +42,16 @@ def test_chunk_step_matches_the_reference(seed, depth, clip):
     read, surprise = fused_chunk.chunk_step(pool_w, pool_s, slots, q, k, v, log_eta, log_keep, theta, EPS, clip)
     torch.testing.assert_close(read, ref_read, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(surprise, ref_surprise, rtol=1e-4, atol=1e-4)
-    for layer in range(depth):
+    assert_pool_updated(pool_w, pool_s, weights, momentum, slots, ref_w, ref_s)
+
+
+def assert_pool_updated(pool_w, pool_s, weights, momentum, slots, ref_w, ref_s):
+    """The pool's slots hold the reference's new weights and momentum; every other slot is untouched."""
+    for layer in range(len(weights)):
         torch.testing.assert_close(pool_w[layer][slots], ref_w[layer], rtol=1e-4, atol=1e-4)
         torch.testing.assert_close(pool_s[layer][slots], ref_s[layer], rtol=1e-4, atol=1e-4)
         others = [i for i in range(pool_w[layer].shape[0]) if i not in slots.tolist()]
-        assert torch.equal(pool_w[layer][others], weights[layer][others])  # other slots untouched
+        assert torch.equal(pool_w[layer][others], weights[layer][others])
         assert torch.equal(pool_s[layer][others], momentum[layer][others])
 
 
@@ -137,9 +142,5 @@ def test_varlen_prefill_matches_the_reference(seed, depth):
     read, surprise = chunk.prefill(pool_w, pool_s, slots, cu, q, k, v, log_eta, log_keep, theta, b, EPS, clip)
     torch.testing.assert_close(read, ref_read, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(surprise, ref_surprise, rtol=1e-4, atol=1e-4)
-    for layer in range(depth):
-        torch.testing.assert_close(pool_w[layer][slots], ref_w[layer], rtol=1e-4, atol=1e-4)
-        torch.testing.assert_close(pool_s[layer][slots], ref_s[layer], rtol=1e-4, atol=1e-4)
-        others = [i for i in range(pool_w[layer].shape[0]) if i not in slots.tolist()]
-        assert torch.equal(pool_w[layer][others], weights[layer][others])
+    assert_pool_updated(pool_w, pool_s, weights, momentum, slots, ref_w, ref_s)
     assert any(not torch.equal(pool_w[0][s], weights[0][s]) for s in slots.tolist())  # some memory did change
