@@ -34,8 +34,7 @@ from pathlib import Path
 import torch
 
 from engine import Engine, ModelConfig, SamplingParams
-from engine.memory import read_and_update
-from engine.model import MAX_SPAN, MemoryMixer, StepContext
+from engine.model import MAX_SPAN, MemoryMixer, StepContext, compile_chunk_step
 
 # name -> Engine options; compiled engines run decode and prefill's memory chunks through torch.compile
 ENGINES = {"fp32": {}, "fp16": {"weight_dtype": torch.float16},
@@ -89,7 +88,7 @@ def ours_memory_layer(cfg: ModelConfig, batch: int, length: int, compiled: bool)
     whole-chunk memory step through torch.compile, as Titans.compile_steps sets it."""
     mixer = MemoryMixer(cfg).eval()
     if compiled:
-        mixer.memory.compiled_chunk_step = torch.compile(read_and_update)
+        mixer.memory.compiled_chunk_step = compile_chunk_step(id(mixer))
     x = torch.randn(batch, length, cfg.dim)
 
     @torch.inference_mode()

@@ -149,7 +149,9 @@ class Engine:
         if self.model.decode_step is None:
             return
         steps = (self.config.segment_size if self.config.variant == "mac" else self.config.chunk_size) + 1
-        for sessions in (1, 2, Linear.UPCAST_ROWS):  # a batch of UPCAST_ROWS or more takes other GEMMs
+        upcasts = self.device.type == "cpu" and any(  # half-precision dense layers: a big batch takes other GEMMs
+            isinstance(m, Linear) and m.weight.dtype != self.model.embed.weight.dtype for m in self.model.modules())
+        for sessions in (1, 2, Linear.UPCAST_ROWS) if upcasts else (1, 2):
             batch = self.batch([self.new_state()] * sessions)
             batch.forward([[0] * 2 * self.config.chunk_size] * sessions)  # two chunks: one alone takes the decode path
             for _ in range(steps):

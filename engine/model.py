@@ -229,6 +229,24 @@ def _private_copy(function: types.FunctionType, owner: int) -> types.FunctionTyp
     return types.FunctionType(code, function.__globals__, code.co_name, function.__defaults__, function.__closure__)
 
 
+def compile_chunk_step(owner: int):
+    """read_and_update through torch.compile, on a private copy of its code (see _private_copy) for owner.
+
+    A slice of a step's rows has strides that depend on the step's length: the inputs are made contiguous, so
+    that there is one graph per batch size instead of one per step length.
+    """
+    compiled = torch.compile(_private_copy(read_and_update, owner))
+
+    def chunk_step(weights, momentum, q, k, v, theta, coefficients, eps, grad_clip):
+        def dense(tensors):
+            return [t.contiguous() for t in tensors]
+
+        return compiled(dense(weights), dense(momentum), *dense((q, k, v, theta)), tuple(dense(coefficients)), eps,
+                        grad_clip)
+
+    return chunk_step
+
+
 def state_dtype(dtype: torch.dtype) -> torch.dtype:
     """Memory math runs in fp32, or wider when the model itself is (float64 in the exactness tests)."""
     return torch.promote_types(dtype, torch.float32)
@@ -495,12 +513,10 @@ class NeuralMemory(nn.Module):
                 part = buf.index_select(0, some)
                 w_new, s_new = self._chunk_update([t.index_select(0, some) for t in w],
                                                   [t.index_select(0, some) for t in s], part, d)
-                in_place = ctx.owned and not torch.is_grad_enabled()
+                put = Tensor.index_copy_ if ctx.owned and not torch.is_grad_enabled() else Tensor.index_copy
                 for i in range(len(w)):
-                    new[f"W{i}"] = w[i].index_copy_(0, some, w_new[i]) if in_place else w[i].index_copy(
-                        0, some, w_new[i])
-                    new[f"S{i}"] = s[i].index_copy_(0, some, s_new[i]) if in_place else s[i].index_copy(
-                        0, some, s_new[i])
+                    new[f"W{i}"] = put(w[i], 0, some, w_new[i])
+                    new[f"S{i}"] = put(s[i], 0, some, s_new[i])
             else:  # all sessions, or a compiled step (no host positions): masked
                 w_new, s_new = self._chunk_update(w, s, buf, d)
                 for i in range(len(w)):
@@ -797,17 +813,7 @@ class Titans(nn.Module):
         self.decode_step = torch.compile(
             types.MethodType(_private_copy(Titans._single_row_step, id(self)), self),
             options={"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe})
-        compiled = torch.compile(_private_copy(read_and_update, id(self)))
-
-        def chunk_step(weights, momentum, q, k, v, theta, coefficients, eps, grad_clip):
-            # a slice of a step's rows has strides that depend on the step's length: contiguous inputs keep
-            # one graph per batch size instead of one per step length
-            def dense(tensors):
-                return [t.contiguous() for t in tensors]
-
-            return compiled(dense(weights), dense(momentum), *dense((q, k, v, theta)), tuple(dense(coefficients)),
-                            eps, grad_clip)
-
+        chunk_step = compile_chunk_step(id(self))
         for module in self.modules():
             if isinstance(module, NeuralMemory):
                 module.compiled_chunk_step = chunk_step
