@@ -260,9 +260,9 @@ class Linear(nn.Linear):
 
     The function is a half-precision linear (input and output rounded to the weight's dtype) whatever the
     rows; from UPCAST_ROWS rows on a CPU it runs as a float GEMM on the upcast weight: CPUs without half
-    arithmetic run half GEMMs several times slower (1024 rows x 256 -> 1048: 20 ms in fp16, 3 ms upcast),
+    arithmetic run half GEMMs several times slower (1024 rows x 256 -> 1048: 24 ms in fp16, 4 ms upcast),
     while decode batches are bound by the bytes read, where half wins (small-mac, a running batch of 4
-    sessions: 381 tok/s in half, 196 upcast; equal at 16).
+    sessions: 298 tok/s in half, 208 upcast; equal at 16; bench/engine_probes.py).
     """
 
     UPCAST_ROWS = 64

@@ -62,3 +62,13 @@ def test_aoti_decode_probe_quick():
     assert found, proc.stdout
     assert float(found[1]) <= 1e-6 and float(found[2]) <= 1e-6 and int(found[3]) > 0
     assert "speedup" in proc.stdout
+
+
+@pytest.mark.slow
+def test_engine_probes_run():
+    proc = subprocess.run([sys.executable, "bench/engine_probes.py", "--repeats", "1", "--threads", "1"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    values = dict(line.rsplit(None, 1) for line in proc.stdout.splitlines())
+    assert len(values) == 10 and all(float(v) > 0 for v in values.values())
+    assert "32_staggered_masked_update_ms_per_step" in values
