@@ -6,8 +6,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
-import sys
 import time
 
 import torch
@@ -15,11 +13,11 @@ from fastapi import FastAPI
 from fastapi.responses import JSONResponse
 
 from engine import Engine
+from server.engine_process import EngineClient, EngineOptions, weight_dtype
 from server.errors import APIError, error_body, install_handlers
 from server.metrics import Metrics
 from server.routers import generation, health, models, sessions
 from server.runtime import Runtime
-from server.scheduler import Scheduler
 from server.settings import Settings
 from server.store import StoreLimits, StoreOptions, open_store
 
@@ -27,20 +25,28 @@ log = logging.getLogger("titans.server")
 
 
 def load_runtime(settings: Settings) -> Runtime:
-    torch.set_num_threads(settings.torch_threads or max(1, (os.cpu_count() or 2) - 1))
-    sys.setswitchinterval(0.0005)  # the engine thread and the event loop share the GIL: hand it over sooner
-    device = None if settings.device == "auto" else torch.device(settings.device)
-    weight_dtype = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}[settings.weights]
-    engine = Engine.load(settings.model, device=device, weight_dtype=weight_dtype, compile=settings.compile)
-    engine.warm_up()
-    store = open_store(settings.store, StoreOptions(
-        history=settings.history, ttl_s=settings.session_ttl_s, timeout_s=settings.store_timeout_s,
-        cache_bytes=settings.blob_cache_bytes,
-        limits=StoreLimits(max_snapshot_bytes=settings.max_body_bytes)))
+    """Start the engine process (it loads and warms up the model) and, meanwhile, this process's copy of the model
+    (tokenizer, fresh states, snapshot checks: never stepped, so never compiled, and kept on the CPU)."""
+    torch.set_num_threads(1)
     name = settings.model_name()
     metrics = Metrics(name, max(settings.max_prompt_tokens, settings.max_output_tokens))
-    scheduler = Scheduler(engine, settings.max_running, settings.max_waiting, settings.prefill_chunk, metrics)
-    return Runtime(settings, engine, store, scheduler, metrics, name, created=int(time.time()),
+    core = EngineClient(EngineOptions(str(settings.model), settings.device, settings.weights, settings.compile,
+                                      settings.torch_threads, settings.max_running, settings.prefill_chunk),
+                        metrics, settings.max_waiting)
+    core.start()
+    try:
+        engine = Engine.load(settings.model, device="cpu", weight_dtype=weight_dtype(settings.weights))
+        if engine.fingerprint != core.fingerprint:
+            raise RuntimeError(f"the engine process loaded another model ({core.fingerprint}, here "
+                               f"{engine.fingerprint})")
+        store = open_store(settings.store, StoreOptions(
+            history=settings.history, ttl_s=settings.session_ttl_s, timeout_s=settings.store_timeout_s,
+            cache_bytes=settings.blob_cache_bytes,
+            limits=StoreLimits(max_snapshot_bytes=settings.max_body_bytes)))
+    except BaseException:
+        core.stop()
+        raise
+    return Runtime(settings, engine, store, core, metrics, name, created=int(time.time()),
                    state_bytes=len(engine.new_state().to_bytes()))
 
 
@@ -79,7 +85,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
         rt = await asyncio.to_thread(load_runtime, settings)
-        rt.scheduler.start()
+        rt.core.attach(asyncio.get_running_loop())
         app.state.runtime = rt
         keys = "no API keys: the server is open, one tenant" if not app.state.tenants_by_key else \
             f"{len(app.state.tenants_by_key)} API key(s)"
@@ -89,7 +95,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             yield
         finally:
             app.state.runtime = None
-            rt.scheduler.stop()
+            rt.core.stop()
             await rt.store.close()
 
     app = FastAPI(title="Titans Server", version="0.1.0", lifespan=lifespan,

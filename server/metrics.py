@@ -5,8 +5,6 @@ Labels are static (model_name, and a few small enums); a session id is never a l
 
 from __future__ import annotations
 
-import time
-
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0,
@@ -73,12 +71,12 @@ class Metrics:
         self._store_errors = counter("titans_store_errors", "Store calls that failed (store unreachable).", ["op"])
         self.model_name = model_name
 
-    def finished(self, job, reason: str) -> None:
+    def finished(self, prompt_tokens: int, generation_tokens: int, seconds: float, reason: str) -> None:
         self._success.labels(self.model_name, reason).inc()
-        self.request_prompt_tokens.observe(len(job.prompt_ids))
-        self.request_generation_tokens.observe(len(job.generated))
-        self.e2e.observe(time.perf_counter() - job.submitted_at)
-        self.prompt_tokens.inc(len(job.prompt_ids))
+        self.request_prompt_tokens.observe(prompt_tokens)
+        self.request_generation_tokens.observe(generation_tokens)
+        self.e2e.observe(seconds)
+        self.prompt_tokens.inc(prompt_tokens)
 
     def request_failed(self, reason: str) -> None:
         self._success.labels(self.model_name, reason).inc()

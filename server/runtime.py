@@ -1,10 +1,10 @@
-"""What a request works with, in one place: settings, engine, store, scheduler, metrics; and the request flow
-that ties a session's stored memory to a generation.
+"""What a request works with, in one place: settings, engine, store, the engine process's client, metrics; and
+the request flow that ties a session's stored memory to a generation.
 
-A request on a session: lease the session (409 if another request holds it), load and check its snapshot,
-run the job on the engine thread, and only when it has finished commit the new snapshot with a compare-and-set
-on the version the lease was taken at. Cancellation, disconnects and errors release the lease without a commit,
-so the session is exactly as it was.
+A request on a session: lease the session (409 if another request holds it), load its snapshot, run the job in
+the engine process (which checks the snapshot), and only when it has finished commit the new snapshot with a
+compare-and-set on the version the lease was taken at. Cancellation, disconnects and errors release the lease
+without a commit, so the session is exactly as it was.
 """
 
 from __future__ import annotations
@@ -19,31 +19,32 @@ from dataclasses import dataclass
 
 import anyio
 
-from engine import Engine, SamplingParams, SessionState
+from engine import Engine, SamplingParams, SessionState, SnapshotError
+from server.engine_process import EngineClient, Job
 from server.errors import APIError
 from server.metrics import Metrics
-from server.scheduler import (
-    ClientGone,
-    DoneEvent,
-    EngineStopped,
-    ErrorEvent,
-    Job,
-    QueueFull,
-    Scheduler,
-    TokenEvent,
-)
+from server.scheduler import ClientGone, DoneEvent, EngineStopped, ErrorEvent, QueueFull, TokenEvent
 from server.settings import Settings
 from server.store import Lease, SessionBusy, SessionRecord, SessionStore, StoreUnavailable, VersionConflict
 
 log = logging.getLogger("titans.server")
 
 
+def failure(error: BaseException) -> Exception:
+    """What a request that failed in the engine raises."""
+    if isinstance(error, SnapshotError):  # the stored memory is damaged: 400, as on import
+        return error
+    if isinstance(error, EngineStopped):
+        return APIError(503, str(error), "engine_dead")
+    return APIError(500, f"generation failed: {error}", "engine_error")
+
+
 @dataclass
 class Runtime:
     settings: Settings
-    engine: Engine
+    engine: Engine  # in this process for the tokenizer, fresh states and snapshot checks; the engine process runs it
     store: SessionStore
-    scheduler: Scheduler
+    core: EngineClient
     metrics: Metrics
     model_name: str
     created: int = 0  # unix time the model was loaded
@@ -91,10 +92,9 @@ class Runtime:
             with contextlib.suppress(StoreUnavailable):
                 await self.store.renew(lease, self.settings.lease_ttl_s)
 
-    async def commit(self, tenant: str, lease: Lease, state: SessionState) -> SessionRecord:
-        blob = await self.to_bytes(state)
+    async def commit(self, tenant: str, lease: Lease, snapshot: bytes, tokens_seen: int) -> SessionRecord:
         try:
-            return await self.store.commit(tenant, lease.session_id, lease.version, blob, state.tokens_seen, lease)
+            return await self.store.commit(tenant, lease.session_id, lease.version, snapshot, tokens_seen, lease)
         except (VersionConflict, SessionBusy):
             self.metrics.conflicts.inc()
             raise
@@ -134,28 +134,28 @@ class Runtime:
         on_job sees the engine job once it exists (to abort it when the client leaves: Job.abort)."""
         self.check_prompt(prompt_ids, params.max_tokens)
         if session_id is None:
-            async for event in self._run(self.engine.new_state(), prompt_ids, params, want_surprise, on_job):
+            async for event in self._run(None, prompt_ids, params, want_surprise, on_job):
                 yield event
             return
         async with self.leased(tenant, session_id) as holder:
             started = time.perf_counter()
             record, blob = await self.store.load(tenant, session_id)
             self.check_memory_model(record)
-            state = await self.from_bytes(blob)
             self.metrics.memory_load.observe(time.perf_counter() - started)
-            async for event in self._run(state, prompt_ids, params, want_surprise, on_job):
+            async for event in self._run(blob, prompt_ids, params, want_surprise, on_job):
+                if isinstance(event, DoneEvent) and commit:
+                    record = await self.commit(tenant, holder["lease"], event.snapshot, event.tokens_seen)
                 if isinstance(event, DoneEvent):
-                    record = await self.commit(tenant, holder["lease"], event.state) if commit else record
                     event = dataclasses.replace(event, record=record)
                 yield event
 
-    async def _run(self, state: SessionState, prompt_ids: list[int], params: SamplingParams,
+    async def _run(self, snapshot: bytes | None, prompt_ids: list[int], params: SamplingParams,
                    want_surprise: bool, on_job: Callable[[Job], None] | None) -> AsyncIterator[TokenEvent | DoneEvent]:
-        job = Job(prompt_ids, state, params, want_surprise, asyncio.get_running_loop())
+        job = Job(prompt_ids, snapshot, params, want_surprise)
         if on_job is not None:
             on_job(job)
         try:
-            self.scheduler.submit(job)
+            self.core.submit(job)
         except QueueFull as e:
             self.metrics.request_failed("rejected")
             raise APIError(429, f"server busy: {e}", "queue_full", headers={"Retry-After": "1"}) from e
@@ -177,7 +177,7 @@ class Runtime:
                 if isinstance(event, ErrorEvent):
                     finished = True
                     self.metrics.request_failed("error")
-                    raise APIError(500, f"generation failed: {event.error}", "engine_error")
+                    raise failure(event.error)
                 surprise += event.surprise
                 if isinstance(event, DoneEvent):
                     finished = True

@@ -1,33 +1,31 @@
-"""The engine thread (DESIGN §5): admit -> one batched step -> emit, forever.
+"""The engine loop (DESIGN §5): admit -> batched steps -> emit, in the engine process (server/engine_process.py).
 
-Requests join the running batch between steps (continuous batching across sessions, each with its own memory),
-prompts are read in chunks of `prefill_chunk` tokens, and every event goes back to the asyncio side with
-call_soon_threadsafe, so the event loop never runs model math and never waits on it.
+Requests join between steps (continuous batching across sessions, each with its own memory). Sessions that are
+reading their prompt and sessions that are generating sit in two batches, stepped one after the other in each
+iteration (decode first, as vLLM schedules running requests first): the engine's steps are [sessions, rows] rectangles, so one session prefilling in the generating batch
+would pad every generating session to its rows (at 32 sessions that made prefill and decode each other's
+bottleneck, bench/serve.py). The prefill batch reads up to `prefill_chunk` prompt tokens per session per
+iteration; a session that has read its whole prompt samples its first token from the prefill's last logits and
+moves to the decode batch, which feeds one token per session per step, so the final state has read every
+generated token (as Engine.generate does). A token that ends the request (EOS, stop string, max_tokens) is still
+fed once, then the request leaves with its final state, serialised.
 
-A job's life: its prompt is read chunk by chunk; then each step samples one token from the last logits and
-feeds it back in the next step, so the final state has read every generated token (as Engine.generate does).
-A token that ends the request (EOS, stop string, max_tokens) is still fed once, then the job leaves the batch
-with its final state. A step's events for all its jobs cross to the event loop in one call_soon_threadsafe:
-one wake-up of the loop per step, not per token.
+Pure engine-side logic: no asyncio, no pipes. `iterate()` runs one iteration and returns its events, which the
+engine process sends to the API process in one message.
 """
 
 from __future__ import annotations
 
-import asyncio
 import collections
-import contextlib
-import logging
-import threading
 import time
 from dataclasses import dataclass, field
 
 import torch
 
 from engine import Engine, SamplingParams, SessionState
+from engine.engine import SessionBatch
 from engine.sampling import sample
 from engine.tokenizer import StreamDecoder
-
-log = logging.getLogger("titans.scheduler")
 
 
 class QueueFull(Exception):
@@ -58,17 +56,29 @@ class TokenEvent:
 
 @dataclass(frozen=True)
 class DoneEvent:
-    state: SessionState  # after the prompt and every generated token
+    snapshot: bytes  # the session's state after the prompt and every generated token (SessionState.to_bytes)
+    tokens_seen: int
     prompt_tokens: int
     completion_tokens: int
     finish_reason: str
     surprise: list[float]  # of the tokens read after the last TokenEvent
+    save_s: float = 0.0  # seconds the engine spent serialising the snapshot
     record: object = None  # the session's record after the commit (set by the runtime, not the engine)
 
 
 @dataclass(frozen=True)
 class ErrorEvent:
     error: BaseException
+
+
+@dataclass(frozen=True)
+class Submission:
+    """A request as the engine receives it."""
+    job_id: int
+    prompt_ids: list[int]
+    snapshot: bytes | None  # the session's memory; None: a fresh one (a stateless request)
+    params: SamplingParams
+    want_surprise: bool
 
 
 class StopStrings:
@@ -102,227 +112,185 @@ class StopStrings:
 
 
 @dataclass(eq=False)
-class Job:
-    prompt_ids: list[int]
-    state: SessionState
-    params: SamplingParams
-    want_surprise: bool
-    loop: asyncio.AbstractEventLoop
-    events: asyncio.Queue = field(default_factory=asyncio.Queue)
-    cancelled: threading.Event = field(default_factory=threading.Event)
-    submitted_at: float = field(default_factory=time.perf_counter)
-    # engine-thread bookkeeping
+class Sequence:
+    """A request's progress in the engine."""
+    sub: Submission
+    received_at: float = field(default_factory=time.perf_counter)
     read: int = 0  # prompt tokens fed so far
     next_input: int | None = None  # the sampled token to feed in the next step
     generated: list[int] = field(default_factory=list)
     pending_surprise: list[float] = field(default_factory=list)  # of prompt chunks read before the first token
-    finish_reason: str | None = None  # set when the last token is sampled; the job ends after feeding it
-    first_token_at: float | None = None
-    last_token_at: float | None = None
+    finish_reason: str | None = None  # set when the last token is sampled; the request ends after feeding it
     stops: StopStrings | None = None
     generator: torch.Generator | None = None
 
-    def emit(self, event) -> None:
-        self.loop.call_soon_threadsafe(self.events.put_nowait, event)
+    @property
+    def prompt_ids(self) -> list[int]:
+        return self.sub.prompt_ids
 
-    def cancel(self) -> None:
-        self.cancelled.set()
-
-    def abort(self) -> None:
-        """On the event loop: drop the job and wake whoever waits for its events."""
-        self.cancelled.set()
-        self.events.put_nowait(ErrorEvent(ClientGone()))
+    @property
+    def params(self) -> SamplingParams:
+        return self.sub.params
 
 
-def _deliver(items: list[tuple[asyncio.Queue, object]]) -> None:
-    for queue, event in items:
-        queue.put_nowait(event)
+class Group:
+    """Sequences and the SessionBatch that holds their states, in the same order."""
+
+    def __init__(self, engine: Engine):
+        self.engine = engine
+        self.seqs: list[Sequence] = []
+        self.batch: SessionBatch | None = None
+
+    def add(self, seq: Sequence, state: SessionState) -> None:
+        if self.batch is None:
+            self.batch = self.engine.batch([state])
+        else:
+            self.batch.add([state])
+        self.seqs.append(seq)
+
+    def remove(self, indices: list[int]) -> None:
+        if not indices:
+            return
+        drop = set(indices)
+        self.seqs = [s for i, s in enumerate(self.seqs) if i not in drop]
+        if self.seqs:
+            self.batch.remove(indices)
+        else:
+            self.batch = None
 
 
 class Scheduler:
-    def __init__(self, engine: Engine, max_running: int, max_waiting: int, prefill_chunk: int, metrics=None):
+    def __init__(self, engine: Engine, max_running: int, prefill_chunk: int):
         self.engine = engine
-        self.max_running, self.max_waiting, self.prefill_chunk = max_running, max_waiting, prefill_chunk
-        self.metrics = metrics
-        self.waiting: collections.deque[Job] = collections.deque()
-        self.running: list[Job] = []
-        self.batch = None
-        self._outbox: list[tuple[Job, object]] = []  # this iteration's events, sent together by _flush
-        self._wake = threading.Condition()
-        self._stopping = False
-        self.alive = True
-        self._thread = threading.Thread(target=self._loop, name="titans-engine", daemon=True)
+        self.max_running, self.prefill_chunk = max_running, prefill_chunk
+        self.waiting: collections.deque[Sequence] = collections.deque()
+        self.prefilling = Group(engine)
+        self.decoding = Group(engine)
+        self.aborted: set[int] = set()
+        self.queue_waits: list[float] = []  # seconds each request admitted in this iteration waited
+        self._outbox: list[tuple[int, object]] = []
 
-    def start(self) -> None:
-        self._thread.start()
+    @property
+    def running(self) -> int:
+        return len(self.prefilling.seqs) + len(self.decoding.seqs)
 
-    def stop(self) -> None:
-        with self._wake:
-            self._stopping = True
-            self._wake.notify()
-        self._thread.join(timeout=30)
+    @property
+    def busy(self) -> bool:
+        return bool(self.waiting or self.running)
 
-    def submit(self, job: Job) -> None:
-        with self._wake:
-            if not self.alive:
-                raise EngineStopped("the engine thread has stopped")
-            if len(self.running) + len(self.waiting) >= self.max_running + self.max_waiting:
-                raise QueueFull(f"{len(self.running)} requests running and {len(self.waiting)} waiting")
-            self.waiting.append(job)
-            self._wake.notify()
-        self._gauges()
+    def add(self, sub: Submission) -> None:
+        self.waiting.append(Sequence(sub))
 
-    # --- the loop -------------------------------------------------------------------------------------------
+    def abort(self, job_id: int) -> None:
+        """Drop the request wherever it is, silently: the API side has already given up on it."""
+        self.aborted.add(job_id)
 
-    def _loop(self) -> None:
-        admitted: list[Job] = []
-        try:
-            while True:
-                with self._wake:
-                    while not self._stopping and not self.waiting and not self.running:
-                        self._wake.wait()
-                    if self._stopping:
-                        break
-                    admitted = []
-                    while self.waiting and len(self.running) + len(admitted) < self.max_running:
-                        admitted.append(self.waiting.popleft())
-                self._admit(admitted)
-                admitted = []
-                self._drop_cancelled()
-                if self.running:
-                    self._step()
-                self._flush()
-                self._gauges()
-        except BaseException as e:  # the engine thread must never die silently, nor leave a request waiting
-            log.exception("engine thread died")
-            with self._wake:
-                self.alive = False
-                doomed = admitted + list(self.waiting) + self.running
-                self.waiting.clear()
-            self._flush()
-            for job in doomed:
-                job.emit(ErrorEvent(e))
-            raise
+    def iterate(self) -> list[tuple[int, object]]:
+        """Admit, drop the aborted, one decode step, one prefill step: this iteration's (job_id, event)s. A
+        session that finishes its prompt here samples its first token and decodes from the next iteration on, so
+        each of its tokens leaves in an iteration of its own."""
+        self._admit()
+        self._drop_aborted()
+        if self.decoding.seqs:
+            self._step(self.decoding, prefill=False)
+        if self.prefilling.seqs:
+            self._step(self.prefilling, prefill=True)
+        outbox, self._outbox = self._outbox, []
+        return outbox
 
-    def _admit(self, jobs: list[Job]) -> None:
-        for job in jobs:
-            if job.cancelled.is_set():
+    def fail_all(self, error: BaseException) -> list[tuple[int, object]]:
+        """Every request this engine holds, failed with error (the loop is going down)."""
+        seqs = list(self.waiting) + self.prefilling.seqs + self.decoding.seqs
+        self.waiting.clear()
+        return [(s.sub.job_id, ErrorEvent(error)) for s in seqs]
+
+    # --- one iteration ----------------------------------------------------------------------------------------
+
+    def _admit(self) -> None:
+        now = time.perf_counter()
+        while self.waiting and self.running < self.max_running:
+            seq = self.waiting.popleft()
+            if seq.sub.job_id in self.aborted:
+                self.aborted.discard(seq.sub.job_id)
                 continue
-            if self.metrics:
-                self.metrics.queue_time.observe(time.perf_counter() - job.submitted_at)
+            self.queue_waits.append(now - seq.received_at)
             try:
-                job.stops = StopStrings(self.engine, job.params.stop)
-                if job.params.seed is not None:
-                    job.generator = torch.Generator(device=self.engine.device).manual_seed(job.params.seed)
-                if self.batch is None:
-                    self.batch = self.engine.batch([job.state])
-                else:
-                    self.batch.add([job.state])
-            except Exception as e:
-                self._send(job, ErrorEvent(e))
-                continue
-            self.running.append(job)
+                snapshot = seq.sub.snapshot
+                state = self.engine.new_state() if snapshot is None else self.engine.load_state(snapshot)
+                seq.stops = StopStrings(self.engine, seq.params.stop)
+                if seq.params.seed is not None:
+                    seq.generator = torch.Generator(device=self.engine.device).manual_seed(seq.params.seed)
+                self.prefilling.add(seq, state)
+            except Exception as e:  # a damaged snapshot (SnapshotError), a bad seed: this request's alone
+                self._send(seq, ErrorEvent(e))
 
-    def _drop_cancelled(self) -> None:
-        gone = [i for i, job in enumerate(self.running) if job.cancelled.is_set()]
-        if gone:
-            self._remove(gone)
+    def _drop_aborted(self) -> None:
+        if not self.aborted:
+            return
+        for group in (self.prefilling, self.decoding):
+            group.remove([i for i, s in enumerate(group.seqs) if s.sub.job_id in self.aborted])
+        live = {s.sub.job_id for s in self.waiting}
+        self.aborted &= live  # an abort for a request that has already finished is dropped
 
-    def _remove(self, indices: list[int]) -> None:
-        self.batch.remove(indices)
-        drop = set(indices)
-        self.running = [job for i, job in enumerate(self.running) if i not in drop]
-        if not self.running:
-            self.batch = None
+    def _step(self, group: Group, prefill: bool) -> None:
+        inputs = [self._inputs(seq) for seq in group.seqs]
+        want_surprise = any(seq.sub.want_surprise for seq in group.seqs)
+        try:
+            out = group.batch.forward(inputs, return_surprise=want_surprise)
+        except Exception as e:  # the batch is poisoned: fail its requests (their sessions are untouched)
+            for seq in group.seqs:
+                self._send(seq, ErrorEvent(e))
+            group.seqs, group.batch = [], None
+            return
+        leaving, moving = [], []
+        for i, (seq, (logits, surprise)) in enumerate(zip(group.seqs, out)):
+            try:
+                outcome = self._advance(seq, group, i, logits, surprise)
+            except Exception as e:  # one request's failure (sampling, decoding) is that request's alone
+                self._send(seq, ErrorEvent(e))
+                outcome = "done"
+            if outcome == "done":
+                leaving.append(i)
+            elif outcome == "generating" and prefill:
+                moving.append(i)
+        for i in moving:
+            self.decoding.add(group.seqs[i], group.batch.state(i))
+        group.remove(leaving + moving)
 
-    def _inputs(self, job: Job) -> list[int]:
-        if job.read < len(job.prompt_ids):
-            chunk = job.prompt_ids[job.read:job.read + self.prefill_chunk]
-            job.read += len(chunk)
+    def _inputs(self, seq: Sequence) -> list[int]:
+        if seq.read < len(seq.prompt_ids):
+            chunk = seq.prompt_ids[seq.read:seq.read + self.prefill_chunk]
+            seq.read += len(chunk)
             return chunk
-        token, job.next_input = job.next_input, None
+        token, seq.next_input = seq.next_input, None
         return [token]
 
-    def _step(self) -> None:
-        inputs = [self._inputs(job) for job in self.running]
-        want_surprise = any(job.want_surprise for job in self.running)
-        try:
-            out = self.batch.forward(inputs, return_surprise=want_surprise)
-        except Exception as e:  # the batch is poisoned: fail its jobs (their sessions are untouched)
-            log.exception("engine step failed")
-            for job in self.running:
-                self._send(job, ErrorEvent(e))
-            self.running, self.batch = [], None
-            return
-        done = []
-        now = time.perf_counter()
-        for i, (job, (logits, surprise)) in enumerate(zip(self.running, out)):
-            try:
-                if self._advance(job, i, logits, surprise, now):
-                    done.append(i)
-            except Exception as e:  # one request's failure (sampling, decoding) is that request's alone
-                log.exception("request failed in the engine")
-                self._send(job, ErrorEvent(e))
-                done.append(i)
-        if done:
-            self._remove(done)
-
-    def _advance(self, job: Job, i: int, logits, surprise, now: float) -> bool:
-        """Account for the rows job just fed; sample its next token. True when the job has finished."""
-        job.pending_surprise += surprise.tolist() if job.want_surprise else []
-        if job.read < len(job.prompt_ids):
-            return False
-        read_surprise, job.pending_surprise = job.pending_surprise, []
-        if job.finish_reason is not None or job.params.max_tokens == 0:
-            self._finish(job, i, read_surprise)
-            return True
-        token = sample(logits[-1], job.params, job.generator)
-        job.generated.append(token)
+    def _advance(self, seq: Sequence, group: Group, i: int, logits, surprise) -> str:
+        """Account for the rows seq just fed: "reading" (more prompt to go), "generating" (sampled a token to
+        feed next) or "done" (finished, its final state sent)."""
+        seq.pending_surprise += surprise.tolist() if seq.sub.want_surprise else []
+        if seq.read < len(seq.prompt_ids):
+            return "reading"
+        read_surprise, seq.pending_surprise = seq.pending_surprise, []
+        if seq.finish_reason is not None or seq.params.max_tokens == 0:
+            started = time.perf_counter()
+            state = group.batch.state(i)
+            snapshot = state.to_bytes()
+            self._send(seq, DoneEvent(snapshot, state.tokens_seen, len(seq.prompt_ids), len(seq.generated),
+                                      seq.finish_reason or "length", read_surprise, time.perf_counter() - started))
+            return "done"
+        token = sample(logits[-1], seq.params, seq.generator)
+        seq.generated.append(token)
         eos = self.engine._is_eos(token)
-        text, stopped = (job.stops.finish(), False) if eos else job.stops.push(token)  # EOS adds no text
+        text, stopped = (seq.stops.finish(), False) if eos else seq.stops.push(token)  # EOS adds no text
         if eos or stopped:
-            job.finish_reason = "stop"
-        elif len(job.generated) >= job.params.max_tokens:
-            job.finish_reason = "length"
-            text += job.stops.finish()
-        job.next_input = token
-        self._observe_token(job, now)
-        self._send(job, TokenEvent((token,), text, read_surprise, job.finish_reason, job.stops.matched))
-        return False
+            seq.finish_reason = "stop"
+        elif len(seq.generated) >= seq.params.max_tokens:
+            seq.finish_reason = "length"
+            text += seq.stops.finish()
+        seq.next_input = token
+        self._send(seq, TokenEvent((token,), text, read_surprise, seq.finish_reason, seq.stops.matched))
+        return "generating"
 
-    def _finish(self, job: Job, index: int, surprise: list[float]) -> None:
-        state = self.batch.state(index)
-        reason = job.finish_reason or "length"
-        self._send(job, DoneEvent(state, len(job.prompt_ids), len(job.generated), reason, surprise))
-        if self.metrics:
-            self.metrics.finished(job, reason)
-
-    def _observe_token(self, job: Job, now: float) -> None:
-        if self.metrics:
-            if job.first_token_at is None:
-                self.metrics.ttft.observe(now - job.submitted_at)
-            else:
-                self.metrics.itl.observe(now - job.last_token_at)
-            self.metrics.generation_tokens.inc()
-        if job.first_token_at is None:
-            job.first_token_at = now
-        job.last_token_at = now
-
-    def _send(self, job: Job, event) -> None:
-        self._outbox.append((job, event))
-
-    def _flush(self) -> None:
-        """Hand this iteration's events to their event loops, one call per loop."""
-        outbox, self._outbox = self._outbox, []
-        by_loop: dict[asyncio.AbstractEventLoop, list] = {}
-        for job, event in outbox:
-            by_loop.setdefault(job.loop, []).append((job.events, event))
-        for loop, items in by_loop.items():
-            with contextlib.suppress(RuntimeError):  # a closed loop: nobody is left to read these
-                loop.call_soon_threadsafe(_deliver, items)
-
-    def _gauges(self) -> None:
-        if self.metrics:
-            self.metrics.running.set(len(self.running))
-            self.metrics.sessions_active.set(len(self.running))
-            self.metrics.waiting.set(len(self.waiting))
+    def _send(self, seq: Sequence, event) -> None:
+        self._outbox.append((seq.sub.job_id, event))

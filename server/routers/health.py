@@ -15,7 +15,7 @@ router = APIRouter(tags=["health"])
 @router.get("/health")
 async def health(request: Request):
     rt = getattr(request.app.state, "runtime", None)
-    if rt is not None and not rt.scheduler.alive:
+    if rt is not None and not rt.core.alive:
         return Response(status_code=503)
     return Response(status_code=200)
 
@@ -29,8 +29,8 @@ async def ready(request: Request):
         await rt.store.ping()
     except StoreUnavailable as e:
         return JSONResponse(error_body(503, str(e), "store_unavailable"), status_code=503)
-    if not rt.scheduler.alive:
-        return JSONResponse(error_body(503, "the engine thread has stopped", "engine_dead"), status_code=503)
+    if not rt.core.alive:
+        return JSONResponse(error_body(503, "the engine process has stopped", "engine_dead"), status_code=503)
     return {"status": "ok"}
 
 

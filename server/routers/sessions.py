@@ -54,7 +54,8 @@ async def reset_session(session_id: str, rt: Runtime = Depends(get_runtime), ten
     """Forget everything: the memory returns to the model's learned initial state (a new version)."""
     async with rt.leased(tenant, session_id) as holder:
         rt.check_memory_model(await rt.store.get(tenant, session_id))
-        record = await rt.commit(tenant, holder["lease"], rt.engine.new_state())
+        fresh = rt.engine.new_state()
+        record = await rt.commit(tenant, holder["lease"], await rt.to_bytes(fresh), fresh.tokens_seen)
     rt.metrics.session_op("reset")
     return rt.session_object(record)
 

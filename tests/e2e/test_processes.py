@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
+from pathlib import Path
+
 import httpx
 import pytest
 
@@ -149,3 +154,32 @@ def test_fp16_weights_serve_and_their_sessions_do_not_move_to_an_fp32_server(mod
                          409, "model_mismatch")
         with httpx.Client(base_url=half.url, timeout=30) as c:
             assert c.get(f"/v1/sessions/{sid}").json()["version"] == version
+
+
+def engine_process_of(srv: ServerProcess) -> int:
+    """The pid of the server's engine process: its child that multiprocessing spawned."""
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError):
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            cmdline = (stat.parent / "cmdline").read_bytes()
+            if int(fields[1]) == srv.process.pid and b"spawn_main" in cmdline and b"resource_tracker" not in cmdline:
+                return int(stat.parent.name)
+    raise AssertionError("no engine process")
+
+
+def test_a_dead_engine_process_fails_requests_cleanly_and_loses_no_memory(model_dir, tmp_path):
+    with ServerProcess(model_dir, f"sqlite:///{tmp_path}/sessions.db") as srv, \
+            httpx.Client(base_url=srv.url, timeout=30) as c:
+        sid = new_session(c)["id"]
+        complete(c, "remember this ", sid)
+        before = c.get(f"/v1/sessions/{sid}").json()
+        with c.stream("POST", "/v1/completions", json={"prompt": "and then ", "max_tokens": 4000, "stream": True,
+                                                       "session_id": sid}) as r:
+            lines = r.iter_lines()
+            assert next(lines).startswith("data: {")
+            os.kill(engine_process_of(srv), signal.SIGKILL)
+            rest = [line for line in lines if line]
+        assert rest[-1] == "data: [DONE]" and '"engine_dead"' in rest[-2]  # the error in-band, then [DONE]
+        assert c.get(f"/v1/sessions/{sid}").json()["version"] == before["version"]  # nothing half-committed
+        assert c.get("/health").status_code == 503 and c.get("/ready").status_code == 503
+        assert_error(c.post("/v1/completions", json={"prompt": "x", "max_tokens": 2}), 503, "engine_dead")

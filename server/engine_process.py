@@ -1,0 +1,326 @@
+"""The engine in its own process, and the API process's handle on it (vLLM v1's EngineCore / AsyncLLM split).
+
+Why a process and not a thread: the model step and the event loop both run Python. In one process they share
+the GIL, and each of a decode step's few hundred torch ops, when it returns from C++, waits for the event loop to
+hand the GIL back: with 32 streams to serve, a 4.5 ms batched step took ~10 ms (bench/serve.py; a shorter
+switch interval only halved the loss). In its own process the engine loop runs undisturbed on its cores while
+the event loop parses requests and writes SSE on another.
+
+    API process                                         engine process (spawned; its main thread runs the loop)
+    EngineClient.submit(job) --Submission / Abort-->   receiver thread -> inbox -> Scheduler.iterate()
+    job.events <- loop <- receiver thread <--Outputs--  sender thread <- outbox
+
+Messages are pickled over one duplex pipe. Both sides send and receive on threads, so neither the event loop nor
+the engine loop ever blocks on the pipe (a snapshot is hundreds of kilobytes): a big Submission is read while the
+engine steps, and one iteration's events reach the loop in one call_soon_threadsafe. Snapshots cross as bytes:
+the engine loads a session's state and serialises the final one itself (a damaged snapshot comes back as the
+request's SnapshotError). If the engine process dies, every request in flight gets EngineStopped, and /health
+and /ready answer 503.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import multiprocessing
+import os
+import pickle
+import queue
+import threading
+import time
+import traceback
+from dataclasses import dataclass, field
+from multiprocessing.connection import Connection
+
+from engine import SamplingParams
+from server.metrics import Metrics
+from server.scheduler import (
+    ClientGone,
+    DoneEvent,
+    EngineStopped,
+    ErrorEvent,
+    QueueFull,
+    Scheduler,
+    Submission,
+    TokenEvent,
+)
+
+log = logging.getLogger("titans.engine")
+
+
+@dataclass(frozen=True)
+class EngineOptions:
+    model: str
+    device: str  # auto | cpu | cuda
+    weights: str  # fp32 | fp16 | bf16
+    compile: bool
+    torch_threads: int  # 0: all cores but one
+    max_running: int
+    prefill_chunk: int
+
+
+# --- messages -------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Abort:
+    job_id: int
+
+
+@dataclass(frozen=True)
+class Shutdown:
+    pass
+
+
+@dataclass(frozen=True)
+class Ready:
+    fingerprint: str
+
+
+@dataclass(frozen=True)
+class Failed:
+    message: str  # the engine process's traceback
+
+
+@dataclass(frozen=True)
+class Outputs:
+    """One engine iteration: its events, and what the gauges should read after it."""
+    events: list[tuple[int, object]]
+    running: int
+    waiting: int
+    queue_waits: list[float]  # seconds waited by the requests admitted in this iteration
+
+
+def _sender(conn: Connection, outbox: queue.SimpleQueue) -> None:
+    while (message := outbox.get()) is not None:
+        try:
+            conn.send(message)
+        except (OSError, ValueError):  # the other side is gone: nothing left to tell it
+            return
+
+
+def _portable(error: BaseException) -> BaseException:
+    """error, or a RuntimeError that says what it was if error does not survive pickling."""
+    try:
+        pickle.loads(pickle.dumps(error))
+        return error
+    except Exception:
+        return RuntimeError(f"{type(error).__name__}: {error}")
+
+
+# --- the engine process ---------------------------------------------------------------------------------------
+
+
+def engine_main(options: EngineOptions, conn: Connection) -> None:
+    """The engine process: load, warm up, say Ready, then loop until Shutdown or the API process goes away."""
+    import torch
+
+    from engine import Engine
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    outbox: queue.SimpleQueue = queue.SimpleQueue()
+    sender = threading.Thread(target=_sender, args=(conn, outbox), name="engine-sender", daemon=True)
+    sender.start()
+    try:
+        torch.set_num_threads(options.torch_threads or max(1, (os.cpu_count() or 2) - 1))
+        device = None if options.device == "auto" else torch.device(options.device)
+        engine = Engine.load(options.model, device=device, weight_dtype=weight_dtype(options.weights),
+                             compile=options.compile)
+        engine.warm_up()
+    except BaseException:
+        outbox.put(Failed(traceback.format_exc()))
+        outbox.put(None)
+        sender.join(5)
+        return
+    inbox: queue.SimpleQueue = queue.SimpleQueue()
+    threading.Thread(target=_receiver, args=(conn, inbox), name="engine-receiver", daemon=True).start()
+    outbox.put(Ready(engine.fingerprint))
+    scheduler = Scheduler(engine, options.max_running, options.prefill_chunk)
+    try:
+        while True:
+            message = inbox.get() if not scheduler.busy else None  # idle: sleep until a request comes
+            while True:
+                if message is not None:
+                    if isinstance(message, Shutdown):
+                        return
+                    if isinstance(message, Abort):
+                        scheduler.abort(message.job_id)
+                    else:
+                        scheduler.add(message)
+                try:
+                    message = inbox.get_nowait()
+                except queue.Empty:
+                    break
+            events = [(job_id, ErrorEvent(_portable(e.error)) if isinstance(e, ErrorEvent) else e)
+                      for job_id, e in scheduler.iterate()]
+            waits, scheduler.queue_waits = scheduler.queue_waits, []
+            outbox.put(Outputs(events, scheduler.running, len(scheduler.waiting), waits))
+    except BaseException as e:  # the loop must never die silently, nor leave a request waiting
+        log.exception("engine loop died")
+        outbox.put(Outputs(scheduler.fail_all(EngineStopped(f"the engine failed: {e!r}")), 0, 0, []))
+        outbox.put(Failed(traceback.format_exc()))
+    finally:
+        outbox.put(None)
+        sender.join(5)
+
+
+def _receiver(conn: Connection, inbox: queue.SimpleQueue) -> None:
+    try:
+        while True:
+            inbox.put(conn.recv())
+    except (EOFError, OSError):  # the API process is gone
+        inbox.put(Shutdown())
+
+
+def weight_dtype(name: str):
+    import torch
+    return {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}[name]
+
+
+# --- the API process's side -----------------------------------------------------------------------------------
+
+
+@dataclass(eq=False)
+class Job:
+    """A request as the API process tracks it: its events arrive on `events`."""
+    prompt_ids: list[int]
+    snapshot: bytes | None
+    params: SamplingParams
+    want_surprise: bool
+    events: asyncio.Queue = field(default_factory=asyncio.Queue)
+    submitted_at: float = field(default_factory=time.perf_counter)
+    id: int = -1
+    client: EngineClient | None = None
+    generated: int = 0
+    first_token_at: float | None = None
+    last_token_at: float | None = None
+
+    def cancel(self) -> None:
+        """The engine drops the job at its next iteration; nothing is committed."""
+        if self.client is not None:
+            self.client.abort(self)
+
+    def abort(self) -> None:
+        """On the event loop: cancel, and wake whoever waits for the job's events."""
+        self.cancel()
+        self.events.put_nowait(ErrorEvent(ClientGone()))
+
+
+class EngineClient:
+    def __init__(self, options: EngineOptions, metrics: Metrics, max_waiting: int):
+        self.options, self.metrics = options, metrics
+        self.capacity = options.max_running + max_waiting
+        self.jobs: dict[int, Job] = {}
+        self._ids = itertools.count()
+        self._outbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self.alive = False
+        self.fingerprint: str | None = None
+
+    def start(self) -> None:
+        """Spawn the engine process and wait until it has loaded and warmed up the model (blocking)."""
+        context = multiprocessing.get_context("spawn")  # never fork a process that holds torch's thread pools
+        self._conn, child = context.Pipe()
+        self.process = context.Process(target=engine_main, args=(self.options, child), name="titans-engine",
+                                       daemon=True)
+        self.process.start()
+        child.close()
+        try:
+            message = self._conn.recv()
+        except EOFError:
+            self.process.join(5)
+            raise RuntimeError(f"the engine process exited with {self.process.exitcode} while loading") from None
+        if isinstance(message, Failed):
+            raise RuntimeError(f"the engine process could not load the model:\n{message.message}")
+        self.fingerprint = message.fingerprint
+        self._sender = threading.Thread(target=_sender, args=(self._conn, self._outbox), name="engine-client-sender",
+                                        daemon=True)
+        self._sender.start()
+        self.alive = True
+
+    def attach(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Deliver the engine's messages on this event loop: a thread receives them (the pipe stays blocking, which
+        a loop reader would not leave it) and hands each to the loop with one call_soon_threadsafe."""
+        self._loop = loop
+        self._receiver = threading.Thread(target=self._receive, name="engine-client-receiver", daemon=True)
+        self._receiver.start()
+
+    def stop(self) -> None:
+        if self.alive:
+            self._outbox.put(Shutdown())
+        self._outbox.put(None)
+        self.process.join(30)
+        if self.process.is_alive():
+            self.process.terminate()
+            self.process.join(5)
+        self._lost("the server is shutting down")
+
+    def submit(self, job: Job) -> None:
+        if not self.alive:
+            raise EngineStopped("the engine process has stopped")
+        if len(self.jobs) >= self.capacity:
+            raise QueueFull(f"{len(self.jobs)} requests in the engine (limit {self.capacity})")
+        job.id, job.client = next(self._ids), self
+        self.jobs[job.id] = job
+        self._outbox.put(Submission(job.id, job.prompt_ids, job.snapshot, job.params, job.want_surprise))
+
+    def abort(self, job: Job) -> None:
+        if self.jobs.pop(job.id, None) is not None and self.alive:
+            self._outbox.put(Abort(job.id))
+
+    def _receive(self) -> None:
+        try:
+            while True:
+                message = self._conn.recv()
+                if isinstance(message, Outputs):
+                    self._loop.call_soon_threadsafe(self._deliver, message)
+                elif isinstance(message, Failed):
+                    log.error("the engine process failed:\n%s", message.message)
+        except (EOFError, OSError):
+            self.process.join(1)
+            why = f"the engine process has stopped (exit code {self.process.exitcode})"
+            with contextlib.suppress(RuntimeError):  # the loop is closed: the server is gone already
+                self._loop.call_soon_threadsafe(self._lost, why)
+
+    def _deliver(self, out: Outputs) -> None:
+        now = time.perf_counter()
+        m = self.metrics
+        for job_id, event in out.events:
+            job = self.jobs.get(job_id)
+            if job is None:  # aborted: the engine's events for it were already in flight
+                continue
+            if isinstance(event, TokenEvent):
+                self._observe_tokens(job, len(event.token_ids), now)
+            elif isinstance(event, DoneEvent):
+                del self.jobs[job_id]
+                reason = event.finish_reason
+                m.finished(len(job.prompt_ids), job.generated, now - job.submitted_at, reason)
+                m.state_bytes.observe(len(event.snapshot))
+                m.memory_save.observe(event.save_s)
+            else:
+                del self.jobs[job_id]
+            job.events.put_nowait(event)
+        for wait in out.queue_waits:
+            m.queue_time.observe(wait)
+        m.running.set(out.running)
+        m.sessions_active.set(out.running)
+        m.waiting.set(out.waiting)
+
+    def _observe_tokens(self, job: Job, count: int, now: float) -> None:
+        if job.first_token_at is None:
+            self.metrics.ttft.observe(now - job.submitted_at)
+            job.first_token_at = now
+        else:
+            self.metrics.itl.observe(now - job.last_token_at)
+        job.last_token_at = now
+        job.generated += count
+        self.metrics.generation_tokens.inc(count)
+
+    def _lost(self, why: str) -> None:
+        """The engine is gone: every request still waiting on it fails."""
+        self.alive = False
+        jobs, self.jobs = self.jobs, {}
+        for job in jobs.values():
+            job.events.put_nowait(ErrorEvent(EngineStopped(why)))

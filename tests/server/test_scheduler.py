@@ -1,0 +1,98 @@
+"""The engine loop on its own (no process, no HTTP): requests that join at different iterations, with prompts
+longer than a prefill chunk, stateful and fresh, end exactly as each would alone through Engine.complete."""
+
+from __future__ import annotations
+
+import collections
+
+import pytest
+import torch
+
+from engine import SamplingParams, SnapshotError
+from server.scheduler import DoneEvent, ErrorEvent, Scheduler, Submission, TokenEvent
+from tests.engine.helpers import VARIANTS, assert_states_close, engine_for, tiny
+
+
+def run(scheduler: Scheduler, arrivals: dict[int, list[Submission]], abort_at: dict[int, int] | None = None):
+    """Iterate until idle; submissions join at their iteration. -> job_id -> events, in order."""
+    events, iteration = collections.defaultdict(list), 0
+    while scheduler.busy or any(at >= iteration for at in arrivals):
+        for sub in arrivals.get(iteration, []):
+            scheduler.add(sub)
+        for job_id, at in (abort_at or {}).items():
+            if at == iteration:
+                scheduler.abort(job_id)
+        for job_id, event in scheduler.iterate():
+            events[job_id].append(event)
+        iteration += 1
+    return events
+
+
+def tokens_of(events) -> list[int]:
+    return [t for e in events if isinstance(e, TokenEvent) for t in e.token_ids]
+
+
+def test_staggered_requests_end_as_each_would_alone():
+    for variant in VARIANTS:
+        engine = engine_for(tiny(variant), seed=5, dtype=torch.float64)
+        g = torch.Generator().manual_seed(7)
+        earlier = engine.complete(torch.randint(0, 256, (37,), generator=g).tolist(), engine.new_state(),
+                                  SamplingParams(max_tokens=3, temperature=0)).state
+        cases = []  # (iteration it joins, prompt, snapshot or None, max_tokens)
+        for at, length, stateful, max_tokens in [(0, 23, False, 9), (0, 5, True, 4), (0, 5, False, 7),
+                                                 (2, 61, True, 6), (3, 1, False, 12), (3, 17, True, 0),
+                                                 (7, 40, False, 5)]:
+            prompt = torch.randint(0, 256, (length,), generator=g).tolist()
+            cases.append((at, prompt, earlier.to_bytes() if stateful else None, max_tokens))
+        scheduler = Scheduler(engine, max_running=4, prefill_chunk=16)  # 7 requests: some wait for a place
+        arrivals = collections.defaultdict(list)
+        for job_id, (at, prompt, snapshot, max_tokens) in enumerate(cases):
+            arrivals[at].append(Submission(job_id, prompt, snapshot, SamplingParams(max_tokens=max_tokens,
+                                                                                    temperature=0), False))
+        events = run(scheduler, arrivals)
+        for job_id, (_, prompt, snapshot, max_tokens) in enumerate(cases):
+            alone = engine.complete(prompt, engine.new_state() if snapshot is None else engine.load_state(snapshot),
+                                    SamplingParams(max_tokens=max_tokens, temperature=0))
+            done = events[job_id][-1]
+            assert isinstance(done, DoneEvent), (variant, job_id, done)
+            assert tokens_of(events[job_id]) == alone.token_ids, (variant, job_id)
+            assert all(len(e.token_ids) == 1 for e in events[job_id][:-1])  # one token per iteration
+            assert (done.prompt_tokens, done.completion_tokens) == (len(prompt), max_tokens)
+            assert_states_close(engine.load_state(done.snapshot), alone.state)
+
+
+def test_an_aborted_request_leaves_without_a_trace_and_the_others_continue():
+    engine = engine_for(tiny("mal"), seed=5, dtype=torch.float64)
+    params = SamplingParams(max_tokens=8, temperature=0)
+    prompts = [list(b"abort me later"), list(b"keep going"), list(b"never admitted")]
+    scheduler = Scheduler(engine, max_running=2, prefill_chunk=4)
+    arrivals = {0: [Submission(i, p, None, params, False) for i, p in enumerate(prompts)]}
+    events = run(scheduler, arrivals, abort_at={0: 4, 2: 1})
+    assert 2 not in events  # aborted while waiting: never ran
+    assert not any(isinstance(e, DoneEvent) for e in events[0]) and len(tokens_of(events[0])) < 8
+    assert tokens_of(events[1]) == engine.complete(prompts[1], engine.new_state(), params).token_ids
+    assert not scheduler.busy and not scheduler.aborted
+
+
+def test_a_damaged_snapshot_fails_its_own_request_only():
+    engine = engine_for(tiny("lmm"), seed=5)
+    params = SamplingParams(max_tokens=3, temperature=0)
+    blob = bytearray(engine.new_state().to_bytes())
+    blob[-5] ^= 0xFF
+    scheduler = Scheduler(engine, max_running=4, prefill_chunk=8)
+    events = run(scheduler, {0: [Submission(0, [1, 2, 3], bytes(blob), params, False),
+                                 Submission(1, [1, 2, 3], None, params, False)]})
+    assert len(events[0]) == 1 and isinstance(events[0][0], ErrorEvent)
+    assert isinstance(events[0][0].error, SnapshotError)
+    assert isinstance(events[1][-1], DoneEvent) and len(tokens_of(events[1])) == 3
+
+
+@pytest.mark.parametrize("want_surprise", [True, False])
+def test_surprise_covers_every_token_read(want_surprise):
+    engine = engine_for(tiny("mag"), seed=5)
+    prompt = list(b"a prompt of a few chunks")
+    scheduler = Scheduler(engine, max_running=4, prefill_chunk=5)
+    events = run(scheduler, {0: [Submission(0, prompt, None, SamplingParams(max_tokens=4, temperature=0),
+                                            want_surprise)]})
+    read = sum(len(e.surprise) for e in events[0])
+    assert read == (len(prompt) + 4 if want_surprise else 0)  # the prompt, then each generated token once fed
