@@ -87,9 +87,11 @@ def engine_alone(engine: Engine, prompt: str, tokens: int) -> dict:
     ids = engine.tokenizer.encode(prompt)
     params = SamplingParams(max_tokens=tokens, temperature=0)
     start = time.perf_counter()
-    out = list(engine.generate(ids, engine.new_state(), params))
-    wall = time.perf_counter() - start
-    return {"generated_tokens": len(out), "wall_s": wall, "tok_s": len(out) / wall}
+    arrivals = [time.perf_counter() for _ in engine.generate(ids, engine.new_state(), params)]
+    wall = time.perf_counter() - start  # after the last token is fed, as the server's final state
+    itl = [b - a for a, b in zip(arrivals, arrivals[1:])]
+    return {"generated_tokens": len(arrivals), "wall_s": wall, "tok_s": len(arrivals) / wall,
+            "ttft_ms": 1000 * (arrivals[0] - start), "itl_p50_ms": 1000 * percentile(itl, 0.5)}
 
 
 def median_row(rows: list[dict]) -> dict:
@@ -126,7 +128,8 @@ def main() -> None:
         finally:
             srv.stop()
     rounds = results["rounds"]
-    results["engine_alone_tok_s"] = statistics.median(r["engine_alone"]["tok_s"] for r in rounds)
+    results["engine_alone"] = median_row([r["engine_alone"] for r in rounds])
+    results["engine_alone_tok_s"] = results["engine_alone"]["tok_s"]
     results["server"] = [median_row([r["server"][i] for r in rounds]) for i in range(len(args.sessions))]
     if 1 in args.sessions:
         one = args.sessions.index(1)
@@ -138,8 +141,10 @@ def main() -> None:
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
 
-    print(f"engine alone (one session, Engine.generate): {results['engine_alone_tok_s']:.1f} tok/s "
-          f"(median of {args.rounds} rounds; rates below are medians, ratios medians of per-round ratios)")
+    alone = results["engine_alone"]
+    print(f"engine alone (one session, Engine.generate): {alone['tok_s']:.1f} tok/s, TTFT {alone['ttft_ms']:.0f} ms, "
+          f"ITL p50 {alone['itl_p50_ms']:.1f} ms (medians of {args.rounds} rounds, as every rate below; ratios are "
+          f"medians of per-round ratios)")
     print("| sessions | aggregate tok/s | × N=1 | TTFT p50 / p99 (ms) | ITL p50 / p99 (ms) | tokens per chunk |")
     print("|---|---|---|---|---|---|")
     for r in results["server"]:

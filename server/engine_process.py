@@ -2,20 +2,21 @@
 
 Why a process and not a thread: the model step and the event loop both run Python. In one process they share
 the GIL, and each of a decode step's few hundred torch ops, when it returns from C++, waits for the event loop to
-hand the GIL back: with 32 streams to serve, a 4.5 ms batched step took ~10 ms (bench/serve.py; a shorter
-switch interval only halved the loss). In its own process the engine loop runs undisturbed on its cores while
-the event loop parses requests and writes SSE on another.
+hand the GIL back: with 32 streams to serve, a batched step that takes 4.2 ms alone took ~10 ms in the server
+(a 10x shorter switch interval won back 17% of the throughput). In its own process the engine loop runs
+undisturbed on its cores while the event loop parses requests and writes SSE on another.
 
-    API process                                         engine process (spawned; its main thread runs the loop)
-    EngineClient.submit(job) --Submission / Abort-->   receiver thread -> inbox -> Scheduler.iterate()
-    job.events <- loop <- receiver thread <--Outputs--  sender thread <- outbox
+    API process                                          engine process (spawned; its main thread runs the loop)
+    EngineClient.submit(job) -> sender thread --Submission / Abort--> receiver thread -> inbox -> Scheduler
+    job.events <- event loop <- receiver thread <------Outputs------- Scheduler.iterate()
 
-Messages are pickled over one duplex pipe. Both sides send and receive on threads, so neither the event loop nor
-the engine loop ever blocks on the pipe (a snapshot is hundreds of kilobytes): a big Submission is read while the
-engine steps, and one iteration's events reach the loop in one call_soon_threadsafe. Snapshots cross as bytes:
-the engine loads a session's state and serialises the final one itself (a damaged snapshot comes back as the
-request's SnapshotError). If the engine process dies, every request in flight gets EngineStopped, and /health
-and /ready answer 503.
+Messages are pickled over one duplex pipe, and each side receives on a thread of its own that does nothing else,
+so a send never waits long: the engine sends one Outputs per iteration from its loop (no thread to share its GIL
+with), and the event loop hands its messages to a sender thread, never blocking on the pipe while the engine
+steps (a snapshot is hundreds of kilobytes). One iteration's events reach the event loop in one
+call_soon_threadsafe. Snapshots cross as bytes: the engine loads a session's state and serialises the final one
+itself (a damaged snapshot comes back as the request's SnapshotError). If the engine process dies, every
+request in flight gets EngineStopped, and /health and /ready answer 503.
 """
 
 from __future__ import annotations
@@ -120,9 +121,6 @@ def engine_main(options: EngineOptions, conn: Connection) -> None:
     from engine import Engine
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    outbox: queue.SimpleQueue = queue.SimpleQueue()
-    sender = threading.Thread(target=_sender, args=(conn, outbox), name="engine-sender", daemon=True)
-    sender.start()
     try:
         torch.set_num_threads(options.torch_threads or max(1, (os.cpu_count() or 2) - 1))
         device = None if options.device == "auto" else torch.device(options.device)
@@ -130,13 +128,11 @@ def engine_main(options: EngineOptions, conn: Connection) -> None:
                              compile=options.compile)
         engine.warm_up()
     except BaseException:
-        outbox.put(Failed(traceback.format_exc()))
-        outbox.put(None)
-        sender.join(5)
+        conn.send(Failed(traceback.format_exc()))
         return
     inbox: queue.SimpleQueue = queue.SimpleQueue()
     threading.Thread(target=_receiver, args=(conn, inbox), name="engine-receiver", daemon=True).start()
-    outbox.put(Ready(engine.fingerprint))
+    conn.send(Ready(engine.fingerprint))
     scheduler = Scheduler(engine, options.max_running, options.prefill_chunk)
     try:
         while True:
@@ -156,14 +152,14 @@ def engine_main(options: EngineOptions, conn: Connection) -> None:
             events = [(job_id, ErrorEvent(_portable(e.error)) if isinstance(e, ErrorEvent) else e)
                       for job_id, e in scheduler.iterate()]
             waits, scheduler.queue_waits = scheduler.queue_waits, []
-            outbox.put(Outputs(events, scheduler.running, len(scheduler.waiting), waits))
+            conn.send(Outputs(events, scheduler.running, len(scheduler.waiting), waits))
+    except (BrokenPipeError, ConnectionResetError):  # the API process is gone
+        return
     except BaseException as e:  # the loop must never die silently, nor leave a request waiting
         log.exception("engine loop died")
-        outbox.put(Outputs(scheduler.fail_all(EngineStopped(f"the engine failed: {e!r}")), 0, 0, []))
-        outbox.put(Failed(traceback.format_exc()))
-    finally:
-        outbox.put(None)
-        sender.join(5)
+        with contextlib.suppress(OSError):
+            conn.send(Outputs(scheduler.fail_all(EngineStopped(f"the engine failed: {e!r}")), 0, 0, []))
+            conn.send(Failed(traceback.format_exc()))
 
 
 def _receiver(conn: Connection, inbox: queue.SimpleQueue) -> None:

@@ -1,14 +1,14 @@
 """The engine loop (DESIGN §5): admit -> batched steps -> emit, in the engine process (server/engine_process.py).
 
-Requests join between steps (continuous batching across sessions, each with its own memory). Sessions that are
-reading their prompt and sessions that are generating sit in two batches, stepped one after the other in each
-iteration (decode first, as vLLM schedules running requests first): the engine's steps are [sessions, rows] rectangles, so one session prefilling in the generating batch
-would pad every generating session to its rows (at 32 sessions that made prefill and decode each other's
-bottleneck, bench/serve.py). The prefill batch reads up to `prefill_chunk` prompt tokens per session per
-iteration; a session that has read its whole prompt samples its first token from the prefill's last logits and
-moves to the decode batch, which feeds one token per session per step, so the final state has read every
-generated token (as Engine.generate does). A token that ends the request (EOS, stop string, max_tokens) is still
-fed once, then the request leaves with its final state, serialised.
+Requests join between steps (continuous batching across sessions, each with its own memory). Sessions reading
+their prompt and sessions generating sit in two batches, stepped one after the other in each iteration (decode
+first, as vLLM schedules running requests first): the engine's steps are [sessions, rows] rectangles, so one
+session prefilling in the generating batch would pad every generating session to its rows (at 32 sessions that
+made prefill and decode each other's bottleneck, bench/serve.py). The prefill batch reads up to `prefill_chunk`
+prompt tokens per session per iteration; a session that has read its whole prompt samples its first token from
+the prefill's last logits and moves to the decode batch, which feeds one token per session per step, so the
+final state has read every generated token (as Engine.generate does). A token that ends the request (EOS, stop
+string, max_tokens) is still fed once, then the request leaves with its final state, serialised.
 
 Pure engine-side logic: no asyncio, no pipes. `iterate()` runs one iteration and returns its events, which the
 engine process sends to the API process in one message.
