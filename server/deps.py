@@ -12,14 +12,18 @@ from server.runtime import Runtime
 OPEN_TENANT = "default"  # the single tenant of a server without API keys
 
 
-def get_runtime(request: Request) -> Runtime:
+# async, though nothing here awaits: FastAPI runs a plain `def` dependency on its thread pool, a thread hop per
+# dependency per request, which under a burst of requests costs more than the dependency itself
+
+
+async def get_runtime(request: Request) -> Runtime:
     runtime = getattr(request.app.state, "runtime", None)
     if runtime is None:
         raise APIError(503, "the model is still loading", "loading")
     return runtime
 
 
-def get_tenant(request: Request, authorization: str | None = Header(None)) -> str:
+async def get_tenant(request: Request, authorization: str | None = Header(None)) -> str:
     keys: dict[str, str] = request.app.state.tenants_by_key
     if not keys:
         return OPEN_TENANT

@@ -198,7 +198,7 @@ async def stream(shape: Shape, first, events: AsyncIterator, include_usage: bool
 async def completions(request: Request, req: CompletionRequest, rt: Runtime = Depends(get_runtime),
                       tenant: str = Depends(get_tenant), x_session_id: str | None = Header(None)):
     prompt = req.prompt
-    prompt_ids = await asyncio.to_thread(rt.engine.tokenizer.encode, prompt) if isinstance(prompt, str) \
+    prompt_ids = await rt.encode(prompt) if isinstance(prompt, str) \
         else list(prompt)
     max_tokens = 16 if req.max_tokens is None else req.max_tokens
     rt.check_prompt(prompt_ids, max_tokens)  # before decoding ids for echo
@@ -216,6 +216,6 @@ async def chat_completions(request: Request, req: ChatCompletionRequest, rt: Run
         raise APIError(400, str(e), "invalid_content", "messages") from e
     limit = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
     max_tokens = rt.settings.max_output_tokens if limit is None else limit
-    prompt_ids = await asyncio.to_thread(rt.engine.tokenizer.encode, text)
+    prompt_ids = await rt.encode(text)
     return await respond(request, rt, tenant, req, session_binding(req.session_id, x_session_id), prompt_ids,
                          max_tokens, chat=True)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
-
 from fastapi import APIRouter, Depends, Query, Request, Response
 
 from engine import SamplingParams
@@ -82,7 +80,7 @@ async def rollback_session(session_id: str, body: SessionRollback, rt: Runtime =
 async def memorize(session_id: str, body: SessionMemorize, rt: Runtime = Depends(get_runtime),
                    tenant: str = Depends(get_tenant)):
     """Read text into the memory without generating: {"tokens", "mean_surprise", "session"}."""
-    ids = await asyncio.to_thread(rt.engine.tokenizer.encode, body.text)
+    ids = await rt.encode(body.text)
     surprise, done = [], None
     async for event in rt.generate(tenant, session_id, ids, SamplingParams(max_tokens=0), commit=True,
                                    want_surprise=True):
