@@ -1,4 +1,4 @@
-"""Paired probes behind two engine choices, each measured side by side in one run (medians of --repeats rounds).
+"""Paired probes behind three engine choices, each measured side by side in one run (medians of --repeats rounds).
 
   1. fp16 dense layers on a CPU (Linear.UPCAST_ROWS): one projection of small-mac's shape (256 -> 1048) over
      1024 rows as a half GEMM and as a float GEMM on the upcast weight; then small-mac with fp16 weights decoding
@@ -7,6 +7,11 @@
      default model, one token per step, with the update computed only for the sessions that complete a memory
      chunk (the default) against the masked update of every session (what a step without host positions does),
      next to one session and to 32 aligned sessions.
+  3. The memory-chunk update of 32 sessions at the default model's memory shapes (4 heads, 32 -> 64 -> 32, chunk
+     8): engine.memory.apply_chunk against the previous code, kept here (both weighted sums as one GEMM over
+     interleaved coefficients, then five elementwise passes over the weights), and the memory's layer-norm
+     statistics with torch.var (before) against a centred mean of squares (now); then the default model reading
+     a 93-token prompt in 32 fresh sessions at once (a burst of requests' prefill).
 
     .venv/bin/python bench/engine_probes.py        # ~2 minutes on 2 cores
 """
@@ -98,6 +103,60 @@ def staggered_probe(repeats: int, model: Path) -> dict[str, float]:
     }, repeats)
 
 
+def previous_apply_chunk(weights, momentum, inputs, deltas, theta, coefficients, grad_clip):
+    """engine.memory.apply_chunk before 2026-11-27 (fifth session), for the side-by-side timing."""
+    if grad_clip is not None:
+        norm_sq = sum(a.square().sum(-1) * d.square().sum(-1) for a, d in zip(inputs, deltas))
+        theta = theta * torch.clamp(grad_clip * torch.rsqrt(norm_sq + 1e-12), max=1.0)
+    beta, gamma, p_end, decay_m, decay_s = coefficients
+    coefs = (torch.stack((decay_m, decay_s), -1) * theta[..., None]).unsqueeze(-2)
+    beta, gamma, p_end = (c[..., None, None] for c in (beta, gamma, p_end))
+    new_w, new_s = [], []
+    for w, s, a, d in zip(weights, momentum, inputs, deltas):
+        both = a.transpose(-1, -2) @ (d.unsqueeze(-1) * coefs).flatten(-2)
+        upd_m, upd_s = both.view(*both.shape[:-1], -1, 2).unbind(-1)
+        new_w.append(beta * w + gamma * s - upd_m)
+        new_s.append(p_end * s - upd_s)
+    return new_w, new_s
+
+
+def memory_update_probe(repeats: int, model: Path) -> dict[str, float]:
+    from engine import memory
+
+    sessions, heads, head_dim, chunk = 32, 4, 32, 8
+    gen = torch.Generator().manual_seed(0)
+    weights = [torch.randn(sessions, heads, i, o, generator=gen) / i**0.5
+               for i, o in memory.memory_shapes(2, head_dim, 2)]
+    momentum = [0.01 * torch.randn(w.shape, generator=gen) for w in weights]
+    k = F.normalize(torch.randn(sessions, heads, chunk, head_dim, generator=gen), dim=-1)
+    v = torch.randn(sessions, heads, chunk, head_dim, generator=gen)
+    gates = [torch.randn(sessions, heads, chunk, generator=gen) for _ in range(3)]
+    coefficients = memory.chunk_coefficients(F.logsigmoid(gates[0]), F.logsigmoid(gates[1] + 4))
+    theta = 0.1 * torch.sigmoid(gates[2])
+    inputs, deltas = memory.memory_grads(weights, k, v, 1e-5)
+    z = torch.randn(sessions, heads, 2 * chunk, head_dim, generator=gen)
+
+    def var_stats():
+        return z.mean(-1, keepdim=True), torch.rsqrt(z.var(-1, unbiased=False, keepdim=True) + 1e-5)
+
+    def centred_stats():
+        centred = z - z.mean(-1, keepdim=True)
+        return centred, torch.rsqrt(centred.square().mean(-1, keepdim=True) + 1e-5)
+
+    engine = Engine.load(model, device="cpu")
+    prompt = list(range(40, 133))  # 93 tokens
+    return median_rounds({
+        "32_sessions_chunk_update_previous_ms": lambda: per_call_ms(
+            lambda: previous_apply_chunk(weights, momentum, inputs, deltas, theta, coefficients, 1.0), 20),
+        "32_sessions_chunk_update_now_ms": lambda: per_call_ms(
+            lambda: memory.apply_chunk(weights, momentum, inputs, deltas, theta, coefficients, 1.0), 20),
+        "32_sessions_ln_stats_var_us": lambda: 1e3 * per_call_ms(var_stats, 100),
+        "32_sessions_ln_stats_centred_us": lambda: 1e3 * per_call_ms(centred_stats, 100),
+        "32_sessions_93_token_prefill_ms": lambda: per_call_ms(
+            lambda: engine.batch([engine.new_state()] * 32).forward([prompt] * 32), 2),
+    }, repeats)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=2)
@@ -106,7 +165,8 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     with torch.inference_mode():
-        results = {**fp16_probe(args.repeats), **staggered_probe(args.repeats, Path(args.model))}
+        results = {**fp16_probe(args.repeats), **staggered_probe(args.repeats, Path(args.model)),
+                   **memory_update_probe(args.repeats, Path(args.model))}
     for name, value in results.items():
         print(f"{name:<48} {value:10.2f}")
 
