@@ -48,18 +48,21 @@ async def one_stream(client: httpx.AsyncClient, session_id: str, prompt: str, to
     body = {"prompt": prompt, "max_tokens": tokens, "temperature": 0, "stream": True, "session_id": session_id,
             "stream_options": {"include_usage": True}, "return_token_ids": True}
     start = time.perf_counter()
-    arrivals, usage = [], None  # (time, tokens in the chunk)
+    arrivals, usage, pending = [], None, b""  # (time, tokens in the chunk)
     async with client.stream("POST", "/v1/completions", json=body) as r:
         r.raise_for_status()
-        async for line in r.aiter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            chunk = json.loads(line[6:])
-            if chunk["choices"]:
-                if chunk["choices"][0]["token_ids"]:
-                    arrivals.append((time.perf_counter(), len(chunk["choices"][0]["token_ids"])))
-            else:
-                usage = chunk["usage"]
+        async for data in r.aiter_raw():  # split events by hand: httpx's line iterator costs the shared CPU more
+            now = time.perf_counter()
+            *events, pending = (pending + data).split(b"\n\n")
+            for event in events:
+                if not event.startswith(b"data: {"):
+                    continue
+                chunk = json.loads(event[6:])
+                if chunk["choices"]:
+                    if chunk["choices"][0]["token_ids"]:
+                        arrivals.append((now, len(chunk["choices"][0]["token_ids"])))
+                else:
+                    usage = chunk["usage"]
     end = time.perf_counter()
     itl = [(b - a) / k for (a, _), (b, k) in zip(arrivals, arrivals[1:]) for _ in range(k)]
     return {"ttft": arrivals[0][0] - start, "itl": itl, "tokens": usage["completion_tokens"],
