@@ -9,9 +9,9 @@ the step chunk by chunk (NeuralMemory.scan):
   - every row reads the memory with its chunk-start weights (chunk-lagged reads, DESIGN §2.5),
   - MAC retrieval reads with the segment-start weights, kept in the state,
   - rows are appended to the chunk buffer, and a chunk that fills is applied in closed form.
-Sessions at the same position take long steps (up to a MAC segment, or MAX_SPAN rows); a batch of
-sessions at different positions takes steps that end at each session's chunk edge; decode is a step of
-one row. All of these
+Sessions at the same position take long steps (up to a MAC segment, or MAX_SPAN rows; within the
+attention window when some of them have fewer rows than others); a batch of sessions at different
+positions takes steps that end at each session's chunk edge; decode is a step of one row. All of these
 compute exactly the same function: per-session bookkeeping is by position, with masks (StepContext).
 
 Session state, fixed in size: per mixer a dict of tensors with a leading batch dimension: memory
@@ -206,7 +206,7 @@ class StepContext:
         """
         first = max(0, self.rows - span)  # more rows than slots (a long single-session step): keep the last span
         if first:
-            assert self.pos.shape[0] == 1, "a batched step never has more rows than ring slots (step_limit)"
+            assert all(c == self.rows for c in self.host[1]), "a padded step never has more rows than ring slots"
             rows = rows[:, first:]
 
         def make_index():
@@ -818,16 +818,18 @@ class Titans(nn.Module):
             if isinstance(module, NeuralMemory):
                 module.compiled_chunk_step = chunk_step
 
-    def step_limit(self, pos: int, sessions: int, aligned: bool) -> int:
+    def step_limit(self, pos: int, aligned: bool, padded: bool) -> int:
         """Most rows one step may take for a session at pos. Sessions at different positions step inside
-        one memory chunk; otherwise a step runs up to MAX_SPAN rows, never crosses a MAC segment edge,
-        and in a batch stays within the attention window (ring writes need rows <= slots)."""
+        one memory chunk; otherwise a step runs up to MAX_SPAN rows and never crosses a MAC segment edge; a
+        step in which some session has fewer rows than others (padding) stays within the attention window:
+        a ring keeps a step's last `window` rows, which are then every session's last rows only without
+        padding."""
         cfg = self.cfg
         if not aligned:
             return cfg.chunk_size - pos % cfg.chunk_size
         if cfg.variant == "mac":
             return cfg.segment_size - pos % cfg.segment_size
-        if sessions > 1 and cfg.variant != "lmm":
+        if padded and cfg.variant != "lmm":
             return min(MAX_SPAN, cfg.window)
         return MAX_SPAN
 
@@ -848,8 +850,9 @@ class Titans(nn.Module):
         pos = list(pos)
         logits_parts, surprise_parts = [[] for _ in tokens], [[] for _ in tokens]
         while any(d < n for d, n in zip(done, lengths)):
-            aligned = len(set(pos)) == 1
-            counts = [min(n - d, self.step_limit(p, len(tokens), aligned)) for d, n, p in zip(done, lengths, pos)]
+            aligned, remaining = len(set(pos)) == 1, [n - d for d, n in zip(done, lengths)]
+            ragged = len(set(remaining)) > 1  # e.g. prompts of different lengths, or one decoding beside them
+            counts = [min(r, self.step_limit(p, aligned, ragged)) for r, p in zip(remaining, pos)]
             rows = max(counts)
             ctx = StepContext.build(pos, counts, self.cfg, dev, owned)
             if len(tokens) == 1:

@@ -75,11 +75,12 @@ def test_batched_equals_alone(engine):
 
 
 def test_aligned_batch_equals_alone(engine):
-    # sessions at the same position take multi-chunk steps together, with ragged lengths
+    # sessions at the same position take multi-chunk steps together: with ragged lengths (steps within the
+    # attention window), and with equal lengths longer than the window (steps of many windows, no padding)
     gen = torch.Generator().manual_seed(6)
-    for start_len in (0, 6):
-        starts = [engine.forward(tokens(start_len, gen), engine.new_state())[1] for _ in range(4)]
-        batch = [tokens(n, gen) for n in (40, 25, 0, 33)]
+    for start_len, lengths in [(0, (40, 25, 0, 33)), (6, (40, 25, 0, 33)), (0, (45, 45, 45)), (6, (70, 70))]:
+        starts = [engine.forward(tokens(start_len, gen), engine.new_state())[1] for _ in lengths]
+        batch = [tokens(n, gen) for n in lengths]
         for ids, start, (logits, state) in zip(batch, starts, engine.forward_batch(batch, starts)):
             alone_logits, alone_state = engine.forward(ids, start)
             assert_exact(logits, alone_logits)
