@@ -30,8 +30,9 @@ class Settings(BaseSettings):
     compile: bool = Field(False, description="torch.compile the decode step and prefill's memory chunks (2-3x "
                                              "faster decode on a CPU, needs a C++ compiler); compiled at start-up, "
                                              "before /ready")
-    torch_threads: int = Field(0, ge=0, description="CPU threads for the model; 0: all cores but one, which is "
-                                                     "left to the HTTP side (on 2 cores this is faster too)")
+    torch_threads: int = Field(0, ge=0, description="CPU threads of the engine process; 0: all cores but one, "
+                                                     "which is left to the HTTP process (on 2 cores this is "
+                                                     "faster too)")
 
     max_prompt_tokens: int = Field(16384, gt=0)
     max_output_tokens: int = Field(4096, gt=0)
