@@ -1,4 +1,4 @@
-"""Paired probes behind three engine choices, each measured side by side in one run (medians of --repeats rounds).
+"""Paired probes behind four engine choices, each measured side by side in one run (medians of --repeats rounds).
 
   1. fp16 dense layers on a CPU (Linear.UPCAST_ROWS): one projection of small-mac's shape (256 -> 1048) over
      1024 rows as a half GEMM and as a float GEMM on the upcast weight; then small-mac with fp16 weights decoding
@@ -10,8 +10,10 @@
   3. The memory-chunk update of 32 sessions at the default model's memory shapes (4 heads, 32 -> 64 -> 32, chunk
      8): engine.memory.apply_chunk against the previous code, kept here (both weighted sums as one GEMM over
      interleaved coefficients, then five elementwise passes over the weights), and the memory's layer-norm
-     statistics with torch.var (before) against a centred mean of squares (now); then the default model reading
-     a 93-token prompt in 32 fresh sessions at once (a burst of requests' prefill).
+     statistics with torch.var (before) against a centred mean of squares (now).
+  4. Aligned batches without padding rows (Titans.step_limit): the default model reading a 93-token prompt in
+     2, 8 and 32 fresh sessions with long steps (now) against steps within the attention window (the rule for
+     any batch before; still the rule for a ragged one).
 
     .venv/bin/python bench/engine_probes.py        # ~2 minutes on 2 cores
 """
@@ -120,7 +122,7 @@ def previous_apply_chunk(weights, momentum, inputs, deltas, theta, coefficients,
     return new_w, new_s
 
 
-def memory_update_probe(repeats: int, model: Path) -> dict[str, float]:
+def memory_update_probe(repeats: int) -> dict[str, float]:
     from engine import memory
 
     sessions, heads, head_dim, chunk = 32, 4, 32, 8
@@ -143,8 +145,6 @@ def memory_update_probe(repeats: int, model: Path) -> dict[str, float]:
         centred = z - z.mean(-1, keepdim=True)
         return centred, torch.rsqrt(centred.square().mean(-1, keepdim=True) + 1e-5)
 
-    engine = Engine.load(model, device="cpu")
-    prompt = list(range(40, 133))  # 93 tokens
     return median_rounds({
         "32_sessions_chunk_update_previous_ms": lambda: per_call_ms(
             lambda: previous_apply_chunk(weights, momentum, inputs, deltas, theta, coefficients, 1.0), 20),
@@ -152,9 +152,30 @@ def memory_update_probe(repeats: int, model: Path) -> dict[str, float]:
             lambda: memory.apply_chunk(weights, momentum, inputs, deltas, theta, coefficients, 1.0), 20),
         "32_sessions_ln_stats_var_us": lambda: 1e3 * per_call_ms(var_stats, 100),
         "32_sessions_ln_stats_centred_us": lambda: 1e3 * per_call_ms(centred_stats, 100),
-        "32_sessions_93_token_prefill_ms": lambda: per_call_ms(
-            lambda: engine.batch([engine.new_state()] * 32).forward([prompt] * 32), 2),
     }, repeats)
+
+
+def step_rule_probe(repeats: int, model: Path) -> dict[str, float]:
+    from engine.model import Titans
+
+    engine = Engine.load(model, device="cpu")
+    prompt = list(range(40, 133))  # 93 tokens
+    step_limit = Titans.step_limit
+
+    def prefill_ms(sessions: int, window_steps: bool) -> float:
+        if window_steps:
+            Titans.step_limit = lambda self, pos, aligned, ragged: step_limit(self, pos, aligned, True)
+        try:
+            return per_call_ms(lambda: engine.batch([engine.new_state()] * sessions).forward([prompt] * sessions), 2)
+        finally:
+            Titans.step_limit = step_limit
+
+    cases = {}
+    for sessions in (2, 8, 32):
+        for rule in ("long", "window"):
+            cases[f"{sessions}_sessions_93_tokens_{rule}_steps_ms"] = \
+                lambda sessions=sessions, rule=rule: prefill_ms(sessions, rule == "window")
+    return median_rounds(cases, repeats)
 
 
 def main() -> None:
@@ -166,7 +187,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     with torch.inference_mode():
         results = {**fp16_probe(args.repeats), **staggered_probe(args.repeats, Path(args.model)),
-                   **memory_update_probe(args.repeats, Path(args.model))}
+                   **memory_update_probe(args.repeats),
+                   **step_rule_probe(args.repeats, Path(args.model))}
     for name, value in results.items():
         print(f"{name:<48} {value:10.2f}")
 

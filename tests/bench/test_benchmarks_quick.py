@@ -70,5 +70,6 @@ def test_engine_probes_run():
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     values = dict(line.rsplit(None, 1) for line in proc.stdout.splitlines())
-    assert len(values) == 10 and all(float(v) > 0 for v in values.values())
-    assert "32_staggered_masked_update_ms_per_step" in values
+    assert len(values) == 20 and all(float(v) > 0 for v in values.values())
+    assert {"32_staggered_masked_update_ms_per_step", "32_sessions_chunk_update_previous_ms",
+            "8_sessions_93_tokens_window_steps_ms"} <= set(values)
