@@ -29,6 +29,7 @@ import multiprocessing
 import os
 import pickle
 import queue
+import signal
 import threading
 import time
 import traceback
@@ -98,7 +99,9 @@ def _sender(conn: Connection, outbox: queue.SimpleQueue) -> None:
     while (message := outbox.get()) is not None:
         try:
             conn.send(message)
-        except (OSError, ValueError):  # the other side is gone: nothing left to tell it
+        except Exception:  # the other side is gone (or the message would not pickle): nothing more can go
+            log.exception("cannot send to the engine process")
+            conn.close()  # its receiver then sees the pipe close and stops it
             return
 
 
@@ -132,6 +135,9 @@ def engine_main(options: EngineOptions, conn: Connection) -> None:
         return
     inbox: queue.SimpleQueue = queue.SimpleQueue()
     threading.Thread(target=_receiver, args=(conn, inbox), name="engine-receiver", daemon=True).start()
+    # once serving, Ctrl-C (which reaches the whole process group) is the API process's to handle: it shuts down
+    # gracefully, finishing the requests in flight, then stops this process with Shutdown
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     conn.send(Ready(engine.fingerprint))
     scheduler = Scheduler(engine, options.max_running, options.prefill_chunk)
     try:
@@ -166,7 +172,9 @@ def _receiver(conn: Connection, inbox: queue.SimpleQueue) -> None:
     try:
         while True:
             inbox.put(conn.recv())
-    except (EOFError, OSError):  # the API process is gone
+    except BaseException as e:  # the API process is gone (EOF), or the pipe is broken: stop either way
+        if not isinstance(e, (EOFError, OSError)):
+            log.exception("engine receiver failed")
         inbox.put(Shutdown())
 
 
@@ -274,7 +282,10 @@ class EngineClient:
                     self._loop.call_soon_threadsafe(self._deliver, message)
                 elif isinstance(message, Failed):
                     log.error("the engine process failed:\n%s", message.message)
-        except (EOFError, OSError):
+        except BaseException as e:  # EOF: the engine process is gone; anything else: it is unreachable
+            if not isinstance(e, (EOFError, OSError)):
+                log.exception("engine client receiver failed")
+                self.process.kill()
             self.process.join(1)
             why = f"the engine process has stopped (exit code {self.process.exitcode})"
             with contextlib.suppress(RuntimeError):  # the loop is closed: the server is gone already

@@ -189,8 +189,8 @@ class Scheduler:
         """Admit, drop the aborted, one decode step, one prefill step: this iteration's (job_id, event)s. A
         session that finishes its prompt here samples its first token and decodes from the next iteration on, so
         each of its tokens leaves in an iteration of its own."""
-        self._admit()
         self._drop_aborted()
+        self._admit()
         if self.decoding.seqs:
             self._step(self.decoding, prefill=False)
         if self.prefilling.seqs:
@@ -199,10 +199,12 @@ class Scheduler:
         return outbox
 
     def fail_all(self, error: BaseException) -> list[tuple[int, object]]:
-        """Every request this engine holds, failed with error (the loop is going down)."""
+        """The events not yet sent, then every request this engine still holds failed with error (the loop is
+        going down)."""
         seqs = list(self.waiting) + self.prefilling.seqs + self.decoding.seqs
         self.waiting.clear()
-        return [(s.sub.job_id, ErrorEvent(error)) for s in seqs]
+        outbox, self._outbox = self._outbox, []
+        return outbox + [(s.sub.job_id, ErrorEvent(error)) for s in seqs]
 
     # --- one iteration ----------------------------------------------------------------------------------------
 
@@ -210,9 +212,6 @@ class Scheduler:
         now = time.perf_counter()
         while self.waiting and self.running < self.max_running:
             seq = self.waiting.popleft()
-            if seq.sub.job_id in self.aborted:
-                self.aborted.discard(seq.sub.job_id)
-                continue
             self.queue_waits.append(now - seq.received_at)
             try:
                 snapshot = seq.sub.snapshot
@@ -225,12 +224,14 @@ class Scheduler:
                 self._send(seq, ErrorEvent(e))
 
     def _drop_aborted(self) -> None:
+        """Aborted requests leave at once, waiting or running (an Abort always arrives after its Submission, so
+        an id not found here belongs to a request that has already finished)."""
         if not self.aborted:
             return
+        self.waiting = collections.deque(s for s in self.waiting if s.sub.job_id not in self.aborted)
         for group in (self.prefilling, self.decoding):
             group.remove([i for i, s in enumerate(group.seqs) if s.sub.job_id in self.aborted])
-        live = {s.sub.job_id for s in self.waiting}
-        self.aborted &= live  # an abort for a request that has already finished is dropped
+        self.aborted.clear()
 
     def _step(self, group: Group, prefill: bool) -> None:
         inputs = [self._inputs(seq) for seq in group.seqs]
@@ -254,7 +255,10 @@ class Scheduler:
             elif outcome == "generating" and prefill:
                 moving.append(i)
         for i in moving:
-            self.decoding.add(group.seqs[i], group.batch.state(i))
+            try:
+                self.decoding.add(group.seqs[i], group.batch.state(i))
+            except Exception as e:  # e.g. out of memory growing the decode batch: this request's failure alone
+                self._send(group.seqs[i], ErrorEvent(e))
         group.remove(leaving + moving)
 
     def _inputs(self, seq: Sequence) -> list[int]:

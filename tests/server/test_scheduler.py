@@ -96,3 +96,15 @@ def test_surprise_covers_every_token_read(want_surprise):
                                             want_surprise)]})
     read = sum(len(e.surprise) for e in events[0])
     assert read == (len(prompt) + 4 if want_surprise else 0)  # the prompt, then each generated token once fed
+
+
+def test_aborted_requests_leave_the_queue_at_once_even_when_no_place_frees():
+    engine = engine_for(tiny("lmm"), seed=5)
+    scheduler = Scheduler(engine, max_running=1, prefill_chunk=8)
+    for job_id in range(3):
+        scheduler.add(Submission(job_id, [1, 2, 3], None, SamplingParams(max_tokens=50, temperature=0), False))
+    scheduler.iterate()
+    scheduler.abort(1)
+    scheduler.abort(2)
+    scheduler.iterate()
+    assert not scheduler.waiting and scheduler.running == 1  # their snapshots are not held until a place frees
