@@ -12,8 +12,7 @@ import torch
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse
 
-from engine import Engine
-from server.engine_process import EngineClient, EngineOptions, weight_dtype
+from server.engine_process import EngineClient, EngineOptions
 from server.errors import APIError, error_body, install_handlers
 from server.metrics import Metrics
 from server.routers import generation, health, models, sessions
@@ -25,8 +24,8 @@ log = logging.getLogger("titans.server")
 
 
 def load_runtime(settings: Settings) -> Runtime:
-    """Start the engine process (it loads and warms up the model) and, meanwhile, this process's copy of the model
-    (tokenizer, fresh states, snapshot checks: never stepped, so never compiled, and kept on the CPU)."""
+    """Start the engine process (it loads and warms up the model); this process keeps only what it needs of the
+    model (config, tokenizer, fingerprint, a fresh state: ModelInfo), never its weights."""
     torch.set_num_threads(1)
     name = settings.model_name()
     metrics = Metrics(name, max(settings.max_prompt_tokens, settings.max_output_tokens))
@@ -35,10 +34,6 @@ def load_runtime(settings: Settings) -> Runtime:
                         metrics, settings.max_waiting)
     core.start()
     try:
-        engine = Engine.load(settings.model, device="cpu", weight_dtype=weight_dtype(settings.weights))
-        if engine.fingerprint != core.fingerprint:
-            raise RuntimeError(f"the engine process loaded another model ({core.fingerprint}, here "
-                               f"{engine.fingerprint})")
         store = open_store(settings.store, StoreOptions(
             history=settings.history, ttl_s=settings.session_ttl_s, timeout_s=settings.store_timeout_s,
             cache_bytes=settings.blob_cache_bytes,
@@ -46,8 +41,8 @@ def load_runtime(settings: Settings) -> Runtime:
     except BaseException:
         core.stop()
         raise
-    return Runtime(settings, engine, store, core, metrics, name, created=int(time.time()),
-                   state_bytes=len(engine.new_state().to_bytes()))
+    return Runtime(settings, core.model, store, core, metrics, name, created=int(time.time()),
+                   state_bytes=len(core.model.new_state().to_bytes()))
 
 
 class BodyLimit:
@@ -89,8 +84,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.runtime = rt
         keys = "no API keys: the server is open, one tenant" if not app.state.tenants_by_key else \
             f"{len(app.state.tenants_by_key)} API key(s)"
-        log.info("serving %s (%s, fingerprint %s) with store %s; %s", rt.model_name, rt.engine.config.variant,
-                 rt.engine.fingerprint, settings.store, keys)
+        log.info("serving %s (%s, fingerprint %s) with store %s; %s", rt.model_name, rt.model.config.variant,
+                 rt.model.fingerprint, settings.store, keys)
         try:
             yield
         finally:

@@ -36,7 +36,12 @@ import traceback
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 
-from engine import SamplingParams
+import torch
+from safetensors.torch import load as load_safetensors
+
+from engine import ModelConfig, SamplingParams, SessionState
+from engine.state import read_snapshot
+from engine.tokenizer import Tokenizer, load_tokenizer
 from server.metrics import Metrics
 from server.scheduler import (
     ClientGone,
@@ -79,6 +84,7 @@ class Shutdown:
 @dataclass(frozen=True)
 class Ready:
     fingerprint: str
+    fresh_snapshot: bytes  # a new session's state: the API process's template for fresh states and checks
 
 
 @dataclass(frozen=True)
@@ -119,8 +125,6 @@ def _portable(error: BaseException) -> BaseException:
 
 def engine_main(options: EngineOptions, conn: Connection) -> None:
     """The engine process: load, warm up, say Ready, then loop until Shutdown or the API process goes away."""
-    import torch
-
     from engine import Engine
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -138,7 +142,7 @@ def engine_main(options: EngineOptions, conn: Connection) -> None:
     # once serving, Ctrl-C (which reaches the whole process group) is the API process's to handle: it shuts down
     # gracefully, finishing the requests in flight, then stops this process with Shutdown
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    conn.send(Ready(engine.fingerprint))
+    conn.send(Ready(engine.fingerprint, engine.new_state().to_bytes()))
     scheduler = Scheduler(engine, options.max_running, options.prefill_chunk)
     try:
         while True:
@@ -179,11 +183,34 @@ def _receiver(conn: Connection, inbox: queue.SimpleQueue) -> None:
 
 
 def weight_dtype(name: str):
-    import torch
     return {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}[name]
 
 
 # --- the API process's side -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What the API process knows of the served model, without its weights (which only the engine process
+    loads): the config and tokenizer from the model directory; the fingerprint and a fresh session's tensors
+    from the engine, which are enough to make fresh states and to check snapshots."""
+    config: ModelConfig
+    tokenizer: Tokenizer
+    fingerprint: str
+    template: dict[str, torch.Tensor]
+
+    @classmethod
+    def of(cls, model_dir: str, ready: Ready) -> ModelInfo:
+        config = ModelConfig.load(model_dir)
+        template = {k: v.clone() for k, v in load_safetensors(ready.fresh_snapshot).items()}
+        return cls(config, load_tokenizer(config.tokenizer, model_dir), ready.fingerprint, template)
+
+    def new_state(self) -> SessionState:
+        return SessionState({k: v.clone() for k, v in self.template.items()}, 0, self.fingerprint)
+
+    def load_state(self, blob: bytes) -> SessionState:
+        """Raises SnapshotError for a corrupted snapshot or one made by another model."""
+        return read_snapshot(blob, self.fingerprint, self.template)
 
 
 @dataclass(eq=False)
@@ -221,7 +248,7 @@ class EngineClient:
         self._outbox: queue.SimpleQueue = queue.SimpleQueue()
         self._loop: asyncio.AbstractEventLoop | None = None
         self.alive = False
-        self.fingerprint: str | None = None
+        self.model: ModelInfo | None = None  # once started
 
     def start(self) -> None:
         """Spawn the engine process and wait until it has loaded and warmed up the model (blocking)."""
@@ -238,7 +265,7 @@ class EngineClient:
             raise RuntimeError(f"the engine process exited with {self.process.exitcode} while loading") from None
         if isinstance(message, Failed):
             raise RuntimeError(f"the engine process could not load the model:\n{message.message}")
-        self.fingerprint = message.fingerprint
+        self.model = ModelInfo.of(self.options.model, message)
         self._sender = threading.Thread(target=_sender, args=(self._conn, self._outbox), name="engine-client-sender",
                                         daemon=True)
         self._sender.start()

@@ -19,8 +19,8 @@ from dataclasses import dataclass
 
 import anyio
 
-from engine import Engine, SamplingParams, SessionState, SnapshotError
-from server.engine_process import EngineClient, Job
+from engine import SamplingParams, SessionState, SnapshotError
+from server.engine_process import EngineClient, Job, ModelInfo
 from server.errors import APIError
 from server.metrics import Metrics
 from server.scheduler import ClientGone, DoneEvent, EngineStopped, ErrorEvent, QueueFull, TokenEvent
@@ -44,7 +44,7 @@ def failure(error: BaseException) -> Exception:
 @dataclass
 class Runtime:
     settings: Settings
-    engine: Engine  # in this process for the tokenizer, fresh states and snapshot checks; the engine process runs it
+    model: ModelInfo  # config, tokenizer, fresh states and snapshot checks; the engine process holds the weights
     store: SessionStore
     core: EngineClient
     metrics: Metrics
@@ -71,11 +71,11 @@ class Runtime:
     async def encode(self, text: str) -> list[int]:
         """Token ids of text; a long text is encoded off the event loop (a short one costs less than the hop)."""
         if len(text) < INLINE_ENCODE_CHARS:
-            return self.engine.tokenizer.encode(text)
-        return await asyncio.to_thread(self.engine.tokenizer.encode, text)
+            return self.model.tokenizer.encode(text)
+        return await asyncio.to_thread(self.model.tokenizer.encode, text)
 
     async def from_bytes(self, blob: bytes) -> SessionState:
-        return await asyncio.to_thread(self.engine.load_state, blob)
+        return await asyncio.to_thread(self.model.load_state, blob)
 
     @contextlib.asynccontextmanager
     async def leased(self, tenant: str, session_id: str):
@@ -115,7 +115,7 @@ class Runtime:
 
     def check_memory_model(self, record: SessionRecord) -> None:
         """A session's memory is only meaningful to the model that wrote it."""
-        if record.fingerprint != self.engine.fingerprint:
+        if record.fingerprint != self.model.fingerprint:
             raise APIError(409, f"session {record.id} holds memory of another model ({record.fingerprint})",
                            "model_mismatch", "session_id")
 
@@ -131,8 +131,8 @@ class Runtime:
         if max_tokens > s.max_output_tokens:
             raise APIError(400, f"max_tokens is {max_tokens}; the limit is {s.max_output_tokens}",
                            "max_tokens_too_large", "max_tokens")
-        if any(not 0 <= t < self.engine.config.vocab_size for t in prompt_ids):
-            raise APIError(400, f"token ids must be in [0, {self.engine.config.vocab_size})", "invalid_token",
+        if any(not 0 <= t < self.model.config.vocab_size for t in prompt_ids):
+            raise APIError(400, f"token ids must be in [0, {self.model.config.vocab_size})", "invalid_token",
                            "prompt")
 
     async def generate(self, tenant: str, session_id: str | None, prompt_ids: list[int], params: SamplingParams,

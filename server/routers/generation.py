@@ -202,7 +202,7 @@ async def completions(request: Request, req: CompletionRequest, rt: Runtime = De
         else list(prompt)
     max_tokens = 16 if req.max_tokens is None else req.max_tokens
     rt.check_prompt(prompt_ids, max_tokens)  # before decoding ids for echo
-    echo = (prompt if isinstance(prompt, str) else rt.engine.tokenizer.decode(prompt_ids)) if req.echo else ""
+    echo = (prompt if isinstance(prompt, str) else rt.model.tokenizer.decode(prompt_ids)) if req.echo else ""
     return await respond(request, rt, tenant, req, session_binding(req.session_id, x_session_id), prompt_ids,
                          max_tokens, chat=False, echo=echo)
 

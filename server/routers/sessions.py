@@ -19,8 +19,8 @@ async def create_session(body: SessionCreate | None = None, rt: Runtime = Depend
                          tenant: str = Depends(get_tenant)):
     body = body or SessionCreate()
     rt.check_served_model(body.model)
-    blob = await rt.to_bytes(rt.engine.new_state())
-    record = await rt.store.create(tenant, rt.engine.fingerprint, blob, name=body.name, metadata=body.metadata)
+    blob = await rt.to_bytes(rt.model.new_state())
+    record = await rt.store.create(tenant, rt.model.fingerprint, blob, name=body.name, metadata=body.metadata)
     rt.metrics.session_op("create")
     return rt.session_object(record)
 
@@ -52,7 +52,7 @@ async def reset_session(session_id: str, rt: Runtime = Depends(get_runtime), ten
     """Forget everything: the memory returns to the model's learned initial state (a new version)."""
     async with rt.leased(tenant, session_id) as holder:
         rt.check_memory_model(await rt.store.get(tenant, session_id))
-        fresh = rt.engine.new_state()
+        fresh = rt.model.new_state()
         record = await rt.commit(tenant, holder["lease"], await rt.to_bytes(fresh), fresh.tokens_seen)
     rt.metrics.session_op("reset")
     return rt.session_object(record)
@@ -109,6 +109,6 @@ async def import_snapshot(request: Request, rt: Runtime = Depends(get_runtime), 
     if not blob:
         raise APIError(400, "send the snapshot bytes as the request body", "empty_body")
     state = await rt.from_bytes(blob)  # SnapshotError -> 400
-    record = await rt.store.import_(tenant, rt.engine.fingerprint, blob, tokens_seen=state.tokens_seen)
+    record = await rt.store.import_(tenant, rt.model.fingerprint, blob, tokens_seen=state.tokens_seen)
     rt.metrics.session_op("import")
     return rt.session_object(record)
