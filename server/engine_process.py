@@ -39,7 +39,7 @@ from multiprocessing.connection import Connection
 import torch
 from safetensors.torch import load as load_safetensors
 
-from engine import ModelConfig, SamplingParams, SessionState
+from engine import Engine, ModelConfig, SamplingParams, SessionState
 from engine.state import read_snapshot
 from engine.tokenizer import Tokenizer, load_tokenizer
 from server.metrics import Metrics
@@ -125,13 +125,11 @@ def _portable(error: BaseException) -> BaseException:
 
 def engine_main(options: EngineOptions, conn: Connection) -> None:
     """The engine process: load, warm up, say Ready, then loop until Shutdown or the API process goes away."""
-    from engine import Engine
-
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         torch.set_num_threads(options.torch_threads or max(1, (os.cpu_count() or 2) - 1))
         device = None if options.device == "auto" else torch.device(options.device)
-        engine = Engine.load(options.model, device=device, weight_dtype=weight_dtype(options.weights),
+        engine = Engine.load(options.model, device=device, weight_dtype=_weight_dtype(options.weights),
                              compile=options.compile)
         engine.warm_up()
     except BaseException:
@@ -182,7 +180,7 @@ def _receiver(conn: Connection, inbox: queue.SimpleQueue) -> None:
         inbox.put(Shutdown())
 
 
-def weight_dtype(name: str):
+def _weight_dtype(name: str) -> torch.dtype | None:
     return {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}[name]
 
 

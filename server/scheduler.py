@@ -186,7 +186,7 @@ class Scheduler:
         self.aborted.add(job_id)
 
     def iterate(self) -> list[tuple[int, object]]:
-        """Admit, drop the aborted, one decode step, one prefill step: this iteration's (job_id, event)s. A
+        """Drop the aborted, admit, one decode step, one prefill step: this iteration's (job_id, event)s. A
         session that finishes its prompt here samples its first token and decodes from the next iteration on, so
         each of its tokens leaves in an iteration of its own."""
         self._drop_aborted()
