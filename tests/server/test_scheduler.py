@@ -108,3 +108,27 @@ def test_aborted_requests_leave_the_queue_at_once_even_when_no_place_frees():
     scheduler.abort(2)
     scheduler.iterate()
     assert not scheduler.waiting and scheduler.running == 1  # their snapshots are not held until a place frees
+
+
+def test_a_prompt_read_while_others_generate_never_pads_their_steps(monkeypatch):
+    """Generating sessions step one row each even while a newcomer reads its prompt beside them: the two kinds of
+    work run as separate batches, never as one [sessions, rows] rectangle padded to the prompt's rows."""
+    from engine.engine import SessionBatch
+
+    engine = engine_for(tiny("mal"), seed=5)
+    calls = []
+    forward = SessionBatch.forward
+
+    def spy(self, token_ids, return_surprise=False):
+        calls.append(sorted({len(t) for t in token_ids}))
+        return forward(self, token_ids, return_surprise)
+
+    monkeypatch.setattr(SessionBatch, "forward", spy)
+    params = SamplingParams(max_tokens=12, temperature=0)
+    events = run(Scheduler(engine, max_running=4, prefill_chunk=8),
+                 {0: [Submission(0, list(range(8)), None, params, False)],
+                  3: [Submission(1, list(range(24)), None, params, False),
+                      Submission(2, list(range(16)), None, params, False)]})
+    assert [1] in calls and [8] in calls
+    assert all(lengths in ([1], [8]) for lengths in calls), calls  # never a 1-token row beside an 8-token one
+    assert all(isinstance(events[job][-1], DoneEvent) for job in range(3))
