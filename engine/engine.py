@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import tempfile
 from collections.abc import Generator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,12 +63,16 @@ class Engine:
     parameters and, with weight_dtype, casts its dense projections."""
 
     def __init__(self, model: Titans, tokenizer_dir: str | Path | None = None, device: torch.device | None = None,
-                 weight_dtype: torch.dtype | None = None, compile: bool = False):
+                 weight_dtype: torch.dtype | None = None, compile: bool = False, aot_decode: bool = False):
         """weight_dtype: store the dense projections (not norms, memory or embeddings) in this dtype,
         e.g. torch.float16 to halve the bytes each decode step reads. Activations and the memory stay
         fp32. It is part of the fingerprint: snapshots are tied to the numerics that produced them.
         compile: run decode steps and prefill's memory chunks through torch.compile (Titans.compile_steps);
-        the same function, so not part of the fingerprint."""
+        the same function, so not part of the fingerprint. aot_decode (with compile): warm_up also compiles
+        one session's decode step ahead of time (Titans.compile_decode_ahead_of_time)."""
+        if aot_decode and not compile:
+            raise ValueError("aot_decode needs compile=True")
+        self.aot_decode = aot_decode
         self.device = device or default_device()
         self.config: ModelConfig = model.cfg
         self.model = model.to(self.device).eval()
@@ -96,17 +101,17 @@ class Engine:
     @classmethod
     def from_config(cls, cfg: ModelConfig, seed: int = 0, device: torch.device | str | None = None,
                     tokenizer_dir: str | Path | None = None, weight_dtype: torch.dtype | None = None,
-                    compile: bool = False) -> Engine:
+                    compile: bool = False, aot_decode: bool = False) -> Engine:
         """A randomly initialised model (seeded). tokenizer_dir holds tokenizer.json for 'tokenizers' configs."""
         with torch.random.fork_rng(devices=[]):  # seed the initialisation without touching the caller's RNG
             torch.manual_seed(seed)
             model = Titans(cfg)
         return cls(model, tokenizer_dir=tokenizer_dir, device=torch.device(device) if device else None,
-                   weight_dtype=weight_dtype, compile=compile)
+                   weight_dtype=weight_dtype, compile=compile, aot_decode=aot_decode)
 
     @classmethod
     def load(cls, model_dir: str | Path, device: torch.device | str | None = None,
-             weight_dtype: torch.dtype | None = None, compile: bool = False) -> Engine:
+             weight_dtype: torch.dtype | None = None, compile: bool = False, aot_decode: bool = False) -> Engine:
         """A model directory: config.json + model.safetensors (+ tokenizer.json for 'tokenizers')."""
         model_dir = Path(model_dir)
         cfg = ModelConfig.load(model_dir)
@@ -125,7 +130,7 @@ class Engine:
                                   f"config.json implies {tuple(ref.shape)}")
         model.load_state_dict(weights)
         return cls(model, tokenizer_dir=model_dir, device=torch.device(device) if device else None,
-                   weight_dtype=weight_dtype, compile=compile)
+                   weight_dtype=weight_dtype, compile=compile, aot_decode=aot_decode)
 
     def save(self, model_dir: str | Path) -> None:
         save_model_dir(self.model, model_dir, self._tokenizer_dir, metadata={"fingerprint": self.fingerprint})
@@ -154,6 +159,9 @@ class Engine:
         for sessions in (1, 2, Linear.UPCAST_ROWS) if upcasts else (1, 2):
             batch = self.batch([self.new_state()] * sessions)
             batch.forward([[0] * 2 * self.config.chunk_size] * sessions)  # two chunks: one alone takes the decode path
+            if sessions == 1 and self.aot_decode and self.model.aot_decode is None:
+                self._aot_dir = tempfile.TemporaryDirectory(prefix="titans-aot-")  # removed with the engine
+                self.model.compile_decode_ahead_of_time(batch._state, self._aot_dir.name)
             for _ in range(steps):
                 batch.forward([[0]] * sessions)
 

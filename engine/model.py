@@ -736,6 +736,7 @@ class Titans(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.decode_step = None  # set by compile_steps
+        self.aot_decode = None  # (state names, runner), set by compile_decode_ahead_of_time
         self.embed = nn.Embedding(cfg.vocab_size, cfg.dim)
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
@@ -818,6 +819,33 @@ class Titans(nn.Module):
             if isinstance(module, NeuralMemory):
                 module.compiled_chunk_step = chunk_step
 
+    def compile_decode_ahead_of_time(self, state: ModelState, directory: str) -> None:
+        """The one-session decode step that ends no memory chunk (all but one step in chunk_size), exported with
+        torch.export and compiled with AOTInductor into `directory`: a C++ runner without dynamo's guards and
+        inductor's Python wrapper, which on a CPU cost about a third of a small model's step
+        (bench/decode_aoti_probe.py). state: a one-session batched state to trace with (not modified). The
+        other steps keep the torch.compile graphs of compile_steps."""
+        names = sorted(flatten_state(state))
+        model = self
+
+        class Step(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.model = model
+
+            def forward(self, tokens, pos, count, cos, sin, *tensors):
+                nested = nest_state(dict(zip(names, tensors, strict=True)))
+                return Titans._single_row_step(self.model, tokens, nested, pos, count, (cos, sin), False, False)
+
+        flat = flatten_state(state)
+        ctx = StepContext.build([1], [1], self.cfg, self.embed.weight.device)  # the position is an input
+        cos, sin = ctx.rope(self.embed.weight.dtype)
+        example = (torch.zeros(1, 1, dtype=torch.long, device=ctx.pos.device), ctx.pos, ctx.count, cos, sin,
+                   *[flat[n].clone() for n in names])
+        exported = torch.export.export(Step().eval(), example, strict=False)
+        package = torch._inductor.aoti_compile_and_package(exported, package_path=f"{directory}/decode_step.pt2")
+        self.aot_decode = (names, torch._inductor.aoti_load_package(package))
+
     def step_limit(self, pos: int, aligned: bool, padded: bool) -> int:
         """Most rows one step may take for a session at pos. Sessions at different positions step inside
         one memory chunk; otherwise a step runs up to MAX_SPAN rows and never crosses a MAC segment edge; a
@@ -861,7 +889,14 @@ class Titans(nn.Module):
                 index = torch.tensor(done, device=dev)[:, None] + torch.arange(rows, device=dev)
                 step_tokens = padded.gather(1, index.clamp(max=padded.shape[1] - 1))
             # compiled: in place, on the caller's own state; surprise requests stay eager (half the graphs)
-            if rows == 1 and owned and not want_surprise and self.decode_step is not None:
+            if (rows == 1 and owned and not want_surprise and self.aot_decode is not None and len(tokens) == 1
+                    and not ctx.any_full and not ctx.any_segment_end):
+                names, runner = self.aot_decode
+                flat = flatten_state(state)
+                cos, sin = ctx.rope(self.embed.weight.dtype)
+                logits, surprise = runner(step_tokens, ctx.pos, ctx.count, cos, sin, *[flat[n] for n in names]), None
+                logits = logits[0] if isinstance(logits, (list, tuple)) else logits
+            elif rows == 1 and owned and not want_surprise and self.decode_step is not None:
                 logits, surprise = self.decode_step(step_tokens, state, ctx.pos, ctx.count,
                                                     ctx.rope(self.embed.weight.dtype), ctx.any_full,
                                                     ctx.any_segment_end), None

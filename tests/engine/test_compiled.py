@@ -101,3 +101,21 @@ def test_after_warm_up_decoding_compiles_nothing_new():
         for _ in range(2 * cfg.segment_size + 3):
             batch.forward([[int(t)] for t in tokens(sessions, g)])
     assert counters["stats"]["unique_graphs"] == compiled
+
+
+def test_ahead_of_time_decode_equals_eager(tmp_path):
+    """Titans.compile_decode_ahead_of_time: one session's steps that end no chunk run the AOTInductor package,
+    the others the usual path; together the eager function, across MAC chunk and segment ends."""
+    cfg = tiny("mac")
+    eager, aot = (engine_for(cfg, dtype=torch.float64) for _ in range(2))
+    traced = aot.batch([aot.new_state()])
+    traced.forward([tokens(5)])
+    aot.model.compile_decode_ahead_of_time(traced._state, str(tmp_path))
+    names, runner = aot.model.aot_decode
+    calls = []
+    aot.model.aot_decode = (names, lambda *args: calls.append(1) or runner(*args))
+    g = torch.Generator().manual_seed(0)
+    steps = 2 * cfg.segment_size + 3
+    states_eager, states_aot = decode_both(eager, aot, [tokens(cfg.chunk_size + 3, g)], steps, g)
+    assert_states_close(states_aot[0], states_eager[0])
+    assert steps // 2 < len(calls) < steps  # the package ran, and not for the steps that end a chunk
