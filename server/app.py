@@ -30,7 +30,8 @@ def load_runtime(settings: Settings) -> Runtime:
     name = settings.model_name()
     metrics = Metrics(name, max(settings.max_prompt_tokens, settings.max_output_tokens))
     core = EngineClient(EngineOptions(str(settings.model), settings.device, settings.weights, settings.compile,
-                                      settings.torch_threads, settings.max_running, settings.prefill_chunk),
+                                      settings.aot_decode, settings.torch_threads, settings.max_running,
+                                      settings.prefill_chunk),
                         metrics, settings.max_waiting)
     core.start()
     try:

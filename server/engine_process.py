@@ -63,6 +63,7 @@ class EngineOptions:
     device: str  # auto | cpu | cuda
     weights: str  # fp32 | fp16 | bf16
     compile: bool
+    aot_decode: bool
     torch_threads: int  # 0: all cores but one
     max_running: int
     prefill_chunk: int
@@ -130,7 +131,7 @@ def engine_main(options: EngineOptions, conn: Connection) -> None:
         torch.set_num_threads(options.torch_threads or max(1, (os.cpu_count() or 2) - 1))
         device = None if options.device == "auto" else torch.device(options.device)
         engine = Engine.load(options.model, device=device, weight_dtype=_weight_dtype(options.weights),
-                             compile=options.compile)
+                             compile=options.compile, aot_decode=options.aot_decode)
         engine.warm_up()
     except BaseException:
         conn.send(Failed(traceback.format_exc()))

