@@ -219,6 +219,7 @@ class Job:
     snapshot: bytes | None
     params: SamplingParams
     want_surprise: bool
+    keep_state: bool  # the final state comes back (to be committed)
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     submitted_at: float = field(default_factory=time.perf_counter)
     id: int = -1
@@ -294,7 +295,8 @@ class EngineClient:
             raise QueueFull(f"{len(self.jobs)} requests in the engine (limit {self.capacity})")
         job.id, job.client = next(self._ids), self
         self.jobs[job.id] = job
-        self._outbox.put(Submission(job.id, job.prompt_ids, job.snapshot, job.params, job.want_surprise))
+        self._outbox.put(Submission(job.id, job.prompt_ids, job.snapshot, job.params, job.want_surprise,
+                                    job.keep_state))
 
     def abort(self, job: Job) -> None:
         if self.jobs.pop(job.id, None) is not None and self.alive:
@@ -326,14 +328,13 @@ class EngineClient:
                 continue
             if isinstance(event, TokenEvent):
                 self._observe_tokens(job, len(event.token_ids), now)
-            elif isinstance(event, DoneEvent):
+            else:  # the job's last event
                 del self.jobs[job_id]
-                reason = event.finish_reason
-                m.finished(len(job.prompt_ids), job.generated, now - job.submitted_at, reason)
-                m.state_bytes.observe(len(event.snapshot))
-                m.memory_save.observe(event.save_s)
-            else:
-                del self.jobs[job_id]
+            if isinstance(event, DoneEvent):
+                m.finished(len(job.prompt_ids), job.generated, now - job.submitted_at, event.finish_reason)
+                if event.snapshot is not None:
+                    m.state_bytes.observe(len(event.snapshot))
+                    m.memory_save.observe(event.save_s)
             job.events.put_nowait(event)
         for wait in out.queue_waits:
             m.queue_time.observe(wait)

@@ -1,5 +1,5 @@
-"""What a request works with, in one place: settings, engine, store, the engine process's client, metrics; and
-the request flow that ties a session's stored memory to a generation.
+"""What a request works with, in one place: settings, the model's description, store, the engine process's
+client, metrics; and the request flow that ties a session's stored memory to a generation.
 
 A request on a session: lease the session (409 if another request holds it), load its snapshot, run the job in
 the engine process (which checks the snapshot), and only when it has finished commit the new snapshot with a
@@ -142,7 +142,7 @@ class Runtime:
         on_job sees the engine job once it exists (to abort it when the client leaves: Job.abort)."""
         self.check_prompt(prompt_ids, params.max_tokens)
         if session_id is None:
-            async for event in self._run(None, prompt_ids, params, want_surprise, on_job):
+            async for event in self._run(None, prompt_ids, params, want_surprise, False, on_job):
                 yield event
             return
         async with self.leased(tenant, session_id) as holder:
@@ -150,16 +150,16 @@ class Runtime:
             record, blob = await self.store.load(tenant, session_id)
             self.check_memory_model(record)
             self.metrics.memory_load.observe(time.perf_counter() - started)
-            async for event in self._run(blob, prompt_ids, params, want_surprise, on_job):
-                if isinstance(event, DoneEvent) and commit:
-                    record = await self.commit(tenant, holder["lease"], event.snapshot, event.tokens_seen)
+            async for event in self._run(blob, prompt_ids, params, want_surprise, commit, on_job):
                 if isinstance(event, DoneEvent):
+                    if commit:
+                        record = await self.commit(tenant, holder["lease"], event.snapshot, event.tokens_seen)
                     event = dataclasses.replace(event, record=record)
                 yield event
 
-    async def _run(self, snapshot: bytes | None, prompt_ids: list[int], params: SamplingParams,
-                   want_surprise: bool, on_job: Callable[[Job], None] | None) -> AsyncIterator[TokenEvent | DoneEvent]:
-        job = Job(prompt_ids, snapshot, params, want_surprise)
+    async def _run(self, snapshot: bytes | None, prompt_ids: list[int], params: SamplingParams, want_surprise: bool,
+                   keep_state: bool, on_job: Callable[[Job], None] | None) -> AsyncIterator[TokenEvent | DoneEvent]:
+        job = Job(prompt_ids, snapshot, params, want_surprise, keep_state)
         if on_job is not None:
             on_job(job)
         try:

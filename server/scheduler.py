@@ -56,7 +56,7 @@ class TokenEvent:
 
 @dataclass(frozen=True)
 class DoneEvent:
-    snapshot: bytes  # the session's state after the prompt and every generated token (SessionState.to_bytes)
+    snapshot: bytes | None  # the state after the prompt and every generated token (None unless keep_state)
     tokens_seen: int
     prompt_tokens: int
     completion_tokens: int
@@ -79,6 +79,7 @@ class Submission:
     snapshot: bytes | None  # the session's memory; None: a fresh one (a stateless request)
     params: SamplingParams
     want_surprise: bool
+    keep_state: bool = True  # send the final state back (False: a stateless or discarded request, nothing to save)
 
 
 class StopStrings:
@@ -278,9 +279,8 @@ class Scheduler:
         read_surprise, seq.pending_surprise = seq.pending_surprise, []
         if seq.finish_reason is not None or seq.params.max_tokens == 0:
             started = time.perf_counter()
-            state = group.batch.state(i)
-            snapshot = state.to_bytes()
-            self._send(seq, DoneEvent(snapshot, state.tokens_seen, len(seq.prompt_ids), len(seq.generated),
+            snapshot = group.batch.state(i).to_bytes() if seq.sub.keep_state else None
+            self._send(seq, DoneEvent(snapshot, group.batch.positions[i], len(seq.prompt_ids), len(seq.generated),
                                       seq.finish_reason or "length", read_surprise, time.perf_counter() - started))
             return "done"
         token = sample(logits[-1], seq.params, seq.generator)

@@ -59,6 +59,7 @@ def test_staggered_requests_end_as_each_would_alone():
             assert all(len(e.token_ids) == 1 for e in events[job_id][:-1])  # one token per iteration
             assert (done.prompt_tokens, done.completion_tokens) == (len(prompt), max_tokens)
             assert_states_close(engine.load_state(done.snapshot), alone.state)
+            assert done.tokens_seen == alone.state.tokens_seen
 
 
 def test_an_aborted_request_leaves_without_a_trace_and_the_others_continue():
@@ -132,3 +133,17 @@ def test_a_prompt_read_while_others_generate_never_pads_their_steps(monkeypatch)
     assert [1] in calls and [8] in calls
     assert all(lengths in ([1], [8]) for lengths in calls), calls  # never a 1-token row beside an 8-token one
     assert all(isinstance(events[job][-1], DoneEvent) for job in range(3))
+
+
+def test_a_request_that_keeps_no_state_gets_none_and_the_same_tokens():
+    """Stateless and discarded requests: the engine does not serialise a final state nobody will commit."""
+    engine = engine_for(tiny("mag"), seed=5)
+    params = SamplingParams(max_tokens=6, temperature=0)
+    prompt = list(b"no state to keep")
+    events = run(Scheduler(engine, max_running=4, prefill_chunk=8),
+                 {0: [Submission(0, prompt, None, params, False, keep_state=False),
+                      Submission(1, prompt, None, params, False)]})
+    dropped, kept = events[0][-1], events[1][-1]
+    assert dropped.snapshot is None and kept.snapshot is not None
+    assert tokens_of(events[0]) == tokens_of(events[1])
+    assert dropped.tokens_seen == kept.tokens_seen == len(prompt) + 6
