@@ -825,7 +825,8 @@ class Titans(nn.Module):
         inductor's Python wrapper, which on a CPU cost about a third of a small model's step
         (bench/decode_aoti_probe.py). state: a one-session batched state to trace with (not modified). The
         other steps keep the torch.compile graphs of compile_steps."""
-        names = sorted(flatten_state(state))
+        flat = flatten_state(state)
+        names = sorted(flat)
         model = self
 
         class Step(nn.Module):
@@ -837,7 +838,6 @@ class Titans(nn.Module):
                 nested = nest_state(dict(zip(names, tensors, strict=True)))
                 return Titans._single_row_step(self.model, tokens, nested, pos, count, (cos, sin), False, False)
 
-        flat = flatten_state(state)
         ctx = StepContext.build([1], [1], self.cfg, self.embed.weight.device)  # the position is an input
         cos, sin = ctx.rope(self.embed.weight.dtype)
         example = (torch.zeros(1, 1, dtype=torch.long, device=ctx.pos.device), ctx.pos, ctx.count, cos, sin,
@@ -846,7 +846,15 @@ class Titans(nn.Module):
         package = torch._inductor.aoti_compile_and_package(exported, package_path=f"{directory}/decode_step.pt2")
         self.aot_decode = (names, torch._inductor.aoti_load_package(package))
 
-    def step_limit(self, pos: int, aligned: bool, padded: bool) -> int:
+    def _aot_decode_step(self, tokens: Tensor, state: ModelState, ctx: StepContext) -> Tensor:
+        """One session's row through the AOTInductor package (state updated in place): logits [1, 1, V]."""
+        names, runner = self.aot_decode
+        flat = flatten_state(state)
+        cos, sin = ctx.rope(self.embed.weight.dtype)
+        logits = runner(tokens, ctx.pos, ctx.count, cos, sin, *[flat[n] for n in names])
+        return logits[0] if isinstance(logits, (list, tuple)) else logits
+
+    def step_limit(self, pos: int, aligned: bool, ragged: bool) -> int:
         """Most rows one step may take for a session at pos. Sessions at different positions step inside
         one memory chunk; otherwise a step runs up to MAX_SPAN rows and never crosses a MAC segment edge; a
         step in which some session has fewer rows than others (padding) stays within the attention window:
@@ -857,7 +865,7 @@ class Titans(nn.Module):
             return cfg.chunk_size - pos % cfg.chunk_size
         if cfg.variant == "mac":
             return cfg.segment_size - pos % cfg.segment_size
-        if padded and cfg.variant != "lmm":
+        if ragged and cfg.variant != "lmm":
             return min(MAX_SPAN, cfg.window)
         return MAX_SPAN
 
@@ -889,14 +897,11 @@ class Titans(nn.Module):
                 index = torch.tensor(done, device=dev)[:, None] + torch.arange(rows, device=dev)
                 step_tokens = padded.gather(1, index.clamp(max=padded.shape[1] - 1))
             # compiled: in place, on the caller's own state; surprise requests stay eager (half the graphs)
-            if (rows == 1 and owned and not want_surprise and self.aot_decode is not None and len(tokens) == 1
-                    and not ctx.any_full and not ctx.any_segment_end):
-                names, runner = self.aot_decode
-                flat = flatten_state(state)
-                cos, sin = ctx.rope(self.embed.weight.dtype)
-                logits, surprise = runner(step_tokens, ctx.pos, ctx.count, cos, sin, *[flat[n] for n in names]), None
-                logits = logits[0] if isinstance(logits, (list, tuple)) else logits
-            elif rows == 1 and owned and not want_surprise and self.decode_step is not None:
+            compiled = rows == 1 and owned and not want_surprise
+            if (compiled and self.aot_decode is not None and len(tokens) == 1 and not ctx.any_full
+                    and not ctx.any_segment_end):
+                logits, surprise = self._aot_decode_step(step_tokens, state, ctx), None
+            elif compiled and self.decode_step is not None:
                 logits, surprise = self.decode_step(step_tokens, state, ctx.pos, ctx.count,
                                                     ctx.rope(self.embed.weight.dtype), ctx.any_full,
                                                     ctx.any_segment_end), None
