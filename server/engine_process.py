@@ -2,9 +2,10 @@
 
 Why a process and not a thread: the model step and the event loop both run Python. In one process they share
 the GIL, and each of a decode step's few hundred torch ops, when it returns from C++, waits for the event loop to
-hand the GIL back: with 32 streams to serve, a batched step that takes 4.2 ms alone took ~10 ms in the server
-(a 10x shorter switch interval won back 17% of the throughput). In its own process the engine loop runs
-undisturbed on its cores while the event loop parses requests and writes SSE on another.
+hand the GIL back: with 32 streams to serve, a batched step that takes 4.2 ms alone took ~10 ms in the server (a
+one-off trace of the engine loop; a 10x shorter switch interval won back 17% of the throughput). In its own
+process the engine loop runs undisturbed on its cores while the event loop parses requests and writes SSE on
+another.
 
     API process                                          engine process (spawned; its main thread runs the loop)
     EngineClient.submit(job) -> sender thread --Submission / Abort--> receiver thread -> inbox -> Scheduler
