@@ -88,6 +88,16 @@ def _split(blob: bytes) -> tuple[dict, bytes]:
     return header, blob[8 + header_len :]
 
 
+def _all_finite(tensors: list[Tensor]) -> bool:
+    """Whether no element is NaN or infinite, in one reduction: a float64 sum of half- or single-precision
+    values cannot overflow (|x| < 3.5e38, far fewer than 1e269 elements), and a NaN or an infinity makes it
+    non-finite. One reduction instead of two small ops per tensor, which were the largest part of loading a small
+    model's snapshot."""
+    if not tensors:
+        return True
+    return bool(torch.isfinite(torch.cat([t.reshape(-1) for t in tensors]).sum(dtype=torch.float64)))
+
+
 def read_snapshot(blob: bytes, fingerprint: str, template: dict[str, Tensor]) -> SessionState:
     """Parse and verify a snapshot against this model's fingerprint and state layout."""
     if not isinstance(blob, (bytes, bytearray, memoryview)):
@@ -124,7 +134,8 @@ def read_snapshot(blob: bytes, fingerprint: str, template: dict[str, Tensor]) ->
         if t.shape != ref.shape or t.dtype != ref.dtype:
             raise SnapshotError(f"snapshot tensor {name} is {tuple(t.shape)} {t.dtype}, "
                                 f"expected {tuple(ref.shape)} {ref.dtype}")
-        if t.is_floating_point() and not torch.isfinite(t).all():
-            raise SnapshotError(f"snapshot tensor {name} holds non-finite values")
+    if not _all_finite([t for t in tensors.values() if t.is_floating_point()]):
+        bad = next(k for k, t in sorted(tensors.items()) if t.is_floating_point() and not torch.isfinite(t).all())
+        raise SnapshotError(f"snapshot tensor {bad} holds non-finite values")
     tensors = {k: v.to(template[k].device) for k, v in tensors.items()}
     return SessionState(tensors, tokens_seen, fingerprint, created_at)

@@ -114,6 +114,21 @@ def test_snapshot_with_wrong_tensor_layout_is_refused(engine):
     assert save(tensors)  # the unbroken set serialises fine
 
 
+def test_a_single_non_finite_value_anywhere_is_refused_and_extreme_finite_values_load(engine):
+    state = engine.new_state()
+    names = sorted(state.tensors)
+    for name, value in [(names[0], float("nan")), (names[-1], float("inf")), (names[len(names) // 2], -float("inf"))]:
+        broken = dict(state.tensors)
+        broken[name] = broken[name].clone().reshape(-1)
+        broken[name][-1] = value
+        broken[name] = broken[name].reshape(state.tensors[name].shape)
+        with pytest.raises(SnapshotError, match=f"{name} holds non-finite"):
+            engine.load_state(type(state)(broken, 0, engine.fingerprint).to_bytes())
+    extreme = {k: torch.full_like(v, torch.finfo(v.dtype).max) for k, v in state.tensors.items()}
+    loaded = engine.load_state(type(state)(extreme, 0, engine.fingerprint).to_bytes())  # their sum overflows fp32
+    assert all(torch.equal(loaded.tensors[k], extreme[k]) for k in extreme)
+
+
 def test_restored_state_continues_identically(engine):
     ids = tokens(40)
     full, _ = engine.forward(ids, engine.new_state())

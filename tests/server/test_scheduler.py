@@ -147,3 +147,30 @@ def test_a_request_that_keeps_no_state_gets_none_and_the_same_tokens():
     assert dropped.snapshot is None and kept.snapshot is not None
     assert tokens_of(events[0]) == tokens_of(events[1])
     assert dropped.tokens_seen == kept.tokens_seen == len(prompt) + 6
+
+
+def test_requests_that_arrive_or_finish_their_prompts_together_join_a_batch_in_one_copy(monkeypatch):
+    """Joining one by one would copy the growing batch's states once per newcomer (quadratic in the sessions)."""
+    from engine.engine import SessionBatch
+
+    engine = engine_for(tiny("mac"), seed=5)
+    joins = []
+    add = SessionBatch.add
+
+    def spy(self, states):
+        joins.append(len(states))
+        return add(self, states)
+
+    monkeypatch.setattr(SessionBatch, "add", spy)
+    params = SamplingParams(max_tokens=6, temperature=0)
+    blob = bytearray(engine.new_state().to_bytes())
+    blob[-5] ^= 0xFF  # one damaged snapshot among the newcomers fails alone
+    events = run(Scheduler(engine, max_running=8, prefill_chunk=8),
+                 {0: [Submission(0, list(range(5)), None, params, False)],
+                  2: [Submission(j, list(range(12)), None, params, False) for j in (1, 2, 3)]
+                  + [Submission(4, list(range(12)), bytes(blob), params, False)]})
+    # job 0 starts each batch alone; jobs 1-3 join the prefill batch together at iteration 2 (it emptied when job
+    # 0 moved on, so they start a new one) and the decode batch together once their prompts are read
+    assert joins == [3], joins
+    assert isinstance(events[4][0], ErrorEvent) and len(events[4]) == 1
+    assert all(isinstance(events[j][-1], DoneEvent) and len(tokens_of(events[j])) == 6 for j in range(4))
