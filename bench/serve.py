@@ -3,8 +3,8 @@
     .venv/bin/python bench/serve.py                      # the default model, N = 1, 8, 32; a few minutes on CPU
     .venv/bin/python bench/serve.py --sessions 1 4 --tokens 32 --model /path/to/model
 
-For each N: N sessions, each streams one greedy completion of --tokens tokens after a --prompt-tokens prompt, all
-at once. Reported: time to first token and inter-token latency (p50/p99, client side, from SSE chunk arrival),
+For each N: N sessions, each streams one greedy completion of --tokens tokens after the same 93-byte prompt,
+all at once. Reported: time to first token and inter-token latency (p50/p99, client side, from SSE chunk arrival),
 aggregate generated tokens/s; and, in the same run, the same generation through Engine.generate in this process
 (no HTTP, no store), so `server N=1 / engine` isolates the serving overhead. The machine is noisy, so the
 measurements run in --rounds rounds (engine alone, then every N through the server), and each ratio is the median
@@ -41,17 +41,32 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))] if ordered else float("nan")
 
 
-async def one_stream(client: httpx.AsyncClient, session_id: str, prompt: str, tokens: int) -> dict:
-    """One streamed completion. A chunk may carry several tokens (the server merges what piled up while a
-    stream lagged), so chunks are counted by their token_ids and a gap between chunks is spread evenly over
-    the tokens the later chunk brought."""
-    body = {"prompt": prompt, "max_tokens": tokens, "temperature": 0, "stream": True, "session_id": session_id,
-            "stream_options": {"include_usage": True}, "return_token_ids": True}
-    start = time.perf_counter()
-    arrivals, usage, pending = [], None, b""  # (time, tokens in the chunk)
-    async with client.stream("POST", "/v1/completions", json=body) as r:
-        r.raise_for_status()
-        async for data in r.aiter_raw():  # split events by hand: httpx's line iterator costs the shared CPU more
+class Stream:
+    """One keep-alive HTTP/1.1 connection that posts streaming completions and times their SSE events.
+
+    Not httpx: its connection pool scans every connection on every request (py-spy: about a quarter of the
+    client's CPU at 32 streams, on the 2 cores the server runs on), so the client is a plain asyncio stream that
+    writes the request and reads the chunked body by hand."""
+
+    def __init__(self, host: str, port: int):
+        self.host, self.port = host, port
+        self.reader: asyncio.StreamReader | None = None
+
+    async def complete(self, body: dict) -> tuple[list[tuple[float, int]], dict | None, float, float]:
+        """(arrivals (time, tokens in the event), usage, start, end) of one streamed completion."""
+        if self.reader is None:
+            self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
+        payload = json.dumps(body).encode()
+        start = time.perf_counter()
+        self.writer.write(b"POST /v1/completions HTTP/1.1\r\nHost: %s\r\nContent-Type: application/json\r\n"
+                          b"Content-Length: %d\r\n\r\n%s" % (self.host.encode(), len(payload), payload))
+        head = await self.reader.readuntil(b"\r\n\r\n")
+        status = head.split(b" ", 2)[1]
+        if status != b"200" or b"transfer-encoding: chunked" not in head.lower():
+            raise RuntimeError(f"unexpected response: {head[:200]!r}")
+        arrivals, usage, pending = [], None, b""
+        while size := int((await self.reader.readuntil(b"\r\n"))[:-2], 16):
+            data = (await self.reader.readexactly(size + 2))[:-2]
             now = time.perf_counter()
             *events, pending = (pending + data).split(b"\n\n")
             for event in events:
@@ -63,19 +78,39 @@ async def one_stream(client: httpx.AsyncClient, session_id: str, prompt: str, to
                         arrivals.append((now, len(chunk["choices"][0]["token_ids"])))
                 else:
                     usage = chunk["usage"]
-    end = time.perf_counter()
+        await self.reader.readexactly(2)  # the empty trailer after the last chunk
+        return arrivals, usage, start, time.perf_counter()
+
+    def close(self) -> None:
+        if self.reader is not None:
+            self.writer.close()
+
+
+async def one_stream(stream: Stream, session_id: str, prompt: str, tokens: int) -> dict:
+    """One streamed completion. A chunk may carry several tokens (the server merges what piled up while a
+    stream lagged), so chunks are counted by their token_ids and a gap between chunks is spread evenly over
+    the tokens the later chunk brought."""
+    body = {"prompt": prompt, "max_tokens": tokens, "temperature": 0, "stream": True, "session_id": session_id,
+            "stream_options": {"include_usage": True}, "return_token_ids": True}
+    arrivals, usage, start, end = await stream.complete(body)
     itl = [(b - a) / k for (a, _), (b, k) in zip(arrivals, arrivals[1:]) for _ in range(k)]
     return {"ttft": arrivals[0][0] - start, "itl": itl, "tokens": usage["completion_tokens"],
             "chunks": len(arrivals), "seconds": end - start}
 
 
 async def run_n(url: str, n: int, prompt: str, tokens: int) -> dict:
-    async with httpx.AsyncClient(base_url=url, timeout=600, limits=httpx.Limits(max_connections=n + 4)) as client:
+    async with httpx.AsyncClient(base_url=url, timeout=60) as client:
         sessions = [(await client.post("/v1/sessions")).json()["id"] for _ in range(n)]
-        await asyncio.gather(*(one_stream(client, s, prompt, 4) for s in sessions))  # warm every path once
+    host, port = url.removeprefix("http://").split(":")
+    streams = [Stream(host, int(port)) for _ in range(n)]
+    try:
+        await asyncio.gather(*(one_stream(c, s, prompt, 4) for c, s in zip(streams, sessions)))  # warm every path
         start = time.perf_counter()
-        results = await asyncio.gather(*(one_stream(client, s, prompt, tokens) for s in sessions))
+        results = await asyncio.gather(*(one_stream(c, s, prompt, tokens) for c, s in zip(streams, sessions)))
         wall = time.perf_counter() - start
+    finally:
+        for c in streams:
+            c.close()
     ttft = [r["ttft"] for r in results]
     itl = [x for r in results for x in r["itl"]]
     generated = sum(r["tokens"] for r in results)
@@ -151,7 +186,7 @@ def main() -> None:
     print("| sessions | aggregate tok/s | × N=1 | TTFT p50 / p99 (ms) | ITL p50 / p99 (ms) | tokens per chunk |")
     print("|---|---|---|---|---|---|")
     for r in results["server"]:
-        print(f"| {r['sessions']} | {r['aggregate_tok_s']:.1f} | {r.get('speedup_over_n1', float('nan')):.2f} | "
+        print(f"| {r['sessions']:.0f} | {r['aggregate_tok_s']:.1f} | {r.get('speedup_over_n1', float('nan')):.2f} | "
               f"{r['ttft_p50_ms']:.0f} / {r['ttft_p99_ms']:.0f} | {r['itl_p50_ms']:.1f} / {r['itl_p99_ms']:.1f} | "
               f"{r['tokens_per_chunk']:.2f} |")
     if "server_n1_over_engine" in results:

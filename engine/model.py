@@ -517,7 +517,10 @@ class NeuralMemory(nn.Module):
                 for i in range(len(w)):
                     new[f"W{i}"] = put(w[i], 0, some, w_new[i])
                     new[f"S{i}"] = put(s[i], 0, some, s_new[i])
-            else:  # all sessions, or a compiled step (no host positions): masked
+            elif some is not None:  # every session completes its chunk (an aligned batch): nothing to mask
+                w_new, s_new = self._chunk_update(w, s, buf, d)
+                new = self.with_memory(new, w_new, s_new)
+            else:  # a compiled step (no host positions): masked
                 w_new, s_new = self._chunk_update(w, s, buf, d)
                 for i in range(len(w)):
                     new[f"W{i}"] = torch.where(full, w_new[i], w[i])

@@ -8,13 +8,14 @@ process the engine loop runs undisturbed on its cores while the event loop parse
 another.
 
     API process                                          engine process (spawned; its main thread runs the loop)
-    EngineClient.submit(job) -> sender thread --Submission / Abort--> receiver thread -> inbox -> Scheduler
+    EngineClient.submit(job) -> sender thread --[Submission / Abort, ...]--> Scheduler (read between iterations)
     job.events <- event loop <- receiver thread <------Outputs------- Scheduler.iterate()
 
-Messages are pickled over one duplex pipe, and each side receives on a thread of its own that does nothing else,
-so a send never waits long: the engine sends one Outputs per iteration from its loop (no thread to share its GIL
-with), and the event loop hands its messages to a sender thread, never blocking on the pipe while the engine
-steps (a snapshot is hundreds of kilobytes). One iteration's events reach the event loop in one
+Messages are pickled over one duplex pipe. The engine has no thread besides its loop: it reads what has arrived
+between iterations (a receiving thread would take the GIL from the loop for every piece of a 300 KB snapshot it
+read off the pipe), and sends one Outputs per iteration. The API side never blocks its event loop on the pipe:
+a sender thread sends everything queued so far as one list (so a burst of requests joins one engine iteration,
+not one iteration each), and a receiver thread hands each iteration's events to the loop in one
 call_soon_threadsafe. Snapshots cross as bytes: the engine loads a session's state and serialises the final one
 itself (a damaged snapshot comes back as the request's SnapshotError). If the engine process dies, every
 request in flight gets EngineStopped, and /health and /ready answer 503.
@@ -104,12 +105,23 @@ class Outputs:
 
 
 def _sender(conn: Connection, outbox: queue.SimpleQueue) -> None:
-    while (message := outbox.get()) is not None:
+    """Send what the event loop queued: everything queued by then as one message (a list), because the engine reads
+    between its iterations, and a burst of requests should join the same one (one by one, each 300 KB snapshot
+    waited for an iteration: at 32 sessions, a prefill group of one request per iteration)."""
+    while True:
+        batch = [outbox.get()]
+        with contextlib.suppress(queue.Empty):
+            while batch[-1] is not None:
+                batch.append(outbox.get_nowait())
+        stopping = batch[-1] is None
         try:
-            conn.send(message)
+            if batch[:-1] or not stopping:
+                conn.send(batch[:-1] if stopping else batch)
         except Exception:  # the other side is gone (or the message would not pickle): nothing more can go
             log.exception("cannot send to the engine process")
-            conn.close()  # its receiver then sees the pipe close and stops it
+            conn.close()  # the engine then sees the pipe close and stops
+            return
+        if stopping:
             return
 
 
@@ -137,8 +149,6 @@ def engine_main(options: EngineOptions, conn: Connection) -> None:
     except BaseException:
         conn.send(Failed(traceback.format_exc()))
         return
-    inbox: queue.SimpleQueue = queue.SimpleQueue()
-    threading.Thread(target=_receiver, args=(conn, inbox), name="engine-receiver", daemon=True).start()
     # once serving, Ctrl-C (which reaches the whole process group) is the API process's to handle: it shuts down
     # gracefully, finishing the requests in flight, then stops this process with Shutdown
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -146,40 +156,28 @@ def engine_main(options: EngineOptions, conn: Connection) -> None:
     scheduler = Scheduler(engine, options.max_running, options.prefill_chunk)
     try:
         while True:
-            message = inbox.get() if not scheduler.busy else None  # idle: sleep until a request comes
-            while True:
-                if message is not None:
+            # Messages are read here, between iterations, by the loop itself: a receiving thread would take the
+            # GIL from the loop for every piece of a snapshot it reads off the pipe, in the middle of its steps.
+            # Idle, the loop sleeps in recv until a request comes.
+            while not scheduler.busy or conn.poll():
+                for message in conn.recv():
                     if isinstance(message, Shutdown):
                         return
                     if isinstance(message, Abort):
                         scheduler.abort(message.job_id)
                     else:
                         scheduler.add(message)
-                try:
-                    message = inbox.get_nowait()
-                except queue.Empty:
-                    break
             events = [(job_id, ErrorEvent(_portable(e.error)) if isinstance(e, ErrorEvent) else e)
                       for job_id, e in scheduler.iterate()]
             waits, scheduler.queue_waits = scheduler.queue_waits, []
             conn.send(Outputs(events, scheduler.running, len(scheduler.waiting), waits))
-    except (BrokenPipeError, ConnectionResetError):  # the API process is gone
+    except (EOFError, BrokenPipeError, ConnectionResetError):  # the API process is gone: stop
         return
     except BaseException as e:  # the loop must never die silently, nor leave a request waiting
         log.exception("engine loop died")
         with contextlib.suppress(OSError):
             conn.send(Outputs(scheduler.fail_all(EngineStopped(f"the engine failed: {e!r}")), 0, 0, []))
             conn.send(Failed(traceback.format_exc()))
-
-
-def _receiver(conn: Connection, inbox: queue.SimpleQueue) -> None:
-    try:
-        while True:
-            inbox.put(conn.recv())
-    except BaseException as e:  # the API process is gone (EOF), or the pipe is broken: stop either way
-        if not isinstance(e, (EOFError, OSError)):
-            log.exception("engine receiver failed")
-        inbox.put(Shutdown())
 
 
 def _weight_dtype(name: str) -> torch.dtype | None:
