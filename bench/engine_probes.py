@@ -1,4 +1,4 @@
-"""Paired probes behind four engine choices, each measured side by side in one run (medians of --repeats rounds).
+"""Paired probes behind five engine choices, each measured side by side in one run (medians of --repeats rounds).
 
   1. fp16 dense layers on a CPU (Linear.UPCAST_ROWS): one projection of small-mac's shape (256 -> 1048) over
      1024 rows as a half GEMM and as a float GEMM on the upcast weight; then small-mac with fp16 weights decoding
@@ -14,6 +14,9 @@
   4. Aligned batches without padding rows (Titans.step_limit): the default model reading a 93-token prompt in
      2, 8 and 32 fresh sessions with long steps (now) against steps within the attention window (the rule for
      any batch before; still the rule for a ragged one).
+  5. The chunk update's GEMM in place (engine.memory._minus_matmul: baddbmm_ into the decayed weights it
+     made) against the out-of-place baddbmm, which first copies them (before 2026-11-27, sixth session): the
+     default model reading a 93-token prompt in 32 sessions, and 16 decode steps of the same batch.
 
     .venv/bin/python bench/engine_probes.py        # ~2 minutes on 2 cores
 """
@@ -178,17 +181,56 @@ def step_rule_probe(repeats: int, model: Path) -> dict[str, float]:
     return median_rounds(cases, repeats)
 
 
+def previous_minus_matmul(x, a, b):
+    """engine.memory._minus_matmul before 2026-11-27 (sixth session): out of place, so x is copied first."""
+    lead = x.shape[:-2]
+    a, b = a.expand(*lead, *a.shape[-2:]), b.expand(*lead, *b.shape[-2:])
+    out = torch.baddbmm(x.reshape(-1, *x.shape[-2:]), a.reshape(-1, *a.shape[-2:]), b.reshape(-1, *b.shape[-2:]),
+                        alpha=-1.0)
+    return out.view(x.shape)
+
+
+def in_place_update_probe(repeats: int, model: Path) -> dict[str, float]:
+    from engine import memory
+
+    engine = Engine.load(model, device="cpu")
+    prompt, now = list(range(40, 133)), memory._minus_matmul
+
+    def timed(previous: bool, decode: bool) -> float:
+        memory._minus_matmul = previous_minus_matmul if previous else now
+        try:
+            if not decode:
+                return per_call_ms(lambda: engine.batch([engine.new_state()] * 32).forward([prompt] * 32), 2)
+            batch = engine.batch([engine.new_state()] * 32)
+            batch.forward([prompt] * 32)
+            return per_call_ms(lambda: batch.forward([[7]] * 32), 16)
+        finally:
+            memory._minus_matmul = now
+
+    return median_rounds({
+        "32_sessions_93_tokens_update_copied_ms": lambda: timed(True, False),
+        "32_sessions_93_tokens_update_in_place_ms": lambda: timed(False, False),
+        "32_sessions_decode_step_update_copied_ms": lambda: timed(True, True),
+        "32_sessions_decode_step_update_in_place_ms": lambda: timed(False, True),
+    }, repeats)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--model", default=str(ROOT / "models/titans-mal-recall"))
+    parser.add_argument("--only", type=int, nargs="+", default=[1, 2, 3, 4, 5], help="probe numbers to run")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    model = Path(args.model)
+    probes = {1: lambda: fp16_probe(args.repeats), 2: lambda: staggered_probe(args.repeats, model),
+              3: lambda: memory_update_probe(args.repeats), 4: lambda: step_rule_probe(args.repeats, model),
+              5: lambda: in_place_update_probe(args.repeats, model)}
+    results = {}
     with torch.inference_mode():
-        results = {**fp16_probe(args.repeats), **staggered_probe(args.repeats, Path(args.model)),
-                   **memory_update_probe(args.repeats),
-                   **step_rule_probe(args.repeats, Path(args.model))}
+        for number in args.only:
+            results.update(probes[number]())
     for name, value in results.items():
         print(f"{name:<48} {value:10.2f}")
 

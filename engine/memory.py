@@ -159,12 +159,13 @@ def apply_chunk(weights: list[Tensor], momentum: list[Tensor], inputs: list[Tens
 
 
 def _minus_matmul(x: Tensor, a: Tensor, b: Tensor) -> Tensor:
-    """x - a @ b over any leading dims, in one baddbmm. x [..., m, n], a [..., m, k], b [..., k, n]."""
+    """x - a @ b over any leading dims, written into x (a contiguous tensor its caller made for this), in one
+    baddbmm_: the out-of-place baddbmm first copies x into a new tensor, which for the weights cost as much as
+    the products themselves. x [..., m, n], a [..., m, k], b [..., k, n]."""
     lead = x.shape[:-2]
     a, b = a.expand(*lead, *a.shape[-2:]), b.expand(*lead, *b.shape[-2:])
-    out = torch.baddbmm(x.reshape(-1, *x.shape[-2:]), a.reshape(-1, *a.shape[-2:]), b.reshape(-1, *b.shape[-2:]),
-                        alpha=-1.0)
-    return out.view(x.shape)
+    x.view(-1, *x.shape[-2:]).baddbmm_(a.reshape(-1, *a.shape[-2:]), b.reshape(-1, *b.shape[-2:]), alpha=-1.0)
+    return x
 
 
 def chunk_update(weights: list[Tensor], momentum: list[Tensor], k: Tensor, v: Tensor, log_eta: Tensor,
