@@ -1,4 +1,4 @@
-"""Paired probes behind five engine choices, each measured side by side in one run (medians of --repeats rounds).
+"""Paired probes behind six engine choices, each measured side by side in one run (medians of --repeats rounds).
 
   1. fp16 dense layers on a CPU (Linear.UPCAST_ROWS): one projection of small-mac's shape (256 -> 1048) over
      1024 rows as a half GEMM and as a float GEMM on the upcast weight; then small-mac with fp16 weights decoding
@@ -17,6 +17,9 @@
   5. The chunk update's GEMM in place (engine.memory._minus_matmul: baddbmm_ into the decayed weights it
      made) against the out-of-place baddbmm, which first copies them (before 2026-11-27, sixth session): the
      default model reading a 93-token prompt in 32 sessions, and 16 decode steps of the same batch.
+  6. Ring and chunk-buffer writes without padding (StepContext.unpadded): decode steps of 1 and 32 sessions
+     writing their rows directly (now) against keeping the old value of padding rows with a gather and a
+     where, which every step did before 2026-11-27 (sixth session).
 
     .venv/bin/python bench/engine_probes.py        # ~2 minutes on 2 cores
 """
@@ -215,18 +218,39 @@ def in_place_update_probe(repeats: int, model: Path) -> dict[str, float]:
     }, repeats)
 
 
+def unpadded_write_probe(repeats: int, model: Path) -> dict[str, float]:
+    engine = Engine.load(model, device="cpu")
+    now = StepContext.unpadded
+    cases = {}
+    for sessions in (1, 32):
+        batch = engine.batch([engine.new_state()] * sessions)
+        batch.forward([list(range(40, 133))] * sessions)
+
+        def step_ms(masked: bool, batch=batch, sessions=sessions) -> float:
+            StepContext.unpadded = property(lambda self: False) if masked else now
+            try:
+                return per_call_ms(lambda: batch.forward([[7]] * sessions), 16)
+            finally:
+                StepContext.unpadded = now
+
+        cases[f"{sessions}_sessions_decode_step_masked_write_ms"] = lambda step_ms=step_ms: step_ms(True)
+        cases[f"{sessions}_sessions_decode_step_direct_write_ms"] = lambda step_ms=step_ms: step_ms(False)
+    return median_rounds(cases, repeats)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--model", default=str(ROOT / "models/titans-mal-recall"))
-    parser.add_argument("--only", type=int, nargs="+", default=[1, 2, 3, 4, 5], help="probe numbers to run")
+    parser.add_argument("--only", type=int, nargs="+", default=[1, 2, 3, 4, 5, 6], help="probe numbers to run")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     model = Path(args.model)
     probes = {1: lambda: fp16_probe(args.repeats), 2: lambda: staggered_probe(args.repeats, model),
               3: lambda: memory_update_probe(args.repeats), 4: lambda: step_rule_probe(args.repeats, model),
-              5: lambda: in_place_update_probe(args.repeats, model)}
+              5: lambda: in_place_update_probe(args.repeats, model),
+              6: lambda: unpadded_write_probe(args.repeats, model)}
     results = {}
     with torch.inference_mode():
         for number in args.only:

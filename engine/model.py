@@ -214,12 +214,19 @@ class StepContext:
             batch = torch.arange(slot.shape[0], device=slot.device)[:, None].expand_as(slot)
             return (batch,) + (slice(None),) * (slot_dim - 1) + (slot,)
         index = self._cached(("write", slot_dim, span), make_index)
-        valid = self.valid[:, first:]
-        valid = valid.view(*valid.shape, *([1] * (rows.dim() - 2)))
         if not self.owned or torch.is_grad_enabled():
             store = store.clone()
-        store[index] = torch.where(valid, rows, store[index])
+        if self.unpadded:  # every row is a token (decode, aligned prefill): no old values to keep
+            store[index] = rows
+        else:
+            valid = self.valid[:, first:]
+            store[index] = torch.where(valid.view(*valid.shape, *([1] * (rows.dim() - 2))), rows, store[index])
         return store
+
+    @property
+    def unpadded(self) -> bool:
+        """Whether every session has all R rows in this step, as the host knows (False when it does not)."""
+        return self.host is not None and all(c == self.rows for c in self.host[1])
 
 
 def _private_copy(function: types.FunctionType, owner: int) -> types.FunctionType:
