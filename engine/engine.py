@@ -175,10 +175,18 @@ class Engine:
         return read_snapshot(blob, self.fingerprint, self._template)
 
     def _ids(self, token_ids: TokenIds) -> Tensor:
-        ids = torch.as_tensor(token_ids if isinstance(token_ids, Tensor) else list(token_ids), dtype=torch.long)
-        if ids.dim() != 1:
-            raise ValueError(f"token ids must be 1-D, got shape {tuple(ids.shape)}")
-        if ids.numel() and not (int(ids.min()) >= 0 and int(ids.max()) < self.config.vocab_size):
+        if isinstance(token_ids, Tensor):
+            ids = token_ids.to(torch.long)
+            if ids.dim() != 1:
+                raise ValueError(f"token ids must be 1-D, got shape {tuple(ids.shape)}")
+            in_range = not ids.numel() or (int(ids.min()) >= 0 and int(ids.max()) < self.config.vocab_size)
+        else:  # checked in Python: a decode step's one id per session costs less than two tensor reductions
+            token_ids = list(token_ids)
+            ids = torch.tensor(token_ids, dtype=torch.long)
+            if ids.dim() != 1:
+                raise ValueError(f"token ids must be 1-D, got shape {tuple(ids.shape)}")
+            in_range = not token_ids or (min(token_ids) >= 0 and max(token_ids) < self.config.vocab_size)
+        if not in_range:
             raise ValueError(f"token ids must be in [0, {self.config.vocab_size})")
         return ids.to(self.device)
 

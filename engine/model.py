@@ -889,9 +889,12 @@ class Titans(nn.Module):
         """
         dev = self.embed.weight.device
         lengths = [len(t) for t in tokens]
-        padded = torch.zeros(len(tokens), max(lengths, default=0) + 1, dtype=torch.long, device=dev)
-        for s, t in enumerate(tokens):
-            padded[s, : len(t)] = t
+        if len(set(lengths)) == 1:  # every session the same rows (decode): one stack, not a copy per session
+            padded = F.pad(torch.stack(tokens), (0, 1))
+        else:
+            padded = torch.zeros(len(tokens), max(lengths, default=0) + 1, dtype=torch.long, device=dev)
+            for s, t in enumerate(tokens):
+                padded[s, : len(t)] = t
         done = [0] * len(tokens)
         pos = list(pos)
         logits_parts, surprise_parts = [[] for _ in tokens], [[] for _ in tokens]
@@ -925,7 +928,8 @@ class Titans(nn.Module):
             done = [d + c for d, c in zip(done, counts)]
             pos = [p + c for p, c in zip(pos, counts)]
         V = self.cfg.vocab_size
-        logits_out = [torch.cat(p) if p else torch.zeros(0, V, device=dev) for p in logits_parts]
+        logits_out = [(p[0] if len(p) == 1 else torch.cat(p)) if p else torch.zeros(0, V, device=dev)
+                      for p in logits_parts]
         surprise_out = None
         if want_surprise:
             surprise_out = [torch.cat(p) if p else torch.zeros(0, device=dev) for p in surprise_parts]

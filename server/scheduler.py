@@ -24,7 +24,7 @@ import torch
 
 from engine import Engine, SamplingParams, SessionState
 from engine.engine import SessionBatch
-from engine.sampling import sample
+from engine.sampling import GREEDY_BELOW, sample
 from engine.tokenizer import StreamDecoder
 
 
@@ -255,9 +255,11 @@ class Scheduler:
             group.seqs, group.batch = [], None
             return
         leaving, moving = [], []
+        greedy = [i for i, seq in enumerate(group.seqs) if seq.params.temperature < GREEDY_BELOW]
+        picks = dict(zip(greedy, torch.stack([out[i][0][-1] for i in greedy]).argmax(-1).tolist())) if greedy else {}
         for i, (seq, (logits, surprise)) in enumerate(zip(group.seqs, out)):
             try:
-                outcome = self._advance(seq, group, i, logits, surprise)
+                outcome = self._advance(seq, group, i, logits, surprise, picks.get(i))
             except Exception as e:  # one request's failure (sampling, decoding) is that request's alone
                 self._send(seq, ErrorEvent(e))
                 outcome = "done"
@@ -285,9 +287,10 @@ class Scheduler:
         token, seq.next_input = seq.next_input, None
         return [token]
 
-    def _advance(self, seq: Sequence, group: Group, i: int, logits, surprise) -> str:
+    def _advance(self, seq: Sequence, group: Group, i: int, logits, surprise, greedy_pick: int | None) -> str:
         """Account for the rows seq just fed: "reading" (more prompt to go), "generating" (sampled a token to
-        feed next) or "done" (finished, its final state sent)."""
+        feed next) or "done" (finished, its final state sent). greedy_pick: the argmax of its last logits, taken
+        for the whole batch in one op (per session, argmax and .item() were most of the loop's own time)."""
         seq.pending_surprise += surprise.tolist() if seq.sub.want_surprise else []
         if seq.read < len(seq.prompt_ids):
             return "reading"
@@ -298,7 +301,7 @@ class Scheduler:
             self._send(seq, DoneEvent(snapshot, group.batch.positions[i], len(seq.prompt_ids), len(seq.generated),
                                       seq.finish_reason or "length", read_surprise, time.perf_counter() - started))
             return "done"
-        token = sample(logits[-1], seq.params, seq.generator)
+        token = greedy_pick if greedy_pick is not None else sample(logits[-1], seq.params, seq.generator)
         seq.generated.append(token)
         eos = self.engine._is_eos(token)
         text, stopped = (seq.stops.finish(), False) if eos else seq.stops.push(token)  # EOS adds no text

@@ -84,7 +84,7 @@ def test_token_ids_as_list_or_tensor_and_invalid_ids(engine):
     assert torch.equal(a, b)
     empty, same = engine.forward([], engine.new_state())
     assert empty.shape == (0, engine.config.vocab_size) and same.tokens_seen == 0
-    for bad in ([256], [-1], torch.zeros(2, 2, dtype=torch.long)):
+    for bad in ([256], [-1], [[1, 2], [3, 4]], torch.zeros(2, 2, dtype=torch.long), torch.tensor([300])):
         with pytest.raises(ValueError):
             engine.forward(bad, engine.new_state())
     with pytest.raises(ValueError, match="at least one prompt token"):
