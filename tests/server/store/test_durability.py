@@ -133,3 +133,29 @@ async def test_stores_can_be_used_from_one_event_loop_concurrently(store):
     recs = await asyncio.gather(*(store.create("t", FP, b"%d" % i) for i in range(20)))
     loaded = await asyncio.gather(*(store.load("t", r.id) for r in recs))
     assert [d for _, d in loaded] == [b"%d" % i for i in range(20)]
+
+
+async def test_sqlite_checkpoints_off_the_request_thread_and_keeps_the_wal_bounded(tmp_path):
+    store = open_store(f"sqlite:///{tmp_path}/s.db")
+    store.CHECKPOINT_BYTES, store.WAL_LIMIT_BYTES = 1 << 20, 8 << 20
+    try:
+        autocheckpoint = await store._run(lambda db: db.execute("PRAGMA wal_autocheckpoint").fetchone()[0], False)
+        assert autocheckpoint == 0  # a commit never checkpoints on the request thread
+        record = await store.create("t", FP, snapshot_for(1))
+        for version in range(2, 42):  # 40 MiB through the WAL
+            record = await store.commit("t", record.id, record.version, snapshot_for(version), version)
+        deadline = time.monotonic() + 10
+        while store._checkpointing and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        assert store.checkpoints >= 2
+        # back-to-back commits keep a passive checkpoint from completing, so the WAL is restarted at its limit:
+        # without checkpoints it would hold all 40 MiB (80 with the history pages freed), the limit only ~8 + one
+        assert (tmp_path / "s.db-wal").stat().st_size < 20 * PAYLOAD
+        assert check_snapshot((await store.load("t", record.id))[1]) == 41
+    finally:
+        await store.close()
+    again = open_store(f"sqlite:///{tmp_path}/s.db")
+    try:
+        assert check_snapshot((await again.load("t", record.id))[1]) == 41
+    finally:
+        await again.close()
