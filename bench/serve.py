@@ -7,8 +7,9 @@ For each N: N sessions, each streams one greedy completion of --tokens tokens af
 all at once. Reported: time to first token and inter-token latency (p50/p99, client side, from SSE chunk arrival),
 aggregate generated tokens/s; and, in the same run, the same generation through Engine.generate in this process
 (no HTTP, no store), so `server N=1 / engine` isolates the serving overhead. The machine is noisy, so the
-measurements run in --rounds rounds (engine alone, then every N through the server), and each ratio is the median
-of its per-round ratios; rates and latencies are per-round medians. JSON in bench/results/serve.json.
+measurements run in --rounds rounds of every N through the server, N=1 as --pairs streams each right after one
+engine-alone generation (per round, rates are total tokens over total time), and each ratio is the median of its
+per-round ratios; rates and latencies are per-round medians. JSON in bench/results/serve.json.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -98,16 +100,22 @@ async def one_stream(stream: Stream, session_id: str, prompt: str, tokens: int) 
             "chunks": len(arrivals), "seconds": end - start}
 
 
-async def run_n(url: str, n: int, prompt: str, tokens: int) -> dict:
+async def run_n(url: str, n: int, prompt: str, tokens: int, repeats: int = 1,
+                between: Callable[[], object] | None = None) -> dict:
+    """N sessions stream at once, `repeats` times (each time after calling `between`, if given)."""
     async with httpx.AsyncClient(base_url=url, timeout=60) as client:
         sessions = [(await client.post("/v1/sessions")).json()["id"] for _ in range(n)]
     host, port = url.removeprefix("http://").split(":")
     streams = [Stream(host, int(port)) for _ in range(n)]
+    results, wall = [], 0.0
     try:
         await asyncio.gather(*(one_stream(c, s, prompt, 4) for c, s in zip(streams, sessions)))  # warm every path
-        start = time.perf_counter()
-        results = await asyncio.gather(*(one_stream(c, s, prompt, tokens) for c, s in zip(streams, sessions)))
-        wall = time.perf_counter() - start
+        for _ in range(repeats):
+            if between is not None:
+                between()
+            start = time.perf_counter()
+            results += await asyncio.gather(*(one_stream(c, s, prompt, tokens) for c, s in zip(streams, sessions)))
+            wall += time.perf_counter() - start
     finally:
         for c in streams:
             c.close()
@@ -132,6 +140,18 @@ def engine_alone(engine: Engine, prompt: str, tokens: int) -> dict:
             "ttft_ms": 1000 * (arrivals[0] - start), "itl_p50_ms": 1000 * percentile(itl, 0.5)}
 
 
+def appending(runs: list[dict], engine: Engine, tokens: int) -> Callable[[], None]:
+    return lambda: runs.append(engine_alone(engine, PROMPT, tokens))
+
+
+def combined(runs: list[dict]) -> dict:
+    """Several engine-alone generations as one: total tokens over total time; latencies are medians."""
+    generated, wall = sum(r["generated_tokens"] for r in runs), sum(r["wall_s"] for r in runs)
+    return {"generated_tokens": generated, "wall_s": wall, "tok_s": generated / wall,
+            "ttft_ms": statistics.median(r["ttft_ms"] for r in runs),
+            "itl_p50_ms": statistics.median(r["itl_p50_ms"] for r in runs)}
+
+
 def median_row(rows: list[dict]) -> dict:
     return {k: statistics.median(r[k] for r in rows) for k in rows[0]}
 
@@ -145,12 +165,15 @@ def main() -> None:
                         help="torch threads of the server and of the engine-alone run (default: the server's own)")
     parser.add_argument("--compile", action="store_true", help="compiled decode, in the server and the engine alone")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds of engine alone + every N")
+    parser.add_argument("--pairs", type=int, default=6,
+                        help="per round, N=1 streams each right after one engine-alone generation (one 64-token "
+                             "request is ~150 ms: a single pair per round left the ratio at the VM's mercy)")
     parser.add_argument("--out", default=str(ROOT / "bench/results/serve.json"))
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
     results: dict = {"model": args.model, "tokens": args.tokens, "prompt_bytes": len(PROMPT.encode()),
-                     "threads": args.threads, "compile": args.compile, "rounds": []}
+                     "pairs": args.pairs, "threads": args.threads, "compile": args.compile, "rounds": []}
     engine = Engine.load(Path(args.model), compile=args.compile)
     engine.warm_up()
     engine_alone(engine, PROMPT, 4)
@@ -160,9 +183,12 @@ def main() -> None:
         srv.start(timeout=900)  # compiling happens before /ready
         try:
             for _ in range(args.rounds):
-                results["rounds"].append({"engine_alone": engine_alone(engine, PROMPT, args.tokens),
-                                          "server": [asyncio.run(run_n(srv.url, n, PROMPT, args.tokens))
-                                                     for n in args.sessions]})
+                alone, server = [], []
+                for n in args.sessions:  # each N=1 stream right after an engine-alone generation
+                    repeats, between = (args.pairs, appending(alone, engine, args.tokens)) if n == 1 else (1, None)
+                    server.append(asyncio.run(run_n(srv.url, n, PROMPT, args.tokens, repeats, between)))
+                alone = alone or [engine_alone(engine, PROMPT, args.tokens) for _ in range(args.pairs)]
+                results["rounds"].append({"engine_alone": combined(alone), "server": server})
         finally:
             srv.stop()
     rounds = results["rounds"]

@@ -17,12 +17,15 @@ ROOT = Path(__file__).resolve().parents[2]
 def test_serve_benchmark_quick(tmp_path, model_dir):
     out = tmp_path / "serve.json"
     proc = subprocess.run([sys.executable, "bench/serve.py", "--model", str(model_dir), "--sessions", "1", "2",
-                           "--tokens", "8", "--threads", "1", "--out", str(out)],
+                           "--tokens", "8", "--pairs", "2", "--threads", "1", "--out", str(out)],
                           cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     results = json.loads(out.read_text())
     assert [r["sessions"] for r in results["server"]] == [1, 2]
-    assert all(r["generated_tokens"] == 8 * r["sessions"] and r["aggregate_tok_s"] > 0 for r in results["server"])
+    repeats = {1: 2, 2: 1}  # N=1 streams twice per round, each after an engine-alone generation
+    assert all(r["generated_tokens"] == 8 * r["sessions"] * repeats[r["sessions"]] and r["aggregate_tok_s"] > 0
+               for r in results["server"])
+    assert all(r["engine_alone"]["generated_tokens"] == 16 for r in results["rounds"])
     assert results["server_n1_over_engine"] > 0 and "aggregate tok/s" in proc.stdout
 
 
