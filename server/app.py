@@ -12,7 +12,7 @@ import torch
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse
 
-from server.engine_process import EngineClient, EngineOptions, engine_cpus
+from server.engine_process import EngineClient, EngineOptions
 from server.errors import APIError, error_body, install_handlers
 from server.metrics import Metrics
 from server.routers import generation, health, models, sessions
@@ -31,7 +31,7 @@ def load_runtime(settings: Settings) -> Runtime:
     metrics = Metrics(name, max(settings.max_prompt_tokens, settings.max_output_tokens))
     core = EngineClient(EngineOptions(str(settings.model), settings.device, settings.weights, settings.compile,
                                       settings.aot_decode, settings.torch_threads, settings.max_running,
-                                      settings.prefill_chunk, engine_cpus(settings.engine_cpus, settings.device)),
+                                      settings.prefill_chunk),
                         metrics, settings.max_waiting)
     core.start()
     try:

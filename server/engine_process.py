@@ -55,7 +55,6 @@ from server.scheduler import (
     Submission,
     TokenEvent,
 )
-from server.settings import parse_cpus
 
 log = logging.getLogger("titans.engine")
 
@@ -67,10 +66,9 @@ class EngineOptions:
     weights: str  # fp32 | fp16 | bf16
     compile: bool
     aot_decode: bool
-    torch_threads: int  # 0: one per CPU in cpus, else all cores but one
+    torch_threads: int  # 0: all cores but one
     max_running: int
     prefill_chunk: int
-    cpus: tuple[int, ...] = ()  # pin the engine process to these CPUs (and the API process to the others); (): no
 
 
 # --- messages -------------------------------------------------------------------------------------------------
@@ -127,33 +125,6 @@ def _sender(conn: Connection, outbox: queue.SimpleQueue) -> None:
             return
 
 
-def engine_cpus(spec: str, device: str) -> tuple[int, ...]:
-    """The CPUs the engine process is pinned to, from Settings.engine_cpus; () for none.
-
-    On a CPU, the engine loop is the critical path and the HTTP process only feeds it: unpinned, the kernel
-    let the HTTP process's threads and the benchmark client run on the engine's core and moved the engine
-    between cores (bench/serve.py on 2 cores: one stream ~8% faster pinned, 32 no slower)."""
-    if spec == "none" or not hasattr(os, "sched_getaffinity"):
-        return ()
-    available = sorted(os.sched_getaffinity(0))
-    if spec == "auto":
-        on_gpu = device == "cuda" or (device == "auto" and torch.cuda.is_available())
-        return () if on_gpu or len(available) < 2 else tuple(available[1:])
-    cpus = parse_cpus(spec)
-    if not cpus < set(available):
-        raise ValueError(f"engine_cpus {spec!r}: this process may use CPUs {available}, and the HTTP process "
-                         f"needs one the engine does not take")
-    return tuple(sorted(cpus))
-
-
-def keep_off(cpus: set[int]) -> None:
-    """Move every thread of this process off these CPUs (threads started later inherit their creator's set)."""
-    rest = os.sched_getaffinity(0) - cpus
-    for task in os.listdir("/proc/self/task"):
-        with contextlib.suppress(OSError):  # a thread that has just ended
-            os.sched_setaffinity(int(task), rest)
-
-
 def _portable(error: BaseException) -> BaseException:
     """error, or a RuntimeError that says what it was if error does not survive pickling."""
     try:
@@ -170,9 +141,7 @@ def engine_main(options: EngineOptions, conn: Connection) -> None:
     """The engine process: load, warm up, say Ready, then loop until Shutdown or the API process goes away."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        if options.cpus:  # before torch starts its threads, which inherit it
-            os.sched_setaffinity(0, options.cpus)
-        torch.set_num_threads(options.torch_threads or len(options.cpus) or max(1, (os.cpu_count() or 2) - 1))
+        torch.set_num_threads(options.torch_threads or max(1, (os.cpu_count() or 2) - 1))
         device = None if options.device == "auto" else torch.device(options.device)
         engine = Engine.load(options.model, device=device, weight_dtype=_weight_dtype(options.weights),
                              compile=options.compile, aot_decode=options.aot_decode)
@@ -296,8 +265,6 @@ class EngineClient:
         if isinstance(message, Failed):
             raise RuntimeError(f"the engine process could not load the model:\n{message.message}")
         self.model = ModelInfo.of(self.options.model, message)
-        if self.options.cpus:
-            keep_off(set(self.options.cpus))
         self._sender = threading.Thread(target=_sender, args=(self._conn, self._outbox), name="engine-client-sender",
                                         daemon=True)
         self._sender.start()

@@ -13,18 +13,6 @@ REPO = Path(__file__).resolve().parents[1]
 DEFAULT_MODEL = REPO / "models" / "titans-mal-recall"
 
 
-def parse_cpus(spec: str) -> set[int]:
-    """'1-3,5' -> {1, 2, 3, 5}; ValueError for anything else."""
-    cpus: set[int] = set()
-    for part in spec.split(","):
-        first, dash, last = part.strip().partition("-")
-        last = last if dash else first
-        if not (first.isdigit() and last.isdigit() and int(first) <= int(last)):
-            raise ValueError(f"engine_cpus: {spec!r} is not a CPU list like '1-3,5' (or auto, none)")
-        cpus.update(range(int(first), int(last) + 1))
-    return cpus
-
-
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="TITANS_", frozen=True)
 
@@ -45,12 +33,9 @@ class Settings(BaseSettings):
     aot_decode: bool = Field(False, description="with compile: also compile one session's decode step ahead of "
                                                  "time (AOTInductor; a faster single-session decode on a CPU, "
                                                  "tens of seconds more at start-up)")
-    torch_threads: int = Field(0, ge=0, description="CPU threads of the engine process; 0: one per CPU it is pinned "
-                                                     "to (engine_cpus), else all cores but one, which is left to "
-                                                     "the HTTP process (on 2 cores this is faster too)")
-    engine_cpus: str = Field("auto", description="CPUs the engine process is pinned to, as '1-3,5'; the HTTP process "
-                                                  "keeps the others. auto: on a CPU device with 2 or more CPUs, all "
-                                                  "but the first; none: not pinned")
+    torch_threads: int = Field(0, ge=0, description="CPU threads of the engine process; 0: all cores but one, "
+                                                     "which is left to the HTTP process (on 2 cores this is "
+                                                     "faster too)")
 
     max_prompt_tokens: int = Field(16384, gt=0)
     max_output_tokens: int = Field(4096, gt=0)
@@ -72,13 +57,6 @@ class Settings(BaseSettings):
         if self.aot_decode and not self.compile:
             raise ValueError("aot_decode needs compile (--compile true)")
         return self
-
-    @field_validator("engine_cpus")
-    @classmethod
-    def _cpu_list(cls, value: str):
-        if value not in ("auto", "none"):
-            parse_cpus(value)
-        return value
 
     @field_validator("api_keys", mode="before")
     @classmethod

@@ -10,7 +10,6 @@ from pathlib import Path
 import httpx
 import pytest
 
-from server.settings import parse_cpus
 from tests.e2e.test_api import assert_error, complete, new_session
 from tests.redis_server import RedisServer
 from tests.server_process import ServerProcess
@@ -184,35 +183,3 @@ def test_a_dead_engine_process_fails_requests_cleanly_and_loses_no_memory(model_
         assert c.get(f"/v1/sessions/{sid}").json()["version"] == before["version"]  # nothing half-committed
         assert c.get("/health").status_code == 503 and c.get("/ready").status_code == 503
         assert_error(c.post("/v1/completions", json={"prompt": "x", "max_tokens": 2}), 503, "engine_dead")
-
-
-def cpus_of(pid: int) -> set[int]:
-    """The CPUs a process's main thread may run on (its Cpus_allowed_list)."""
-    line = next(x for x in Path(f"/proc/{pid}/status").read_text().splitlines() if x.startswith("Cpus_allowed_list"))
-    return parse_cpus(line.split(":")[1].strip())
-
-
-@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="pinning needs two CPUs")
-def test_the_engine_process_has_cpus_of_its_own_and_answers_as_an_unpinned_one(model_dir, tmp_path):
-    available = os.sched_getaffinity(0)
-    body = {"prompt": "def f(x):", "max_tokens": 12, "temperature": 0}
-    answers = []
-    for spec in ("auto", "none"):
-        with ServerProcess(model_dir, f"sqlite:///{tmp_path}/{spec}.db", "--engine-cpus", spec) as srv, \
-                httpx.Client(base_url=srv.url, timeout=30) as c:
-            engine, api = cpus_of(engine_process_of(srv)), cpus_of(srv.process.pid)
-            if spec == "auto":  # the engine takes all but the first CPU, the HTTP process keeps that one
-                assert engine == available - {min(available)} and api == {min(available)}
-            else:
-                assert engine == api == available
-            answers.append(c.post("/v1/completions", json=body).json()["choices"][0]["text"])
-    assert answers[0] == answers[1]
-
-
-def test_an_engine_cpu_list_is_checked_before_anything_starts(model_dir, tmp_path):
-    for spec in ("1-", "a", "3-1"):
-        with pytest.raises(RuntimeError, match="engine_cpus"):
-            ServerProcess(model_dir, f"sqlite:///{tmp_path}/s.db", "--engine-cpus", spec).start()
-    every = ",".join(str(c) for c in sorted(os.sched_getaffinity(0)))  # leaves the HTTP process none
-    with pytest.raises(RuntimeError, match="engine_cpus"):
-        ServerProcess(model_dir, f"sqlite:///{tmp_path}/s.db", "--engine-cpus", every).start()
