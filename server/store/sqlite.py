@@ -382,18 +382,13 @@ class LocalStore(SessionStore):
         await self._run(lambda db: db.execute("SELECT 1").fetchone(), write=False)
 
     async def close(self):
-        def op():
-            if self._db is not None:
-                self._db.close()
-                self._db = None
+        for executor, attribute in ((self._executor, "_db"), (self._checkpointer, "_checkpoint_db")):
+            await asyncio.get_running_loop().run_in_executor(executor, self._close_connection, attribute)
+            executor.shutdown(wait=True)
 
-        await asyncio.get_running_loop().run_in_executor(self._executor, op)
-        self._executor.shutdown(wait=True)
-
-        def close_checkpointer():
-            if self._checkpoint_db is not None:
-                self._checkpoint_db.close()
-                self._checkpoint_db = None
-
-        await asyncio.get_running_loop().run_in_executor(self._checkpointer, close_checkpointer)
-        self._checkpointer.shutdown(wait=True)
+    def _close_connection(self, attribute: str) -> None:
+        """Run on the connection's own thread, the one that used it."""
+        db = getattr(self, attribute)
+        if db is not None:
+            db.close()
+            setattr(self, attribute, None)
