@@ -67,7 +67,7 @@ class Stream:
         if status != b"200" or b"transfer-encoding: chunked" not in head.lower():
             raise RuntimeError(f"unexpected response: {head[:200]!r}")
         arrivals, usage, pending = [], None, b""
-        while size := int((await self.reader.readuntil(b"\r\n"))[:-2], 16):
+        while size := int((await self.reader.readuntil(b"\r\n"))[:-2].split(b";")[0], 16):  # ;extensions
             data = (await self.reader.readexactly(size + 2))[:-2]
             now = time.perf_counter()
             *events, pending = (pending + data).split(b"\n\n")
@@ -75,6 +75,8 @@ class Stream:
                 if not event.startswith(b"data: {"):
                     continue
                 chunk = json.loads(event[6:])
+                if "error" in chunk:
+                    raise RuntimeError(f"the server failed the stream: {chunk['error']}")
                 if chunk["choices"]:
                     if chunk["choices"][0]["token_ids"]:
                         arrivals.append((now, len(chunk["choices"][0]["token_ids"])))
@@ -95,6 +97,8 @@ async def one_stream(stream: Stream, session_id: str, prompt: str, tokens: int) 
     body = {"prompt": prompt, "max_tokens": tokens, "temperature": 0, "stream": True, "session_id": session_id,
             "stream_options": {"include_usage": True}, "return_token_ids": True}
     arrivals, usage, start, end = await stream.complete(body)
+    if usage["completion_tokens"] != tokens:  # an early stop would spread the request's fixed costs over fewer tokens
+        raise RuntimeError(f"asked for {tokens} tokens, the server generated {usage['completion_tokens']}")
     itl = [(b - a) / k for (a, _), (b, k) in zip(arrivals, arrivals[1:]) for _ in range(k)]
     return {"ttft": arrivals[0][0] - start, "itl": itl, "tokens": usage["completion_tokens"],
             "chunks": len(arrivals), "seconds": end - start}
@@ -134,6 +138,8 @@ def engine_alone(engine: Engine, prompt: str, tokens: int) -> dict:
     params = SamplingParams(max_tokens=tokens, temperature=0)
     start = time.perf_counter()
     arrivals = [time.perf_counter() for _ in engine.generate(ids, engine.new_state(), params)]
+    if len(arrivals) != tokens:  # as for the server's streams: the two sides must generate as much
+        raise RuntimeError(f"asked for {tokens} tokens, the engine generated {len(arrivals)}")
     wall = time.perf_counter() - start  # after the last token is fed, as the server's final state
     itl = [b - a for a, b in zip(arrivals, arrivals[1:])]
     return {"generated_tokens": len(arrivals), "wall_s": wall, "tok_s": len(arrivals) / wall,

@@ -890,7 +890,7 @@ class Titans(nn.Module):
         dev = self.embed.weight.device
         lengths = [len(t) for t in tokens]
         if len(set(lengths)) == 1:  # every session the same rows (decode): one stack, not a copy per session
-            padded = F.pad(torch.stack(tokens), (0, 1))
+            padded = F.pad(torch.stack(tokens).to(dev, torch.long), (0, 1))
         else:
             padded = torch.zeros(len(tokens), max(lengths, default=0) + 1, dtype=torch.long, device=dev)
             for s, t in enumerate(tokens):

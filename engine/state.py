@@ -93,9 +93,9 @@ def _all_finite(tensors: list[Tensor]) -> bool:
     values cannot overflow (|x| < 3.5e38, far fewer than 1e269 elements), and a NaN or an infinity makes it
     non-finite. One reduction instead of two small ops per tensor, which were the largest part of loading a small
     model's snapshot."""
-    if not tensors:
-        return True
-    return bool(torch.isfinite(torch.cat([t.reshape(-1) for t in tensors]).sum(dtype=torch.float64)))
+    if any(t.dtype == torch.float64 for t in tensors):  # a float64 sum of float64 values can overflow
+        return all(bool(torch.isfinite(t).all()) for t in tensors)
+    return not tensors or bool(torch.isfinite(torch.cat([t.reshape(-1) for t in tensors]).sum(dtype=torch.float64)))
 
 
 def read_snapshot(blob: bytes, fingerprint: str, template: dict[str, Tensor]) -> SessionState:

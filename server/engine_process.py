@@ -35,6 +35,7 @@ import signal
 import threading
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 
@@ -104,7 +105,7 @@ class Outputs:
     queue_waits: list[float]  # seconds waited by the requests admitted in this iteration
 
 
-def _sender(conn: Connection, outbox: queue.SimpleQueue) -> None:
+def _sender(conn: Connection, outbox: queue.SimpleQueue, stop_engine: Callable[[], None]) -> None:
     """Send what the event loop queued: everything queued by then as one message (a list), because the engine reads
     between its iterations, and a burst of requests should join the same one (one by one, each 300 KB snapshot
     waited for an iteration: at 32 sessions, a prefill group of one request per iteration)."""
@@ -117,9 +118,9 @@ def _sender(conn: Connection, outbox: queue.SimpleQueue) -> None:
         try:
             if batch[:-1] or not stopping:
                 conn.send(batch[:-1] if stopping else batch)
-        except Exception:  # the other side is gone (or the message would not pickle): nothing more can go
+        except Exception:  # the other side is gone (or a message would not pickle): nothing more can go
             log.exception("cannot send to the engine process")
-            conn.close()  # the engine then sees the pipe close and stops
+            stop_engine()  # the receiver then sees the pipe close and fails every request in flight
             return
         if stopping:
             return
@@ -160,7 +161,7 @@ def engine_main(options: EngineOptions, conn: Connection) -> None:
             # GIL from the loop for every piece of a snapshot it reads off the pipe, in the middle of its steps.
             # Idle, the loop sleeps in recv until a request comes.
             while not scheduler.busy or conn.poll():
-                for message in conn.recv():
+                for message in _received(conn):
                     if isinstance(message, Shutdown):
                         return
                     if isinstance(message, Abort):
@@ -170,14 +171,28 @@ def engine_main(options: EngineOptions, conn: Connection) -> None:
             events = [(job_id, ErrorEvent(_portable(e.error)) if isinstance(e, ErrorEvent) else e)
                       for job_id, e in scheduler.iterate()]
             waits, scheduler.queue_waits = scheduler.queue_waits, []
-            conn.send(Outputs(events, scheduler.running, len(scheduler.waiting), waits))
-    except (EOFError, BrokenPipeError, ConnectionResetError):  # the API process is gone: stop
+            try:
+                conn.send(Outputs(events, scheduler.running, len(scheduler.waiting), waits))
+            except (BrokenPipeError, ConnectionResetError):
+                raise APIGone from None
+    except APIGone:
         return
     except BaseException as e:  # the loop must never die silently, nor leave a request waiting
         log.exception("engine loop died")
         with contextlib.suppress(OSError):
             conn.send(Outputs(scheduler.fail_all(EngineStopped(f"the engine failed: {e!r}")), 0, 0, []))
             conn.send(Failed(traceback.format_exc()))
+
+
+class APIGone(Exception):
+    """The pipe to the API process closed: the engine stops (and nothing it raises itself is mistaken for this)."""
+
+
+def _received(conn: Connection) -> list:
+    try:
+        return conn.recv()
+    except EOFError:
+        raise APIGone from None
 
 
 def _weight_dtype(name: str) -> torch.dtype | None:
@@ -265,7 +280,8 @@ class EngineClient:
         if isinstance(message, Failed):
             raise RuntimeError(f"the engine process could not load the model:\n{message.message}")
         self.model = ModelInfo.of(self.options.model, message)
-        self._sender = threading.Thread(target=_sender, args=(self._conn, self._outbox), name="engine-client-sender",
+        self._sender = threading.Thread(target=_sender, args=(self._conn, self._outbox, self.process.kill),
+                                        name="engine-client-sender",
                                         daemon=True)
         self._sender.start()
         self.alive = True

@@ -255,8 +255,7 @@ class Scheduler:
             group.seqs, group.batch = [], None
             return
         leaving, moving = [], []
-        greedy = [i for i, seq in enumerate(group.seqs) if seq.params.temperature < GREEDY_BELOW]
-        picks = dict(zip(greedy, torch.stack([out[i][0][-1] for i in greedy]).argmax(-1).tolist())) if greedy else {}
+        picks = self._greedy_picks(group.seqs, out)
         for i, (seq, (logits, surprise)) in enumerate(zip(group.seqs, out)):
             try:
                 outcome = self._advance(seq, group, i, logits, surprise, picks.get(i))
@@ -274,6 +273,16 @@ class Scheduler:
             except Exception as e:  # e.g. out of memory growing the decode batch: these requests fail, it goes on
                 self._fail(seqs, e)
         group.remove(leaving + moving)
+
+    @staticmethod
+    def _greedy_picks(seqs: list[Sequence], out: list[tuple]) -> dict[int, int]:
+        """index -> argmax of the last logits, for the greedy requests, in one op; {} if that fails (each request
+        then samples on its own and fails alone)."""
+        greedy = [i for i, seq in enumerate(seqs) if seq.params.temperature < GREEDY_BELOW]
+        try:
+            return dict(zip(greedy, torch.stack([out[i][0][-1] for i in greedy]).argmax(-1).tolist())) if greedy else {}
+        except Exception:
+            return {}
 
     def _fail(self, seqs: list[Sequence], error: BaseException) -> None:
         for seq in seqs:

@@ -41,6 +41,8 @@ T = TypeVar("T")
 
 log = logging.getLogger("titans.store")
 
+PAGE_BYTES = 4096  # SQLite's default page: what any write transaction adds to the WAL at least
+
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS blobs (
     id INTEGER PRIMARY KEY,
@@ -128,6 +130,8 @@ class LocalStore(SessionStore):
                     db.execute("ROLLBACK")
                     raise
                 db.execute("COMMIT")
+                if write:  # at least a page into the WAL: forks, leases and deletes alone must also checkpoint
+                    self._wrote(PAGE_BYTES)
                 return result
             except sqlite3.OperationalError as e:  # locked past the timeout, disk gone, ...
                 raise StoreUnavailable(f"session database {self.path}: {e}") from e

@@ -183,3 +183,30 @@ def test_a_dead_engine_process_fails_requests_cleanly_and_loses_no_memory(model_
         assert c.get(f"/v1/sessions/{sid}").json()["version"] == before["version"]  # nothing half-committed
         assert c.get("/health").status_code == 503 and c.get("/ready").status_code == 503
         assert_error(c.post("/v1/completions", json={"prompt": "x", "max_tokens": 2}), 503, "engine_dead")
+
+
+def test_a_message_that_cannot_reach_the_engine_stops_it_and_fails_its_requests(model_dir):
+    """A failed send must not leave the engine idle and the API waiting on it forever."""
+    import asyncio
+
+    from engine import SamplingParams
+    from server.engine_process import EngineClient, EngineOptions, Job
+    from server.metrics import Metrics
+    from server.scheduler import EngineStopped, ErrorEvent
+
+    async def main():
+        client = EngineClient(EngineOptions(str(model_dir), "cpu", "fp32", False, False, 1, 4, 64),
+                              Metrics("m", 64), max_waiting=4)
+        client.start()
+        client.attach(asyncio.get_running_loop())
+        try:
+            job = Job([1, 2, 3], None, SamplingParams(max_tokens=2), False, False)
+            job.params = lambda: None  # does not pickle: the sender fails
+            client.submit(job)
+            event = await asyncio.wait_for(job.events.get(), 30)
+            assert isinstance(event, ErrorEvent) and isinstance(event.error, EngineStopped)
+            assert not client.alive
+        finally:
+            client.stop()
+
+    asyncio.run(main())

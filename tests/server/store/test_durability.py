@@ -159,3 +159,19 @@ async def test_sqlite_checkpoints_off_the_request_thread_and_keeps_the_wal_bound
         assert check_snapshot((await again.load("t", record.id))[1]) == 41
     finally:
         await again.close()
+
+
+async def test_sqlite_writes_without_snapshots_also_lead_to_checkpoints(tmp_path):
+    store = open_store(f"sqlite:///{tmp_path}/s.db")
+    store.CHECKPOINT_BYTES = 64 << 10
+    try:
+        record = await store.create("t", FP, b"small")
+        for _ in range(40):  # forks and deletes move no snapshot bytes, but each writes pages to the WAL
+            fork = await store.fork("t", record.id)
+            await store.delete("t", fork.id)
+        deadline = time.monotonic() + 10
+        while store._checkpointing and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        assert store.checkpoints >= 1
+    finally:
+        await store.close()
