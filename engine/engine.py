@@ -168,26 +168,23 @@ class Engine:
     # --- sessions ---------------------------------------------------------------------------------
 
     def new_state(self) -> SessionState:
-        return SessionState({k: v.clone() for k, v in self._template.items()}, 0, self.fingerprint)
+        return SessionState.fresh(self._template, self.fingerprint)
 
     def load_state(self, blob: bytes) -> SessionState:
         """Raises SnapshotError for a corrupted snapshot or one made by another model."""
         return read_snapshot(blob, self.fingerprint, self._template)
 
     def _ids(self, token_ids: TokenIds) -> Tensor:
-        if isinstance(token_ids, Tensor):
-            ids = token_ids.to(torch.long)
-            if ids.dim() != 1:
-                raise ValueError(f"token ids must be 1-D, got shape {tuple(ids.shape)}")
-            in_range = not ids.numel() or (int(ids.min()) >= 0 and int(ids.max()) < self.config.vocab_size)
-        else:  # checked in Python: a decode step's one id per session costs less than two tensor reductions
+        listed = not isinstance(token_ids, Tensor)
+        if listed:
             token_ids = list(token_ids)
-            ids = torch.tensor(token_ids, dtype=torch.long)
-            if ids.dim() != 1:
-                raise ValueError(f"token ids must be 1-D, got shape {tuple(ids.shape)}")
-            in_range = not token_ids or (min(token_ids) >= 0 and max(token_ids) < self.config.vocab_size)
-        if not in_range:
-            raise ValueError(f"token ids must be in [0, {self.config.vocab_size})")
+        ids = torch.tensor(token_ids, dtype=torch.long) if listed else token_ids.to(torch.long)
+        if ids.dim() != 1:
+            raise ValueError(f"token ids must be 1-D, got shape {tuple(ids.shape)}")
+        if ids.numel():  # a list is checked in Python: for a decode step's one id, cheaper than two reductions
+            low, high = (min(token_ids), max(token_ids)) if listed else (int(ids.min()), int(ids.max()))
+            if not (low >= 0 and high < self.config.vocab_size):
+                raise ValueError(f"token ids must be in [0, {self.config.vocab_size})")
         return ids.to(self.device)
 
     def _check(self, state: SessionState) -> None:

@@ -226,7 +226,7 @@ class StepContext:
     @property
     def unpadded(self) -> bool:
         """Whether every session has all R rows in this step, as the host knows (False when it does not)."""
-        return self.host is not None and all(c == self.rows for c in self.host[1])
+        return self._cached("unpadded", lambda: self.host is not None and all(c == self.rows for c in self.host[1]))
 
 
 def _private_copy(function: types.FunctionType, owner: int) -> types.FunctionType:

@@ -34,10 +34,15 @@ class SamplingParams:
         if any(not s for s in self.stop):
             raise ValueError("stop strings must be non-empty")
 
+    @property
+    def greedy(self) -> bool:
+        """Temperatures under GREEDY_BELOW pick the argmax: sampling would be greedy up to float rounding anyway."""
+        return self.temperature < GREEDY_BELOW
+
 
 def sample(logits: Tensor, params: SamplingParams, generator: torch.Generator | None) -> int:
     """logits [V] -> one token id."""
-    if params.temperature < GREEDY_BELOW:  # below this, sampling is greedy up to float rounding anyway
+    if params.greedy:
         return int(logits.argmax())
     logits = (logits.float() - logits.max().float()) / params.temperature  # max 0: no overflow to inf
     if params.top_k:  # exactly k tokens, ties broken by index

@@ -41,6 +41,11 @@ class SessionState:
     model_fingerprint: str
     created_at: float = field(default_factory=time.time)
 
+    @classmethod
+    def fresh(cls, template: dict[str, Tensor], fingerprint: str) -> SessionState:
+        """A new session: copies of a model's initial state tensors, nothing read yet."""
+        return cls({k: v.clone() for k, v in template.items()}, 0, fingerprint)
+
     def to_bytes(self) -> bytes:
         tensors = {k: v.detach().to("cpu").contiguous() for k, v in sorted(self.tensors.items())}
         header, data = _split(st_save(tensors))

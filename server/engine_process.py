@@ -115,9 +115,10 @@ def _sender(conn: Connection, outbox: queue.SimpleQueue, stop_engine: Callable[[
             while batch[-1] is not None:
                 batch.append(outbox.get_nowait())
         stopping = batch[-1] is None
+        messages = batch[:-1] if stopping else batch
         try:
-            if batch[:-1] or not stopping:
-                conn.send(batch[:-1] if stopping else batch)
+            if messages:
+                conn.send(messages)
         except Exception:  # the other side is gone (or a message would not pickle): nothing more can go
             log.exception("cannot send to the engine process")
             stop_engine()  # the receiver then sees the pipe close and fails every request in flight
@@ -219,7 +220,7 @@ class ModelInfo:
         return cls(config, load_tokenizer(config.tokenizer, model_dir), ready.fingerprint, template)
 
     def new_state(self) -> SessionState:
-        return SessionState({k: v.clone() for k, v in self.template.items()}, 0, self.fingerprint)
+        return SessionState.fresh(self.template, self.fingerprint)
 
     def load_state(self, blob: bytes) -> SessionState:
         """Raises SnapshotError for a corrupted snapshot or one made by another model."""

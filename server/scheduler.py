@@ -24,7 +24,7 @@ import torch
 
 from engine import Engine, SamplingParams, SessionState
 from engine.engine import SessionBatch
-from engine.sampling import GREEDY_BELOW, sample
+from engine.sampling import sample
 from engine.tokenizer import StreamDecoder
 
 
@@ -144,7 +144,7 @@ class Group:
 
     def add(self, seqs: list[Sequence], states: list[SessionState]) -> None:
         """Sequences join at the end, all in one SessionBatch.add: joining one at a time would copy the growing
-        batch's states once per newcomer (at 32 sessions, ~170 MB of copies for one admission)."""
+        batch's states once per newcomer (quadratic in the newcomers)."""
         if not seqs:
             return
         if self.batch is None:
@@ -278,7 +278,7 @@ class Scheduler:
     def _greedy_picks(seqs: list[Sequence], out: list[tuple]) -> dict[int, int]:
         """index -> argmax of the last logits, for the greedy requests, in one op; {} if that fails (each request
         then samples on its own and fails alone)."""
-        greedy = [i for i, seq in enumerate(seqs) if seq.params.temperature < GREEDY_BELOW]
+        greedy = [i for i, seq in enumerate(seqs) if seq.params.greedy]
         try:
             return dict(zip(greedy, torch.stack([out[i][0][-1] for i in greedy]).argmax(-1).tolist())) if greedy else {}
         except Exception:

@@ -99,7 +99,7 @@ class LocalStore(SessionStore):
         self._db: sqlite3.Connection | None = None
         self._checkpointer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="titans-sqlite-checkpoint")
         self._checkpoint_db: sqlite3.Connection | None = None
-        self._written = 0  # snapshot bytes committed since the last checkpoint began
+        self._written = 0  # bytes committed since the last checkpoint began
         self._checkpointing = False
         self.checkpoints = 0  # completed background checkpoints
 
@@ -118,8 +118,9 @@ class LocalStore(SessionStore):
             self._db = db
         return self._db
 
-    async def _run(self, fn: Callable[[sqlite3.Connection], T], write: bool = True) -> T:
-        """Run fn(db) on the store's thread, as one transaction (BEGIN IMMEDIATE when it writes)."""
+    async def _run(self, fn: Callable[[sqlite3.Connection], T], write: bool = True, snapshot_bytes: int = 0) -> T:
+        """Run fn(db) on the store's thread, as one transaction (BEGIN IMMEDIATE when it writes, counting what it
+        wrote toward the next checkpoint: at least a page, plus the snapshot it stored, if any)."""
         def call() -> T:
             try:
                 db = self._connect()
@@ -130,8 +131,8 @@ class LocalStore(SessionStore):
                     db.execute("ROLLBACK")
                     raise
                 db.execute("COMMIT")
-                if write:  # at least a page into the WAL: forks, leases and deletes alone must also checkpoint
-                    self._wrote(PAGE_BYTES)
+                if write:  # forks, leases and deletes, which store no snapshot, must lead to checkpoints too
+                    self._wrote(PAGE_BYTES + snapshot_bytes)
                 return result
             except sqlite3.OperationalError as e:  # locked past the timeout, disk gone, ...
                 raise StoreUnavailable(f"session database {self.path}: {e}") from e
@@ -139,7 +140,7 @@ class LocalStore(SessionStore):
         return await asyncio.get_running_loop().run_in_executor(self._executor, call)
 
     def _wrote(self, nbytes: int) -> None:
-        """Count the snapshot bytes just committed; past CHECKPOINT_BYTES, start a checkpoint on the checkpoint
+        """Count the bytes a transaction just committed; past CHECKPOINT_BYTES, start a checkpoint on the checkpoint
         thread. SQLite's own checkpoint runs inside the commit that crosses its threshold, and with its fsync it
         held the store's one thread for ~100 ms every ~200 snapshots, with every request queued behind it (the
         rounds of bench/serve.py that it landed in). A passive checkpoint on a connection of its own waits for
@@ -255,9 +256,7 @@ class LocalStore(SessionStore):
                         None, self._new_blob(db, snapshot), self._expiry(now)))
             return self._fetch(db, tenant, session_id, now)
 
-        record = await self._run(op)
-        self._wrote(len(snapshot))
-        return record
+        return await self._run(op, snapshot_bytes=len(snapshot))
 
     async def get(self, tenant, session_id):
         def op(db):
@@ -316,9 +315,7 @@ class LocalStore(SessionStore):
             self._install(db, row, self._new_blob(db, snapshot), tokens_seen, now)
             return self._fetch(db, tenant, session_id, now)
 
-        record = await self._run(op)
-        self._wrote(len(snapshot))
-        return record
+        return await self._run(op, snapshot_bytes=len(snapshot))
 
     async def acquire(self, tenant, session_id, ttl_s):
         def op(db):

@@ -118,10 +118,8 @@ def test_a_single_non_finite_value_anywhere_is_refused_and_extreme_finite_values
     state = engine.new_state()
     names = sorted(state.tensors)
     for name, value in [(names[0], float("nan")), (names[-1], float("inf")), (names[len(names) // 2], -float("inf"))]:
-        broken = dict(state.tensors)
-        broken[name] = broken[name].clone().reshape(-1)
-        broken[name][-1] = value
-        broken[name] = broken[name].reshape(state.tensors[name].shape)
+        broken = {**state.tensors, name: state.tensors[name].clone()}
+        broken[name].view(-1)[-1] = value
         with pytest.raises(SnapshotError, match=f"{name} holds non-finite"):
             engine.load_state(type(state)(broken, 0, engine.fingerprint).to_bytes())
     extreme = {k: torch.full_like(v, torch.finfo(v.dtype).max) for k, v in state.tensors.items()}

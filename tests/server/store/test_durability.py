@@ -135,6 +135,13 @@ async def test_stores_can_be_used_from_one_event_loop_concurrently(store):
     assert [d for _, d in loaded] == [b"%d" % i for i in range(20)]
 
 
+async def checkpoint_done(store) -> None:
+    """Wait (up to 10 s) for a background checkpoint in progress to finish."""
+    deadline = time.monotonic() + 10
+    while store._checkpointing and time.monotonic() < deadline:
+        await asyncio.sleep(0.01)
+
+
 async def test_sqlite_checkpoints_off_the_request_thread_and_keeps_the_wal_bounded(tmp_path):
     store = open_store(f"sqlite:///{tmp_path}/s.db")
     store.CHECKPOINT_BYTES, store.WAL_LIMIT_BYTES = 1 << 20, 8 << 20
@@ -144,9 +151,7 @@ async def test_sqlite_checkpoints_off_the_request_thread_and_keeps_the_wal_bound
         record = await store.create("t", FP, snapshot_for(1))
         for version in range(2, 42):  # 40 MiB through the WAL
             record = await store.commit("t", record.id, record.version, snapshot_for(version), version)
-        deadline = time.monotonic() + 10
-        while store._checkpointing and time.monotonic() < deadline:
-            await asyncio.sleep(0.01)
+        await checkpoint_done(store)
         assert store.checkpoints >= 2
         # back-to-back commits keep a passive checkpoint from completing, so the WAL is restarted at its limit:
         # without checkpoints it would hold all 40 MiB (80 with the history pages freed), the limit only ~8 + one
@@ -169,9 +174,7 @@ async def test_sqlite_writes_without_snapshots_also_lead_to_checkpoints(tmp_path
         for _ in range(40):  # forks and deletes move no snapshot bytes, but each writes pages to the WAL
             fork = await store.fork("t", record.id)
             await store.delete("t", fork.id)
-        deadline = time.monotonic() + 10
-        while store._checkpointing and time.monotonic() < deadline:
-            await asyncio.sleep(0.01)
+        await checkpoint_done(store)
         assert store.checkpoints >= 1
     finally:
         await store.close()
