@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import sqlite3
 import time
 from collections.abc import Callable
@@ -88,7 +89,7 @@ SELECT = (f"SELECT s.{COLUMNS.replace(', ', ', s.')}, s.blob, s.lease_token, s.l
 
 class LocalStore(SessionStore):
     CHECKPOINT_BYTES = 16 << 20  # snapshot bytes written between two background checkpoints
-    WAL_LIMIT_BYTES = 64 << 20  # a WAL this long is restarted by the checkpoint, even if writers must wait
+    WAL_LIMIT_BYTES = 64 << 20  # a WAL this long is restarted by the store's thread, writers waiting
 
     def __init__(self, path: str | Path, options: StoreOptions | None = None):
         self.options = options or StoreOptions()
@@ -113,7 +114,8 @@ class LocalStore(SessionStore):
             db.execute("PRAGMA journal_mode=WAL")
             db.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: a commit survives a process crash
             db.execute("PRAGMA wal_autocheckpoint=0")  # checkpoints run on their own thread: see _wrote
-            db.execute("PRAGMA journal_size_limit=67108864")  # a WAL emptied by a checkpoint shrinks to 64 MiB
+            # a WAL that starts over is cut to half the limit, so its file's size tells when it outgrows the limit
+            db.execute(f"PRAGMA journal_size_limit={self.WAL_LIMIT_BYTES // 2}")
             db.executescript(SCHEMA)
             self._db = db
         return self._db
@@ -140,30 +142,36 @@ class LocalStore(SessionStore):
         return await asyncio.get_running_loop().run_in_executor(self._executor, call)
 
     def _wrote(self, nbytes: int) -> None:
-        """Count the bytes a transaction just committed; past CHECKPOINT_BYTES, start a checkpoint on the checkpoint
-        thread. SQLite's own checkpoint runs inside the commit that crosses its threshold, and with its fsync it
-        held the store's one thread for ~100 ms every ~200 snapshots, with every request queued behind it (the
-        rounds of bench/serve.py that it landed in). A passive checkpoint on a connection of its own waits for
-        no one and blocks no writer; the next write after a complete one starts the WAL over. Writers that never
-        pause keep a passive checkpoint from completing, so past WAL_LIMIT_BYTES the checkpoint restarts the WAL
-        itself, holding new writers back while it does (rarely: only under sustained writes)."""
+        """Count the bytes a transaction just committed (on the store's thread). Past CHECKPOINT_BYTES, start a
+        passive checkpoint on the checkpoint thread: SQLite's own checkpoint runs inside the commit that crosses
+        its threshold, and with its fsync it held the store's one thread for ~100 ms every ~200 snapshots, with
+        every request queued behind it (the rounds of bench/serve.py that it landed in). A passive checkpoint on
+        a connection of its own waits for no one and blocks no writer, and once it has copied the whole WAL back,
+        the next write starts the WAL over. Writers that never pause keep it from completing, and a busy machine
+        may not run its thread in time, so the WAL's length is bounded here, where it grows: once its file is
+        longer than WAL_LIMIT_BYTES, this thread restarts the WAL itself before it writes on (rarely: only under
+        sustained writes, and then the writers wait, which is the backpressure they need); the next write starts
+        it over and cuts the file to half that."""
         self._written += nbytes
-        if self._written < self.CHECKPOINT_BYTES or self._checkpointing or self.path == ":memory:":
+        if self.path == ":memory:":
             return
-        self._written, self._checkpointing = 0, True
-        self._checkpointer.submit(self._checkpoint)
+        try:
+            if os.path.getsize(self.path + "-wal") > self.WAL_LIMIT_BYTES:
+                self._db.execute("PRAGMA wal_checkpoint(RESTART)").fetchall()  # all: no statement left open
+        except (OSError, sqlite3.Error):  # the transaction is committed all the same: not this request's failure
+                log.warning("restarting the WAL of %s failed", self.path, exc_info=True)
+        if self._written >= self.CHECKPOINT_BYTES and not self._checkpointing:
+            self._written, self._checkpointing = 0, True
+            self._checkpointer.submit(self._checkpoint)
 
     def _checkpoint(self) -> None:
         try:
             if self._checkpoint_db is None:
                 self._checkpoint_db = sqlite3.connect(self.path, timeout=self.options.timeout_s, isolation_level=None,
                                                       check_same_thread=False)
-            db = self._checkpoint_db
-            _, frames, _ = db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()[0]  # all: no statement left open
-            if frames * db.execute("PRAGMA page_size").fetchall()[0][0] > self.WAL_LIMIT_BYTES:
-                db.execute("PRAGMA wal_checkpoint(RESTART)").fetchall()
+            self._checkpoint_db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()  # all: no statement left open
             self.checkpoints += 1
-        except sqlite3.Error:  # the next one retries; meanwhile the WAL only grows
+        except sqlite3.Error:  # the next one retries; meanwhile the WAL grows, up to the store thread's restart
             log.warning("background checkpoint of %s failed", self.path, exc_info=True)
         finally:
             self._checkpointing = False

@@ -8,6 +8,7 @@ import os
 import random
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -164,6 +165,24 @@ async def test_sqlite_checkpoints_off_the_request_thread_and_keeps_the_wal_bound
         assert check_snapshot((await again.load("t", record.id))[1]) == 41
     finally:
         await again.close()
+
+
+async def test_sqlite_keeps_the_wal_bounded_when_its_checkpoint_thread_is_starved(tmp_path):
+    """On a loaded machine the checkpoint thread may not run for a while: the WAL must stay bounded anyway."""
+    store = open_store(f"sqlite:///{tmp_path}/s.db")
+    store.CHECKPOINT_BYTES, store.WAL_LIMIT_BYTES = 1 << 20, 8 << 20
+    starved = threading.Event()
+    store._checkpointer.submit(starved.wait)  # the checkpoints queue behind this until it is set
+    try:
+        record = await store.create("t", FP, snapshot_for(1))
+        for version in range(2, 42):  # 40 MiB through the WAL, no checkpoint thread
+            record = await store.commit("t", record.id, record.version, snapshot_for(version), version)
+        assert store.checkpoints == 0
+        assert (tmp_path / "s.db-wal").stat().st_size < 12 * PAYLOAD  # the limit and about one commit
+        assert check_snapshot((await store.load("t", record.id))[1]) == 41
+    finally:
+        starved.set()
+        await store.close()
 
 
 async def test_sqlite_writes_without_snapshots_also_lead_to_checkpoints(tmp_path):
