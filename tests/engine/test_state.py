@@ -45,6 +45,24 @@ def test_snapshot_metadata(engine):
     assert engine.load_state(blob).tokens_seen == 9
 
 
+def test_snapshots_are_safetensors_files(engine, tmp_path):
+    """Written by our own writer: safetensors itself must read back the same tensors and metadata."""
+    from safetensors import safe_open
+    from safetensors.torch import load
+
+    state = engine.forward(tokens(11), engine.new_state())[1]
+    odd = {"a.half": torch.randn(3, 5).half(), "b.bf16": torch.randn(7).bfloat16(), "c.int": torch.arange(5),
+           "d.scalar": torch.tensor(2.5), "e.flag": torch.tensor([True, False, True])}
+    for tensors in (state.tensors, {**state.tensors, **odd}):
+        blob = type(state)(tensors, 11, engine.fingerprint).to_bytes()
+        read = load(blob)
+        assert set(read) == set(tensors)
+        assert all(read[k].dtype == t.dtype and torch.equal(read[k], t) for k, t in tensors.items())
+        (tmp_path / "s.safetensors").write_bytes(blob)
+        with safe_open(str(tmp_path / "s.safetensors"), "pt") as f:
+            assert int(f.metadata()["tokens_seen"]) == 11
+
+
 def test_foreign_snapshot_is_refused(engine):
     other_weights = engine_for(tiny("mac"), seed=1)  # same config, other weights
     other_config = engine_for(tiny("mac", n_persistent=3))
