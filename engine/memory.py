@@ -136,10 +136,12 @@ def chunk_coefficients(log_eta: Tensor, log_keep: Tensor):
 
 
 def apply_chunk(weights: list[Tensor], momentum: list[Tensor], inputs: list[Tensor], deltas: list[Tensor],
-                theta: Tensor, coefficients: tuple, grad_clip: float | None):
+                theta: Tensor, coefficients: tuple, grad_clip: float | None, in_place: bool = False):
     """New (W, S) after a chunk whose per-token gradients are inputs[l]^T deltas[l] (all at W).
 
-    theta [B, H, b]; coefficients from chunk_coefficients for this chunk.
+    theta [B, H, b]; coefficients from chunk_coefficients for this chunk. in_place: W and S are written over
+    (only for a caller that owns them, with no autograd): at 32 sessions the weights are megabytes, which
+    fresh outputs stream through memory twice more.
     """
     if grad_clip is not None:  # ||a^T delta||_F = ||a|| ||delta||, summed over the layers
         norm_sq = sum(a.square().sum(-1) * d.square().sum(-1) for a, d in zip(inputs, deltas))
@@ -151,10 +153,11 @@ def apply_chunk(weights: list[Tensor], momentum: list[Tensor], inputs: list[Tens
     for w, s, a, d in zip(weights, momentum, inputs, deltas):
         # each weighted sum is one GEMM that accumulates into the decayed weights: A^T diag(coef) Delta; the
         # weights are the big tensors here (sessions x heads x d_in x d_out), so each is read and written as few
-        # times as possible (in place only on tensors made here: autograd needs none of them)
+        # times as possible (otherwise in place only on tensors made here: autograd needs none of them)
         a_t = a.transpose(-1, -2)
-        new_w.append(_minus_matmul((beta * w).addcmul_(gamma, s), a_t, d * coef_m))
-        new_s.append(_minus_matmul(p_end * s, a_t, d * coef_s))
+        decayed_w = w.mul_(beta) if in_place else beta * w  # W's update reads the old S: W first
+        new_w.append(_minus_matmul(decayed_w.addcmul_(gamma, s), a_t, d * coef_m))
+        new_s.append(_minus_matmul(s.mul_(p_end) if in_place else p_end * s, a_t, d * coef_s))
     return new_w, new_s
 
 
@@ -169,10 +172,12 @@ def _minus_matmul(x: Tensor, a: Tensor, b: Tensor) -> Tensor:
 
 
 def chunk_update(weights: list[Tensor], momentum: list[Tensor], k: Tensor, v: Tensor, log_eta: Tensor,
-                 log_keep: Tensor, theta: Tensor, eps: float, grad_clip: float | None):
-    """Apply one full chunk to (W, S). k, v [B, H, b, d]; gates [B, H, b]. Returns new (W, S) lists."""
+                 log_keep: Tensor, theta: Tensor, eps: float, grad_clip: float | None, in_place: bool = False):
+    """Apply one full chunk to (W, S). k, v [B, H, b, d]; gates [B, H, b]. Returns new (W, S) lists (the given
+    ones, written over, if in_place)."""
     inputs, deltas = memory_grads(weights, k, v, eps)
-    return apply_chunk(weights, momentum, inputs, deltas, theta, chunk_coefficients(log_eta, log_keep), grad_clip)
+    return apply_chunk(weights, momentum, inputs, deltas, theta, chunk_coefficients(log_eta, log_keep), grad_clip,
+                       in_place)
 
 
 def read_and_update(weights: list[Tensor], momentum: list[Tensor], q: Tensor, k: Tensor, v: Tensor,

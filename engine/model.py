@@ -493,11 +493,11 @@ class NeuralMemory(nn.Module):
         surprise = torch.cat(surprises, 1) if want_surprise else None
         return torch.cat(ys, 1), state, surprise
 
-    def _chunk_update(self, w: list[Tensor], s: list[Tensor], buf: Tensor, d: int):
+    def _chunk_update(self, w: list[Tensor], s: list[Tensor], buf: Tensor, d: int, in_place: bool):
         """chunk_update from full chunk buffers [B', H, b, 2d+3]."""
         log_theta, log_eta, log_keep = buf[..., 2 * d:].unbind(-1)
         return chunk_update(w, s, buf[..., :d], buf[..., d:2 * d], log_eta, log_keep, self.theta(log_theta),
-                            self.cfg.norm_eps, self.cfg.mem_grad_clip)
+                            self.cfg.norm_eps, self.cfg.mem_grad_clip, in_place)
 
     def write(self, state: State, k: Tensor, v: Tensor, log_gates: Tensor, ctx: StepContext) -> State:
         """Append this step's rows to the chunk buffer; apply the chunk for sessions whose chunk is full."""
@@ -514,21 +514,22 @@ class NeuralMemory(nn.Module):
             w, s = self.weights(state), self.weights(state, "S")
             full = ctx.flag("full")
             some = ctx.full_sessions()
+            serving = not torch.is_grad_enabled()  # nothing will differentiate through these tensors
             if some is not None and len(some) < len(w[0]):
                 # staggered sessions (a server's running batch): only those completing a chunk pay for the update
                 some = torch.tensor(some, device=buf.device)
                 part = buf.index_select(0, some)
                 w_new, s_new = self._chunk_update([t.index_select(0, some) for t in w],
-                                                  [t.index_select(0, some) for t in s], part, d)
-                put = Tensor.index_copy_ if ctx.owned and not torch.is_grad_enabled() else Tensor.index_copy
+                                                  [t.index_select(0, some) for t in s], part, d, serving)
+                put = Tensor.index_copy_ if ctx.owned and serving else Tensor.index_copy
                 for i in range(len(w)):
                     new[f"W{i}"] = put(w[i], 0, some, w_new[i])
                     new[f"S{i}"] = put(s[i], 0, some, s_new[i])
             elif some is not None:  # every session completes its chunk (an aligned batch): nothing to mask
-                w_new, s_new = self._chunk_update(w, s, buf, d)
+                w_new, s_new = self._chunk_update(w, s, buf, d, ctx.owned and serving)
                 new = self.with_memory(new, w_new, s_new)
             else:  # a compiled step (no host positions): masked
-                w_new, s_new = self._chunk_update(w, s, buf, d)
+                w_new, s_new = self._chunk_update(w, s, buf, d, False)
                 for i in range(len(w)):
                     new[f"W{i}"] = torch.where(full, w_new[i], w[i])
                     new[f"S{i}"] = torch.where(full, s_new[i], s[i])

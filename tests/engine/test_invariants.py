@@ -103,6 +103,23 @@ def test_running_batch_across_calls_equals_alone(engine):
         assert_states_close(state, expected)
 
 
+def test_aligned_running_batch_decodes_across_chunk_ends_like_one_long_step(engine):
+    # sessions at one position decoding together complete their chunks in the same step, and the update then runs
+    # in place on the batch's own weights: the same as reading all those tokens in one step (whole chunks in one
+    # pass, never in place), and the states the batch was built from untouched
+    gen = torch.Generator().manual_seed(8)
+    starts = [engine.forward(tokens(5, gen), engine.new_state())[1] for _ in range(3)]
+    before = [s.to_bytes() for s in starts]
+    batch = engine.batch(starts)
+    steps = [[tokens(1, gen) for _ in starts] for _ in range(3 * engine.config.chunk_size + 1)]
+    logits = [[lg for lg, _ in batch.forward(ids)] for ids in steps]
+    for i, start in enumerate(starts):
+        expected, state = engine.forward(torch.cat([ids[i] for ids in steps]), start)
+        assert_exact(torch.cat([row[i] for row in logits]), expected)
+        assert_states_close(batch.state(i), state)
+    assert [s.to_bytes() for s in starts] == before
+
+
 def test_sessions_join_and_leave_a_running_batch(engine):
     # continuous batching: a session's results do not depend on who joins or leaves around it
     gen = torch.Generator().manual_seed(11)
