@@ -181,11 +181,11 @@ def chunk_update(weights: list[Tensor], momentum: list[Tensor], k: Tensor, v: Te
 
 
 def read_and_update(weights: list[Tensor], momentum: list[Tensor], q: Tensor, k: Tensor, v: Tensor,
-                    theta: Tensor, coefficients: tuple, eps: float, grad_clip: float | None):
+                    theta: Tensor, coefficients: tuple, eps: float, grad_clip: float | None, in_place: bool = False):
     """A full chunk in one pass: read M*(q) and the surprise at the chunk-start weights, then apply the chunk.
 
     q, k, v [B, H, b, d]; one forward over [q | k] serves both the read and the gradients.
-    Returns (read [B, H, b, d], surprise [B, H, b], new W, new S).
+    Returns (read [B, H, b, d], surprise [B, H, b], new W, new S); in_place as for apply_chunk.
     """
     b = q.shape[2]
     out, (inputs, pre, ln) = memory_forward(weights, torch.cat([q, k], 2), eps)
@@ -193,5 +193,5 @@ def read_and_update(weights: list[Tensor], momentum: list[Tensor], q: Tensor, k:
         ln[0][:, :, b:], ln[1][:, :, b:])
     out_k = out[:, :, b:]
     new_w, new_s = apply_chunk(weights, momentum, *memory_backward(weights, out_k, v, half), theta, coefficients,
-                               grad_clip)
+                               grad_clip, in_place)
     return out[:, :, :b], (out_k - v).square().sum(-1), new_w, new_s

@@ -7,6 +7,9 @@ import random
 import pytest
 import torch
 
+from engine.engine import stack_states
+from engine.model import nest_state
+
 from .helpers import VARIANTS, assert_close, assert_states_close, engine_for, random_config, tiny, tokens
 
 
@@ -103,20 +106,22 @@ def test_running_batch_across_calls_equals_alone(engine):
         assert_states_close(state, expected)
 
 
-def test_aligned_running_batch_decodes_across_chunk_ends_like_one_long_step(engine):
-    # sessions at one position decoding together complete their chunks in the same step, and the update then runs
-    # in place on the batch's own weights: the same as reading all those tokens in one step (whole chunks in one
-    # pass, never in place), and the states the batch was built from untouched
+def test_serving_updates_in_place_as_the_model_does_on_states_it_does_not_own(engine):
+    # a serving batch owns its stacked states, so its chunk updates write over their weights (decode steps that
+    # complete chunks together, and prompts of whole chunks); the model run on states it does not own never
+    # writes in place: both must give the same logits, and the states a batch was built from stay untouched
     gen = torch.Generator().manual_seed(8)
     starts = [engine.forward(tokens(5, gen), engine.new_state())[1] for _ in range(3)]
     before = [s.to_bytes() for s in starts]
     batch = engine.batch(starts)
-    steps = [[tokens(1, gen) for _ in starts] for _ in range(3 * engine.config.chunk_size + 1)]
+    prompt = [tokens(3 * engine.config.chunk_size, gen) for _ in starts]
+    steps = [prompt] + [[tokens(1, gen) for _ in starts] for _ in range(2 * engine.config.chunk_size + 1)]
     logits = [[lg for lg, _ in batch.forward(ids)] for ids in steps]
-    for i, start in enumerate(starts):
-        expected, state = engine.forward(torch.cat([ids[i] for ids in steps]), start)
-        assert_exact(torch.cat([row[i] for row in logits]), expected)
-        assert_states_close(batch.state(i), state)
+    with torch.no_grad():
+        expected, _, _ = engine.model.forward_tokens([torch.cat([ids[i] for ids in steps]) for i in range(3)],
+                                                     nest_state(stack_states(starts)), [5] * 3)
+    for i in range(3):
+        assert_exact(torch.cat([row[i] for row in logits]), expected[i])
     assert [s.to_bytes() for s in starts] == before
 
 
