@@ -107,3 +107,21 @@ def test_stream_decoder_never_splits_characters():
     pieces.append(decoder.flush())
     assert "".join(pieces) == text
     assert all("\ufffd" not in p for p in pieces)
+
+
+def test_short_conv_serves_the_same_bits_it_trains_with():
+    # serving sums the conv's taps one by one (faster than the unfolded product training differentiates): the
+    # same products in the same order, so exactly the same values, for prompts and for decode steps
+    from engine.model import ShortConv, StepContext
+
+    conv = ShortConv(96, 4)
+    cfg = tiny("mag")
+    gen = torch.Generator().manual_seed(3)
+    for sessions, rows in ((3, 37), (5, 1)):
+        x, tail = torch.randn(sessions, rows, 96, generator=gen), torch.randn(sessions, 3, 96, generator=gen)
+        ctx = StepContext.build([10] * sessions, [rows] * sessions, cfg, torch.device("cpu"))
+        with torch.no_grad():
+            served, served_tail = conv(x, tail, ctx)
+        trained, trained_tail = conv(x, tail, ctx)
+        assert trained.requires_grad and not served.requires_grad
+        assert torch.equal(served, trained) and torch.equal(served_tail, trained_tail)
