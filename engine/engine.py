@@ -187,6 +187,16 @@ class Engine:
                 raise ValueError(f"token ids must be in [0, {self.config.vocab_size})")
         return ids.to(self.device)
 
+    def _id_rows(self, token_ids: Sequence[TokenIds]) -> Tensor | None:
+        """[B, 1] ids if every session gives a list of one id (a decode step), checked in Python and made in one
+        tensor; None otherwise. A tensor per session and their stack were ~100 us of a 32-session step."""
+        if not all(type(t) in (list, tuple) and len(t) == 1 for t in token_ids):
+            return None
+        flat = [t[0] for t in token_ids]
+        if not all(type(t) is int and 0 <= t < self.config.vocab_size for t in flat):
+            return None  # _ids says what is wrong
+        return torch.tensor(flat, dtype=torch.long).view(-1, 1).to(self.device)
+
     def _check(self, state: SessionState) -> None:
         if state.model_fingerprint != self.fingerprint:
             raise ValueError("state belongs to another model (fingerprint mismatch)")
@@ -295,14 +305,16 @@ class SessionBatch:
         self._usable()
         if len(token_ids) != len(self.positions):
             raise ValueError(f"{len(token_ids)} token sequences for {len(self.positions)} sessions")
-        ids = [self.engine._ids(t) for t in token_ids]
+        rows = self.engine._id_rows(token_ids)
+        ids = [self.engine._ids(t) for t in token_ids] if rows is None else rows
         try:
             logits, self._state, surprise = self.engine.model.forward_tokens(
                 ids, self._state, self.positions, return_surprise, owned=True)
         except BaseException as e:
             self._failed = e
             raise
-        self.positions = [p + len(t) for p, t in zip(self.positions, ids)]
+        self.positions = [p + 1 for p in self.positions] if rows is not None else \
+            [p + len(t) for p, t in zip(self.positions, ids)]
         return [(lg, surprise[i] if return_surprise else None) for i, lg in enumerate(logits)]
 
     def __len__(self) -> int:

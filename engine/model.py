@@ -891,17 +891,20 @@ class Titans(nn.Module):
             return min(MAX_SPAN, cfg.window)
         return MAX_SPAN
 
-    def forward_tokens(self, tokens: list[Tensor], state: ModelState, pos: list[int], want_surprise: bool = False,
-                       owned: bool = False):
-        """Run each session s over tokens[s] (1-D) from position pos[s], in steps (see the module docstring).
+    def forward_tokens(self, tokens: list[Tensor] | Tensor, state: ModelState, pos: list[int],
+                       want_surprise: bool = False, owned: bool = False):
+        """Run each session s over tokens[s] (1-D; a [B, T] tensor: as many for every session) from position
+        pos[s], in steps (see the module docstring).
 
         state: nested, batched [B, ...]. owned=True lets the model write rows into it in place (the caller
         holds the only reference, as SessionBatch does). Returns per-session logits [T_s, V], the new
         state, per-session surprise [T_s] (or None).
         """
         dev = self.embed.weight.device
-        lengths = [len(t) for t in tokens]
-        if len(set(lengths)) == 1:  # every session the same rows (decode): one stack, not a copy per session
+        if isinstance(tokens, Tensor):
+            lengths = [tokens.shape[1]] * tokens.shape[0]
+            padded = F.pad(tokens.to(dev, torch.long), (0, 1))
+        elif len(set(lengths := [len(t) for t in tokens])) == 1:  # the same rows for all: one stack, no copy each
             padded = F.pad(torch.stack(tokens).to(dev, torch.long), (0, 1))
         else:
             padded = torch.zeros(len(tokens), max(lengths, default=0) + 1, dtype=torch.long, device=dev)
@@ -909,7 +912,7 @@ class Titans(nn.Module):
                 padded[s, : len(t)] = t
         done = [0] * len(tokens)
         pos = list(pos)
-        logits_parts, surprise_parts = [[] for _ in tokens], [[] for _ in tokens]
+        logits_parts, surprise_parts = [[] for _ in lengths], [[] for _ in lengths]
         while any(d < n for d, n in zip(done, lengths)):
             aligned, remaining = len(set(pos)) == 1, [n - d for d, n in zip(done, lengths)]
             ragged = len(set(remaining)) > 1  # e.g. prompts of different lengths, or one decoding beside them

@@ -89,6 +89,14 @@ def test_token_ids_as_list_or_tensor_and_invalid_ids(engine):
             engine.forward(bad, engine.new_state())
     with pytest.raises(ValueError, match="at least one prompt token"):
         next(engine.generate([], engine.new_state()))
+    # a decode step of one id per session (made into one tensor) is the same as ids given as tensors
+    states = [engine.forward(tokens(n), engine.new_state())[1] for n in (3, 8)]
+    listed = engine.forward_batch([[5], [7]], states)
+    tensors = engine.forward_batch([torch.tensor([5]), torch.tensor([7])], states)
+    assert all(torch.equal(a[0], b[0]) and a[1].tokens_seen == b[1].tokens_seen for a, b in zip(listed, tensors))
+    for bad in ([[5], [256]], [[5], [-1]]):
+        with pytest.raises(ValueError):
+            engine.forward_batch(bad, states)
 
 
 def test_state_of_another_engine_is_refused(engine):
