@@ -244,10 +244,11 @@ def compile_chunk_step(owner: int):
     """
     compiled = torch.compile(_private_copy(read_and_update, owner))
 
-    def chunk_step(weights, momentum, q, k, v, theta, coefficients, eps, grad_clip):
+    def chunk_step(weights, momentum, q, k, v, theta, coefficients, eps, grad_clip, in_place=False):
         def dense(tensors):
             return [t.contiguous() for t in tensors]
 
+        # never in place: a compiled graph that writes into its inputs copies them back whole
         return compiled(dense(weights), dense(momentum), *dense((q, k, v, theta)), tuple(dense(coefficients)), eps,
                         grad_clip)
 
@@ -485,14 +486,14 @@ class NeuralMemory(nn.Module):
                 continue
             if i in whole:
                 j = i - whole[0]
-                # compiled only where nothing differentiates through it (serving, not training); eager, a serving
-                # batch's chunks update its own weights in place
+                # compiled only where nothing differentiates through it (serving, not training); a serving batch's
+                # eager chunks update its own weights in place
                 serving = not torch.is_grad_enabled()
                 chunk_step = self.compiled_chunk_step if serving else None
                 y, surprise, w_new, s_new = (chunk_step or read_and_update)(
                     self.weights(state), self.weights(state, "S"), q[:, :, a:e], k[:, :, a:e], v[:, :, a:e],
                     thetas[:, :, j], tuple(c[:, :, j] for c in coefficients), self.cfg.norm_eps,
-                    self.cfg.mem_grad_clip, ctx.owned and serving and chunk_step is None)
+                    self.cfg.mem_grad_clip, ctx.owned and serving)
                 ys.append(y.transpose(1, 2).flatten(2).to(dtype))
                 surprises.append(surprise.mean(1))
                 state = self.with_memory(state, w_new, s_new)
