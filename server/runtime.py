@@ -42,6 +42,15 @@ def failure(error: BaseException) -> Exception:
 
 
 @dataclass
+class Held:
+    """A session leased by a request: the lease, and the record and snapshot at its version if loaded with it."""
+    lease: Lease
+    record: SessionRecord | None = None
+    snapshot: bytes | None = None
+    released: bool = False  # given up with the commit
+
+
+@dataclass
 class Runtime:
     settings: Settings
     model: ModelInfo  # config, tokenizer, fresh states and snapshot checks; the engine process holds the weights
@@ -78,21 +87,25 @@ class Runtime:
         return await asyncio.to_thread(self.model.load_state, blob)
 
     @contextlib.asynccontextmanager
-    async def leased(self, tenant: str, session_id: str):
-        """Hold the session's lease (renewed in the background) for the body of the block."""
+    async def leased(self, tenant: str, session_id: str, load: bool = False):
+        """Hold the session's lease (renewed in the background) for the body of the block; with load, the
+        session's record and snapshot come with it (one store call where the store can)."""
         try:
-            lease = await self.store.acquire(tenant, session_id, self.settings.lease_ttl_s)
+            if load:
+                held = Held(*await self.store.checkout(tenant, session_id, self.settings.lease_ttl_s))
+            else:
+                held = Held(await self.store.acquire(tenant, session_id, self.settings.lease_ttl_s))
         except SessionBusy:
             self.metrics.conflicts.inc()
             raise
-        renewer = asyncio.create_task(self._renew(lease))
-        holder = {"lease": lease}
+        renewer = asyncio.create_task(self._renew(held.lease))
         try:
-            yield holder
+            yield held
         finally:
             renewer.cancel()
-            with anyio.CancelScope(shield=True), contextlib.suppress(Exception):  # even when cancelled
-                await self.store.release(holder["lease"])
+            if not held.released:
+                with anyio.CancelScope(shield=True), contextlib.suppress(Exception):  # even when cancelled
+                    await self.store.release(held.lease)
 
     async def _renew(self, lease: Lease) -> None:
         while True:
@@ -100,12 +113,18 @@ class Runtime:
             with contextlib.suppress(StoreUnavailable):
                 await self.store.renew(lease, self.settings.lease_ttl_s)
 
-    async def commit(self, tenant: str, lease: Lease, snapshot: bytes, tokens_seen: int) -> SessionRecord:
+    async def commit(self, tenant: str, held: Held, snapshot: bytes, tokens_seen: int,
+                     release: bool = False) -> SessionRecord:
+        """Commit under the held lease; release: and give the lease up with it (the holder's last store call)."""
+        lease = held.lease
         try:
-            return await self.store.commit(tenant, lease.session_id, lease.version, snapshot, tokens_seen, lease)
+            record = await self.store.commit(tenant, lease.session_id, lease.version, snapshot, tokens_seen, lease,
+                                             release)
         except (VersionConflict, SessionBusy):
             self.metrics.conflicts.inc()
             raise
+        held.released = release
+        return record
 
     def check_served_model(self, model: str | None) -> None:
         """A request that names a model must name this server's."""
@@ -145,15 +164,15 @@ class Runtime:
             async for event in self._run(None, prompt_ids, params, want_surprise, False, on_job):
                 yield event
             return
-        async with self.leased(tenant, session_id) as holder:
-            started = time.perf_counter()
-            record, blob = await self.store.load(tenant, session_id)
-            self.check_memory_model(record)
+        started = time.perf_counter()
+        async with self.leased(tenant, session_id, load=True) as held:
+            self.check_memory_model(held.record)
             self.metrics.memory_load.observe(time.perf_counter() - started)
-            async for event in self._run(blob, prompt_ids, params, want_surprise, commit, on_job):
+            async for event in self._run(held.snapshot, prompt_ids, params, want_surprise, commit, on_job):
                 if isinstance(event, DoneEvent):
+                    record = held.record
                     if commit:
-                        record = await self.commit(tenant, holder["lease"], event.snapshot, event.tokens_seen)
+                        record = await self.commit(tenant, held, event.snapshot, event.tokens_seen, release=True)
                     event = dataclasses.replace(event, record=record)
                 yield event
 

@@ -50,10 +50,10 @@ async def delete_session(session_id: str, rt: Runtime = Depends(get_runtime), te
 @router.post("/{session_id}/reset")
 async def reset_session(session_id: str, rt: Runtime = Depends(get_runtime), tenant: str = Depends(get_tenant)):
     """Forget everything: the memory returns to the model's learned initial state (a new version)."""
-    async with rt.leased(tenant, session_id) as holder:
+    async with rt.leased(tenant, session_id) as held:
         rt.check_memory_model(await rt.store.get(tenant, session_id))
         fresh = rt.model.new_state()
-        record = await rt.commit(tenant, holder["lease"], await rt.to_bytes(fresh), fresh.tokens_seen)
+        record = await rt.commit(tenant, held, await rt.to_bytes(fresh), fresh.tokens_seen, release=True)
     rt.metrics.session_op("reset")
     return rt.session_object(record)
 
@@ -70,8 +70,8 @@ async def fork_session(session_id: str, body: SessionFork | None = None, rt: Run
 @router.post("/{session_id}/rollback")
 async def rollback_session(session_id: str, body: SessionRollback, rt: Runtime = Depends(get_runtime),
                            tenant: str = Depends(get_tenant)):
-    async with rt.leased(tenant, session_id) as holder:
-        record = await rt.store.rollback(tenant, session_id, body.version, holder["lease"])
+    async with rt.leased(tenant, session_id) as held:
+        record = await rt.store.rollback(tenant, session_id, body.version, held.lease)
     rt.metrics.session_op("rollback")
     return rt.session_object(record)
 

@@ -9,6 +9,7 @@ lease expired can no longer commit once someone else has moved the version on.
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import secrets
 from abc import ABC, abstractmethod
@@ -207,13 +208,26 @@ class SessionStore(ABC):
 
     @abstractmethod
     async def commit(self, tenant: str, session_id: str, expected_version: int, snapshot: bytes,
-                     tokens_seen: int, lease: Lease | None = None) -> SessionRecord:
+                     tokens_seen: int, lease: Lease | None = None, release: bool = False) -> SessionRecord:
         """Compare-and-set: VersionConflict unless the session is at `expected_version`; SessionBusy if someone
-        else holds the lease (or `lease` is no longer the live one)."""
+        else holds the lease (or `lease` is no longer the live one). release: a successful commit also gives
+        `lease` up (a request's last store call)."""
 
     @abstractmethod
     async def acquire(self, tenant: str, session_id: str, ttl_s: float) -> Lease:
         """SessionBusy while another unexpired lease exists."""
+
+    async def checkout(self, tenant: str, session_id: str, ttl_s: float) -> tuple[Lease, SessionRecord, bytes]:
+        """acquire, then load (a request's first store calls): the lease, and the record and snapshot of the
+        version it was taken at. A store that can do both in one call overrides this."""
+        lease = await self.acquire(tenant, session_id, ttl_s)
+        try:
+            record, snapshot = await self.load(tenant, session_id)
+        except BaseException:
+            with contextlib.suppress(Exception):
+                await self.release(lease)
+            raise
+        return lease, record, snapshot
 
     @abstractmethod
     async def renew(self, lease: Lease, ttl_s: float) -> Lease: ...

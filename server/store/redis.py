@@ -23,6 +23,7 @@ themselves expire with the same TTL.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import time
@@ -338,7 +339,7 @@ class RedisStore(SessionStore):
         await self._script("delete", session_id, tenant)
         await self._call(self.redis.zrem(tenant_index(tenant), session_id))
 
-    async def commit(self, tenant, session_id, expected_version, snapshot, tokens_seen, lease=None):
+    async def commit(self, tenant, session_id, expected_version, snapshot, tokens_seen, lease=None, release=False):
         self.options.limits.check(snapshot)
         check_id(session_id)
         # the bytes go up first as a pending blob that expires by itself unless the commit script adopts it
@@ -352,6 +353,9 @@ class RedisStore(SessionStore):
         if result[0] == "EXPIRED":
             raise StoreUnavailable(f"the snapshot upload for session {session_id} expired before its commit")
         self.blobs.put(blob_prefix(session_id) + blob, snapshot)
+        if release and lease is not None:  # committed: a lease left behind only expires early or late
+            with contextlib.suppress(StoreUnavailable):
+                await self.release(lease)
         return _record(session_id, result[1])
 
     async def acquire(self, tenant, session_id, ttl_s):

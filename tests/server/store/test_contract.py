@@ -155,6 +155,25 @@ async def test_a_lease_is_exclusive_until_released_or_expired(store):
     assert (await store.load("a", rec.id))[1] == b"v2"
 
 
+async def test_checkout_leases_and_loads_and_a_releasing_commit_gives_the_lease_up(store):
+    rec = await store.create("a", FP, b"v1")
+    lease, record, data = await store.checkout("a", rec.id, ttl_s=5.0)
+    assert (lease.version, record.version, data) == (1, 1, b"v1")
+    with pytest.raises(SessionBusy):  # checkout takes the lease as acquire does
+        await store.checkout("a", rec.id, ttl_s=5.0)
+    with pytest.raises(SessionNotFound):
+        await store.checkout("b", rec.id, ttl_s=5.0)  # another tenant's session
+    committed = await store.commit("a", rec.id, lease.version, b"v2", 3, lease=lease, release=True)
+    assert committed.version == 2
+    lease, record, data = await store.checkout("a", rec.id, ttl_s=5.0)  # released with the commit
+    assert (lease.version, record.tokens_seen, data) == (2, 3, b"v2")
+    with pytest.raises(VersionConflict):  # a commit that fails releases nothing
+        await store.commit("a", rec.id, 1, b"stale", 0, lease=lease, release=True)
+    with pytest.raises(SessionBusy):
+        await store.acquire("a", rec.id, ttl_s=5.0)
+    await store.release(lease)
+
+
 async def test_limits_are_enforced_with_clear_errors(store_kind, redis_server, tmp_path):
     store = await make_store(store_kind, redis_server, tmp_path, limits=StoreLimits(max_snapshot_bytes=1000))
     try:
