@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import sqlite3
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -87,6 +88,15 @@ SELECT = (f"SELECT s.{COLUMNS.replace(', ', ', s.')}, s.blob, s.lease_token, s.l
           "FROM sessions s JOIN blobs b ON b.id = s.blob")
 
 
+class _HalfDone(Exception):
+    """A grouped call failed after it had written: only undoing its whole transaction undoes it."""
+
+
+def _settle(future: asyncio.Future, ok: bool, value) -> None:
+    if not future.done():  # its caller may have been cancelled meanwhile
+        future.set_result(value) if ok else future.set_exception(value)
+
+
 class LocalStore(SessionStore):
     CHECKPOINT_BYTES = 16 << 20  # snapshot bytes written between two background checkpoints
     WAL_LIMIT_BYTES = 64 << 20  # a WAL this long is restarted by the store's thread, writers waiting
@@ -103,6 +113,8 @@ class LocalStore(SessionStore):
         self._written = 0  # bytes committed since the last checkpoint began
         self._checkpointing = False
         self.checkpoints = 0  # completed background checkpoints
+        self._commits: list[tuple[Callable, int, asyncio.Future]] = []  # waiting to be committed together
+        self._commits_lock = threading.Lock()
 
     # -- plumbing --------------------------------------------------------------------------------------------
 
@@ -140,6 +152,58 @@ class LocalStore(SessionStore):
                 raise StoreUnavailable(f"session database {self.path}: {e}") from e
 
         return await asyncio.get_running_loop().run_in_executor(self._executor, call)
+
+    async def _run_grouped(self, fn: Callable[[sqlite3.Connection], T], snapshot_bytes: int) -> T:
+        """Run the write fn(db) on the store's thread together with the others waiting for it, in one
+        transaction (group commit). When many requests finish at once (32 streams of bench/serve.py), a
+        transaction per snapshot cost twice as much per commit (1.3 against 0.7 ms for 32 snapshots of 322 KB,
+        one-off), and each waited for all before it. fn must check before it writes: a call that fails having
+        written nothing fails alone; one that fails halfway sends every call of its group to a transaction of
+        its own."""
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        with self._commits_lock:
+            self._commits.append((fn, snapshot_bytes, future))
+            first = len(self._commits) == 1
+        if first:  # later ones join the batch this call will take, unless it has been taken already
+            loop.run_in_executor(self._executor, self._commit_waiting)
+        return await future
+
+    def _commit_waiting(self) -> None:
+        with self._commits_lock:
+            batch, self._commits = self._commits, []
+        for (_, _, future), (ok, value) in zip(batch, self._commit_batch(batch)):
+            future.get_loop().call_soon_threadsafe(_settle, future, ok, value)
+
+    def _commit_batch(self, batch: list[tuple[Callable, int, asyncio.Future]]) -> list[tuple[bool, object]]:
+        """(succeeded, result or exception) of each call, all in one transaction."""
+        outcomes: list[tuple[bool, object]] = []
+        try:
+            db = self._connect()
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                for fn, _, _ in batch:
+                    changes = db.total_changes
+                    try:
+                        outcomes.append((True, fn(db)))
+                    except sqlite3.OperationalError:
+                        raise  # the database, not this call: the whole transaction fails
+                    except Exception as e:  # this call's own failure: conflict, busy, not found
+                        if db.total_changes != changes:
+                            raise _HalfDone from e
+                        outcomes.append((False, e))
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+            db.execute("COMMIT")
+        except _HalfDone as e:
+            return [(False, e.__cause__)] if len(batch) == 1 else [self._commit_batch([call])[0] for call in batch]
+        except sqlite3.OperationalError as e:  # locked past the timeout, disk gone, ...
+            return [(False, StoreUnavailable(f"session database {self.path}: {e}"))] * len(batch)
+        except Exception as e:
+            return [(False, e)] * len(batch)
+        self._wrote(sum(PAGE_BYTES + nbytes for (_, nbytes, _), (ok, _) in zip(batch, outcomes) if ok))
+        return outcomes
 
     def _wrote(self, nbytes: int) -> None:
         """Count the bytes a transaction just committed (on the store's thread). Past CHECKPOINT_BYTES, start a
@@ -328,7 +392,7 @@ class LocalStore(SessionStore):
                 self._release(db, lease)
             return self._fetch(db, tenant, session_id, now)
 
-        return await self._run(op, snapshot_bytes=len(snapshot))
+        return await self._run_grouped(op, len(snapshot))
 
     def _acquire(self, db: sqlite3.Connection, tenant: str, session_id: str, ttl_s: float, now: float):
         row = self._row(db, tenant, session_id, now)

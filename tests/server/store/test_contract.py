@@ -174,6 +174,25 @@ async def test_checkout_leases_and_loads_and_a_releasing_commit_gives_the_lease_
     await store.release(lease)
 
 
+async def test_commits_at_once_each_succeed_or_fail_on_their_own(store):
+    # the SQLite store commits what waits for it in one transaction: a conflict, a held lease or an unknown
+    # session fails that commit alone, and every other lands
+    recs = [await store.create("a", FP, b"v1-%d" % i) for i in range(6)]
+    held = await store.acquire("a", recs[1].id, ttl_s=5.0)
+    calls = [("a", rec.id, 1, b"v2-%d" % i, 2) for i, rec in enumerate(recs)]
+    calls[0] = ("a", recs[0].id, 7, b"stale", 2)  # wrong version
+    calls[3] = ("b", recs[3].id, 1, b"foreign", 2)  # another tenant's session
+    outcomes = await asyncio.gather(*(store.commit(*call) for call in calls), return_exceptions=True)
+    assert isinstance(outcomes[0], VersionConflict)
+    assert isinstance(outcomes[1], SessionBusy)
+    assert isinstance(outcomes[3], SessionNotFound)
+    assert [o.version for i, o in enumerate(outcomes) if i in (2, 4, 5)] == [2, 2, 2]
+    loaded = [await store.load("a", rec.id) for rec in recs]
+    assert [(r.version, data) for r, data in loaded] == [
+        (1, b"v1-0"), (1, b"v1-1"), (2, b"v2-2"), (1, b"v1-3"), (2, b"v2-4"), (2, b"v2-5")]
+    await store.release(held)
+
+
 async def test_limits_are_enforced_with_clear_errors(store_kind, redis_server, tmp_path):
     store = await make_store(store_kind, redis_server, tmp_path, limits=StoreLimits(max_snapshot_bytes=1000))
     try:

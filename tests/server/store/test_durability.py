@@ -185,6 +185,34 @@ async def test_sqlite_keeps_the_wal_bounded_when_its_checkpoint_thread_is_starve
         await store.close()
 
 
+async def test_sqlite_group_commit_undoes_a_commit_that_fails_halfway_and_keeps_the_others(tmp_path):
+    store = open_store(f"sqlite:///{tmp_path}/s.db")
+    install = store._install
+
+    def failing_install(db, row, blob, tokens_seen, now):  # writes, then fails: only a rollback undoes it
+        install(db, row, blob, tokens_seen, now)
+        if tokens_seen == 666:
+            raise RuntimeError("failed halfway")
+
+    store._install = failing_install
+    try:
+        recs = [await store.create("t", FP, b"v1-%d" % i) for i in range(4)]
+        busy = threading.Event()
+        store._executor.submit(busy.wait)  # the store's thread is busy: the four commits wait for it together
+        commits = asyncio.gather(*(store.commit("t", rec.id, 1, b"v2-%d" % i, 666 if i == 2 else 5)
+                                   for i, rec in enumerate(recs)), return_exceptions=True)
+        await asyncio.sleep(0.1)
+        assert len(store._commits) == 4
+        busy.set()
+        outcomes = await commits
+        assert isinstance(outcomes[2], RuntimeError)
+        loaded = [await store.load("t", rec.id) for rec in recs]
+        assert [(r.version, r.tokens_seen, data) for r, data in loaded] == [
+            (2, 5, b"v2-0"), (2, 5, b"v2-1"), (1, 0, b"v1-2"), (2, 5, b"v2-3")]
+    finally:
+        await store.close()
+
+
 async def test_sqlite_writes_without_snapshots_also_lead_to_checkpoints(tmp_path):
     store = open_store(f"sqlite:///{tmp_path}/s.db")
     store.CHECKPOINT_BYTES = 64 << 10
