@@ -12,7 +12,7 @@ import torch
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse
 
-from server.engine_process import EngineClient, EngineOptions
+from server.engine_process import EngineClient, EngineOptions, freeze_garbage_collector
 from server.errors import APIError, error_body, install_handlers
 from server.metrics import Metrics
 from server.routers import generation, health, models, sessions
@@ -82,6 +82,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI):
         rt = await asyncio.to_thread(load_runtime, settings)
         rt.core.attach(asyncio.get_running_loop())
+        freeze_garbage_collector()  # every stream waits while the event loop collects
         app.state.runtime = rt
         keys = "no API keys: the server is open, one tenant" if not app.state.tenants_by_key else \
             f"{len(app.state.tenants_by_key)} API key(s)"

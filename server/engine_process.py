@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import itertools
 import logging
 import multiprocessing
@@ -182,6 +183,7 @@ def engine_main(options: EngineOptions, conn: Connection) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     send(conn, Ready(engine.fingerprint, engine.new_state().to_bytes()))
     scheduler = Scheduler(engine, options.max_running, options.prefill_chunk)
+    freeze_garbage_collector()
     try:
         while True:
             # Messages are read here, between iterations, by the loop itself: a receiving thread would take the
@@ -209,6 +211,14 @@ def engine_main(options: EngineOptions, conn: Connection) -> None:
         with contextlib.suppress(OSError):
             send(conn, Outputs(scheduler.fail_all(EngineStopped(f"the engine failed: {e!r}")), 0, 0, []))
             send(conn, Failed(traceback.format_exc()))
+
+
+def freeze_garbage_collector() -> None:
+    """Exempt everything made so far (the model, torch, the libraries: ~180k objects) from Python's collector. A
+    full collection otherwise scans them all: ~90 ms in which no session advanced, a few times a minute in the
+    engine loop at 32 sessions (a one-off gc.callbacks trace); once frozen, it scans only what serving makes."""
+    gc.collect()
+    gc.freeze()
 
 
 class APIGone(Exception):
