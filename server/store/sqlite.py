@@ -2,9 +2,10 @@
 
 Every operation is one transaction (BEGIN IMMEDIATE for writes), so a process killed mid-commit leaves the
 previous record intact; several server processes on one machine may share the file. Calls run on one worker
-thread per store so the event loop never waits on disk, and checkpoints (copying the WAL back into the database,
-with an fsync) on another, so no request waits for one. As in the Redis store, snapshots are immutable blobs
-with reference counts: fork and rollback move pointers, and history never copies bytes.
+thread per store so the event loop never waits on disk (commits that wait for it together share one transaction),
+and checkpoints (copying the WAL back into the database, with an fsync) on another, so no request waits for one.
+As in the Redis store, snapshots are immutable blobs with reference counts: fork and rollback move pointers, and
+history never copies bytes.
 """
 
 from __future__ import annotations
