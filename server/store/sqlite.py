@@ -11,6 +11,7 @@ history never copies bytes.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -174,7 +175,8 @@ class LocalStore(SessionStore):
         with self._commits_lock:
             batch, self._commits = self._commits, []
         for (_, _, future), (ok, value) in zip(batch, self._commit_batch(batch)):
-            future.get_loop().call_soon_threadsafe(_settle, future, ok, value)
+            with contextlib.suppress(RuntimeError):  # its loop is closed: nobody waits for it any more
+                future.get_loop().call_soon_threadsafe(_settle, future, ok, value)
 
     def _commit_batch(self, batch: list[tuple[Callable, int, asyncio.Future]]) -> list[tuple[bool, object]]:
         """(succeeded, result or exception) of each call, all in one transaction."""
