@@ -1,4 +1,4 @@
-"""Paired probes behind six engine choices, each measured side by side in one run (medians of --repeats rounds).
+"""Paired probes behind ten engine choices, each measured side by side in one run (medians of --repeats rounds).
 
   1. fp16 dense layers on a CPU (Linear.UPCAST_ROWS): one projection of small-mac's shape (256 -> 1048) over
      1024 rows as a half GEMM and as a float GEMM on the upcast weight; then small-mac with fp16 weights decoding
@@ -20,6 +20,15 @@
   6. Ring and chunk-buffer writes without padding (StepContext.unpadded): decode steps of 1 and 32 sessions
      writing their rows directly (now) against keeping the old value of padding rows with a gather and a
      where, which every step did before 2026-11-27 (sixth session).
+  7. A serving batch's chunk updates in place on its own W and S (apply_chunk / read_and_update in_place,
+     seventh session) against fresh outputs: 32 sessions reading a 93-token prompt, and 8 decode steps (one
+     chunk end) of the same batch.
+  8. The short convolution summed tap by tap (ShortConv, serving, seventh session) against the unfolded
+     product (training's form, and serving's before): 32 sessions reading a 93-token prompt.
+  9. A decode step's listed ids as one [B, 1] tensor (Engine._id_rows, seventh session) against a tensor per
+     session and their stack: decode steps of 1 and 32 sessions.
+ 10. A snapshot written by SessionState.to_bytes (seventh session) against safetensors.torch.save with its
+     header parsed back for the checksum (before): the default model's state.
 
     .venv/bin/python bench/engine_probes.py        # ~2 minutes on 2 cores
 """
@@ -238,19 +247,120 @@ def unpadded_write_probe(repeats: int, model: Path) -> dict[str, float]:
     return median_rounds(cases, repeats)
 
 
+def in_place_serving_probe(repeats: int, model: Path) -> dict[str, float]:
+    import engine.model as model_module
+
+    engine = Engine.load(model, device="cpu")
+    prompt, update, read_update = list(range(40, 133)), model_module.chunk_update, model_module.read_and_update
+
+    def fresh_outputs(function):
+        return lambda *args: function(*args[:-1], False)  # in_place is their last argument
+
+    def timed(fresh: bool, decode: bool) -> float:
+        if fresh:
+            model_module.chunk_update, model_module.read_and_update = map(fresh_outputs, (update, read_update))
+        try:
+            if not decode:
+                return per_call_ms(lambda: engine.batch([engine.new_state()] * 32).forward([prompt] * 32), 2)
+            batch = engine.batch([engine.new_state()] * 32)
+            batch.forward([prompt] * 32)
+            return per_call_ms(lambda: batch.forward([[7]] * 32), 8)
+        finally:
+            model_module.chunk_update, model_module.read_and_update = update, read_update
+
+    return median_rounds({
+        "32_sessions_93_tokens_fresh_updates_ms": lambda: timed(True, False),
+        "32_sessions_93_tokens_in_place_updates_ms": lambda: timed(False, False),
+        "32_sessions_decode_step_fresh_updates_ms": lambda: timed(True, True),
+        "32_sessions_decode_step_in_place_updates_ms": lambda: timed(False, True),
+    }, repeats)
+
+
+def previous_short_conv(self, x, tail, ctx):
+    """ShortConv.forward before 2026-11-27 (seventh session), when serving also used the unfolded product."""
+    ext = torch.cat([tail, x], 1)
+    y = (ext.unfold(1, self.kernel, 1) * self.weight).sum(-1)
+    index = ctx.tail_index(self.kernel)[..., None].expand(-1, -1, x.shape[-1])
+    return y, ext.gather(1, index)
+
+
+def short_conv_probe(repeats: int, model: Path) -> dict[str, float]:
+    from engine.model import ShortConv
+
+    engine = Engine.load(model, device="cpu")
+    prompt, now = list(range(40, 133)), ShortConv.forward
+
+    def timed(previous: bool) -> float:
+        ShortConv.forward = previous_short_conv if previous else now
+        try:
+            return per_call_ms(lambda: engine.batch([engine.new_state()] * 32).forward([prompt] * 32), 2)
+        finally:
+            ShortConv.forward = now
+
+    return median_rounds({"32_sessions_93_tokens_unfolded_conv_ms": lambda: timed(True),
+                          "32_sessions_93_tokens_tap_by_tap_conv_ms": lambda: timed(False)}, repeats)
+
+
+def decode_ids_probe(repeats: int, model: Path) -> dict[str, float]:
+    engine = Engine.load(model, device="cpu")
+    now = Engine._id_rows
+    cases = {}
+    for sessions in (1, 32):
+        batch = engine.batch([engine.new_state()] * sessions)
+        batch.forward([list(range(40, 133))] * sessions)
+
+        def step_ms(per_session: bool, batch=batch, sessions=sessions) -> float:
+            Engine._id_rows = (lambda self, ids: None) if per_session else now
+            try:
+                return per_call_ms(lambda: batch.forward([[7]] * sessions), 16)
+            finally:
+                Engine._id_rows = now
+
+        cases[f"{sessions}_sessions_decode_step_ids_per_session_ms"] = lambda step_ms=step_ms: step_ms(True)
+        cases[f"{sessions}_sessions_decode_step_ids_as_one_tensor_ms"] = lambda step_ms=step_ms: step_ms(False)
+    return median_rounds(cases, repeats)
+
+
+def previous_to_bytes(state) -> bytes:
+    """SessionState.to_bytes before 2026-11-27 (seventh session): safetensors writes, its header is read back."""
+    import json
+    import struct
+
+    from safetensors.torch import save
+
+    from engine.state import FORMAT_VERSION, _checksum, _split
+
+    header, data = _split(save({k: v.contiguous() for k, v in sorted(state.tensors.items())}))
+    meta = {"format_version": FORMAT_VERSION, "model_fingerprint": state.model_fingerprint,
+            "tokens_seen": f"{state.tokens_seen:020d}", "created_at": f"{state.created_at:020.6f}"}
+    header["__metadata__"] = {**meta, "content_sha256": _checksum(meta, data)}
+    encoded = json.dumps(header, separators=(",", ":")).encode()
+    encoded += b" " * (-len(encoded) % 8)
+    return struct.pack("<Q", len(encoded)) + encoded + bytes(data)
+
+
+def snapshot_write_probe(repeats: int, model: Path) -> dict[str, float]:
+    state = Engine.load(model, device="cpu").new_state()
+    return median_rounds({"snapshot_write_via_safetensors_save_ms": lambda: per_call_ms(
+                              lambda: previous_to_bytes(state), 50),
+                          "snapshot_write_now_ms": lambda: per_call_ms(state.to_bytes, 50)}, repeats)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--model", default=str(ROOT / "models/titans-mal-recall"))
-    parser.add_argument("--only", type=int, nargs="+", default=[1, 2, 3, 4, 5, 6], help="probe numbers to run")
+    parser.add_argument("--only", type=int, nargs="+", default=list(range(1, 11)), help="probe numbers to run")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     model = Path(args.model)
     probes = {1: lambda: fp16_probe(args.repeats), 2: lambda: staggered_probe(args.repeats, model),
               3: lambda: memory_update_probe(args.repeats), 4: lambda: step_rule_probe(args.repeats, model),
               5: lambda: in_place_update_probe(args.repeats, model),
-              6: lambda: unpadded_write_probe(args.repeats, model)}
+              6: lambda: unpadded_write_probe(args.repeats, model),
+              7: lambda: in_place_serving_probe(args.repeats, model), 8: lambda: short_conv_probe(args.repeats, model),
+              9: lambda: decode_ids_probe(args.repeats, model), 10: lambda: snapshot_write_probe(args.repeats, model)}
     results = {}
     with torch.inference_mode():
         for number in args.only:

@@ -82,7 +82,11 @@ def test_sse_framing_matches_vllm_byte_for_byte(client):
 
     r = client.post("/v1/completions", json={"prompt": "x = ", "max_tokens": 2, "stream": True})
     chunks = sse_events(r.content)
-    assert [list(c) for c in chunks[:-1]] == [["id", "object", "created", "model", "choices"]] * 2
+    # two tokens: two chunks, or one when the stream fell behind the engine (it then merges what piled up, as
+    # vLLM does; on a loaded 2-core CI machine it does)
+    assert chunks[-1] == "[DONE]" and 1 <= len(chunks[:-1]) <= 2
+    assert all(list(c) == ["id", "object", "created", "model", "choices"] for c in chunks[:-1])
+    assert chunks[-2]["choices"][0]["finish_reason"] == "length"
     assert chunks[0]["object"] == "text_completion"
     assert list(chunks[0]["choices"][0]) == ["index", "text", "logprobs", "finish_reason", "stop_reason"]
     assert "usage" not in json.dumps(chunks[:-1])  # no include_usage, no usage chunk
