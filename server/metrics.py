@@ -59,9 +59,9 @@ class Metrics:
         self.request_generation_tokens = histogram("titans_request_generation_tokens", "Tokens per request.",
                                                    token_buckets(max_tokens)).labels(**label)
         self._sessions = counter("titans_sessions", "Session operations.", ["op"])
-        self.memory_load = histogram("titans_memory_load_seconds", "Store read + snapshot decode.",
+        self.memory_load = histogram("titans_memory_load_seconds", "Lease + read of a session snapshot.",
                                      TTFT_BUCKETS).labels(**label)
-        self.memory_save = histogram("titans_memory_save_seconds", "Snapshot encode + store commit.",
+        self.memory_save = histogram("titans_memory_save_seconds", "Snapshot encode.",
                                      TTFT_BUCKETS).labels(**label)
         self.state_bytes = histogram("titans_memory_state_bytes", "Snapshot size.", BYTES_BUCKETS).labels(**label)
         self.surprise = histogram("titans_memory_surprise", "Mean surprise of a request's tokens.",
