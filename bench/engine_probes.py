@@ -193,6 +193,16 @@ def step_rule_probe(repeats: int, model: Path) -> dict[str, float]:
     return median_rounds(cases, repeats)
 
 
+def prompt_or_steps_ms(engine: Engine, decode: bool, steps: int = 16) -> float:
+    """32 fresh sessions reading a 93-token prompt (ms per read), or decode steps of a batch that has read it."""
+    prompt = list(range(40, 133))
+    if not decode:
+        return per_call_ms(lambda: engine.batch([engine.new_state()] * 32).forward([prompt] * 32), 2)
+    batch = engine.batch([engine.new_state()] * 32)
+    batch.forward([prompt] * 32)
+    return per_call_ms(lambda: batch.forward([[7]] * 32), steps)
+
+
 def previous_minus_matmul(x, a, b):
     """engine.memory._minus_matmul before 2026-11-27 (sixth session): out of place, so x is copied first."""
     lead = x.shape[:-2]
@@ -205,17 +215,12 @@ def previous_minus_matmul(x, a, b):
 def in_place_update_probe(repeats: int, model: Path) -> dict[str, float]:
     from engine import memory
 
-    engine = Engine.load(model, device="cpu")
-    prompt, now = list(range(40, 133)), memory._minus_matmul
+    engine, now = Engine.load(model, device="cpu"), memory._minus_matmul
 
     def timed(previous: bool, decode: bool) -> float:
         memory._minus_matmul = previous_minus_matmul if previous else now
         try:
-            if not decode:
-                return per_call_ms(lambda: engine.batch([engine.new_state()] * 32).forward([prompt] * 32), 2)
-            batch = engine.batch([engine.new_state()] * 32)
-            batch.forward([prompt] * 32)
-            return per_call_ms(lambda: batch.forward([[7]] * 32), 16)
+            return prompt_or_steps_ms(engine, decode)
         finally:
             memory._minus_matmul = now
 
@@ -227,31 +232,42 @@ def in_place_update_probe(repeats: int, model: Path) -> dict[str, float]:
     }, repeats)
 
 
-def unpadded_write_probe(repeats: int, model: Path) -> dict[str, float]:
+def decode_step_probe(repeats: int, model: Path, names: tuple[str, str],
+                      patch: Callable[[], Callable[[], None]]) -> dict[str, float]:
+    """Decode steps of 1 and 32 sessions with `patch` applied (it returns its undo: names[0]) and without
+    (names[1])."""
     engine = Engine.load(model, device="cpu")
-    now = StepContext.unpadded
     cases = {}
     for sessions in (1, 32):
         batch = engine.batch([engine.new_state()] * sessions)
         batch.forward([list(range(40, 133))] * sessions)
 
-        def step_ms(masked: bool, batch=batch, sessions=sessions) -> float:
-            StepContext.unpadded = property(lambda self: False) if masked else now
+        def step_ms(patched: bool, batch=batch, sessions=sessions) -> float:
+            undo = patch() if patched else (lambda: None)
             try:
                 return per_call_ms(lambda: batch.forward([[7]] * sessions), 16)
             finally:
-                StepContext.unpadded = now
+                undo()
 
-        cases[f"{sessions}_sessions_decode_step_masked_write_ms"] = lambda step_ms=step_ms: step_ms(True)
-        cases[f"{sessions}_sessions_decode_step_direct_write_ms"] = lambda step_ms=step_ms: step_ms(False)
+        for name, patched in zip(names, (True, False)):
+            cases[f"{sessions}_sessions_decode_step_{name}_ms"] = lambda step_ms=step_ms, patched=patched: step_ms(
+                patched)
     return median_rounds(cases, repeats)
+
+
+def unpadded_write_probe(repeats: int, model: Path) -> dict[str, float]:
+    def masked() -> Callable[[], None]:
+        now, StepContext.unpadded = StepContext.unpadded, property(lambda self: False)
+        return lambda: setattr(StepContext, "unpadded", now)
+
+    return decode_step_probe(repeats, model, ("masked_write", "direct_write"), masked)
 
 
 def in_place_serving_probe(repeats: int, model: Path) -> dict[str, float]:
     import engine.model as model_module
 
     engine = Engine.load(model, device="cpu")
-    prompt, update, read_update = list(range(40, 133)), model_module.chunk_update, model_module.read_and_update
+    update, read_update = model_module.chunk_update, model_module.read_and_update
 
     def fresh_outputs(function):
         return lambda *args: function(*args[:-1], False)  # in_place is their last argument
@@ -260,11 +276,7 @@ def in_place_serving_probe(repeats: int, model: Path) -> dict[str, float]:
         if fresh:
             model_module.chunk_update, model_module.read_and_update = map(fresh_outputs, (update, read_update))
         try:
-            if not decode:
-                return per_call_ms(lambda: engine.batch([engine.new_state()] * 32).forward([prompt] * 32), 2)
-            batch = engine.batch([engine.new_state()] * 32)
-            batch.forward([prompt] * 32)
-            return per_call_ms(lambda: batch.forward([[7]] * 32), 8)
+            return prompt_or_steps_ms(engine, decode, steps=8)
         finally:
             model_module.chunk_update, model_module.read_and_update = update, read_update
 
@@ -287,13 +299,12 @@ def previous_short_conv(self, x, tail, ctx):
 def short_conv_probe(repeats: int, model: Path) -> dict[str, float]:
     from engine.model import ShortConv
 
-    engine = Engine.load(model, device="cpu")
-    prompt, now = list(range(40, 133)), ShortConv.forward
+    engine, now = Engine.load(model, device="cpu"), ShortConv.forward
 
     def timed(previous: bool) -> float:
         ShortConv.forward = previous_short_conv if previous else now
         try:
-            return per_call_ms(lambda: engine.batch([engine.new_state()] * 32).forward([prompt] * 32), 2)
+            return prompt_or_steps_ms(engine, decode=False)
         finally:
             ShortConv.forward = now
 
@@ -302,23 +313,11 @@ def short_conv_probe(repeats: int, model: Path) -> dict[str, float]:
 
 
 def decode_ids_probe(repeats: int, model: Path) -> dict[str, float]:
-    engine = Engine.load(model, device="cpu")
-    now = Engine._id_rows
-    cases = {}
-    for sessions in (1, 32):
-        batch = engine.batch([engine.new_state()] * sessions)
-        batch.forward([list(range(40, 133))] * sessions)
+    def per_session() -> Callable[[], None]:
+        now, Engine._id_rows = Engine._id_rows, lambda self, ids: None
+        return lambda: setattr(Engine, "_id_rows", now)
 
-        def step_ms(per_session: bool, batch=batch, sessions=sessions) -> float:
-            Engine._id_rows = (lambda self, ids: None) if per_session else now
-            try:
-                return per_call_ms(lambda: batch.forward([[7]] * sessions), 16)
-            finally:
-                Engine._id_rows = now
-
-        cases[f"{sessions}_sessions_decode_step_ids_per_session_ms"] = lambda step_ms=step_ms: step_ms(True)
-        cases[f"{sessions}_sessions_decode_step_ids_as_one_tensor_ms"] = lambda step_ms=step_ms: step_ms(False)
-    return median_rounds(cases, repeats)
+    return decode_step_probe(repeats, model, ("ids_per_session", "ids_as_one_tensor"), per_session)
 
 
 def previous_to_bytes(state) -> bytes:
