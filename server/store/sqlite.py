@@ -134,24 +134,31 @@ class LocalStore(SessionStore):
             self._db = db
         return self._db
 
-    async def _run(self, fn: Callable[[sqlite3.Connection], T], write: bool = True, snapshot_bytes: int = 0) -> T:
-        """Run fn(db) on the store's thread, as one transaction (BEGIN IMMEDIATE when it writes, counting what it
-        wrote toward the next checkpoint: at least a page, plus the snapshot it stored, if any)."""
-        def call() -> T:
+    @contextlib.contextmanager
+    def _transaction(self, write: bool):
+        """One transaction on the store's connection, on its thread (BEGIN IMMEDIATE when it writes), rolled back
+        if the body raises; the database's own failures become StoreUnavailable."""
+        try:
+            db = self._connect()
+            db.execute("BEGIN IMMEDIATE" if write else "BEGIN")
             try:
-                db = self._connect()
-                db.execute("BEGIN IMMEDIATE" if write else "BEGIN")
-                try:
-                    result = fn(db)
-                except BaseException:
-                    db.execute("ROLLBACK")
-                    raise
-                db.execute("COMMIT")
-                if write:  # forks, leases and deletes, which store no snapshot, must lead to checkpoints too
-                    self._wrote(PAGE_BYTES + snapshot_bytes)
-                return result
-            except sqlite3.OperationalError as e:  # locked past the timeout, disk gone, ...
-                raise StoreUnavailable(f"session database {self.path}: {e}") from e
+                yield db
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+            db.execute("COMMIT")
+        except sqlite3.OperationalError as e:  # locked past the timeout, disk gone, ...
+            raise StoreUnavailable(f"session database {self.path}: {e}") from e
+
+    async def _run(self, fn: Callable[[sqlite3.Connection], T], write: bool = True, snapshot_bytes: int = 0) -> T:
+        """Run fn(db) on the store's thread, as one transaction (counting what a write wrote toward the next
+        checkpoint: at least a page, plus the snapshot it stored, if any)."""
+        def call() -> T:
+            with self._transaction(write) as db:
+                result = fn(db)
+            if write:  # forks, leases and deletes, which store no snapshot, must lead to checkpoints too
+                self._wrote(PAGE_BYTES + snapshot_bytes)
+            return result
 
         return await asyncio.get_running_loop().run_in_executor(self._executor, call)
 
@@ -182,9 +189,7 @@ class LocalStore(SessionStore):
         """(succeeded, result or exception) of each call, all in one transaction."""
         outcomes: list[tuple[bool, object]] = []
         try:
-            db = self._connect()
-            db.execute("BEGIN IMMEDIATE")
-            try:
+            with self._transaction(write=True) as db:
                 for fn, _, _ in batch:
                     changes = db.total_changes
                     try:
@@ -195,15 +200,9 @@ class LocalStore(SessionStore):
                         if db.total_changes != changes:
                             raise _HalfDone from e
                         outcomes.append((False, e))
-            except BaseException:
-                db.execute("ROLLBACK")
-                raise
-            db.execute("COMMIT")
         except _HalfDone as e:
             return [(False, e.__cause__)] if len(batch) == 1 else [self._commit_batch([call])[0] for call in batch]
-        except sqlite3.OperationalError as e:  # locked past the timeout, disk gone, ...
-            return [(False, StoreUnavailable(f"session database {self.path}: {e}"))] * len(batch)
-        except Exception as e:
+        except Exception as e:  # StoreUnavailable, or anything else that failed the transaction: every call fails
             return [(False, e)] * len(batch)
         self._wrote(sum(PAGE_BYTES + nbytes for (_, nbytes, _), (ok, _) in zip(batch, outcomes) if ok))
         return outcomes
@@ -226,7 +225,7 @@ class LocalStore(SessionStore):
             if os.path.getsize(self.path + "-wal") > self.WAL_LIMIT_BYTES:
                 self._db.execute("PRAGMA wal_checkpoint(RESTART)").fetchall()  # all: no statement left open
         except (OSError, sqlite3.Error):  # the transaction is committed all the same: not this request's failure
-                log.warning("restarting the WAL of %s failed", self.path, exc_info=True)
+            log.warning("restarting the WAL of %s failed", self.path, exc_info=True)
         if self._written >= self.CHECKPOINT_BYTES and not self._checkpointing:
             self._written, self._checkpointing = 0, True
             self._checkpointer.submit(self._checkpoint)
