@@ -221,7 +221,9 @@ def engine_main(options: EngineOptions, conn: Connection, inbound: Ring, outboun
                       for job_id, e in scheduler.iterate()]
             waits, scheduler.queue_waits = scheduler.queue_waits, []
             outputs = Outputs(events, scheduler.running, len(scheduler.waiting), waits)
-            outbound.write(pickle.dumps(outputs, protocol=pickle.HIGHEST_PROTOCOL), api.wake, api.wait)
+            woke = outbound.write(pickle.dumps(outputs, protocol=pickle.HIGHEST_PROTOCOL), api.wake, api.wait)
+            if not woke and any(type(e) is not TokenEvent for _, e in events):
+                api.wake()  # a request's end: its commit and the client's next request wait for it, not for a poll
             api.check_now_and_then()
     except APIGone:
         return
@@ -429,7 +431,8 @@ class EngineClient:
             self._deliver(pickle.loads(blob))
 
     def _on_pipe(self) -> None:
-        """A wake (the engine wrote to the ring while this side was parked), a failure report, or EOF."""
+        """A wake (the engine wrote to the ring while this side was parked, or a request ended: read at once, not
+        at the next poll), a failure report, or EOF."""
         try:
             message = receive(self._conn)
         except (EOFError, OSError):  # the engine process is gone: what it wrote before dying still counts
@@ -440,6 +443,7 @@ class EngineClient:
             return
         if isinstance(message, Failed):
             log.error("the engine process failed:\n%s", message.message)
+        self._read_ring()
         self._poll_soon()
 
     def _detach(self) -> None:

@@ -51,10 +51,12 @@ class Ring:
 
     # --- writer ---------------------------------------------------------------------------------------------
 
-    def write(self, message: bytes, wake: Callable[[], None], wait: Callable[[], None]) -> None:
-        """Append one message. wake(): called when the reader was parked (at most once per piece published);
-        wait(): called while the ring is full, to let the reader drain it (it may raise to give up)."""
+    def write(self, message: bytes, wake: Callable[[], None], wait: Callable[[], None]) -> bool:
+        """Append one message; True if it woke the reader. wake(): called when the reader was parked (at most once
+        per piece published); wait(): called while the ring is full, to let the reader drain it (it may raise to
+        give up)."""
         parts = [memoryview(len(message).to_bytes(LENGTH_BYTES, "little")), memoryview(message).cast("B")]
+        woke = False
         while parts:
             with self._lock:
                 written, read = self._positions
@@ -74,6 +76,8 @@ class Ring:
                 parked, self._parked.value = self._parked.value, False
             if parked:
                 wake()
+                woke = True
+        return woke
 
     def _copy_in(self, start: int, piece: memoryview) -> None:
         first = min(len(piece), self.capacity - start)
