@@ -1,4 +1,4 @@
-"""Paired probes behind eleven engine choices, each measured side by side in one run (medians of --repeats rounds).
+"""Paired probes behind ten engine choices, each measured side by side in one run (medians of --repeats rounds).
 
   1. fp16 dense layers on a CPU (Linear.UPCAST_ROWS): one projection of small-mac's shape (256 -> 1048) over
      1024 rows as a half GEMM and as a float GEMM on the upcast weight; then small-mac with fp16 weights decoding
@@ -29,11 +29,6 @@
      session and their stack: decode steps of 1 and 32 sessions.
  10. A snapshot written by SessionState.to_bytes (seventh session) against safetensors.torch.save with its
      header parsed back for the checksum (before): the default model's state.
- 11. The engine process's link to the API process (server/ring.py, eighth session): in a spawned process, as the
-     server's engine loop, one session generating 64 tokens after a 93-byte prompt through the Scheduler with
-     each iteration's Outputs written to a shared-memory ring that this process reads every millisecond (now),
-     against a poll of the pipe before each iteration and a send of its Outputs to a thread here blocked on it
-     (before), and against no link at all; Engine.generate in the same process is the yardstick.
 
     .venv/bin/python bench/engine_probes.py        # ~2 minutes on 2 cores
 """
@@ -41,7 +36,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
 import time
@@ -54,7 +48,7 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from engine import Engine, ModelConfig, SamplingParams  # noqa: E402
+from engine import Engine, ModelConfig  # noqa: E402
 from engine.model import Linear, StepContext  # noqa: E402
 
 
@@ -351,86 +345,12 @@ def snapshot_write_probe(repeats: int, model: Path) -> dict[str, float]:
                           "snapshot_write_now_ms": lambda: per_call_ms(state.to_bytes, 50)}, repeats)
 
 
-PROMPT = "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n    if n < 2:\n        return n\n"
-
-
-def _link_probe_engine(conn, inbound, outbound, model: str, threads: int, repeats: int) -> None:
-    """The engine process's side of probe 11."""
-    import pickle
-
-    from server.engine_process import Outputs, send
-    from server.scheduler import Scheduler, Submission
-
-    torch.set_num_threads(threads)
-    engine = Engine.load(model, device="cpu")
-    ids, params = engine.tokenizer.encode(PROMPT), SamplingParams(max_tokens=64, temperature=0)
-    snapshot = engine.new_state().to_bytes()
-
-    def generate() -> float:
-        start = time.perf_counter()
-        for _ in engine.generate(ids, engine.new_state(), params):
-            pass
-        return (time.perf_counter() - start) * 1e3
-
-    def loop(before: Callable[[], object], after: Callable[[Outputs], object]) -> Callable[[], float]:
-        def run() -> float:
-            scheduler = Scheduler(engine, 32, 512)
-            start = time.perf_counter()
-            scheduler.add(Submission(0, ids, snapshot, params, False, True))
-            while scheduler.busy:
-                before()
-                after(Outputs(scheduler.iterate(), scheduler.running, 0, []))
-            return (time.perf_counter() - start) * 1e3
-        return run
-
-    def to_ring(outputs: Outputs) -> None:
-        outbound.write(pickle.dumps(outputs, protocol=pickle.HIGHEST_PROTOCOL), lambda: None, lambda: time.sleep(1e-4))
-
-    cases = {"generate_64_tokens_ms": generate,
-             "scheduler_loop_alone_ms": loop(lambda: None, lambda outputs: None),
-             "scheduler_loop_pipe_poll_and_send_ms": loop(conn.poll, lambda outputs: send(conn, outputs)),
-             "scheduler_loop_shared_memory_rings_ms": loop(inbound.read, to_ring)}
-    with torch.inference_mode():
-        for case in cases.values():
-            case()
-        send(conn, median_rounds(cases, repeats))
-
-
-def engine_link_probe(repeats: int, model: Path, threads: int) -> dict[str, float]:
-    import multiprocessing
-    import threading
-
-    from server.engine_process import receive
-    from server.ring import Ring
-
-    context = multiprocessing.get_context("spawn")
-    here, there = context.Pipe()
-    inbound, outbound = Ring(context, 1 << 20), Ring(context, 1 << 20)
-    engine = context.Process(target=_link_probe_engine, args=(there, inbound, outbound, str(model), threads, repeats))
-    engine.start()
-    done = threading.Event()
-
-    def read_ring() -> None:  # as the API's event loop does, every POLL_S
-        while not done.is_set():
-            outbound.read()
-            time.sleep(1e-3)
-
-    threading.Thread(target=read_ring, daemon=True).start()
-    try:
-        while not isinstance(message := receive(here), dict):  # the pipe case's Outputs, then the results
-            pass
-    finally:
-        done.set()
-        engine.join(30)
-    return message
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--model", default=str(ROOT / "models/titans-mal-recall"))
-    parser.add_argument("--only", type=int, nargs="+", default=list(range(1, 12)), help="probe numbers to run")
+    parser.add_argument("--only", type=int, nargs="+", default=list(range(1, 11)), help="probe numbers to run")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     model = Path(args.model)
@@ -439,8 +359,7 @@ def main() -> None:
               5: lambda: in_place_update_probe(args.repeats, model),
               6: lambda: unpadded_write_probe(args.repeats, model),
               7: lambda: in_place_serving_probe(args.repeats, model), 8: lambda: short_conv_probe(args.repeats, model),
-              9: lambda: decode_ids_probe(args.repeats, model), 10: lambda: snapshot_write_probe(args.repeats, model),
-              11: lambda: engine_link_probe(args.repeats, model, max(1, (os.cpu_count() or 2) - 1))}
+              9: lambda: decode_ids_probe(args.repeats, model), 10: lambda: snapshot_write_probe(args.repeats, model)}
     results = {}
     with torch.inference_mode():
         for number in args.only:

@@ -8,20 +8,17 @@ process the engine loop runs undisturbed on its cores while the event loop parse
 another.
 
     API process                                          engine process (spawned; its main thread runs the loop)
-    EngineClient.submit(job) -> sender thread ==[Submission / Abort, ...]==> Scheduler (read between iterations)
-    job.events <- event loop (reads every POLL_S) <=======Outputs======= Scheduler.iterate()
-                 the pipe: wakes for a parked reader, failures, and EOF when either process dies
+    EngineClient.submit(job) -> sender thread --[Submission / Abort, ...]--> Scheduler (read between iterations)
+    job.events <- event loop <- receiver thread <------Outputs------- Scheduler.iterate()
 
-Messages are pickled (by the C pickler) into two shared-memory rings (server/ring.py), one each way, so that a
-busy engine loop makes no system call: one poll and one send of a pipe per iteration cost it 8-11% of its
-speed (bench/engine_probes.py, probe 11). The engine reads what has arrived between iterations (a receiving
-thread would take the GIL from the loop for every piece of a 300 KB snapshot) and writes one Outputs per
-iteration; the event loop reads them on a timer while requests are in flight, and parks otherwise. The sender
-thread writes everything queued so far as one list (so a burst of requests joins one engine iteration, not one
-iteration each), and never lets a full ring block the event loop. Snapshots cross as bytes: the engine loads a
-session's state and serialises the final one itself (a damaged snapshot comes back as the request's
-SnapshotError). If the engine process dies, every request in flight gets EngineStopped, and /health and /ready
-answer 503.
+Messages are pickled over one duplex pipe. The engine has no thread besides its loop: it reads what has arrived
+between iterations (a receiving thread would take the GIL from the loop for every piece of a 300 KB snapshot it
+read off the pipe), and sends one Outputs per iteration. The API side never blocks its event loop on the pipe:
+a sender thread sends everything queued so far as one list (so a burst of requests joins one engine iteration,
+not one iteration each), and a receiver thread hands each iteration's events to the loop in one
+call_soon_threadsafe. Snapshots cross as bytes: the engine loads a session's state and serialises the final one
+itself (a damaged snapshot comes back as the request's SnapshotError). If the engine process dies, every
+request in flight gets EngineStopped, and /health and /ready answer 503.
 """
 
 from __future__ import annotations
@@ -36,9 +33,11 @@ import os
 import pickle
 import queue
 import signal
+import socket
 import threading
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 
@@ -49,7 +48,6 @@ from engine import Engine, ModelConfig, SamplingParams, SessionState
 from engine.state import read_snapshot
 from engine.tokenizer import Tokenizer, load_tokenizer
 from server.metrics import Metrics
-from server.ring import Ring
 from server.scheduler import (
     ClientGone,
     DoneEvent,
@@ -135,16 +133,10 @@ def receive(conn: Connection) -> object:
     return pickle.loads(conn.recv_bytes())
 
 
-def _sender(ring: Ring, conn: Connection, outbox: queue.SimpleQueue, process: multiprocessing.Process) -> None:
-    """Write what the event loop queued to the engine's ring: everything queued by then as one message (a list),
-    because the engine reads between its iterations, and a burst of requests should join the same one (one by
-    one, each 300 KB snapshot waited for an iteration: at 32 sessions, a prefill group of one request per
-    iteration). A thread, so that a full ring never blocks the event loop."""
-    def wait() -> None:
-        if not process.is_alive():
-            raise EOFError("the engine process has stopped")
-        time.sleep(RING_WAIT_S)
-
+def _sender(conn: Connection, outbox: queue.SimpleQueue, stop_engine: Callable[[], None]) -> None:
+    """Send what the event loop queued: everything queued by then as one message (a list), because the engine reads
+    between its iterations, and a burst of requests should join the same one (one by one, each 300 KB snapshot
+    waited for an iteration: at 32 sessions, a prefill group of one request per iteration)."""
     while True:
         batch = [outbox.get()]
         with contextlib.suppress(queue.Empty):
@@ -154,19 +146,24 @@ def _sender(ring: Ring, conn: Connection, outbox: queue.SimpleQueue, process: mu
         messages = batch[:-1] if stopping else batch
         try:
             if messages:
-                ring.write(pickle.dumps(messages, protocol=pickle.HIGHEST_PROTOCOL), lambda: send(conn, WAKE), wait)
+                send(conn, messages)
         except Exception:  # the other side is gone (or a message would not pickle): nothing more can go
             log.exception("cannot send to the engine process")
-            process.kill()  # the event loop then sees the pipe close and fails every request in flight
+            stop_engine()  # the receiver then sees the pipe close and fails every request in flight
             return
         if stopping:
             return
 
 
-RING_BYTES = 8 << 20  # each way; a message larger than this crosses in pieces
-RING_WAIT_S = 0.0005  # a writer's pause while its ring is full
-POLL_S = 0.001  # how often the event loop reads the engine's ring while requests are in flight
-WAKE = None  # the pipe's message that says "read your ring"
+PIPE_BUFFER_BYTES = 4 << 20
+
+
+def _widen(conn: Connection) -> None:
+    """Let PIPE_BUFFER_BYTES wait in the socket (the kernel caps it at net.core.wmem_max): with the default ~200 KB,
+    the engine loop's send of an iteration's final snapshots (322 KB each for the default model, a dozen at
+    once when 32 requests finish together) waited for the API process to read them, ~1.9 ms per such iteration."""
+    with socket.socket(fileno=os.dup(conn.fileno())) as view:  # a second handle on the same socket
+        view.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, PIPE_BUFFER_BYTES)
 
 
 def _portable(error: BaseException) -> BaseException:
@@ -181,7 +178,7 @@ def _portable(error: BaseException) -> BaseException:
 # --- the engine process ---------------------------------------------------------------------------------------
 
 
-def engine_main(options: EngineOptions, conn: Connection, inbound: Ring, outbound: Ring) -> None:
+def engine_main(options: EngineOptions, conn: Connection) -> None:
     """The engine process: load, warm up, say Ready, then loop until Shutdown or the API process goes away."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
@@ -198,79 +195,34 @@ def engine_main(options: EngineOptions, conn: Connection, inbound: Ring, outboun
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     send(conn, Ready(engine.fingerprint, engine.new_state().to_bytes()))
     scheduler = Scheduler(engine, options.max_running, options.prefill_chunk)
-    api = _API(conn)
     freeze_garbage_collector()
     try:
         while True:
-            # Messages are read here, between iterations, by the loop itself (a receiving thread would take the
-            # GIL from the loop in the middle of its steps); idle, the loop sleeps on the pipe until the API
-            # process writes to the ring.
-            for blob in inbound.read():
-                for message in pickle.loads(blob):
+            # Messages are read here, between iterations, by the loop itself: a receiving thread would take the
+            # GIL from the loop for every piece of a snapshot it reads off the pipe, in the middle of its steps.
+            # Idle, the loop sleeps in recv until a request comes.
+            while not scheduler.busy or conn.poll():
+                for message in _received(conn):
                     if isinstance(message, Shutdown):
                         return
                     if isinstance(message, Abort):
                         scheduler.abort(message.job_id)
                     else:
                         scheduler.add(message)
-            if not scheduler.busy:
-                if inbound.park():
-                    api.sleep()
-                continue
             events = [(job_id, ErrorEvent(_portable(e.error)) if isinstance(e, ErrorEvent) else e)
                       for job_id, e in scheduler.iterate()]
             waits, scheduler.queue_waits = scheduler.queue_waits, []
-            outputs = Outputs(events, scheduler.running, len(scheduler.waiting), waits)
-            woke = outbound.write(pickle.dumps(outputs, protocol=pickle.HIGHEST_PROTOCOL), api.wake, api.wait)
-            if not woke and any(type(e) is not TokenEvent for _, e in events):
-                api.wake()  # a request's end: its commit and the client's next request wait for it, not for a poll
-            api.check_now_and_then()
+            try:
+                send(conn, Outputs(events, scheduler.running, len(scheduler.waiting), waits))
+            except (BrokenPipeError, ConnectionResetError):
+                raise APIGone from None
     except APIGone:
         return
     except BaseException as e:  # the loop must never die silently, nor leave a request waiting
         log.exception("engine loop died")
-        with contextlib.suppress(OSError, APIGone):
-            failed = Outputs(scheduler.fail_all(EngineStopped(f"the engine failed: {e!r}")), 0, 0, [])
-            outbound.write(pickle.dumps(failed), api.wake, api.wait)
+        with contextlib.suppress(OSError):
+            send(conn, Outputs(scheduler.fail_all(EngineStopped(f"the engine failed: {e!r}")), 0, 0, []))
             send(conn, Failed(traceback.format_exc()))
-
-
-class _API:
-    """The engine loop's view of the API process over the pipe: wakes in both directions, and its death (EOF)."""
-
-    CHECK_EVERY_S = 1.0  # while busy the loop never reads the pipe, so it looks for EOF this often
-
-    def __init__(self, conn: Connection):
-        self.conn = conn
-        self.checked_at = time.monotonic()
-
-    def sleep(self) -> None:
-        """Until the API process writes to the inbound ring (or a stale wake from an earlier park arrives)."""
-        self._take()
-
-    def wake(self) -> None:
-        """The API process parked on its ring: this loop just published to it."""
-        try:
-            send(self.conn, WAKE)
-        except (BrokenPipeError, ConnectionResetError):
-            raise APIGone from None
-
-    def wait(self) -> None:
-        """The outbound ring is full: give the API process a moment to drain it."""
-        if self.conn.poll(RING_WAIT_S):
-            self._take()
-
-    def check_now_and_then(self) -> None:
-        if time.monotonic() - self.checked_at > self.CHECK_EVERY_S:
-            self.checked_at = time.monotonic()
-            while self.conn.poll():
-                self._take()
-
-    def _take(self) -> None:
-        try:
-            receive(self.conn)  # only wakes come this way
-        except (EOFError, ConnectionResetError):
-            raise APIGone from None
 
 
 def freeze_garbage_collector() -> None:
@@ -283,6 +235,13 @@ def freeze_garbage_collector() -> None:
 
 class APIGone(Exception):
     """The pipe to the API process closed: the engine stops (and nothing it raises itself is mistaken for this)."""
+
+
+def _received(conn: Connection) -> list:
+    try:
+        return receive(conn)
+    except EOFError:
+        raise APIGone from None
 
 
 def _weight_dtype(name: str) -> torch.dtype | None:
@@ -358,9 +317,10 @@ class EngineClient:
         """Spawn the engine process and wait until it has loaded and warmed up the model (blocking)."""
         context = multiprocessing.get_context("spawn")  # never fork a process that holds torch's thread pools
         self._conn, child = context.Pipe()
-        self._to_engine, self._from_engine = Ring(context, RING_BYTES), Ring(context, RING_BYTES)
-        self.process = context.Process(target=engine_main, name="titans-engine", daemon=True,
-                                       args=(self.options, child, self._to_engine, self._from_engine))
+        for end in (self._conn, child):
+            _widen(end)
+        self.process = context.Process(target=engine_main, args=(self.options, child), name="titans-engine",
+                                       daemon=True)
         self.process.start()
         child.close()
         try:
@@ -371,20 +331,18 @@ class EngineClient:
         if isinstance(message, Failed):
             raise RuntimeError(f"the engine process could not load the model:\n{message.message}")
         self.model = ModelInfo.of(self.options.model, message)
-        self._sender = threading.Thread(target=_sender, name="engine-client-sender", daemon=True,
-                                        args=(self._to_engine, self._conn, self._outbox, self.process))
+        self._sender = threading.Thread(target=_sender, args=(self._conn, self._outbox, self.process.kill),
+                                        name="engine-client-sender",
+                                        daemon=True)
         self._sender.start()
         self.alive = True
 
     def attach(self, loop: asyncio.AbstractEventLoop) -> None:
-        """Deliver the engine's messages on this event loop. While requests are in flight it reads the engine's
-        ring every POLL_S (a timer here, so that the engine loop never makes a system call to wake this
-        process); with none, it parks, and the pipe wakes it. The pipe is also how it learns that the engine
-        process died (EOF)."""
+        """Deliver the engine's messages on this event loop: a thread receives them (the pipe stays blocking, which
+        a loop reader would not leave it) and hands each to the loop with one call_soon_threadsafe."""
         self._loop = loop
-        self._polling: asyncio.Handle | None = None
-        loop.add_reader(self._conn.fileno(), self._on_pipe)
-        self._poll_soon()
+        self._receiver = threading.Thread(target=self._receive, name="engine-client-receiver", daemon=True)
+        self._receiver.start()
 
     def stop(self) -> None:
         if self.alive:
@@ -394,7 +352,6 @@ class EngineClient:
         if self.process.is_alive():
             self.process.terminate()
             self.process.join(5)
-        self._detach()
         self._lost("the server is shutting down")
 
     def submit(self, job: Job) -> None:
@@ -406,54 +363,27 @@ class EngineClient:
         self.jobs[job.id] = job
         self._outbox.put(Submission(job.id, job.prompt_ids, job.snapshot, job.params, job.want_surprise,
                                     job.keep_state))
-        self._poll_soon()
 
     def abort(self, job: Job) -> None:
         if self.jobs.pop(job.id, None) is not None and self.alive:
             self._outbox.put(Abort(job.id))
 
-    # --- the engine's messages, on the event loop -----------------------------------------------------------
-
-    def _poll_soon(self) -> None:
-        if self._loop is not None and self._polling is None:
-            self._polling = self._loop.call_soon(self._poll)
-
-    def _poll(self) -> None:
-        self._polling = None
-        self._read_ring()
-        if self.jobs:
-            self._polling = self._loop.call_later(POLL_S, self._poll)
-        elif not self._from_engine.park():  # something came in since the read
-            self._poll_soon()
-
-    def _read_ring(self) -> None:
-        for blob in self._from_engine.read():
-            self._deliver(pickle.loads(blob))
-
-    def _on_pipe(self) -> None:
-        """A wake (the engine wrote to the ring while this side was parked, or a request ended: read at once, not
-        at the next poll), a failure report, or EOF."""
+    def _receive(self) -> None:
         try:
-            message = receive(self._conn)
-        except (EOFError, OSError):  # the engine process is gone: what it wrote before dying still counts
-            self._read_ring()
-            self._detach()
+            while True:
+                message = receive(self._conn)
+                if isinstance(message, Outputs):
+                    self._loop.call_soon_threadsafe(self._deliver, message)
+                elif isinstance(message, Failed):
+                    log.error("the engine process failed:\n%s", message.message)
+        except BaseException as e:  # EOF: the engine process is gone; anything else: it is unreachable
+            if not isinstance(e, (EOFError, OSError)):
+                log.exception("engine client receiver failed")
+                self.process.kill()
             self.process.join(1)
-            self._lost(f"the engine process has stopped (exit code {self.process.exitcode})")
-            return
-        if isinstance(message, Failed):
-            log.error("the engine process failed:\n%s", message.message)
-        self._read_ring()
-        self._poll_soon()
-
-    def _detach(self) -> None:
-        if self._loop is None or self._loop.is_closed():
-            return
-        with contextlib.suppress(Exception):  # already removed, or stop() is called off the loop's thread
-            self._loop.remove_reader(self._conn.fileno())
-        if self._polling is not None:
-            self._polling.cancel()
-            self._polling = None
+            why = f"the engine process has stopped (exit code {self.process.exitcode})"
+            with contextlib.suppress(RuntimeError):  # the loop is closed: the server is gone already
+                self._loop.call_soon_threadsafe(self._lost, why)
 
     def _deliver(self, out: Outputs) -> None:
         now = time.perf_counter()
