@@ -398,6 +398,7 @@ class EngineClient:
                 del self.jobs[job_id]
             if isinstance(event, DoneEvent):
                 m.finished(len(job.prompt_ids), job.generated, now - job.submitted_at, event.finish_reason)
+                m.engine_times(event.prefill_s, event.inference_s)
                 if event.snapshot is not None:
                     m.state_bytes.observe(len(event.snapshot))
                     m.memory_save.observe(event.save_s)

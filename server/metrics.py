@@ -54,6 +54,12 @@ class Metrics:
         self.e2e = histogram("titans_e2e_request_latency_seconds", "Request latency.", REQUEST_BUCKETS).labels(**label)
         self.queue_time = histogram("titans_request_queue_time_seconds", "Time waiting for the batch.",
                                     REQUEST_BUCKETS).labels(**label)
+        self.prefill_time = histogram("titans_request_prefill_time_seconds", "In the engine: joining the batch to "
+                                      "the first token.", REQUEST_BUCKETS).labels(**label)
+        self.decode_time = histogram("titans_request_decode_time_seconds", "In the engine: the first token to the "
+                                     "end.", REQUEST_BUCKETS).labels(**label)
+        self.inference_time = histogram("titans_request_inference_time_seconds", "In the engine: joining the batch "
+                                        "to the end (prefill + decode).", REQUEST_BUCKETS).labels(**label)
         self.request_prompt_tokens = histogram("titans_request_prompt_tokens", "Prompt tokens per request.",
                                                token_buckets(max_tokens)).labels(**label)
         self.request_generation_tokens = histogram("titans_request_generation_tokens", "Tokens per request.",
@@ -77,6 +83,12 @@ class Metrics:
         self.request_generation_tokens.observe(generation_tokens)
         self.e2e.observe(seconds)
         self.prompt_tokens.inc(prompt_tokens)
+
+    def engine_times(self, prefill_s: float, inference_s: float) -> None:
+        """vLLM's split of a finished request's time in the engine (e2e adds the queue and the API's own work)."""
+        self.prefill_time.observe(prefill_s)
+        self.decode_time.observe(inference_s - prefill_s)
+        self.inference_time.observe(inference_s)
 
     def request_failed(self, reason: str) -> None:
         self._success.labels(self.model_name, reason).inc()

@@ -63,6 +63,8 @@ class DoneEvent:
     finish_reason: str
     surprise: list[float]  # of the tokens read after the last TokenEvent
     save_s: float = 0.0  # seconds the engine spent serialising the snapshot
+    prefill_s: float = 0.0  # in the engine: from joining the batch to the first token (all of it, with no tokens)
+    inference_s: float = 0.0  # in the engine: from joining the batch to the end (prefill, then decode)
     record: object = None  # the session's record after the commit (set by the runtime, not the engine)
 
 
@@ -117,6 +119,8 @@ class Sequence:
     """A request's progress in the engine."""
     sub: Submission
     received_at: float = field(default_factory=time.perf_counter)
+    admitted_at: float = 0.0  # when it joined the prefill batch
+    first_token_at: float | None = None
     read: int = 0  # prompt tokens fed so far
     next_input: int | None = None  # the sampled token to feed in the next step
     generated: list[int] = field(default_factory=list)
@@ -228,6 +232,7 @@ class Scheduler:
             except Exception as e:  # a damaged snapshot (SnapshotError), a bad seed: this request's alone
                 self._send(seq, ErrorEvent(e))
                 continue
+            seq.admitted_at = now
             admitted.append(seq)
             states.append(state)
         try:
@@ -309,10 +314,15 @@ class Scheduler:
         if seq.finish_reason is not None or seq.params.max_tokens == 0:
             started = time.perf_counter()
             snapshot = group.batch.state(i).to_bytes() if seq.sub.keep_state else None
+            done = time.perf_counter()
+            first_token_at = done if seq.first_token_at is None else seq.first_token_at
             self._send(seq, DoneEvent(snapshot, group.batch.positions[i], len(seq.prompt_ids), len(seq.generated),
-                                      seq.finish_reason or "length", read_surprise, time.perf_counter() - started))
+                                      seq.finish_reason or "length", read_surprise, done - started,
+                                      first_token_at - seq.admitted_at, done - seq.admitted_at))
             return "done"
         token = greedy_pick if greedy_pick is not None else sample(logits[-1], seq.params, seq.generator)
+        if seq.first_token_at is None:
+            seq.first_token_at = time.perf_counter()
         seq.generated.append(token)
         eos = self.engine._is_eos(token)
         text, stopped = (seq.stops.finish(), False) if eos else seq.stops.push(token)  # EOS adds no text

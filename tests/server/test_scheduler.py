@@ -174,3 +174,30 @@ def test_requests_that_arrive_or_finish_their_prompts_together_join_a_batch_in_o
     assert joins == [3], joins
     assert isinstance(events[4][0], ErrorEvent) and len(events[4]) == 1
     assert all(isinstance(events[j][-1], DoneEvent) and len(tokens_of(events[j])) == 6 for j in range(4))
+
+
+def test_engine_times_split_a_request_at_its_first_token(monkeypatch):
+    """prefill_s: joining the batch to the first token; inference_s: to the end (vLLM's request times). On a
+    clock that moves one unit per iteration: a 61-token prompt read 16 tokens per iteration samples its first
+    token in its 4th iteration, its 6th token in its 9th, and ends when that token is fed, in its 10th."""
+    import server.scheduler as scheduler_module
+
+    class Clock:
+        now = 0.0
+
+        @classmethod
+        def perf_counter(cls) -> float:
+            return cls.now
+
+    monkeypatch.setattr(scheduler_module, "time", Clock)
+    engine = engine_for(tiny("mal"), seed=1)
+    scheduler = Scheduler(engine, max_running=4, prefill_chunk=16)
+    params = SamplingParams(max_tokens=6, temperature=0)
+    scheduler.add(Submission(0, list(range(61)), None, params, False))
+    scheduler.add(Submission(1, list(range(20)), None, SamplingParams(max_tokens=0), False))  # reads, no tokens
+    done = {}
+    while scheduler.busy:
+        done |= {job_id: e for job_id, e in scheduler.iterate() if isinstance(e, DoneEvent)}
+        Clock.now += 1
+    assert (done[0].prefill_s, done[0].inference_s) == (3.0, 9.0)
+    assert done[1].prefill_s == done[1].inference_s == 1.0  # no first token: all of it is prefill
