@@ -10,7 +10,9 @@ aggregate generated tokens/s; and, in the same run, the same generation through 
 `server N=1 / engine` isolates the serving overhead. The machine is noisy, so the measurements run in --rounds
 rounds of every N through the server, N=1 as --pairs streams each right after one engine-alone generation (per
 round, rates are total tokens over total time), and each ratio is the median of its per-round ratios; rates and
-latencies are per-round medians. JSON in bench/results/serve.json.
+latencies are per-round medians. The N=1 ratio is also split in two, from the server's
+titans_request_inference_time_seconds: the engine process's time per request against Engine.generate's, and the
+request's time at the client against the engine process's. JSON in bench/results/serve.json.
 """
 
 from __future__ import annotations
@@ -105,6 +107,15 @@ async def one_stream(stream: Stream, session_id: str, prompt: str, tokens: int) 
             "chunks": len(arrivals), "seconds": end - start}
 
 
+async def engine_inference_seconds(url: str) -> tuple[float, float]:
+    """(sum, count) of the server's titans_request_inference_time_seconds: its requests' time in the engine."""
+    async with httpx.AsyncClient(base_url=url, timeout=60) as client:
+        text = (await client.get("/metrics")).text
+    values = {line.split("{")[0]: float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+              if line.startswith("titans_request_inference_time_seconds_")}
+    return values["titans_request_inference_time_seconds_sum"], values["titans_request_inference_time_seconds_count"]
+
+
 async def run_n(url: str, n: int, prompt: str, tokens: int, repeats: int = 1,
                 between: Callable[[], object] | None = None) -> dict:
     """N sessions stream at once, `repeats` times (each time after calling `between`, if given)."""
@@ -115,15 +126,18 @@ async def run_n(url: str, n: int, prompt: str, tokens: int, repeats: int = 1,
     results, wall = [], 0.0
     try:
         await asyncio.gather(*(one_stream(c, s, prompt, 4) for c, s in zip(streams, sessions)))  # warm every path
+        engine_before = await engine_inference_seconds(url)
         for _ in range(repeats):
             if between is not None:
                 between()
             start = time.perf_counter()
             results += await asyncio.gather(*(one_stream(c, s, prompt, tokens) for c, s in zip(streams, sessions)))
             wall += time.perf_counter() - start
+        engine_after = await engine_inference_seconds(url)
     finally:
         for c in streams:
             c.close()
+    engine_s, finished = (after - before for after, before in zip(engine_after, engine_before))
     ttft = [r["ttft"] for r in results]
     itl = [x for r in results for x in r["itl"]]
     generated = sum(r["tokens"] for r in results)
@@ -131,7 +145,8 @@ async def run_n(url: str, n: int, prompt: str, tokens: int, repeats: int = 1,
             "ttft_p50_ms": 1000 * percentile(ttft, 0.5), "ttft_p99_ms": 1000 * percentile(ttft, 0.99),
             "itl_p50_ms": 1000 * percentile(itl, 0.5), "itl_p99_ms": 1000 * percentile(itl, 0.99),
             "itl_mean_ms": 1000 * statistics.fmean(itl) if itl else float("nan"),
-            "tokens_per_chunk": generated / sum(r["chunks"] for r in results)}
+            "tokens_per_chunk": generated / sum(r["chunks"] for r in results),
+            "engine_s_per_request": engine_s / finished}  # in the engine process, from joining its batch to the end
 
 
 class EngineSession:
@@ -227,6 +242,12 @@ def main() -> None:
         one = args.sessions.index(1)
         results["server_n1_over_engine"] = statistics.median(
             r["server"][one]["aggregate_tok_s"] / r["engine_alone"]["tok_s"] for r in rounds)
+        # the N=1 gap in two parts: the engine process's time per request against Engine.generate's here, and the
+        # request's time at the client against the engine's
+        results["n1_engine_process_over_engine_alone"] = statistics.median(
+            r["server"][one]["engine_s_per_request"] / (r["engine_alone"]["wall_s"] / args.pairs) for r in rounds)
+        results["n1_request_over_engine_process"] = statistics.median(
+            r["server"][one]["wall_s"] / args.pairs / r["server"][one]["engine_s_per_request"] for r in rounds)
         for i, row in enumerate(results["server"]):
             row["speedup_over_n1"] = statistics.median(
                 r["server"][i]["aggregate_tok_s"] / r["server"][one]["aggregate_tok_s"] for r in rounds)
@@ -244,7 +265,9 @@ def main() -> None:
               f"{r['ttft_p50_ms']:.0f} / {r['ttft_p99_ms']:.0f} | {r['itl_p50_ms']:.1f} / {r['itl_p99_ms']:.1f} | "
               f"{r['tokens_per_chunk']:.2f} |")
     if "server_n1_over_engine" in results:
-        print(f"server N=1 / engine alone: {results['server_n1_over_engine']:.3f}")
+        print(f"server N=1 / engine alone: {results['server_n1_over_engine']:.3f} (per request: the engine process's "
+              f"time {results['n1_engine_process_over_engine_alone']:.3f}x Engine.generate's, the client's "
+              f"{results['n1_request_over_engine_process']:.3f}x the engine process's)")
 
 
 if __name__ == "__main__":
