@@ -33,6 +33,7 @@ sys.path.insert(0, str(ROOT))
 
 import httpx  # noqa: E402
 import torch  # noqa: E402
+from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
 
 from engine import Engine, SamplingParams  # noqa: E402
 from server.settings import DEFAULT_MODEL  # noqa: E402
@@ -111,8 +112,8 @@ async def engine_inference_seconds(url: str) -> tuple[float, float]:
     """(sum, count) of the server's titans_request_inference_time_seconds: its requests' time in the engine."""
     async with httpx.AsyncClient(base_url=url, timeout=60) as client:
         text = (await client.get("/metrics")).text
-    values = {line.split("{")[0]: float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-              if line.startswith("titans_request_inference_time_seconds_")}
+    family = next(f for f in text_string_to_metric_families(text) if f.name == "titans_request_inference_time_seconds")
+    values = {sample.name: sample.value for sample in family.samples}
     return values["titans_request_inference_time_seconds_sum"], values["titans_request_inference_time_seconds_count"]
 
 
