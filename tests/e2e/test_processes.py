@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import time
 from pathlib import Path
 
 import httpx
@@ -183,6 +184,28 @@ def test_a_dead_engine_process_fails_requests_cleanly_and_loses_no_memory(model_
         assert c.get(f"/v1/sessions/{sid}").json()["version"] == before["version"]  # nothing half-committed
         assert c.get("/health").status_code == 503 and c.get("/ready").status_code == 503
         assert_error(c.post("/v1/completions", json={"prompt": "x", "max_tokens": 2}), 503, "engine_dead")
+
+
+def test_the_engine_process_exits_when_the_api_process_dies_mid_generation(model_dir, tmp_path):
+    """No orphan: an engine left generating for a dead API process would hold a core (and its memory) forever."""
+    with ServerProcess(model_dir, f"sqlite:///{tmp_path}/sessions.db") as srv, \
+            httpx.Client(base_url=srv.url, timeout=30) as c:
+        with c.stream("POST", "/v1/completions", json={"prompt": "and then ", "max_tokens": 4000,
+                                                       "stream": True}) as r:
+            assert next(r.iter_lines()).startswith("data: {")
+            engine_pid = engine_process_of(srv)
+            srv.process.kill()
+        srv.process.wait(10)
+        deadline = time.monotonic() + 10
+        while Path(f"/proc/{engine_pid}").exists() and _state_of(engine_pid) != "Z":
+            assert time.monotonic() < deadline, "the engine process outlived the API process"
+            time.sleep(0.05)
+
+
+def _state_of(pid: int) -> str:
+    with contextlib.suppress(OSError):
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    return "gone"
 
 
 def test_a_message_that_cannot_reach_the_engine_stops_it_and_fails_its_requests(model_dir):
