@@ -9,10 +9,10 @@ aggregate generated tokens/s; and, in the same run, the same generation through 
 (no HTTP, no store; one session carried from generation to generation, as the server's N=1 session is), so
 `server N=1 / engine` isolates the serving overhead. The machine is noisy, so the measurements run in --rounds
 rounds of every N through the server, N=1 as --pairs streams each right after one engine-alone generation (per
-round, rates are total tokens over total time), and each ratio is the median of its per-round ratios; rates and
-latencies are per-round medians. The N=1 ratio is also split in two, from the server's
-titans_request_inference_time_seconds: the engine process's time per request against Engine.generate's, and the
-request's time at the client against the engine process's. JSON in bench/results/serve.json.
+round, rates are total tokens over total time), and each ratio is the median of its per-round ratios, with a
+95% bootstrap interval over the rounds; rates and latencies are per-round medians. The N=1 ratio is also split in
+two, from the server's titans_request_inference_time_seconds: the engine process's time per request against
+Engine.generate's, and the request's time at the client against the engine process's. JSON in bench/results/serve.json.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ import argparse
 import asyncio
 import json
 import os
+import random
 import statistics
 import sys
 import tempfile
@@ -194,6 +195,15 @@ def combined(runs: list[dict]) -> dict:
             "itl_p50_ms": statistics.median(r["itl_p50_ms"] for r in runs)}
 
 
+def median_and_interval(values: list[float], resamples: int = 2000) -> tuple[float, list[float]]:
+    """The median of per-round values and a 95% bootstrap interval for it (rounds resampled with replacement,
+    seeded): the VM's speed moves from round to round (per-round N=1 ratios spread by ~0.06), so a median of 15
+    rounds is good to a few hundredths, and a target is met only when the interval says so."""
+    rng = random.Random(0)
+    medians = sorted(statistics.median(rng.choices(values, k=len(values))) for _ in range(resamples))
+    return statistics.median(values), [medians[int(0.025 * resamples)], medians[int(0.975 * resamples) - 1]]
+
+
 def median_row(rows: list[dict]) -> dict:
     return {k: statistics.median(r[k] for r in rows) for k in rows[0]}
 
@@ -241,17 +251,18 @@ def main() -> None:
     results["server"] = [median_row([r["server"][i] for r in rounds]) for i in range(len(args.sessions))]
     if 1 in args.sessions:
         one = args.sessions.index(1)
-        results["server_n1_over_engine"] = statistics.median(
-            r["server"][one]["aggregate_tok_s"] / r["engine_alone"]["tok_s"] for r in rounds)
-        # the N=1 gap in two parts: the engine process's time per request against Engine.generate's here, and the
-        # request's time at the client against the engine's
-        results["n1_engine_process_over_engine_alone"] = statistics.median(
-            r["server"][one]["engine_s_per_request"] / (r["engine_alone"]["wall_s"] / args.pairs) for r in rounds)
-        results["n1_request_over_engine_process"] = statistics.median(
-            r["server"][one]["wall_s"] / args.pairs / r["server"][one]["engine_s_per_request"] for r in rounds)
+        per_round = {  # the N=1 gap, then in two parts: the engine process's time per request against
+            # Engine.generate's here, and the request's time at the client against the engine's
+            "server_n1_over_engine": [r["server"][one]["aggregate_tok_s"] / r["engine_alone"]["tok_s"] for r in rounds],
+            "n1_engine_process_over_engine_alone": [
+                r["server"][one]["engine_s_per_request"] / (r["engine_alone"]["wall_s"] / args.pairs) for r in rounds],
+            "n1_request_over_engine_process": [
+                r["server"][one]["wall_s"] / args.pairs / r["server"][one]["engine_s_per_request"] for r in rounds]}
+        for key, values in per_round.items():
+            results[key], results[key + "_ci95"] = median_and_interval(values)
         for i, row in enumerate(results["server"]):
-            row["speedup_over_n1"] = statistics.median(
-                r["server"][i]["aggregate_tok_s"] / r["server"][one]["aggregate_tok_s"] for r in rounds)
+            row["speedup_over_n1"], row["speedup_over_n1_ci95"] = median_and_interval(
+                [r["server"][i]["aggregate_tok_s"] / r["server"][one]["aggregate_tok_s"] for r in rounds])
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
 
@@ -259,14 +270,19 @@ def main() -> None:
     print(f"engine alone (one session, Engine.generate): {alone['tok_s']:.1f} tok/s, TTFT {alone['ttft_ms']:.0f} ms, "
           f"ITL p50 {alone['itl_p50_ms']:.1f} ms (medians of {args.rounds} rounds, as every rate below; ratios are "
           f"medians of per-round ratios)")
-    print("| sessions | aggregate tok/s | × N=1 | TTFT p50 / p99 (ms) | ITL p50 / p99 (ms) | tokens per chunk |")
+    print("| sessions | aggregate tok/s | × N=1 (95% interval) | TTFT p50 / p99 (ms) | ITL p50 / p99 (ms) "
+          "| tokens per chunk |")
     print("|---|---|---|---|---|---|")
     for r in results["server"]:
-        print(f"| {r['sessions']:.0f} | {r['aggregate_tok_s']:.1f} | {r.get('speedup_over_n1', float('nan')):.2f} | "
+        lo, hi = r.get("speedup_over_n1_ci95", [float("nan")] * 2)
+        print(f"| {r['sessions']:.0f} | {r['aggregate_tok_s']:.1f} | {r.get('speedup_over_n1', float('nan')):.2f} "
+              f"({lo:.2f}–{hi:.2f}) | "
               f"{r['ttft_p50_ms']:.0f} / {r['ttft_p99_ms']:.0f} | {r['itl_p50_ms']:.1f} / {r['itl_p99_ms']:.1f} | "
               f"{r['tokens_per_chunk']:.2f} |")
     if "server_n1_over_engine" in results:
-        print(f"server N=1 / engine alone: {results['server_n1_over_engine']:.3f} (per request: the engine process's "
+        lo, hi = results["server_n1_over_engine_ci95"]
+        print(f"server N=1 / engine alone: {results['server_n1_over_engine']:.3f} (95% interval {lo:.3f}–{hi:.3f}; "
+              f"per request: the engine process's "
               f"time {results['n1_engine_process_over_engine_alone']:.3f}x Engine.generate's, the client's "
               f"{results['n1_request_over_engine_process']:.3f}x the engine process's)")
 

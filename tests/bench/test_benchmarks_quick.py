@@ -27,6 +27,8 @@ def test_serve_benchmark_quick(tmp_path, model_dir):
                for r in results["server"])
     assert all(r["engine_alone"]["generated_tokens"] == 16 for r in results["rounds"])
     assert results["server_n1_over_engine"] > 0 and "aggregate tok/s" in proc.stdout
+    lo, hi = results["server_n1_over_engine_ci95"]  # a bootstrap interval over the rounds, around their median
+    assert lo <= results["server_n1_over_engine"] <= hi and "95% interval" in proc.stdout
     # the N=1 split, from the server's titans_request_inference_time_seconds
     assert results["n1_engine_process_over_engine_alone"] > 0 and results["n1_request_over_engine_process"] > 0
     assert all(r["engine_s_per_request"] > 0 for r in results["server"])
