@@ -17,7 +17,8 @@ ROOT = Path(__file__).resolve().parents[2]
 def test_serve_benchmark_quick(tmp_path, model_dir):
     out = tmp_path / "serve.json"
     proc = subprocess.run([sys.executable, "bench/serve.py", "--model", str(model_dir), "--sessions", "1", "2",
-                           "--tokens", "8", "--pairs", "2", "--threads", "1", "--out", str(out)],
+                           "--tokens", "8", "--pairs", "2", "--threads", "1", "--starts", "2", "--rounds", "2",
+                           "--out", str(out)],
                           cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     results = json.loads(out.read_text())
@@ -26,6 +27,8 @@ def test_serve_benchmark_quick(tmp_path, model_dir):
     assert all(r["generated_tokens"] == 8 * r["sessions"] * repeats[r["sessions"]] and r["aggregate_tok_s"] > 0
                for r in results["server"])
     assert all(r["engine_alone"]["generated_tokens"] == 16 for r in results["rounds"])
+    assert [r["start"] for r in results["rounds"]] == [0, 0, 1, 1]  # two server starts, two rounds each
+    assert len(results["server_n1_over_engine_by_start"]) == 2
     assert results["server_n1_over_engine"] > 0 and "aggregate tok/s" in proc.stdout
     lo, hi = results["server_n1_over_engine_ci95"]  # a bootstrap interval over the rounds, around their median
     assert lo <= results["server_n1_over_engine"] <= hi and "95% interval" in proc.stdout
