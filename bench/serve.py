@@ -198,10 +198,12 @@ def combined(runs: list[dict]) -> dict:
 
 
 def median_and_interval(values: list[float], starts: list[int], resamples: int = 2000) -> tuple[float, list[float]]:
-    """The median of per-round values and a 95% bootstrap interval for it: the VM's speed moves from round to round
-    (per-round N=1 ratios spread by ~0.06) and from one server start to the next (whole runs of the same code read
-    0.86 and 0.93), so the bootstrap resamples the starts, then the rounds within each (seeded); a target is met
-    only where the interval says so. starts: each value's server start."""
+    """The median of per-round values and a percentile-bootstrap 95% interval for it: the VM's speed moves from round
+    to round (per-round N=1 ratios spread by ~0.06) and between runs (whole runs of the same code read 0.86 and
+    0.93), so the bootstrap resamples the starts, then the rounds within each (seeded). A rough interval: with few
+    starts or rounds it covers less than 95% (about 86% at 4 starts x 10 rounds, 73% at one start x 3 rounds, in a
+    simulation by the session's reviewer), so a target near its edge is not settled by one run. starts: each
+    value's server start."""
     by_start: dict[int, list[float]] = {}
     for start, value in zip(starts, values):
         by_start.setdefault(start, []).append(value)
@@ -261,6 +263,7 @@ def main() -> None:
                     results["rounds"].append({"start": start, "engine_alone": combined(alone), "server": server})
             finally:
                 srv.stop()
+        del engine  # one model in memory at a time
     rounds = results["rounds"]
     results["engine_alone"] = median_row([r["engine_alone"] for r in rounds])
     results["engine_alone_tok_s"] = results["engine_alone"]["tok_s"]

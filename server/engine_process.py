@@ -255,7 +255,7 @@ class APIGone(Exception):
 def _received(conn: Connection) -> list:
     try:
         return receive(conn)
-    except EOFError:
+    except (EOFError, ConnectionResetError):  # reset: the API process died with our messages unread
         raise APIGone from None
 
 

@@ -187,7 +187,8 @@ def test_a_dead_engine_process_fails_requests_cleanly_and_loses_no_memory(model_
 
 
 def test_the_engine_process_exits_when_the_api_process_dies_mid_generation(model_dir, tmp_path):
-    """No orphan: an engine left generating for a dead API process would hold a core (and its memory) forever."""
+    """No orphan: an engine left generating for a dead API process would hold a core (and its memory) forever.
+    It leaves quietly: a dead API process is a normal end for it, not a crash of its loop."""
     with ServerProcess(model_dir, f"sqlite:///{tmp_path}/sessions.db") as srv, \
             httpx.Client(base_url=srv.url, timeout=30) as c:
         with c.stream("POST", "/v1/completions", json={"prompt": "and then ", "max_tokens": 4000,
@@ -196,10 +197,16 @@ def test_the_engine_process_exits_when_the_api_process_dies_mid_generation(model
             engine_pid = engine_process_of(srv)
             srv.process.kill()
         srv.process.wait(10)
-        deadline = time.monotonic() + 10
-        while Path(f"/proc/{engine_pid}").exists() and _state_of(engine_pid) != "Z":
-            assert time.monotonic() < deadline, "the engine process outlived the API process"
-            time.sleep(0.05)
+        try:
+            deadline = time.monotonic() + 10
+            while Path(f"/proc/{engine_pid}").exists() and _state_of(engine_pid) != "Z":
+                assert time.monotonic() < deadline, "the engine process outlived the API process"
+                time.sleep(0.05)
+        finally:  # a failing run must not leave the orphan behind either
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(engine_pid, signal.SIGKILL)
+        srv.log.flush()
+        assert "engine loop died" not in srv.log_path.read_text()
 
 
 def _state_of(pid: int) -> str:
