@@ -65,8 +65,9 @@ class Engine:
     def __init__(self, model: Titans, tokenizer_dir: str | Path | None = None, device: torch.device | None = None,
                  weight_dtype: torch.dtype | None = None, compile: bool = False, aot_decode: bool = False):
         """weight_dtype: store the dense projections (not norms, memory or embeddings) in this dtype,
-        e.g. torch.float16 to halve the bytes each decode step reads. Activations and the memory stay
-        fp32. It is part of the fingerprint: snapshots are tied to the numerics that produced them.
+        e.g. torch.float16 to halve the bytes each decode step reads, or torch.int8 (weight-only, a scale per
+        row: Linear.quantize_int8) to quarter them. Activations and the memory stay fp32. It is part of the
+        fingerprint: snapshots are tied to the numerics that produced them.
         compile: run decode steps and prefill's memory chunks through torch.compile (Titans.compile_steps);
         the same function, so not part of the fingerprint. aot_decode (with compile): warm_up also compiles
         one session's decode step ahead of time (Titans.compile_decode_ahead_of_time)."""
@@ -80,7 +81,9 @@ class Engine:
             p.requires_grad_(False)
         if weight_dtype is not None:
             for module in self.model.modules():
-                if isinstance(module, Linear):
+                if isinstance(module, Linear) and weight_dtype == torch.int8:
+                    module.quantize_int8()
+                elif isinstance(module, Linear):
                     module.to(weight_dtype)
         self.tokenizer = load_tokenizer(self.config.tokenizer, tokenizer_dir)
         if self.tokenizer.vocab_size > self.config.vocab_size:
@@ -133,6 +136,9 @@ class Engine:
                    weight_dtype=weight_dtype, compile=compile, aot_decode=aot_decode)
 
     def save(self, model_dir: str | Path) -> None:
+        if any(isinstance(m, Linear) and m.weight.dtype == torch.int8 for m in self.model.modules()):
+            raise ValueError("an engine with int8 weights cannot be saved as a model: save the one it was loaded "
+                             "from (Engine.load quantises at load time)")
         save_model_dir(self.model, model_dir, self._tokenizer_dir, metadata={"fingerprint": self.fingerprint})
 
     def _fingerprint(self) -> str:

@@ -67,7 +67,7 @@ log = logging.getLogger("titans.engine")
 class EngineOptions:
     model: str
     device: str  # auto | cpu | cuda
-    weights: str  # fp32 | fp16 | bf16
+    weights: str  # fp32 | fp16 | bf16 | int8
     compile: bool
     aot_decode: bool
     torch_threads: int  # 0: all cores but one
@@ -260,7 +260,7 @@ def _received(conn: Connection) -> list:
 
 
 def _weight_dtype(name: str) -> torch.dtype | None:
-    return {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}[name]
+    return {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16, "int8": torch.int8}[name]
 
 
 # --- the API process's side -----------------------------------------------------------------------------------

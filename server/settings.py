@@ -24,9 +24,10 @@ class Settings(BaseSettings):
     # "KEY" or "KEY:TENANT", comma-separated in TITANS_API_KEYS; a key without a tenant is its own tenant
     api_keys: Annotated[tuple[str, ...], NoDecode] = ()
     device: str = Field("auto", description="auto | cpu | cuda")
-    weights: Literal["fp32", "fp16", "bf16"] = Field(
-        "fp32", description="dtype of the dense projections: fp16 halves the bytes of every decode step; part of "
-                            "the model fingerprint, so snapshots do not move between servers that differ in it")
+    weights: Literal["fp32", "fp16", "bf16", "int8"] = Field(
+        "fp32", description="dtype of the dense projections: fp16 halves the bytes of every decode step, int8 "
+                            "(weight-only, a scale per row) quarters them; part of the model fingerprint, so "
+                            "snapshots do not move between servers that differ in it")
     compile: bool = Field(False, description="torch.compile the decode step and prefill's memory chunks (2-3x "
                                              "faster decode on a CPU, needs a C++ compiler); compiled at start-up, "
                                              "before /ready")

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from engine import Engine, SamplingParams
-from engine.model import Titans
+from engine.model import Linear, Titans
 
 from .helpers import assert_close, engine_for, tiny, tokens
 
@@ -180,6 +180,44 @@ def test_half_precision_linear_is_one_function_whatever_the_rows():
     ulp = torch.finfo(torch.float16).eps * together.abs().clamp(min=2.0**-14)
     assert ((together - one_by_one).abs() <= 2 * ulp).all()
     assert torch.equal(together.half().float(), together)  # rounded to fp16, as the half path is
+
+
+def test_int8_linear_is_one_function_whatever_the_rows():
+    """Linear.quantize_int8: few rows take torch's int8 x bf16 kernel, many a float GEMM on the int8 weight; both
+    are a bf16 linear on the dequantised weight, so they agree to bf16 rounding, and stay near the float layer."""
+    torch.manual_seed(0)
+    full = Linear(64, 96)
+    layer = Linear(64, 96)
+    layer.load_state_dict(full.state_dict())
+    assert layer.quantize_int8() and layer.weight.dtype == torch.int8
+    x = torch.randn(3 * Linear.UPCAST_ROWS, 64)
+    together = layer(x)  # float GEMM
+    one_by_one = torch.cat([layer(row[None]) for row in x])  # the int8 kernel
+    assert together.dtype == one_by_one.dtype == torch.float32
+    without_bias = together - layer.bias
+    ulp = torch.finfo(torch.bfloat16).eps * without_bias.abs().clamp(min=2.0**-14)
+    assert ((together - one_by_one).abs() <= 2 * ulp).all()
+    reference = full(x)
+    assert (together - reference).norm() / reference.norm() < 0.02  # int8 rows: ~0.5% per product
+    assert not Linear(40, 8).quantize_int8()  # widths the kernel cannot take stay float
+
+
+@pytest.mark.parametrize("variant", ["mac", "mal"])
+def test_int8_weights_keep_the_invariants_to_bf16_rounding(variant, tmp_path):
+    cfg = tiny(variant)
+    int8, full = engine_for(cfg, weight_dtype=torch.int8), engine_for(cfg)
+    assert all(m.weight.dtype == torch.int8 for m in int8.model.modules() if isinstance(m, Linear))
+    ids = tokens(50, torch.Generator().manual_seed(4))
+    prefill, state = int8.forward(ids, int8.new_state())
+    stepped, s = [], int8.new_state()
+    for t in ids:
+        logits, s = int8.forward([int(t)], s)
+        stepped.append(logits)
+    assert_close(torch.cat(stepped), prefill, tol=5e-2)
+    assert_close(prefill, full.forward(ids, full.new_state())[0], tol=1e-1)  # the same model as in fp32
+    assert len({int8.fingerprint, full.fingerprint, engine_for(cfg, weight_dtype=torch.float16).fingerprint}) == 3
+    with pytest.raises(ValueError, match="int8"):  # a checkpoint holds the float model; quantising is at load time
+        int8.save(tmp_path)
 
 
 @pytest.mark.parametrize("variant", ["mac", "mal"])
