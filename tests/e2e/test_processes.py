@@ -141,14 +141,15 @@ def test_a_compiled_server_answers_like_an_eager_one_and_shares_its_sessions(mod
         compiled.stop()
 
 
-def test_fp16_weights_serve_and_their_sessions_do_not_move_to_an_fp32_server(model_dir, redis_server):
-    """--weights fp16 changes the numerics, so it changes the fingerprint: a session written by an fp16 server is
-    refused by an fp32 server with 409 model_mismatch (and its memory is untouched), never silently reused."""
-    with ServerProcess(model_dir, redis_server.url, "--weights", "fp16") as half, \
+@pytest.mark.parametrize("weights", ["fp16", "int8"])
+def test_reduced_weights_serve_and_their_sessions_do_not_move_to_an_fp32_server(model_dir, redis_server, weights):
+    """--weights fp16 or int8 changes the numerics, so it changes the fingerprint: a session written by such a server
+    is refused by an fp32 server with 409 model_mismatch (and its memory is untouched), never silently reused."""
+    with ServerProcess(model_dir, redis_server.url, "--weights", weights) as half, \
             ServerProcess(model_dir, redis_server.url) as full:
         with httpx.Client(base_url=half.url, timeout=30) as c:
             sid = new_session(c)["id"]
-            assert len(complete(c, list(b"half precision "), sid)["choices"][0]["token_ids"]) > 0
+            assert len(complete(c, list(b"fewer bytes "), sid)["choices"][0]["token_ids"]) > 0
             version = c.get(f"/v1/sessions/{sid}").json()["version"]
         with httpx.Client(base_url=full.url, timeout=30) as c:
             assert_error(c.post("/v1/completions", json={"prompt": "x", "max_tokens": 2, "session_id": sid}),
