@@ -203,33 +203,24 @@ def test_int8_linear_is_one_function_whatever_the_rows():
 
 
 @pytest.mark.parametrize("variant", ["mac", "mal"])
-def test_int8_weights_keep_the_invariants_to_bf16_rounding(variant, tmp_path):
+@pytest.mark.parametrize(("dtype", "step_tol", "fp32_tol"), [(torch.float16, 2e-2, 5e-2), (torch.int8, 5e-2, 1e-1)])
+def test_reduced_weights_keep_the_invariants_to_their_rounding(variant, dtype, step_tol, fp32_tol):
     cfg = tiny(variant)
-    int8, full = engine_for(cfg, weight_dtype=torch.int8), engine_for(cfg)
-    assert all(m.weight.dtype == torch.int8 for m in int8.model.modules() if isinstance(m, Linear))
+    reduced, full = engine_for(cfg, weight_dtype=dtype), engine_for(cfg)
     ids = tokens(50, torch.Generator().manual_seed(4))
-    prefill, state = int8.forward(ids, int8.new_state())
-    stepped, s = [], int8.new_state()
+    prefill, state = reduced.forward(ids, reduced.new_state())
+    stepped, s = [], reduced.new_state()
     for t in ids:
-        logits, s = int8.forward([int(t)], s)
+        logits, s = reduced.forward([int(t)], s)
         stepped.append(logits)
-    assert_close(torch.cat(stepped), prefill, tol=5e-2)
-    assert_close(prefill, full.forward(ids, full.new_state())[0], tol=1e-1)  # the same model as in fp32
-    assert len({int8.fingerprint, full.fingerprint, engine_for(cfg, weight_dtype=torch.float16).fingerprint}) == 3
+    assert_close(torch.cat(stepped), prefill, tol=step_tol)
+    assert_close(prefill, full.forward(ids, full.new_state())[0], tol=fp32_tol)  # the same model as in fp32
+    assert reduced.fingerprint != full.fingerprint
+
+
+def test_an_int8_engine_quantises_every_dense_layer_and_is_not_saved_as_a_model(tmp_path):
+    int8 = engine_for(tiny("mac"), weight_dtype=torch.int8)
+    assert all(m.weight.dtype == torch.int8 for m in int8.model.modules() if isinstance(m, Linear))
+    assert int8.fingerprint != engine_for(tiny("mac"), weight_dtype=torch.float16).fingerprint
     with pytest.raises(ValueError, match="int8"):  # a checkpoint holds the float model; quantising is at load time
         int8.save(tmp_path)
-
-
-@pytest.mark.parametrize("variant", ["mac", "mal"])
-def test_half_precision_weights_keep_the_invariants_to_fp16_rounding(variant):
-    cfg = tiny(variant)
-    half, full = engine_for(cfg, weight_dtype=torch.float16), engine_for(cfg)
-    ids = tokens(50, torch.Generator().manual_seed(4))
-    prefill, state = half.forward(ids, half.new_state())
-    stepped, s = [], half.new_state()
-    for t in ids:
-        logits, s = half.forward([int(t)], s)
-        stepped.append(logits)
-    assert_close(torch.cat(stepped), prefill, tol=2e-2)
-    assert_close(prefill, full.forward(ids, full.new_state())[0], tol=5e-2)  # the same model as in fp32
-    assert half.fingerprint != full.fingerprint
