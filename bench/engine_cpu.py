@@ -11,7 +11,8 @@ For the small-mac preset (~7.5M parameters: dim 256, 4 layers, memory depth 2 x4
 Our weights run in fp32 and with fp16 dense weights (Engine weight_dtype), each eager and with compiled steps
 (Engine compile=True: torch.compile of the one-row decode step and of prefill's whole-chunk memory step;
 compiling happens in the warm-up round), and fp16 compiled with aot_decode (one session's decode step compiled
-ahead of time by AOTInductor). Our memory layer runs eager and with its chunk step compiled.
+ahead of time by AOTInductor), and int8 dense weights compiled the same way (not in --quick). Our memory layer runs
+eager and with its chunk step compiled.
 
 The machine is noisy, so every repetition runs all workloads once, interleaved, and each ratio is the median
 of per-repetition ratios (ours and the baseline timed back to back). Values are medians over --repeats
@@ -41,7 +42,9 @@ from engine.model import MAX_SPAN, MemoryMixer, StepContext, compile_chunk_step
 ENGINES = {"fp32": {}, "fp16": {"weight_dtype": torch.float16},
            "fp32_compiled": {"compile": True}, "fp16_compiled": {"weight_dtype": torch.float16, "compile": True},
            # and one session's decode step compiled ahead of time (AOTInductor, in Engine.warm_up)
-           "fp16_compiled_aot": {"weight_dtype": torch.float16, "compile": True, "aot_decode": True}}
+           "fp16_compiled_aot": {"weight_dtype": torch.float16, "compile": True, "aot_decode": True},
+           # int8 dense weights (weight-only, a scale per row); not in --quick: its AOT build takes minutes
+           "int8_compiled_aot": {"weight_dtype": torch.int8, "compile": True, "aot_decode": True}}
 Workload = Callable[[], dict[str, float]]  # one timed run -> {metric: tokens per second}
 
 
@@ -154,11 +157,13 @@ RATIOS = [  # (name, ours, baseline)
     ("ratio_fp16_sample_incl_prefill", "ours_fp16_sample_incl_prefill_tok_s", _SAMPLE),
     ("ratio_fp16_compiled_sample_incl_prefill", "ours_fp16_compiled_sample_incl_prefill_tok_s", _SAMPLE),
     ("ratio_fp16_compiled_aot_sample_incl_prefill", "ours_fp16_compiled_aot_sample_incl_prefill_tok_s", _SAMPLE),
+    ("ratio_int8_compiled_aot_sample_incl_prefill", "ours_int8_compiled_aot_sample_incl_prefill_tok_s", _SAMPLE),
 ]
 SPEEDUPS = [  # (name, compiled, eager): our own engine, compiled against eager, paired per repetition
     (f"speedup_{dtype}_compiled_{work}", f"ours_{dtype}_compiled_{work}_tok_s", f"ours_{dtype}_{work}_tok_s")
     for dtype in ("fp32", "fp16") for work in ("decode", "prefill_b1")] + [
-    ("speedup_fp16_aot_decode", "ours_fp16_compiled_aot_decode_tok_s", "ours_fp16_compiled_decode_tok_s")]
+    ("speedup_fp16_aot_decode", "ours_fp16_compiled_aot_decode_tok_s", "ours_fp16_compiled_decode_tok_s"),
+    ("speedup_int8_over_fp16_aot_decode", "ours_int8_compiled_aot_decode_tok_s", "ours_fp16_compiled_aot_decode_tok_s")]
 
 
 def table(results: dict) -> str:
@@ -195,6 +200,8 @@ def main(argv=None) -> dict:
     gen = torch.Generator().manual_seed(0)
     workloads: dict[str, Workload] = {}
     for name, options in ENGINES.items():
+        if args.quick and options.get("weight_dtype") == torch.int8:
+            continue
         eng = Engine.from_config(cfg, seed=0, device="cpu", **options)
         if options.get("aot_decode"):
             eng.warm_up()  # the package is built here; torch.compile's graphs compile in the warm-up round
@@ -224,6 +231,8 @@ def main(argv=None) -> dict:
     samples = run_interleaved(workloads, args.warmup, args.repeats)
     results.update({metric: statistics.median(values) for metric, values in samples.items()})
     for name, ours, base in ratios:  # repetition r of ours against repetition r of the baseline
+        if ours not in samples:  # an engine --quick leaves out
+            continue
         results[name] = statistics.median(o / b for o, b in zip(samples[ours], samples[base]))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
