@@ -18,7 +18,7 @@ The machine is noisy, so every repetition runs all workloads once, interleaved, 
 of per-repetition ratios (ours and the baseline timed back to back). Values are medians over --repeats
 after --warmup rounds. Writes JSON, prints a table.
 
-    python bench/engine_cpu.py                        # full run (about 3 minutes on 2 cores)
+    python bench/engine_cpu.py                        # full run (about 13 minutes on 2 cores, most compiling)
     python bench/engine_cpu.py --quick --no-baseline  # smoke test at tiny sizes
 """
 
