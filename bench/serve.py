@@ -197,6 +197,14 @@ def combined(runs: list[dict]) -> dict:
             "itl_p50_ms": statistics.median(r["itl_p50_ms"] for r in runs)}
 
 
+def by_start(values: list[float], starts: list[int]) -> list[list[float]]:
+    """Per-round values grouped by their server start, in start order."""
+    groups: dict[int, list[float]] = {}
+    for start, value in zip(starts, values):
+        groups.setdefault(start, []).append(value)
+    return [groups[start] for start in sorted(groups)]
+
+
 def median_and_interval(values: list[float], starts: list[int], resamples: int = 2000) -> tuple[float, list[float]]:
     """The median of per-round values and a percentile-bootstrap 95% interval for it: the VM's speed moves from round
     to round (per-round N=1 ratios spread by ~0.06) and between runs (whole runs of the same code read 0.86 and
@@ -204,10 +212,7 @@ def median_and_interval(values: list[float], starts: list[int], resamples: int =
     starts or rounds it covers less than 95% (about 86% at 4 starts x 10 rounds, 73% at one start x 3 rounds, in a
     simulation by the session's reviewer), so a target near its edge is not settled by one run. starts: each
     value's server start."""
-    by_start: dict[int, list[float]] = {}
-    for start, value in zip(starts, values):
-        by_start.setdefault(start, []).append(value)
-    groups, rng, medians = list(by_start.values()), random.Random(0), []
+    groups, rng, medians = by_start(values, starts), random.Random(0), []
     for _ in range(resamples):
         chosen = rng.choices(groups, k=len(groups))
         medians.append(statistics.median(v for g in chosen for v in rng.choices(g, k=len(g))))
@@ -229,8 +234,9 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true", help="compiled decode, in the server and the engine alone")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds of engine alone + every N")
     parser.add_argument("--starts", type=int, default=1,
-                        help="server starts, --rounds each: whole runs of the same code differ by more than their "
-                             "rounds do (0.86 against 0.93 for N=1 / engine), so a headline pools several")
+                        help="fresh servers (and engines alone), --rounds each, pooled: the VM's speed drifts over "
+                             "minutes (whole runs of the same code read 0.86 and 0.93 for N=1 / engine), so a "
+                             "headline pools several")
     parser.add_argument("--pairs", type=int, default=6,
                         help="per round, N=1 streams each right after one engine-alone generation (one 64-token "
                              "request is ~150 ms: a single pair per round left the ratio at the VM's mercy)")
@@ -281,8 +287,7 @@ def main() -> None:
         for key, values in per_round.items():
             results[key], results[key + "_ci95"] = median_and_interval(values, starts)
         results["server_n1_over_engine_by_start"] = [
-            statistics.median(v for v, s in zip(per_round["server_n1_over_engine"], starts) if s == start)
-            for start in range(args.starts)]
+            statistics.median(group) for group in by_start(per_round["server_n1_over_engine"], starts)]
         for i, row in enumerate(results["server"]):
             row["speedup_over_n1"], row["speedup_over_n1_ci95"] = median_and_interval(
                 [r["server"][i]["aggregate_tok_s"] / r["server"][one]["aggregate_tok_s"] for r in rounds], starts)

@@ -81,10 +81,11 @@ class Engine:
             p.requires_grad_(False)
         if weight_dtype is not None:
             for module in self.model.modules():
-                if isinstance(module, Linear) and weight_dtype == torch.int8:
-                    module.quantize_int8()
-                elif isinstance(module, Linear):
-                    module.to(weight_dtype)
+                if isinstance(module, Linear):
+                    if weight_dtype == torch.int8:
+                        module.quantize_int8()
+                    else:
+                        module.to(weight_dtype)
         self.tokenizer = load_tokenizer(self.config.tokenizer, tokenizer_dir)
         if self.tokenizer.vocab_size > self.config.vocab_size:
             raise ConfigError(f"tokenizer has {self.tokenizer.vocab_size} tokens but the model only "
