@@ -240,12 +240,14 @@ def main() -> None:
     parser.add_argument("--pairs", type=int, default=6,
                         help="per round, N=1 streams each right after one engine-alone generation (one 64-token "
                              "request is ~150 ms: a single pair per round left the ratio at the VM's mercy)")
+    parser.add_argument("--engine-cpus", default="auto", help="the server's --engine-cpus (none: not pinned)")
     parser.add_argument("--out", default=str(ROOT / "bench/results/serve.json"))
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
     results: dict = {"model": args.model, "tokens": args.tokens, "prompt_bytes": len(PROMPT.encode()),
                      "pairs": args.pairs, "threads": args.threads, "compile": args.compile, "starts": args.starts,
+                     "engine_cpus": args.engine_cpus,
                      "rounds": []}
     for start in range(args.starts):  # a fresh server and a freshly loaded engine alone each time
         engine = Engine.load(Path(args.model), compile=args.compile)
@@ -253,7 +255,7 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as tmp:
             srv = ServerProcess(Path(args.model), f"sqlite:///{tmp}/sessions.db", "--max-running",
                                 str(max(args.sessions)), "--torch-threads", str(args.threads),
-                                "--compile", str(args.compile).lower())
+                                "--compile", str(args.compile).lower(), "--engine-cpus", args.engine_cpus)
             srv.start(timeout=900)  # compiling happens before /ready
             try:
                 for _ in range(args.rounds):

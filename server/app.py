@@ -12,7 +12,7 @@ import torch
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse
 
-from server.engine_process import EngineClient, EngineOptions, freeze_garbage_collector
+from server.engine_process import EngineClient, EngineOptions, freeze_garbage_collector, pin_this_process, plan_cpus
 from server.errors import APIError, error_body, install_handlers
 from server.metrics import Metrics
 from server.routers import generation, health, models, sessions
@@ -29,11 +29,14 @@ def load_runtime(settings: Settings) -> Runtime:
     torch.set_num_threads(1)
     name = settings.model_name()
     metrics = Metrics(name, max(settings.max_prompt_tokens, settings.max_output_tokens))
+    cpus = plan_cpus(settings.engine_cpus, settings.torch_threads)
     core = EngineClient(EngineOptions(str(settings.model), settings.device, settings.weights, settings.compile,
-                                      settings.aot_decode, settings.torch_threads, settings.max_running,
-                                      settings.prefill_chunk),
+                                      settings.aot_decode, cpus.threads, settings.max_running,
+                                      settings.prefill_chunk, cpus.engine),
                         metrics, settings.max_waiting)
     core.start()
+    pin_this_process(cpus.api)
+    log.info("%s", cpus.describe())
     try:
         store = open_store(settings.store, StoreOptions(
             history=settings.history, ttl_s=settings.session_ttl_s, timeout_s=settings.store_timeout_s,

@@ -210,6 +210,22 @@ def test_the_engine_process_exits_when_the_api_process_dies_mid_generation(model
         assert "engine loop died" not in srv.log_path.read_text()
 
 
+@pytest.mark.skipif(len(getattr(os, "sched_getaffinity", lambda _: ())(0)) < 2, reason="needs 2 CPUs and Linux")
+def test_the_engine_and_http_processes_run_on_cpus_of_their_own(model_dir, tmp_path):
+    cpus = sorted(os.sched_getaffinity(0))
+    with ServerProcess(model_dir, f"sqlite:///{tmp_path}/sessions.db", "--torch-threads", "1") as srv, \
+            httpx.Client(base_url=srv.url, timeout=30) as c:
+        complete(c, "pinned ")  # every thread of a serving process exists by now
+        engine_pid = engine_process_of(srv)
+        assert _affinities(engine_pid) == {frozenset(cpus[-1:])}
+        assert _affinities(srv.process.pid) == {frozenset(cpus[:-1])}
+
+
+def _affinities(pid: int) -> set[frozenset[int]]:
+    """The distinct CPU sets of a process's threads."""
+    return {frozenset(os.sched_getaffinity(int(task))) for task in os.listdir(f"/proc/{pid}/task")}
+
+
 def _state_of(pid: int) -> str:
     with contextlib.suppress(OSError):
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
