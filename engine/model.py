@@ -440,29 +440,37 @@ class NeuralMemory(nn.Module):
             out = memory_read(weights, q, self.cfg.norm_eps)
         return out.transpose(1, 2).flatten(2).to(dtype)
 
+    def kernel_pool(self, state: State, in_place: bool) -> tuple[list[Tensor], list[Tensor]]:
+        """The W/S the Triton kernels update in place: the state's own tensors when the caller owns them (a
+        server's batch; copying every session's weights whenever one completes a chunk would cost more than the
+        update), else contiguous copies (inputs are never written)."""
+        def pool(x: Tensor) -> Tensor:
+            if in_place and x.is_contiguous():
+                return x
+            return x.clone(memory_format=torch.contiguous_format)
+
+        return [pool(x) for x in self.weights(state)], [pool(x) for x in self.weights(state, "S")]
+
     def chunk_kernel(self, state: State, q: Tensor | None, k: Tensor, v: Tensor, log_gates: Tensor,
-                     sessions: Tensor) -> tuple[Tensor | None, Tensor, list[Tensor], list[Tensor]]:
-        """The Triton chunk step for `sessions` (indices into the batch): (read, surprise, new W, new S), like
-        read_and_update. The state's W/S are copied once and updated in place by the kernel (inputs are never
-        written); sessions not listed keep their weights."""
+                     sessions: Tensor, in_place: bool) -> tuple[Tensor | None, Tensor, list[Tensor], list[Tensor]]:
+        """The Triton chunk step for `sessions` (indices into the batch; k, v, log_gates hold their rows only):
+        (read, surprise, new W, new S), like read_and_update. Sessions not listed keep their weights."""
         from kernels.memory import fused_chunk
 
-        w = [x.contiguous().clone() for x in self.weights(state)]
-        s = [x.contiguous().clone() for x in self.weights(state, "S")]
+        w, s = self.kernel_pool(state, in_place)
         log_theta, log_eta, log_keep = log_gates.unbind(-1)
         read, surprise = fused_chunk.chunk_step(w, s, sessions, q, k, v, log_eta, log_keep, self.theta(log_theta),
                                                 self.cfg.norm_eps, self.cfg.mem_grad_clip)
         return read, surprise, w, s
 
     def prefill_kernel(self, state: State, q: Tensor, k: Tensor, v: Tensor, log_gates: Tensor,
-                       dtype) -> tuple[Tensor, Tensor, State]:
+                       dtype, in_place: bool) -> tuple[Tensor, Tensor, State]:
         """Whole chunks of aligned sessions in one Triton launch (kernels/memory/chunk.py: each session a packed
         sequence): q, k, v [B, H, R, d] -> (y [B, R, H*d], surprise [B, R], new state)."""
         from kernels.memory import chunk
 
         B, H, R, d = q.shape
-        w = [x.contiguous().clone() for x in self.weights(state)]
-        s = [x.contiguous().clone() for x in self.weights(state, "S")]
+        w, s = self.kernel_pool(state, in_place)
 
         def packed(x: Tensor) -> Tensor:  # [B, H, R, ...] -> [B * R, H, ...]
             return x.transpose(1, 2).reshape(B * R, H, *x.shape[3:])
@@ -510,7 +518,7 @@ class NeuralMemory(nn.Module):
                 if i == whole[0]:
                     e = pieces[whole[-1]][1]
                     y, surprise, state = self.prefill_kernel(state, q[:, :, a:e], k[:, :, a:e], v[:, :, a:e],
-                                                             log_gates[:, :, a:e], dtype)
+                                                             log_gates[:, :, a:e], dtype, ctx.owned)
                     ys.append(y)
                     surprises.append(surprise)
                 continue
@@ -549,7 +557,9 @@ class NeuralMemory(nn.Module):
         new = dict(state)
         if ctx.any_full and use_triton(self.weights(state), k):
             full = ctx.flag("full").flatten().nonzero().flatten()
-            _, _, w_new, s_new = self.chunk_kernel(state, None, buf[..., :d], buf[..., d:2 * d], buf[..., 2 * d:], full)
+            part = buf.index_select(0, full)  # [B', H, b, 2d+3]: the kernel's program i works on full[i]
+            _, _, w_new, s_new = self.chunk_kernel(state, None, part[..., :d], part[..., d:2 * d], part[..., 2 * d:],
+                                                   full, ctx.owned)
             new = self.with_memory(new, w_new, s_new)
             buf = buf.masked_fill(ctx.flag("full"), 0.0)
         elif ctx.any_full:

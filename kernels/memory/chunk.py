@@ -80,5 +80,6 @@ def prefill(weights: list[Tensor], momentum: list[Tensor], state_indices: Tensor
     _prefill_kernel[(sequences, H)](
         weights[0], w2, momentum[0], s2, state_indices.contiguous(), cu_seqlens.contiguous(), q.contiguous(),
         k.contiguous(), v.contiguous(), *gates, read, surprise, H, D, F, chunk_size, eps, float(grad_clip or 0.0),
-        DEPTH=depth, HAS_CLIP=grad_clip is not None, BT=_block(chunk_size), BD=_block(D), BF=_block(F))
+        DEPTH=depth, HAS_CLIP=grad_clip is not None, BT=_block(chunk_size), BD=_block(D), BF=_block(F),
+        num_stages=1)  # pipelining the chunk loop doubles its shared memory (d 64, e 4, chunk 64: 243 -> 162 KB)
     return read, surprise

@@ -21,8 +21,10 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-INV_SQRT2 = 0.7071067811865476
-INV_SQRT2PI = 0.3989422804014327
+# constexpr: a jitted function may read no other globals (the CPU interpreter lets plain floats through; a GPU
+# compile refuses them)
+INV_SQRT2 = tl.constexpr(0.7071067811865476)
+INV_SQRT2PI = tl.constexpr(0.3989422804014327)
 
 
 @triton.jit
@@ -194,6 +196,12 @@ def _check_pool(weights: list[Tensor], momentum: list[Tensor] | None) -> tuple[i
     return H, D, F
 
 
+def _check_indices(state_indices: Tensor, rows: int) -> None:
+    """Program b works on rows b of the activations and on pool slot state_indices[b]: one slot per row."""
+    if state_indices.shape != (rows,):
+        raise ValueError(f"state_indices has shape {tuple(state_indices.shape)}, the activations {rows} sessions")
+
+
 def chunk_step(weights: list[Tensor], momentum: list[Tensor], state_indices: Tensor, q: Tensor | None, k: Tensor,
                v: Tensor, log_eta: Tensor, log_keep: Tensor, theta: Tensor, eps: float,
                grad_clip: float | None) -> tuple[Tensor | None, Tensor]:
@@ -202,6 +210,7 @@ def chunk_step(weights: list[Tensor], momentum: list[Tensor], state_indices: Ten
     Returns (read [B, H, T, d] fp32 or None, surprise [B, H, T] fp32)."""
     H, D, F = _check_pool(weights, momentum)
     B, _, T, _ = k.shape
+    _check_indices(state_indices, B)
     k, v = k.contiguous(), v.contiguous()
     gates = [g.contiguous().float() for g in (log_eta, log_keep, theta)]
     read = torch.empty(B, H, T, D, device=k.device, dtype=torch.float32) if q is not None else None
@@ -222,9 +231,11 @@ def read(weights: list[Tensor], state_indices: Tensor, q: Tensor, eps: float) ->
     """M*(q) with each session's weights from the pool: q [B, H, T, d] -> [B, H, T, d] fp32."""
     H, D, F = _check_pool(weights, None)
     B, _, T, _ = q.shape
+    _check_indices(state_indices, B)
     out = torch.empty(B, H, T, D, device=q.device, dtype=torch.float32)
     if B and T:
         w2 = weights[1] if len(weights) == 2 else weights[0]
         _read_kernel[(B, H)](weights[0], w2, state_indices.contiguous(), q.contiguous(), out, H, T, D, F, eps,
-                             DEPTH=len(weights), BT=_block(T), BD=_block(D), BF=_block(F))
+                             DEPTH=len(weights), BT=_block(T), BD=_block(D), BF=_block(F),
+                             num_warps=8)  # a head's W1, W2 in registers: 4 warps spill them (d 64, e 4)
     return out

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from engine import Engine
+from engine.engine import SessionBatch
 from kernels.memory import fused_chunk
 from kernels.memory.naive import chunk_step_ref, read_ref
 from tests.engine.helpers import VARIANTS, tiny, tokens
@@ -108,6 +109,47 @@ def test_engine_with_triton_kernels_equals_torch(variant, monkeypatch):
         torch.testing.assert_close(state.tensors[key], ref_state.tensors[key], rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("variant", ["lmm", "mal"])
+def test_a_staggered_batch_with_triton_kernels_equals_torch(variant, monkeypatch):
+    """Sessions at different positions in one decode batch, as a server's are: a step completes the chunk of
+    some sessions only, and the kernel must update exactly those (it once ran every batch row against the
+    listed sessions' slots: out of bounds, and the wrong session's keys). Through forward_batch (copies) and a
+    SessionBatch (the batch's own weights, updated in place)."""
+    engine = Engine.from_config(tiny(variant, chunk_size=4), seed=1)
+    prompts = [tokens(1), tokens(3), tokens(6)]  # positions 1, 3, 6: each step completes someone's chunk
+
+    def run():
+        states = [engine.forward(p, engine.new_state())[1] for p in prompts]
+        out = []
+        for _ in range(3):
+            pairs = engine.forward_batch([tokens(1) for _ in states], states)
+            out += [logits for logits, _ in pairs]
+            states = [state for _, state in pairs]
+        batch = SessionBatch(engine, states)
+        for _ in range(3):
+            out += [logits for logits, _ in batch.forward([tokens(1) for _ in states])]
+        return torch.cat(out), batch.states()
+
+    torch.manual_seed(5)
+    monkeypatch.setenv("TITANS_KERNELS", "torch")
+    ref_logits, ref_states = run()
+    torch.manual_seed(5)
+    monkeypatch.setenv("TITANS_KERNELS", "triton")
+    logits, states = run()
+    torch.testing.assert_close(logits, ref_logits, rtol=1e-4, atol=1e-4)
+    for state, ref in zip(states, ref_states):
+        for key in ref.tensors:
+            torch.testing.assert_close(state.tensors[key], ref.tensors[key], rtol=1e-4, atol=1e-4)
+
+
+def test_kernels_refuse_a_slot_list_that_does_not_match_the_rows():
+    weights, momentum, slots, q, k, v, log_eta, log_keep, theta = random_case(random.Random(0), 2)
+    with pytest.raises(ValueError, match="state_indices"):
+        fused_chunk.chunk_step(weights, momentum, slots.repeat(2), q, k, v, log_eta, log_keep, theta, EPS, None)
+    with pytest.raises(ValueError, match="state_indices"):
+        fused_chunk.read(weights, slots.repeat(2), q, EPS)
+
+
 def packed_case(rng: random.Random, depth: int, chunk: int, lengths: list[int]):
     weights, momentum, *_ = random_case(rng, depth)
     P, H, D = weights[0].shape[0], weights[0].shape[1], weights[0].shape[2]
@@ -144,3 +186,13 @@ def test_varlen_prefill_matches_the_reference(seed, depth):
     torch.testing.assert_close(surprise, ref_surprise, rtol=1e-4, atol=1e-4)
     assert_pool_updated(pool_w, pool_s, weights, momentum, slots, ref_w, ref_s)
     assert any(not torch.equal(pool_w[0][s], weights[0][s]) for s in slots.tolist())  # some memory did change
+
+
+def test_heads_too_wide_for_the_kernels_tile_take_the_torch_path(monkeypatch):
+    from kernels.memory.dispatch import use_triton
+
+    monkeypatch.setenv("TITANS_KERNELS", "triton")
+    with torch.no_grad():
+        assert use_triton([torch.zeros(1, 1, 64, 256), torch.zeros(1, 1, 256, 64)])  # d 64, expansion 4
+        assert use_triton([torch.zeros(1, 1, 128, 128)])  # d 128, depth 1
+        assert not use_triton([torch.zeros(1, 1, 128, 256), torch.zeros(1, 1, 256, 128)])  # d 128, expansion 2

@@ -1,0 +1,35 @@
+"""The kernels compile for a real GPU (sm_90: H100/H200) on this CPU machine, and fit its shared memory.
+
+The interpreter of TRITON_INTERPRET=1 runs the kernels' Python: it accepts what a GPU compile refuses (a plain
+float global read inside a kernel: no kernel compiled for a GPU until its constants became constexpr) and knows
+nothing of shared memory. triton.compile with a CUDA target needs no GPU: it lowers to PTX and runs the wheel's
+ptxas. In a subprocess, without TRITON_INTERPRET (this test session's kernels are interpreted functions).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+pytest.importorskip("triton")
+
+H100_SHARED_BYTES = 227 * 1024  # the most one block may use
+
+
+def shared_bytes(blocks: dict, depth: int, kernels: str = "step,read,prefill") -> dict[str, int]:
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-m", "tests.kernels.gpu_compile", json.dumps(blocks), str(depth), kernels],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout)
+
+
+@pytest.mark.parametrize("depth", [1, 2])
+def test_every_kernel_compiles_for_an_h100(depth):
+    shared = shared_bytes({"BT": 16, "BD": 32, "BF": 64 if depth == 2 else 32}, depth)
+    assert set(shared) == {"step", "read", "prefill"}
+    assert all(0 < used <= H100_SHARED_BYTES for used in shared.values()), shared
