@@ -1,7 +1,13 @@
 """Memory kernels on a GPU: check correctness first, then time prefill and decode against the baselines.
 
     python bench/kernels_gpu.py                 # on a CUDA machine; writes bench/results/kernels_gpu.json
+    python bench/kernels_gpu.py --out $OUT/kernels_gpu.json   # on the lent GPU machine: only $OUT comes back
     python bench/kernels_gpu.py --dry-run       # the whole script at tiny sizes on the CPU (TRITON_INTERPRET=1)
+
+The JSON is rewritten after every section, so a run cut short keeps what it measured; chunk 16 runs before
+chunk 64, whose kernels take minutes to compile. The titans-pytorch baseline needs its wheel and its
+dependencies' (x-transformers, tensordict, hyper-connections, assoc-scan, einx, rotary-embedding-torch,
+axial-positional-embedding, ...) on a machine without a package index; when it cannot import, the JSON says why.
 
 Measured in one run, side by side:
   - ceilings of this card: copy bandwidth (a large device-to-device copy) and a bf16 matmul;
@@ -32,7 +38,13 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from engine.memory import chunk_coefficients, init_memory_weights, memory_read, read_and_update  # noqa: E402
+from engine.memory import (  # noqa: E402
+    chunk_coefficients,
+    chunk_update,
+    init_memory_weights,
+    memory_read,
+    read_and_update,
+)  # noqa: E402
 from kernels.memory import chunk as varlen  # noqa: E402
 from kernels.memory import fused_chunk  # noqa: E402
 from kernels.memory.naive import chunk_step_ref, prefill_ref  # noqa: E402
@@ -125,61 +137,67 @@ def prefill(B, T, H, d, chunk, depth, device, repeats, baseline: bool) -> dict:
         pool_w, pool_s = [x.clone() for x in w], [x.clone() for x in s]
         varlen.prefill(pool_w, pool_s, slots, cu, *packed, chunk, EPS, 1.0)
 
-    def torch_run():
+    def torch_chunk(ww, ss, sl):
+        coefficients = chunk_coefficients(le[:, :, sl], lk[:, :, sl])
+        _, _, ww, ss = read_and_update(ww, ss, q[:, :, sl], k[:, :, sl], v[:, :, sl], th[:, :, sl], coefficients,
+                                       EPS, 1.0)
+        return ww, ss
+
+    def torch_run(step=torch_chunk):
         ww, ss = w, s
         for c in range(n):
-            sl = slice(c * chunk, (c + 1) * chunk)
-            coefficients = chunk_coefficients(le[:, :, sl], lk[:, :, sl])
-            _, _, ww, ss = read_and_update(ww, ss, q[:, :, sl], k[:, :, sl], v[:, :, sl], th[:, :, sl], coefficients,
-                                           EPS, 1.0)
+            ww, ss = step(ww, ss, slice(c * chunk, (c + 1) * chunk))
 
     tokens = B * T
     out = {"B": B, "T": T, "heads": H, "head_dim": d, "chunk": chunk, "depth": depth,
            "triton_varlen_tok_s": tokens / timed(varlen_run, device, repeats),
            "triton_tok_s": tokens / timed(triton_run, device, repeats),
            "torch_eager_tok_s": tokens / timed(torch_run, device, repeats)}
-    if device.type == "cuda":
-        compiled = torch.compile(torch_run)
-        out["torch_compile_tok_s"] = tokens / timed(compiled, device, repeats)
+    if device.type == "cuda":  # one chunk's step compiled (the loop around it would unroll into the graph)
+        compiled = torch.compile(torch_chunk)
+        out["torch_compile_tok_s"] = tokens / timed(lambda: torch_run(compiled), device, repeats)
     if baseline:
-        out["titans_pytorch_tok_s"] = titans_pytorch_prefill(B, T, H, d, chunk, depth, device, repeats)
-    out["triton_over_titans_pytorch"] = out["triton_varlen_tok_s"] / out["titans_pytorch_tok_s"] if baseline and out[
-        "titans_pytorch_tok_s"] else None
+        out["titans_pytorch_tok_s"], out["titans_pytorch_error"] = titans_pytorch_prefill(B, T, H, d, chunk, depth,
+                                                                                          device, repeats)
+    rate = out.get("titans_pytorch_tok_s")
+    out["triton_over_titans_pytorch"] = out["triton_varlen_tok_s"] / rate if rate else None
     return out
 
 
-def titans_pytorch_prefill(B, T, H, d, chunk, depth, device, repeats) -> float | None:
+def titans_pytorch_prefill(B, T, H, d, chunk, depth, device, repeats) -> tuple[float | None, str | None]:
+    """(tokens/s, None), or (None, why not)."""
     try:
         from titans_pytorch import MemoryMLP, NeuralMemory
-    except ImportError:
-        return None
+    except ImportError as e:
+        print(f"titans-pytorch baseline skipped: {e!r}", file=sys.stderr)
+        return None, repr(e)
     memory = NeuralMemory(dim=H * d, chunk_size=chunk, heads=H, dim_head=d,
                           model=MemoryMLP(dim=d, depth=depth, expansion_factor=4.0)).to(device)
     x = torch.randn(B, T, H * d, device=device)
     with torch.no_grad():
-        return B * T / timed(lambda: memory(x), device, repeats)
+        return B * T / timed(lambda: memory(x), device, repeats), None
 
 
 def decode(N, H, d, chunk, device, repeats) -> dict:
+    """N sessions, one token each per step: a read with each session's weights every step, and every `chunk`
+    steps the chunk's update, in place on the pool (as the engine's running batch does). Timed apart; the
+    rate is N tokens per (read + update / chunk)."""
     w, s, q, k, v, le, lk, th = make_inputs(N, chunk, H, d, 2, 4, device)
     slots = torch.arange(N, device=device)
+    one = q[:, :, :1].contiguous()
 
-    def triton_chunk():  # chunk tokens: a read each, then the chunk's update
-        for t in range(chunk):
-            fused_chunk.read(w, slots, q[:, :, t:t + 1], EPS)
-        fused_chunk.chunk_step([x.clone() for x in w], [x.clone() for x in s], slots, None, k, v, le, lk, th,
-                               EPS, 1.0)
+    def triton_update():  # theta 0.1, keep ~0.998: the weights stay bounded over the repeats
+        fused_chunk.chunk_step(w, s, slots, None, k, v, le, lk, th, EPS, 1.0)
 
-    def torch_chunk():
-        for t in range(chunk):
-            memory_read(w, q[:, :, t:t + 1], EPS)
-        read_and_update(w, s, q, k, v, th, chunk_coefficients(le, lk), EPS, 1.0)
-
+    t_read = timed(lambda: fused_chunk.read(w, slots, one, EPS), device, repeats)
+    t_update = timed(triton_update, device, repeats)
+    t_torch_read = timed(lambda: memory_read(w, one, EPS), device, repeats)
+    t_torch_update = timed(lambda: chunk_update(w, s, k, v, le, lk, th, EPS, 1.0, True), device, repeats)
     weight_bytes = sum(x.numel() * 4 for x in w)
-    t_triton = timed(triton_chunk, device, repeats) / chunk
-    return {"sessions": N, "triton_tok_s": N / t_triton,
-            "torch_tok_s": N / (timed(torch_chunk, device, repeats) / chunk),
-            "triton_weight_stream_gb_s": weight_bytes / t_triton / 1e9}
+    return {"sessions": N, "triton_tok_s": N / (t_read + t_update / chunk),
+            "torch_tok_s": N / (t_torch_read + t_torch_update / chunk),
+            "triton_read_us": 1e6 * t_read, "triton_update_us": 1e6 * t_update,
+            "triton_weight_stream_gb_s": weight_bytes / t_read / 1e9}
 
 
 def main() -> None:
@@ -194,19 +212,32 @@ def main() -> None:
         raise SystemExit("no CUDA device: run with --dry-run on a CPU")
     torch.manual_seed(0)
     name = "cpu (dry run)" if dry else torch.cuda.get_device_name()
-    results = {"device": name, "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__, "dry_run": dry}
+    import triton
+
+    results = {"device": name, "date": time.strftime("%Y-%m-%d %H:%M"), "torch": torch.__version__,
+               "triton": triton.__version__, "dry_run": dry}
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+
+    def save():
+        out.write_text(json.dumps(results, indent=2) + "\n")
+
     results["check"] = check(device)
     results["ceilings"] = ceilings(device, dry)
+    save()
     repeats = 1 if dry else args.repeats
     B, T, H, d = (1, 32, 2, 16) if dry else (8, 4096, 8, 64)
-    results["prefill"] = [prefill(B, T, H, d, chunk, depth, device, repeats, baseline=not dry)
-                          for chunk in ((16,) if dry else (16, 64)) for depth in (1, 2)]
-    results["decode"] = [decode(n, 2 if dry else 8, 16 if dry else 64, 16, device, repeats)
-                         for n in ((1, 2) if dry else (1, 16, 128, 512))]
-    for row in results["decode"]:
-        row["fraction_of_copy_bandwidth"] = row["triton_weight_stream_gb_s"] / results["ceilings"]["copy_gb_s"]
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
+    results["prefill"], results["decode"] = [], []
+    for chunk in (16,) if dry else (16, 64):
+        for depth in (1, 2):
+            results["prefill"].append(prefill(B, T, H, d, chunk, depth, device, repeats, baseline=True))
+            save()
+        if chunk == 16:  # decode at the shipped chunk, before chunk 64's long compiles
+            for n in (1, 2) if dry else (1, 16, 128, 512):
+                row = decode(n, 2 if dry else 8, 16 if dry else 64, 16, device, repeats)
+                row["fraction_of_copy_bandwidth"] = row["triton_weight_stream_gb_s"] / results["ceilings"]["copy_gb_s"]
+                results["decode"].append(row)
+                save()
     print(json.dumps(results, indent=2))
 
 

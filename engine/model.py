@@ -556,7 +556,9 @@ class NeuralMemory(nn.Module):
         buf = ctx.write(state["buf"], 2, b, rows.transpose(1, 2))
         new = dict(state)
         if ctx.any_full and use_triton(self.weights(state), k):
-            full = ctx.flag("full").flatten().nonzero().flatten()
+            some = ctx.full_sessions()  # from host positions: nonzero() would wait for the device
+            full = ctx.flag("full").flatten().nonzero().flatten() if some is None else \
+                torch.tensor(some, device=buf.device)
             part = buf.index_select(0, full)  # [B', H, b, 2d+3]: the kernel's program i works on full[i]
             _, _, w_new, s_new = self.chunk_kernel(state, None, part[..., :d], part[..., d:2 * d], part[..., 2 * d:],
                                                    full, ctx.owned)
