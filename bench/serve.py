@@ -240,7 +240,7 @@ def main() -> None:
     parser.add_argument("--pairs", type=int, default=6,
                         help="per round, N=1 streams each right after one engine-alone generation (one 64-token "
                              "request is ~150 ms: a single pair per round left the ratio at the VM's mercy)")
-    parser.add_argument("--engine-cpus", default="auto", help="the server's --engine-cpus (none: not pinned)")
+    parser.add_argument("--engine-cpus", default="none", help="the server's --engine-cpus (auto: pinned)")
     parser.add_argument("--out", default=str(ROOT / "bench/results/serve.json"))
     args = parser.parse_args()
     torch.set_num_threads(args.threads)

@@ -264,10 +264,11 @@ def _received(conn: Connection) -> list:
 
 @dataclass(frozen=True)
 class CpuPlan:
-    """Which CPUs each process runs on. Unpinned, the kernel wakes the HTTP process (for every streamed token) and
-    the client on whichever CPU it likes, often the engine's: at one session on 2 vCPUs the engine process spent
-    ~11-14% of a request runnable but not running (its /proc schedstat; 2-4% pinned), a decode step waiting
-    behind SSE writes. Pinned, the engine's torch threads own their cores and the HTTP process keeps the rest."""
+    """Which CPUs each process runs on (--engine-cpus). Unpinned, the kernel wakes the HTTP process (for every
+    streamed token) on whichever CPU it likes, at times the engine's: at one session on 2 vCPUs the engine
+    process spent ~11-14% of a request runnable but not running (its /proc schedstat; ~4% pinned). Pinned, the
+    engine's torch threads own their cores and the HTTP process keeps the rest. Opt-in: on that machine no served
+    rate moved measurably (bench/serve.py, four runs each way)."""
     engine: frozenset[int] | None  # None: not pinned
     api: frozenset[int] | None
     threads: int  # the engine's torch threads

@@ -37,10 +37,10 @@ class Settings(BaseSettings):
     torch_threads: int = Field(0, ge=0, description="CPU threads of the engine process; 0: all cores but one, "
                                                      "which is left to the HTTP process (on 2 cores this is "
                                                      "faster too)")
-    engine_cpus: str = Field("auto", pattern=r"^(auto|none|\d+(-\d+)?(,\d+(-\d+)?)*)$",
-                             description="CPUs of the engine process (Linux): auto = the last torch_threads of "
-                                         "those this server may use, the HTTP process keeping the rest, so neither "
-                                         "preempts the other; none = not pinned; or a list such as 2-7,9")
+    engine_cpus: str = Field("none", pattern=r"^(auto|none|\d+(-\d+)?(,\d+(-\d+)?)*)$",
+                             description="CPUs of the engine process (Linux): none = not pinned; auto = the last "
+                                         "torch_threads of those this server may use, the HTTP process keeping the "
+                                         "rest, so neither preempts the other; or a list such as 2-7,9")
 
     max_prompt_tokens: int = Field(16384, gt=0)
     max_output_tokens: int = Field(4096, gt=0)

@@ -213,7 +213,8 @@ def test_the_engine_process_exits_when_the_api_process_dies_mid_generation(model
 @pytest.mark.skipif(len(getattr(os, "sched_getaffinity", lambda _: ())(0)) < 2, reason="needs 2 CPUs and Linux")
 def test_the_engine_and_http_processes_run_on_cpus_of_their_own(model_dir, tmp_path):
     cpus = sorted(os.sched_getaffinity(0))
-    with ServerProcess(model_dir, f"sqlite:///{tmp_path}/sessions.db", "--torch-threads", "1") as srv, \
+    with ServerProcess(model_dir, f"sqlite:///{tmp_path}/sessions.db", "--torch-threads", "1",
+                       "--engine-cpus", "auto") as srv, \
             httpx.Client(base_url=srv.url, timeout=30) as c:
         complete(c, "pinned ")  # every thread of a serving process exists by now
         engine_pid = engine_process_of(srv)
