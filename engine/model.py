@@ -451,17 +451,17 @@ class NeuralMemory(nn.Module):
 
         return [pool(x) for x in self.weights(state)], [pool(x) for x in self.weights(state, "S")]
 
-    def chunk_kernel(self, state: State, q: Tensor | None, k: Tensor, v: Tensor, log_gates: Tensor,
-                     sessions: Tensor, in_place: bool) -> tuple[Tensor | None, Tensor, list[Tensor], list[Tensor]]:
-        """The Triton chunk step for `sessions` (indices into the batch; k, v, log_gates hold their rows only):
-        (read, surprise, new W, new S), like read_and_update. Sessions not listed keep their weights."""
+    def chunk_kernel(self, state: State, k: Tensor, v: Tensor, log_gates: Tensor, only: Tensor,
+                     in_place: bool) -> tuple[list[Tensor], list[Tensor]]:
+        """The Triton chunk step over the whole batch, applied to the sessions flagged in `only` [B] (the
+        others keep their weights): new (W, S). One launch of the batch's shape whoever completes a chunk."""
         from kernels.memory import fused_chunk
 
         w, s = self.kernel_pool(state, in_place)
         log_theta, log_eta, log_keep = log_gates.unbind(-1)
-        read, surprise = fused_chunk.chunk_step(w, s, sessions, q, k, v, log_eta, log_keep, self.theta(log_theta),
-                                                self.cfg.norm_eps, self.cfg.mem_grad_clip)
-        return read, surprise, w, s
+        fused_chunk.chunk_step(w, s, torch.arange(k.shape[0], device=k.device), None, k, v, log_eta, log_keep,
+                               self.theta(log_theta), self.cfg.norm_eps, self.cfg.mem_grad_clip, only)
+        return w, s
 
     def prefill_kernel(self, state: State, q: Tensor, k: Tensor, v: Tensor, log_gates: Tensor,
                        dtype, in_place: bool) -> tuple[Tensor, Tensor, State]:
@@ -556,12 +556,8 @@ class NeuralMemory(nn.Module):
         buf = ctx.write(state["buf"], 2, b, rows.transpose(1, 2))
         new = dict(state)
         if ctx.any_full and use_triton(self.weights(state), k):
-            some = ctx.full_sessions()  # from host positions: nonzero() would wait for the device
-            full = ctx.flag("full").flatten().nonzero().flatten() if some is None else \
-                torch.tensor(some, device=buf.device)
-            part = buf.index_select(0, full)  # [B', H, b, 2d+3]: the kernel's program i works on full[i]
-            _, _, w_new, s_new = self.chunk_kernel(state, None, part[..., :d], part[..., d:2 * d], part[..., 2 * d:],
-                                                   full, ctx.owned)
+            w_new, s_new = self.chunk_kernel(state, buf[..., :d], buf[..., d:2 * d], buf[..., 2 * d:],
+                                             ctx.flag("full").flatten(), ctx.owned)
             new = self.with_memory(new, w_new, s_new)
             buf = buf.masked_fill(ctx.flag("full"), 0.0)
         elif ctx.any_full:

@@ -153,10 +153,13 @@ def _store_weights(W1, W2, S1, S2, w1_off, mw1, w2_off, mw2, w1, w2, s1, s2, DEP
 
 
 @triton.jit
-def _chunk_step_kernel(W1, W2, S1, S2, IDX, Q, K, V, LOG_ETA, LOG_KEEP, THETA, READ, SURPRISE,
+def _chunk_step_kernel(W1, W2, S1, S2, IDX, ONLY, Q, K, V, LOG_ETA, LOG_KEEP, THETA, READ, SURPRISE,
                        H, T, D, F, eps, clip,
-                       DEPTH: tl.constexpr, HAS_CLIP: tl.constexpr, DO_READ: tl.constexpr,
+                       DEPTH: tl.constexpr, HAS_CLIP: tl.constexpr, DO_READ: tl.constexpr, HAS_ONLY: tl.constexpr,
                        BT: tl.constexpr, BD: tl.constexpr, BF: tl.constexpr):
+    if HAS_ONLY:  # noqa: SIM102 (a constexpr test, resolved when compiling; the load only where it is true)
+        if tl.load(ONLY + tl.program_id(0)) == 0:  # this session's chunk is not complete: leave it
+            return
     row, t, mt, md, mf, x_off, mx, w1_off, mw1, w2_off, mw2 = _program_tile(IDX, H, T, D, F, DEPTH, BT, BD, BF)
     k = tl.load(K + x_off, mask=mx, other=0.0).to(tl.float32)
     v = tl.load(V + x_off, mask=mx, other=0.0).to(tl.float32)
@@ -204,9 +207,12 @@ def _check_indices(state_indices: Tensor, rows: int) -> None:
 
 def chunk_step(weights: list[Tensor], momentum: list[Tensor], state_indices: Tensor, q: Tensor | None, k: Tensor,
                v: Tensor, log_eta: Tensor, log_keep: Tensor, theta: Tensor, eps: float,
-               grad_clip: float | None) -> tuple[Tensor | None, Tensor]:
+               grad_clip: float | None, only: Tensor | None = None) -> tuple[Tensor | None, Tensor]:
     """Read (if q is given) and apply one chunk for B sessions, updating the pool in place at state_indices.
 
+    only: [B] bool, the sessions to apply (the others' slots, read and surprise are left untouched): a decode
+    batch whose sessions complete their chunks at different steps runs one launch of a fixed shape, with no
+    host sync (what a CUDA graph captures).
     Returns (read [B, H, T, d] fp32 or None, surprise [B, H, T] fp32)."""
     H, D, F = _check_pool(weights, momentum)
     B, _, T, _ = k.shape
@@ -219,11 +225,14 @@ def chunk_step(weights: list[Tensor], momentum: list[Tensor], state_indices: Ten
         return read, surprise
     depth = len(weights)
     w2, s2 = (weights[1], momentum[1]) if depth == 2 else (weights[0], momentum[0])
+    if only is not None and only.shape != (B,):
+        raise ValueError(f"only has shape {tuple(only.shape)}, the activations {B} sessions")
     _chunk_step_kernel[(B, H)](
-        weights[0], w2, momentum[0], s2, state_indices.contiguous(), q.contiguous() if q is not None else k, k, v,
+        weights[0], w2, momentum[0], s2, state_indices.contiguous(), only.contiguous() if only is not None else
+        state_indices, q.contiguous() if q is not None else k, k, v,
         *gates, read if read is not None else surprise, surprise, H, T, D, F, eps,
         float(grad_clip or 0.0), DEPTH=depth, HAS_CLIP=grad_clip is not None, DO_READ=q is not None,
-        BT=_block(T), BD=_block(D), BF=_block(F))
+        HAS_ONLY=only is not None, BT=_block(T), BD=_block(D), BF=_block(F))
     return read, surprise
 
 

@@ -46,6 +46,21 @@ def test_chunk_step_matches_the_reference(seed, depth, clip):
     assert_pool_updated(pool_w, pool_s, weights, momentum, slots, ref_w, ref_s)
 
 
+@pytest.mark.parametrize("depth", [1, 2])
+def test_chunk_step_applies_only_the_flagged_sessions(depth):
+    """`only`: one launch over the whole batch, the unflagged sessions' slots untouched (a decode batch whose
+    sessions complete their chunks at different steps)."""
+    weights, momentum, slots, q, k, v, log_eta, log_keep, theta = random_case(random.Random(7 + depth), depth)
+    B = len(slots)
+    only = torch.arange(B) % 2 == 0  # sessions 0, 2, ...
+    chosen = only.nonzero().flatten()
+    _, _, ref_w, ref_s = chunk_step_ref(weights, momentum, slots[chosen], q[chosen], k[chosen], v[chosen],
+                                        log_eta[chosen], log_keep[chosen], theta[chosen], EPS, 0.5)
+    pool_w, pool_s = [w.clone() for w in weights], [s.clone() for s in momentum]
+    fused_chunk.chunk_step(pool_w, pool_s, slots, None, k, v, log_eta, log_keep, theta, EPS, 0.5, only)
+    assert_pool_updated(pool_w, pool_s, weights, momentum, slots[chosen], ref_w, ref_s)
+
+
 def assert_pool_updated(pool_w, pool_s, weights, momentum, slots, ref_w, ref_s):
     """The pool's slots hold the reference's new weights and momentum; every other slot is untouched."""
     for layer in range(len(weights)):
