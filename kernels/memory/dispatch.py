@@ -2,8 +2,8 @@
 
 TITANS_KERNELS=triton | torch forces one; unset (auto) means Triton on CUDA when triton imports, PyTorch
 otherwise. The PyTorch path is always used where the kernels do not apply: autograd (outer-loop training
-differentiates through the memory), memory depth above 2, a state dtype other than fp32, or a head whose weight
-matrix exceeds the kernels' on-chip tile (fits_on_chip). With
+differentiates through the memory), memory depth above 2, a state dtype other than fp32, or heads wider than
+MAX_HEAD_DIM. With
 TITANS_KERNELS=triton on a CPU, run under TRITON_INTERPRET=1 (tests do, at tiny sizes).
 """
 
@@ -25,21 +25,14 @@ def triton_available() -> bool:
     return True
 
 
-# A program holds one head's whole weight matrices (and momentum) on chip, padded to powers of two: beyond
-# 64 x 256 elements (d 64 with expansion 4, or d 128 at depth 1) the chunk step needs more shared memory than an
-# H100's 227 KB per block. Compiled for sm_90 on a CPU (`python -m tests.kernels.gpu_compile '{"BT": 64, "BD":
-# 64, "BF": 256}' 2`, without TRITON_INTERPRET; triton 3.6 and 3.9): the chunk step at d 64, expansion 4, chunk 64
-# 164 KB, prefill 162 KB; d 128 with expansion 2, 274 KB. Tiling over the hidden width would lift the limit.
-MAX_WEIGHT_TILE = 64 * 256
+# A program holds a [d, BFB] block of a head's weights at a time (depth 1: the whole [d, d] matrix) and a chunk's
+# rows. Compiled for sm_90 on a CPU (bench/kernels_compile.py), d 128 with expansion 4 and chunk 64 needs 144 KB
+# of shared memory, inside an H100's 227 KB per block. Wider heads take the torch path.
+MAX_HEAD_DIM = 128
 
 
 def fits_on_chip(weights: list[Tensor]) -> bool:
-    d_in, d_out = weights[0].shape[-2:]
-    return _pow2(d_in) * _pow2(d_out) <= MAX_WEIGHT_TILE
-
-
-def _pow2(n: int) -> int:
-    return max(16, 1 << (n - 1).bit_length())
+    return weights[0].shape[-2] <= MAX_HEAD_DIM
 
 
 def use_triton(weights: list[Tensor], *activations: Tensor) -> bool:

@@ -1,11 +1,14 @@
 """Triton kernels for the memory of DESIGN §2: one chunk's read + update, and a read with fixed weights.
 
-One program per (session, head) keeps that head's weights, momentum, the chunk's q/k/v and its gates on chip:
+One program per (session, head) holds the chunk's q/k/v and gates on chip and walks that head's weights and
+momentum in [d, BFB] blocks of the hidden width (so any expansion fits in registers and shared memory):
     forward  z1 = k W1, a = gelu(z1), z2 = a W2, out = k + LN(z2)       (depth 2; depth 1: out = k W)
     backward d2 = LN'(2 (out - v)), d1 = (d2 W2^T) * gelu'(z1)          (the hand-written backward)
     update   W <- beta W + gamma S - X^T (c_m * D),  S <- p S - X^T (c_s * D)   per matrix (X = k or a)
 with the momentum/decay coefficients computed in-kernel from cumulative sums of the log-gates, exactly the
-closed form of engine/memory.py. Sessions live in a state pool: program b reads and writes slot
+closed form of engine/memory.py. Depth 2 passes over the blocks three times: forward (z2 accumulates), the
+gradient norms the per-token clip needs, then each block's update, written in place once every thread has read
+that block. Sessions live in a state pool: program b reads and writes slot
 state_indices[b] in place, so a scheduler's batch can sit in any slots. Reads at the chunk-start weights
 ("chunk-lagged") come out of the same program, so prefill = decode holds by construction.
 
@@ -38,68 +41,56 @@ def _gelu_grad(z):
 
 
 @triton.jit
-def _mlp_out(x, w1, w2, md, D, eps, DEPTH: tl.constexpr):
-    """M(x) rows and what the backward needs: (out, z1, a, zhat, rstd); depth 1 uses w1 only."""
-    z1 = tl.dot(x, w1, input_precision="ieee")
-    if DEPTH == 1:
-        return z1, z1, z1, z1, tl.sum(z1, 1)
-    a = _gelu(z1)
-    z2 = tl.dot(a, w2, input_precision="ieee")
+def _dot(a, b):
+    return tl.dot(a, b, input_precision="ieee")
+
+
+@triton.jit
+def _hidden_block(f0, i, md, base1, base2, D, F, BFB: tl.constexpr):
+    """Offsets and masks of columns f0:f0+BFB of a head's W1 [D, F] and of those rows of its W2 [F, D]."""
+    j = f0 + tl.arange(0, BFB)
+    mf = j < F
+    w1_off = base1 + i[:, None] * F + j[None, :]
+    w2_off = base2 + j[:, None] * D + i[None, :]
+    return w1_off, md[:, None] & mf[None, :], w2_off, mf[:, None] & md[None, :], mf
+
+
+@triton.jit
+def _forward2(x, W1, W2, i, md, base1, base2, D, F, BT: tl.constexpr, BD: tl.constexpr, BFB: tl.constexpr):
+    """Depth 2, over blocks of the hidden width: z2 = gelu(x W1) W2 [BT, BD], and each row's sum of a^2."""
+    z2 = tl.zeros([BT, BD], dtype=tl.float32)
+    a_sq = tl.zeros([BT], dtype=tl.float32)
+    for f0 in range(0, F, BFB):
+        w1_off, mw1, w2_off, mw2, _ = _hidden_block(f0, i, md, base1, base2, D, F, BFB)
+        a = _gelu(_dot(x, tl.load(W1 + w1_off, mask=mw1, other=0.0)))
+        a_sq += tl.sum(a * a, 1)
+        z2 += _dot(a, tl.load(W2 + w2_off, mask=mw2, other=0.0))
+    return z2, a_sq
+
+
+@triton.jit
+def _layer_norm(z2, md, D, eps):
+    """(zhat, rstd) of the rows of z2, over its first D columns."""
     mean = tl.sum(z2, 1) / D
     centred = tl.where(md[None, :], z2 - mean[:, None], 0.0)
     rstd = 1.0 / tl.sqrt(tl.sum(centred * centred, 1) / D + eps)
-    zhat = centred * rstd[:, None]
-    return x + zhat, z1, a, zhat, rstd
+    return centred * rstd[:, None], rstd
 
 
 @triton.jit
-def _weight_offsets(head, i, j, md, mf, D, F, DEPTH: tl.constexpr):
-    """Offsets and masks of one head's W1 and W2 in the pool (depth 1: W [d, d], both point at it)."""
+def _read(q, W1, W2, i, md, base1, base2, D, F, eps,
+          DEPTH: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr, BFB: tl.constexpr):
+    """M(q) [BT, BD] at the weights in the pool."""
     if DEPTH == 1:
-        w1_off = head * D * D + i[:, None] * D + i[None, :]
-        mw1 = md[:, None] & md[None, :]
-        return w1_off, mw1, w1_off, mw1
-    w1_off = head * D * F + i[:, None] * F + j[None, :]
-    w2_off = head * F * D + j[:, None] * D + i[None, :]
-    return w1_off, md[:, None] & mf[None, :], w2_off, mf[:, None] & md[None, :]
+        return _dot(q, tl.load(W1 + base1 + i[:, None] * D + i[None, :], mask=md[:, None] & md[None, :], other=0.0))
+    z2, _ = _forward2(q, W1, W2, i, md, base1, base2, D, F, BT, BD, BFB)
+    zhat, _ = _layer_norm(z2, md, D, eps)
+    return q + zhat
 
 
 @triton.jit
-def _program_tile(IDX, H, T, D, F, DEPTH: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr, BF: tl.constexpr):
-    """What program (b, h) works on: its rows of q/k/v ([T, D] at x_off) and its head's weights in pool slot
-    IDX[b]. Returns (row, t, mt, md, mf, x_off, mx, w1_off, mw1, w2_off, mw2)."""
-    pid, h = tl.program_id(0), tl.program_id(1)
-    slot = tl.load(IDX + pid).to(tl.int64)
-    t, i, j = tl.arange(0, BT), tl.arange(0, BD), tl.arange(0, BF)
-    mt, md, mf = t < T, i < D, j < F
-    row = (pid * H + h).to(tl.int64)
-    x_off = row * T * D + t[:, None] * D + i[None, :]
-    mx = mt[:, None] & md[None, :]
-    w1_off, mw1, w2_off, mw2 = _weight_offsets(slot * H + h, i, j, md, mf, D, F, DEPTH)
-    return row, t, mt, md, mf, x_off, mx, w1_off, mw1, w2_off, mw2
-
-
-@triton.jit
-def _apply_chunk(w1, w2, s1, s2, k, v, LOG_ETA, LOG_KEEP, THETA, gate_off, t, mt, md, mf, D, eps, clip,
-                 DEPTH: tl.constexpr, HAS_CLIP: tl.constexpr):
-    """One chunk's rows k, v [BT, BD] (rows beyond mt are padding) at the chunk-start weights, gates at
-    gate_off: (surprise [BT], new w1, w2, s1, s2). Depth 1 returns w2/s2 as new w1/s1 (unused)."""
-    mx = mt[:, None] & md[None, :]
-    out, z1, a, zhat, rstd = _mlp_out(k, w1, w2, md, D, eps, DEPTH)
-    err = tl.where(mx, out - v, 0.0)
-    surprise = tl.sum(err * err, 1)
-    g = 2.0 * err
-    if DEPTH == 1:
-        d1 = g
-        d2 = g
-        norm_sq = tl.sum(k * k, 1) * tl.sum(d1 * d1, 1)
-    else:
-        d2 = rstd[:, None] * (g - (tl.sum(g, 1) / D)[:, None] - zhat * (tl.sum(g * zhat, 1) / D)[:, None])
-        d2 = tl.where(mx, d2, 0.0)
-        d1 = tl.dot(d2, tl.trans(w2), input_precision="ieee") * _gelu_grad(z1)
-        d1 = tl.where(mt[:, None] & mf[None, :], d1, 0.0)
-        norm_sq = tl.sum(k * k, 1) * tl.sum(d1 * d1, 1) + tl.sum(a * a, 1) * tl.sum(d2 * d2, 1)
-
+def _coefficients(LOG_ETA, LOG_KEEP, THETA, gate_off, t, mt, norm_sq, clip, HAS_CLIP: tl.constexpr):
+    """The chunk's closed-form scan coefficients from its gates: (c_m, c_s [BT], beta, gamma, p_end)."""
     theta = tl.load(THETA + gate_off, mask=mt, other=0.0).to(tl.float32)
     if HAS_CLIP:  # per-token bound on the inner gradient's norm
         theta = theta * tl.minimum(clip / tl.sqrt(norm_sq + 1e-12), 1.0)
@@ -114,79 +105,121 @@ def _apply_chunk(w1, w2, s1, s2, k, v, LOG_ETA, LOG_KEEP, THETA, gate_off, t, mt
     decay_m = tl.sum(tl.exp(tl.where(later, a_s[:, None] - lp[None, :], float("-inf"))), 0)
     decay_s = tl.exp(lp_end - lp)
     gamma = tl.sum(tl.where(mt, tl.exp(a_s), 0.0), 0)
-    beta = tl.exp(lb_end)
-    p_end = tl.exp(lp_end)
     c_m = tl.where(mt, theta * decay_m, 0.0)
     c_s = tl.where(mt, theta * decay_s, 0.0)
-
-    kt = tl.trans(k)
-    new_w1 = beta * w1 + gamma * s1 - tl.dot(kt, d1 * c_m[:, None], input_precision="ieee")
-    new_s1 = p_end * s1 - tl.dot(kt, d1 * c_s[:, None], input_precision="ieee")
-    new_w2 = new_w1
-    new_s2 = new_s1
-    if DEPTH == 2:
-        at = tl.trans(a)
-        new_w2 = beta * w2 + gamma * s2 - tl.dot(at, d2 * c_m[:, None], input_precision="ieee")
-        new_s2 = p_end * s2 - tl.dot(at, d2 * c_s[:, None], input_precision="ieee")
-    return surprise, new_w1, new_w2, new_s1, new_s2
+    return c_m, c_s, tl.exp(lb_end), gamma, tl.exp(lp_end)
 
 
 @triton.jit
-def _load_weights(W1, W2, S1, S2, w1_off, mw1, w2_off, mw2, DEPTH: tl.constexpr):
-    w1 = tl.load(W1 + w1_off, mask=mw1, other=0.0)
-    s1 = tl.load(S1 + w1_off, mask=mw1, other=0.0)
-    w2 = w1
-    s2 = s1
-    if DEPTH == 2:
-        w2 = tl.load(W2 + w2_off, mask=mw2, other=0.0)
-        s2 = tl.load(S2 + w2_off, mask=mw2, other=0.0)
-    return w1, w2, s1, s2
+def _update(W, S, off, mask, x, delta, c_m, c_s, beta, gamma, p_end):
+    """W <- beta W + gamma S - x^T (c_m delta),  S <- p_end S - x^T (c_s delta), in place (one block)."""
+    w = tl.load(W + off, mask=mask, other=0.0)
+    s = tl.load(S + off, mask=mask, other=0.0)
+    xt = tl.trans(x)
+    tl.store(W + off, beta * w + gamma * s - _dot(xt, delta * c_m[:, None]), mask=mask)
+    tl.store(S + off, p_end * s - _dot(xt, delta * c_s[:, None]), mask=mask)
 
 
 @triton.jit
-def _store_weights(W1, W2, S1, S2, w1_off, mw1, w2_off, mw2, w1, w2, s1, s2, DEPTH: tl.constexpr):
-    tl.store(W1 + w1_off, w1, mask=mw1)
-    tl.store(S1 + w1_off, s1, mask=mw1)
-    if DEPTH == 2:
-        tl.store(W2 + w2_off, w2, mask=mw2)
-        tl.store(S2 + w2_off, s2, mask=mw2)
+def _chunk(W1, W2, S1, S2, base1, base2, k, v, t, mt, i, md, gate_off, apply, LOG_ETA, LOG_KEEP, THETA, D, F,
+           eps, clip, DEPTH: tl.constexpr, HAS_CLIP: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr,
+           BFB: tl.constexpr):
+    """One chunk's rows k, v [BT, BD] (rows beyond mt are padding) at the weights in the pool: the surprise
+    [BT], and, where `apply`, the chunk's update written over the weights and momentum in place. Depth 2 walks
+    the hidden width in blocks three times (forward; the gradient norms the clip needs; the update), so only
+    [BD, BFB] tiles are ever on chip, whatever the expansion."""
+    mx = mt[:, None] & md[None, :]
+    if DEPTH == 1:
+        w_off = base1 + i[:, None] * D + i[None, :]
+        mw = md[:, None] & md[None, :]
+        err = tl.where(mx, _dot(k, tl.load(W1 + w_off, mask=mw, other=0.0)) - v, 0.0)
+        g = 2.0 * err
+        if apply:
+            c_m, c_s, beta, gamma, p_end = _coefficients(LOG_ETA, LOG_KEEP, THETA, gate_off, t, mt,
+                                                         tl.sum(k * k, 1) * tl.sum(g * g, 1), clip, HAS_CLIP)
+            tl.debug_barrier()  # every thread has read the weights before any overwrites them
+            _update(W1, S1, w_off, mw, k, g, c_m, c_s, beta, gamma, p_end)
+        return tl.sum(err * err, 1)
+    z2, a_sq = _forward2(k, W1, W2, i, md, base1, base2, D, F, BT, BD, BFB)
+    zhat, rstd = _layer_norm(z2, md, D, eps)
+    err = tl.where(mx, k + zhat - v, 0.0)
+    surprise = tl.sum(err * err, 1)
+    if apply:
+        g = 2.0 * err
+        d2 = rstd[:, None] * (g - (tl.sum(g, 1) / D)[:, None] - zhat * (tl.sum(g * zhat, 1) / D)[:, None])
+        d2 = tl.where(mx, d2, 0.0)
+        d1_sq = tl.zeros([BT], dtype=tl.float32)
+        if HAS_CLIP:  # |d1|^2 per row, block by block: d1 = (d2 W2^T) * gelu'(k W1)
+            for f0 in range(0, F, BFB):
+                w1_off, mw1, w2_off, mw2, mf = _hidden_block(f0, i, md, base1, base2, D, F, BFB)
+                d1 = _dot(d2, tl.trans(tl.load(W2 + w2_off, mask=mw2, other=0.0))) * \
+                    _gelu_grad(_dot(k, tl.load(W1 + w1_off, mask=mw1, other=0.0)))
+                d1 = tl.where(mt[:, None] & mf[None, :], d1, 0.0)
+                d1_sq += tl.sum(d1 * d1, 1)
+        c_m, c_s, beta, gamma, p_end = _coefficients(
+            LOG_ETA, LOG_KEEP, THETA, gate_off, t, mt, tl.sum(k * k, 1) * d1_sq + a_sq * tl.sum(d2 * d2, 1), clip,
+            HAS_CLIP)
+        for f0 in range(0, F, BFB):  # block f's gradients need only block f's weights, read before written
+            w1_off, mw1, w2_off, mw2, mf = _hidden_block(f0, i, md, base1, base2, D, F, BFB)
+            z1 = _dot(k, tl.load(W1 + w1_off, mask=mw1, other=0.0))
+            d1 = _dot(d2, tl.trans(tl.load(W2 + w2_off, mask=mw2, other=0.0))) * _gelu_grad(z1)
+            d1 = tl.where(mt[:, None] & mf[None, :], d1, 0.0)
+            tl.debug_barrier()  # every thread has read block f (in every pass) before any overwrites it
+            _update(W1, S1, w1_off, mw1, k, d1, c_m, c_s, beta, gamma, p_end)
+            _update(W2, S2, w2_off, mw2, _gelu(z1), d2, c_m, c_s, beta, gamma, p_end)
+    return surprise
+
+
+@triton.jit
+def _program_rows(IDX, H, T, D, F, BT: tl.constexpr, BD: tl.constexpr):
+    """What program (b, h) works on: rows b of q/k/v ([T, D] at x_off), its head's weights in pool slot IDX[b]
+    (W1 at base1, W2 at base2). Returns (row, t, mt, i, md, x_off, mx, base1, base2)."""
+    pid, h = tl.program_id(0), tl.program_id(1)
+    head = tl.load(IDX + pid).to(tl.int64) * H + h
+    t, i = tl.arange(0, BT), tl.arange(0, BD)
+    mt, md = t < T, i < D
+    row = (pid * H + h).to(tl.int64)
+    x_off = row * T * D + t[:, None] * D + i[None, :]
+    return row, t, mt, i, md, x_off, mt[:, None] & md[None, :], head * D * F, head * F * D
 
 
 @triton.jit
 def _chunk_step_kernel(W1, W2, S1, S2, IDX, ONLY, Q, K, V, LOG_ETA, LOG_KEEP, THETA, READ, SURPRISE,
                        H, T, D, F, eps, clip,
                        DEPTH: tl.constexpr, HAS_CLIP: tl.constexpr, DO_READ: tl.constexpr, HAS_ONLY: tl.constexpr,
-                       BT: tl.constexpr, BD: tl.constexpr, BF: tl.constexpr):
+                       BT: tl.constexpr, BD: tl.constexpr, BFB: tl.constexpr):
     if HAS_ONLY:  # noqa: SIM102 (a constexpr test, resolved when compiling; the load only where it is true)
         if tl.load(ONLY + tl.program_id(0)) == 0:  # this session's chunk is not complete: leave it
             return
-    row, t, mt, md, mf, x_off, mx, w1_off, mw1, w2_off, mw2 = _program_tile(IDX, H, T, D, F, DEPTH, BT, BD, BF)
-    k = tl.load(K + x_off, mask=mx, other=0.0).to(tl.float32)
-    v = tl.load(V + x_off, mask=mx, other=0.0).to(tl.float32)
-    w1, w2, s1, s2 = _load_weights(W1, W2, S1, S2, w1_off, mw1, w2_off, mw2, DEPTH)
+    row, t, mt, i, md, x_off, mx, base1, base2 = _program_rows(IDX, H, T, D, F, BT, BD)
     if DO_READ:  # chunk-lagged read: the chunk-start weights
         q = tl.load(Q + x_off, mask=mx, other=0.0).to(tl.float32)
-        read, _, _, _, _ = _mlp_out(q, w1, w2, md, D, eps, DEPTH)
-        tl.store(READ + x_off, read, mask=mx)
-    surprise, w1, w2, s1, s2 = _apply_chunk(w1, w2, s1, s2, k, v, LOG_ETA, LOG_KEEP, THETA, row * T + t, t, mt, md,
-                                            mf, D, eps, clip, DEPTH, HAS_CLIP)
+        tl.store(READ + x_off, _read(q, W1, W2, i, md, base1, base2, D, F, eps, DEPTH, BT, BD, BFB), mask=mx)
+    k = tl.load(K + x_off, mask=mx, other=0.0).to(tl.float32)
+    v = tl.load(V + x_off, mask=mx, other=0.0).to(tl.float32)
+    surprise = _chunk(W1, W2, S1, S2, base1, base2, k, v, t, mt, i, md, row * T + t, True, LOG_ETA, LOG_KEEP,
+                      THETA, D, F, eps, clip, DEPTH, HAS_CLIP, BT, BD, BFB)
     tl.store(SURPRISE + row * T + t, surprise, mask=mt)
-    _store_weights(W1, W2, S1, S2, w1_off, mw1, w2_off, mw2, w1, w2, s1, s2, DEPTH)
 
 
 @triton.jit
 def _read_kernel(W1, W2, IDX, Q, READ, H, T, D, F, eps,
-                 DEPTH: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr, BF: tl.constexpr):
-    _, _, _, md, _, x_off, mx, w1_off, mw1, w2_off, mw2 = _program_tile(IDX, H, T, D, F, DEPTH, BT, BD, BF)
-    w1 = tl.load(W1 + w1_off, mask=mw1, other=0.0)
-    w2 = tl.load(W2 + w2_off, mask=mw2, other=0.0)  # depth 1: the same matrix again (unused)
+                 DEPTH: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr, BFB: tl.constexpr):
+    _, _, _, i, md, x_off, mx, base1, base2 = _program_rows(IDX, H, T, D, F, BT, BD)
     q = tl.load(Q + x_off, mask=mx, other=0.0).to(tl.float32)
-    read, _, _, _, _ = _mlp_out(q, w1, w2, md, D, eps, DEPTH)
-    tl.store(READ + x_off, read, mask=mx)
+    tl.store(READ + x_off, _read(q, W1, W2, i, md, base1, base2, D, F, eps, DEPTH, BT, BD, BFB), mask=mx)
 
 
 def _block(n: int) -> int:
     return max(16, triton.next_power_of_2(n))
+
+
+HIDDEN_TILE_ELEMENTS = 4096  # a [BD, BFB] weight tile of at most 16 KB of fp32
+
+
+def _hidden_tile(D: int, F: int) -> int:
+    """Columns of W1 (rows of W2) on chip at once."""
+    return min(_block(F), max(16, HIDDEN_TILE_ELEMENTS // _block(D)))
 
 
 def _check_pool(weights: list[Tensor], momentum: list[Tensor] | None) -> tuple[int, int, int]:
@@ -232,7 +265,7 @@ def chunk_step(weights: list[Tensor], momentum: list[Tensor], state_indices: Ten
         state_indices, q.contiguous() if q is not None else k, k, v,
         *gates, read if read is not None else surprise, surprise, H, T, D, F, eps,
         float(grad_clip or 0.0), DEPTH=depth, HAS_CLIP=grad_clip is not None, DO_READ=q is not None,
-        HAS_ONLY=only is not None, BT=_block(T), BD=_block(D), BF=_block(F))
+        HAS_ONLY=only is not None, BT=_block(T), BD=_block(D), BFB=_hidden_tile(D, F))
     return read, surprise
 
 
@@ -245,6 +278,5 @@ def read(weights: list[Tensor], state_indices: Tensor, q: Tensor, eps: float) ->
     if B and T:
         w2 = weights[1] if len(weights) == 2 else weights[0]
         _read_kernel[(B, H)](weights[0], w2, state_indices.contiguous(), q.contiguous(), out, H, T, D, F, eps,
-                             DEPTH=len(weights), BT=_block(T), BD=_block(D), BF=_block(F),
-                             num_warps=8)  # a head's W1, W2 in registers: 4 warps spill them (d 64, e 4)
+                             DEPTH=len(weights), BT=_block(T), BD=_block(D), BFB=_hidden_tile(D, F))
     return out

@@ -10,8 +10,8 @@ import torch.nn.functional as F
 
 from engine import Engine
 from engine.engine import SessionBatch
-from kernels.memory import fused_chunk
-from kernels.memory.naive import chunk_step_ref, read_ref
+from kernels.memory import chunk, fused_chunk
+from kernels.memory.naive import chunk_step_ref, prefill_ref, read_ref
 from tests.engine.helpers import VARIANTS, tiny, tokens
 
 EPS = 1e-5
@@ -59,6 +59,33 @@ def test_chunk_step_applies_only_the_flagged_sessions(depth):
     pool_w, pool_s = [w.clone() for w in weights], [s.clone() for s in momentum]
     fused_chunk.chunk_step(pool_w, pool_s, slots, None, k, v, log_eta, log_keep, theta, EPS, 0.5, only)
     assert_pool_updated(pool_w, pool_s, weights, momentum, slots[chosen], ref_w, ref_s)
+
+
+@pytest.mark.parametrize("seed", range(3))
+@pytest.mark.parametrize("tile", [256, 512])
+def test_kernels_walking_the_hidden_width_in_several_blocks_match_the_reference(seed, tile, monkeypatch):
+    """At the tests' tiny widths one block holds the whole hidden layer; with blocks of 16 or 32 columns every
+    kernel walks several (hidden widths 48 and 64 here; 48 in blocks of 32 ends on a partial one): the path
+    wide memories take on a GPU."""
+    monkeypatch.setattr(fused_chunk, "HIDDEN_TILE_ELEMENTS", tile)
+    rng = random.Random(100 + seed)
+    weights, momentum, slots, q, k, v, log_eta, log_keep, theta = random_case(rng, 2)
+    ref_read, ref_surprise, ref_w, ref_s = chunk_step_ref(weights, momentum, slots, q, k, v, log_eta, log_keep,
+                                                          theta, EPS, 0.5)
+    pool_w, pool_s = [w.clone() for w in weights], [s.clone() for s in momentum]
+    read, surprise = fused_chunk.chunk_step(pool_w, pool_s, slots, q, k, v, log_eta, log_keep, theta, EPS, 0.5)
+    torch.testing.assert_close(read, ref_read, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(surprise, ref_surprise, rtol=1e-4, atol=1e-4)
+    assert_pool_updated(pool_w, pool_s, weights, momentum, slots, ref_w, ref_s)
+    torch.testing.assert_close(fused_chunk.read(weights, slots, q, EPS), read_ref(weights, slots, q, EPS),
+                               rtol=1e-5, atol=1e-5)
+    case = packed_case(rng, 2, 4, [9, 4, 6])
+    ref = prefill_ref(*case[:3], case[3], *case[4:], 4, EPS, 0.5)
+    pool_w, pool_s = [w.clone() for w in case[0]], [s.clone() for s in case[1]]
+    read, surprise = chunk.prefill(pool_w, pool_s, *case[2:], 4, EPS, 0.5)
+    torch.testing.assert_close(read, ref[0], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(surprise, ref[1], rtol=1e-4, atol=1e-4)
+    assert_pool_updated(pool_w, pool_s, case[0], case[1], case[2], ref[2], ref[3])
 
 
 def assert_pool_updated(pool_w, pool_s, weights, momentum, slots, ref_w, ref_s):
@@ -184,9 +211,6 @@ def packed_case(rng: random.Random, depth: int, chunk: int, lengths: list[int]):
 def test_varlen_prefill_matches_the_reference(seed, depth):
     """Ragged sequences (whole chunks, a partial last chunk, shorter than one chunk, empty) in non-contiguous pool
     slots: one launch equals the chunk-by-chunk reference, and slots of other sessions stay untouched."""
-    from kernels.memory import chunk
-    from kernels.memory.naive import prefill_ref
-
     rng = random.Random(100 + seed * 10 + depth)
     b = rng.choice([4, 8, 16])
     lengths = [3 * b, 2 * b + rng.randint(1, b - 1), rng.randint(1, b - 1), 0][: rng.randint(2, 4)]
@@ -203,11 +227,11 @@ def test_varlen_prefill_matches_the_reference(seed, depth):
     assert any(not torch.equal(pool_w[0][s], weights[0][s]) for s in slots.tolist())  # some memory did change
 
 
-def test_heads_too_wide_for_the_kernels_tile_take_the_torch_path(monkeypatch):
+def test_heads_too_wide_for_the_kernels_take_the_torch_path(monkeypatch):
     from kernels.memory.dispatch import use_triton
 
     monkeypatch.setenv("TITANS_KERNELS", "triton")
     with torch.no_grad():
-        assert use_triton([torch.zeros(1, 1, 64, 256), torch.zeros(1, 1, 256, 64)])  # d 64, expansion 4
+        assert use_triton([torch.zeros(1, 1, 128, 512), torch.zeros(1, 1, 512, 128)])  # d 128, expansion 4
         assert use_triton([torch.zeros(1, 1, 128, 128)])  # d 128, depth 1
-        assert not use_triton([torch.zeros(1, 1, 128, 256), torch.zeros(1, 1, 256, 128)])  # d 128, expansion 2
+        assert not use_triton([torch.zeros(1, 1, 256, 256)])

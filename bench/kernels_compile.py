@@ -1,17 +1,28 @@
-"""Compile the memory kernels for an H100 (sm_90) on a machine without a GPU and print, as JSON, each kernel's
-shared memory in bytes. Run without TRITON_INTERPRET (under it, triton.jit makes interpreted functions, which
-do not compile): `python -m tests.kernels.gpu_compile '{"BT": 16, "BD": 32, "BF": 64}' 2`."""
+"""Compile the memory kernels for an H100 (sm_90) on a machine without a GPU; print, as JSON, each kernel's shared
+memory in bytes and its compile seconds (to PTX, then the triton wheel's ptxas).
+
+    .venv/bin/python bench/kernels_compile.py '{"BT": 64, "BD": 128, "BFB": 32}' 2     # block sizes, memory depth
+    .venv/bin/python bench/kernels_compile.py '{"BT": 16, "BD": 64, "BFB": 64}' 2 step,read
+
+BT: the chunk (rows), BD: the head dim, BFB: the hidden-width block (fused_chunk._hidden_tile), each a power of
+two of at least 16. Run without TRITON_INTERPRET: under it, triton.jit makes interpreted functions, which do
+not compile.
+"""
 
 from __future__ import annotations
 
 import json
 import sys
+import time
+from pathlib import Path
 
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from kernels.memory import chunk, fused_chunk
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+from kernels.memory import chunk, fused_chunk  # noqa: E402
 
 POINTERS = {"W1", "W2", "S1", "S2", "Q", "K", "V", "LOG_ETA", "LOG_KEEP", "THETA", "READ", "SURPRISE"}
 INDICES = {"IDX", "CU"}
@@ -40,15 +51,16 @@ def main() -> None:
                                          HAS_ONLY=False, **blocks),
         "step_only": lambda: compile_for_h100(fused_chunk._chunk_step_kernel, DEPTH=depth, HAS_CLIP=True,
                                               DO_READ=False, HAS_ONLY=True, **blocks),  # a decode batch's update
-        "read": lambda: compile_for_h100(fused_chunk._read_kernel, num_warps=8, DEPTH=depth, **blocks),
+        "read": lambda: compile_for_h100(fused_chunk._read_kernel, DEPTH=depth, **blocks),
         "prefill": lambda: compile_for_h100(chunk._prefill_kernel, num_stages=1, DEPTH=depth, HAS_CLIP=True, **blocks),
     }
-    shared = {}
+    report = {}
     for name in which:
+        start = time.perf_counter()
         compiled = launches[name]()
         assert compiled.asm.get("cubin"), f"{name}: no cubin"
-        shared[name] = compiled.metadata.shared
-    print(json.dumps(shared))
+        report[name] = {"shared_bytes": compiled.metadata.shared, "compile_s": round(time.perf_counter() - start, 1)}
+    print(json.dumps(report))
 
 
 if __name__ == "__main__":
