@@ -1,5 +1,6 @@
 """Compile the memory kernels for an H100 (sm_90) on a machine without a GPU; print, as JSON, each kernel's shared
-memory in bytes and its compile seconds (to PTX, then the triton wheel's ptxas).
+memory in bytes, registers and stack (spilled registers) per thread (cuobjdump's resource usage), and its compile
+seconds (to PTX, then the triton wheel's ptxas). NUM_WARPS=8 in the environment compiles with 8 warps.
 
     .venv/bin/python bench/kernels_compile.py '{"BT": 64, "BD": 128, "BFB": 32}' 2     # block sizes, memory depth
     .venv/bin/python bench/kernels_compile.py '{"BT": 16, "BD": 64, "BFB": 64}' 2 step,read
@@ -12,7 +13,11 @@ not compile.
 from __future__ import annotations
 
 import json
+import os
+import re
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -30,7 +35,8 @@ FLAGS = {"ONLY"}
 FLOATS = {"eps", "clip"}
 
 
-def compile_for_h100(kernel, num_warps: int = 4, num_stages: int = 3, **constexprs):
+def compile_for_h100(kernel, num_warps: int | None = None, num_stages: int = 3, **constexprs):
+    num_warps = num_warps or int(os.environ.get("NUM_WARPS", 4))
     signature = {}
     for name in kernel.arg_names:
         if name in constexprs:
@@ -59,8 +65,22 @@ def main() -> None:
         start = time.perf_counter()
         compiled = launches[name]()
         assert compiled.asm.get("cubin"), f"{name}: no cubin"
-        report[name] = {"shared_bytes": compiled.metadata.shared, "compile_s": round(time.perf_counter() - start, 1)}
+        report[name] = {"shared_bytes": compiled.metadata.shared, **resources(compiled.asm["cubin"]),
+                        "compile_s": round(time.perf_counter() - start, 1)}
     print(json.dumps(report))
+
+
+def resources(cubin: bytes) -> dict:
+    """Registers and stack bytes per thread, from the triton wheel's cuobjdump (empty if it is missing)."""
+    tool = Path(triton.__file__).parent / "backends/nvidia/bin/cuobjdump"
+    if not tool.exists():
+        return {}
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        usage = subprocess.run([str(tool), "-res-usage", f.name], capture_output=True, text=True).stdout
+    found = re.search(r"REG:(\d+)\s+STACK:(\d+)", usage)
+    return {"registers": int(found[1]), "stack_bytes": int(found[2])} if found else {}
 
 
 if __name__ == "__main__":

@@ -431,7 +431,7 @@ class NeuralMemory(nn.Module):
 
     def read(self, weights: list[Tensor], q: Tensor, dtype) -> Tensor:
         """M*(q): q [B, H, R, d] -> [B, R, H*d] in the activation dtype."""
-        if use_triton(weights, q):
+        if use_triton(weights, q, rows=q.shape[2]):
             from kernels.memory import fused_chunk
 
             weights = [w.contiguous() for w in weights]
@@ -505,7 +505,7 @@ class NeuralMemory(nn.Module):
         # gradients, and their scan coefficients (gate-only) are computed for all of them at once.
         b = self.cfg.chunk_size
         whole = [i for i, (_, _, p) in enumerate(pieces) if all(x % b == 0 and c == b for x, c in zip(*p.host))]
-        kernel = bool(whole) and use_triton(self.weights(state), q)
+        kernel = bool(whole) and use_triton(self.weights(state), q, rows=b)
         if whole and not kernel:
             first = pieces[whole[0]][0]
             span = log_gates[:, :, first:first + len(whole) * b]
@@ -555,7 +555,7 @@ class NeuralMemory(nn.Module):
         rows = torch.cat([k, v, log_gates], -1)  # [B, H, R, 2d+3]
         buf = ctx.write(state["buf"], 2, b, rows.transpose(1, 2))
         new = dict(state)
-        if ctx.any_full and use_triton(self.weights(state), k):
+        if ctx.any_full and use_triton(self.weights(state), k, rows=b):
             w_new, s_new = self.chunk_kernel(state, buf[..., :d], buf[..., d:2 * d], buf[..., 2 * d:],
                                              ctx.flag("full").flatten(), ctx.owned)
             new = self.with_memory(new, w_new, s_new)

@@ -2,8 +2,8 @@
 
 TITANS_KERNELS=triton | torch forces one; unset (auto) means Triton on CUDA when triton imports, PyTorch
 otherwise. The PyTorch path is always used where the kernels do not apply: autograd (outer-loop training
-differentiates through the memory), memory depth above 2, a state dtype other than fp32, or heads wider than
-MAX_HEAD_DIM. With
+differentiates through the memory), memory depth above 2, a state dtype other than fp32, or heads and chunks
+larger than the kernels' tiles (fits_on_chip). With
 TITANS_KERNELS=triton on a CPU, run under TRITON_INTERPRET=1 (tests do, at tiny sizes).
 """
 
@@ -25,21 +25,28 @@ def triton_available() -> bool:
     return True
 
 
-# A program holds a [d, BFB] block of a head's weights at a time (depth 1: the whole [d, d] matrix) and a chunk's
-# rows. Compiled for sm_90 on a CPU (bench/kernels_compile.py), d 128 with expansion 4 and chunk 64 needs 144 KB
-# of shared memory, inside an H100's 227 KB per block. Wider heads take the torch path.
+# A program holds a [d, BFB] block of a head's weights at a time (depth 1: the whole [d, d] matrix) and the
+# [rows, d] tiles of a chunk. Compiled for sm_90 on a CPU (bench/kernels_compile.py): d 128 with expansion 4 and
+# chunk 64 needs 144 KB of shared memory, inside an H100's 227 KB per block; chunk 128 at d 128, 272 KB.
 MAX_HEAD_DIM = 128
+MAX_ROW_TILE = 64 * 128  # rows x head dim, both padded to powers of two
 
 
-def fits_on_chip(weights: list[Tensor]) -> bool:
-    return weights[0].shape[-2] <= MAX_HEAD_DIM
+def fits_on_chip(weights: list[Tensor], rows: int) -> bool:
+    d = weights[0].shape[-2]
+    return d <= MAX_HEAD_DIM and _pow2(rows) * _pow2(d) <= MAX_ROW_TILE
 
 
-def use_triton(weights: list[Tensor], *activations: Tensor) -> bool:
+def _pow2(n: int) -> int:
+    return max(16, 1 << (n - 1).bit_length())
+
+
+def use_triton(weights: list[Tensor], *activations: Tensor, rows: int) -> bool:
+    """rows: what one program tiles (a chunk for updates and prefill; the rows read for a read)."""
     choice = os.environ.get("TITANS_KERNELS", "auto")
     if choice not in ("auto", "triton", "torch"):
         raise ValueError(f"TITANS_KERNELS must be triton, torch or unset, got {choice!r}")
-    if choice == "torch" or len(weights) > 2 or weights[0].dtype != torch.float32 or not fits_on_chip(weights):
+    if choice == "torch" or len(weights) > 2 or weights[0].dtype != torch.float32 or not fits_on_chip(weights, rows):
         return False
     if torch.is_grad_enabled() and any(t.requires_grad for t in (*weights, *activations)):
         return False

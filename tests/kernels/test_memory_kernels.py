@@ -227,11 +227,12 @@ def test_varlen_prefill_matches_the_reference(seed, depth):
     assert any(not torch.equal(pool_w[0][s], weights[0][s]) for s in slots.tolist())  # some memory did change
 
 
-def test_heads_too_wide_for_the_kernels_take_the_torch_path(monkeypatch):
+def test_heads_and_chunks_too_large_for_the_kernels_take_the_torch_path(monkeypatch):
     from kernels.memory.dispatch import use_triton
 
     monkeypatch.setenv("TITANS_KERNELS", "triton")
     with torch.no_grad():
-        assert use_triton([torch.zeros(1, 1, 128, 512), torch.zeros(1, 1, 512, 128)])  # d 128, expansion 4
-        assert use_triton([torch.zeros(1, 1, 128, 128)])  # d 128, depth 1
-        assert not use_triton([torch.zeros(1, 1, 256, 256)])
+        assert use_triton([torch.zeros(1, 1, 128, 512), torch.zeros(1, 1, 512, 128)], rows=64)  # d 128, e 4
+        assert use_triton([torch.zeros(1, 1, 128, 128)], rows=64)  # d 128, depth 1
+        assert not use_triton([torch.zeros(1, 1, 128, 128)], rows=128)  # chunk 128 at d 128: 272 KB
+        assert not use_triton([torch.zeros(1, 1, 256, 256)], rows=16)
