@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .fused_chunk import _block, _check_pool, _chunk, _hidden_tile, _read
+from .fused_chunk import _block, _check_pool, _chunk, _hidden_tile, _read, _second_layer
 
 
 @triton.jit
@@ -69,7 +69,7 @@ def prefill(weights: list[Tensor], momentum: list[Tensor], state_indices: Tensor
     if sequences == 0 or N == 0:
         return read, surprise
     depth = len(weights)
-    w2, s2 = (weights[1], momentum[1]) if depth == 2 else (weights[0], momentum[0])
+    w2, s2 = _second_layer(weights), _second_layer(momentum)
     gates = [g.contiguous().float() for g in (log_eta, log_keep, theta)]
     _prefill_kernel[(sequences, H)](
         weights[0], w2, momentum[0], s2, state_indices.contiguous(), cu_seqlens.contiguous(), q.contiguous(),

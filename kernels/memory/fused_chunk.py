@@ -243,30 +243,41 @@ def chunk_step(weights: list[Tensor], momentum: list[Tensor], state_indices: Ten
                grad_clip: float | None, only: Tensor | None = None) -> tuple[Tensor | None, Tensor]:
     """Read (if q is given) and apply one chunk for B sessions, updating the pool in place at state_indices.
 
-    only: [B] bool, the sessions to apply (the others' slots, read and surprise are left untouched): a decode
-    batch whose sessions complete their chunks at different steps runs one launch of a fixed shape, with no
-    host sync (what a CUDA graph captures).
+    only: [B] bool, the sessions to apply (the others' slots are left untouched, their read and surprise are
+    zeros): a decode batch whose sessions complete their chunks at different steps runs one launch of a fixed
+    shape, with no host sync (what a CUDA graph captures).
     Returns (read [B, H, T, d] fp32 or None, surprise [B, H, T] fp32)."""
     H, D, F = _check_pool(weights, momentum)
     B, _, T, _ = k.shape
     _check_indices(state_indices, B)
     k, v = k.contiguous(), v.contiguous()
     gates = [g.contiguous().float() for g in (log_eta, log_keep, theta)]
-    read = torch.empty(B, H, T, D, device=k.device, dtype=torch.float32) if q is not None else None
-    surprise = torch.empty(B, H, T, device=k.device, dtype=torch.float32)
+    new = torch.empty if only is None else torch.zeros
+    read = new(B, H, T, D, device=k.device, dtype=torch.float32) if q is not None else None
+    surprise = new(B, H, T, device=k.device, dtype=torch.float32)
     if B == 0:
         return read, surprise
-    depth = len(weights)
-    w2, s2 = (weights[1], momentum[1]) if depth == 2 else (weights[0], momentum[0])
     if only is not None and only.shape != (B,):
         raise ValueError(f"only has shape {tuple(only.shape)}, the activations {B} sessions")
+    w2, s2 = _second_layer(weights), _second_layer(momentum)
     _chunk_step_kernel[(B, H)](
-        weights[0], w2, momentum[0], s2, state_indices.contiguous(), only.contiguous() if only is not None else
-        state_indices, q.contiguous() if q is not None else k, k, v,
-        *gates, read if read is not None else surprise, surprise, H, T, D, F, eps,
-        float(grad_clip or 0.0), DEPTH=depth, HAS_CLIP=grad_clip is not None, DO_READ=q is not None,
+        weights[0], w2, momentum[0], s2, state_indices.contiguous(), _or_unused(only, k), _or_unused(q, k), k, v,
+        *gates, _or_unused(read, k), surprise, H, T, D, F, eps,
+        float(grad_clip or 0.0), DEPTH=len(weights), HAS_CLIP=grad_clip is not None, DO_READ=q is not None,
         HAS_ONLY=only is not None, BT=_block(T), BD=_block(D), BFB=_hidden_tile(D, F))
     return read, surprise
+
+
+# No tensor may reach a kernel as two arguments: torch.compile functionalises a launch by copying each argument
+# it writes, and copies it back per argument, so an aliased one's update is lost (depth 1's W passed as W1 and
+# W2: the chunk update vanished under torch.func.functionalize, a review's repro). Arguments a constexpr leaves
+# unused get a one-element tensor of their own (one element: a null pointer may be refused at launch).
+def _second_layer(pool: list[Tensor]) -> Tensor:
+    return pool[1] if len(pool) == 2 else pool[0].new_empty(1)
+
+
+def _or_unused(x: Tensor | None, like: Tensor) -> Tensor:
+    return like.new_empty(1) if x is None else x.contiguous()
 
 
 def read(weights: list[Tensor], state_indices: Tensor, q: Tensor, eps: float) -> Tensor:
@@ -276,7 +287,7 @@ def read(weights: list[Tensor], state_indices: Tensor, q: Tensor, eps: float) ->
     _check_indices(state_indices, B)
     out = torch.empty(B, H, T, D, device=q.device, dtype=torch.float32)
     if B and T:
-        w2 = weights[1] if len(weights) == 2 else weights[0]
-        _read_kernel[(B, H)](weights[0], w2, state_indices.contiguous(), q.contiguous(), out, H, T, D, F, eps,
+        _read_kernel[(B, H)](weights[0], _second_layer(weights), state_indices.contiguous(), q.contiguous(), out,
+                             H, T, D, F, eps,
                              DEPTH=len(weights), BT=_block(T), BD=_block(D), BFB=_hidden_tile(D, F))
     return out

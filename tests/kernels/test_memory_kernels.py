@@ -236,3 +236,35 @@ def test_heads_and_chunks_too_large_for_the_kernels_take_the_torch_path(monkeypa
         assert use_triton([torch.zeros(1, 1, 128, 128)], rows=64)  # d 128, depth 1
         assert not use_triton([torch.zeros(1, 1, 128, 128)], rows=128)  # chunk 128 at d 128: 272 KB
         assert not use_triton([torch.zeros(1, 1, 256, 256)], rows=16)
+
+
+@pytest.mark.parametrize("depth", [1, 2])
+def test_no_tensor_reaches_a_kernel_twice(depth, monkeypatch):
+    """torch.compile functionalises a kernel launch per argument: an aliased argument's update is lost (depth 1
+    once passed its W as both W1 and W2). Every launch's tensors must be distinct storages."""
+    launches = []
+
+    class Recorder:
+        def __init__(self, kernel):
+            self.kernel = kernel
+
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                launches.append([a for a in args if isinstance(a, torch.Tensor)])
+                return self.kernel[grid](*args, **kwargs)
+            return launch
+
+    kernels = (fused_chunk, "_chunk_step_kernel"), (fused_chunk, "_read_kernel"), (chunk, "_prefill_kernel")
+    for module, name in kernels:
+        monkeypatch.setattr(module, name, Recorder(getattr(module, name)))
+    weights, momentum, slots, q, k, v, log_eta, log_keep, theta = random_case(random.Random(3), depth)
+    fused_chunk.chunk_step(weights, momentum, slots, None, k, v, log_eta, log_keep, theta, EPS, None)
+    fused_chunk.chunk_step(weights, momentum, slots, q, k, v, log_eta, log_keep, theta, EPS, 0.5,
+                           torch.ones(len(slots), dtype=torch.bool))
+    fused_chunk.read(weights, slots, q, EPS)
+    case = packed_case(random.Random(4), depth, 4, [8, 5])
+    chunk.prefill(*case, 4, EPS, None)
+    assert len(launches) == 4
+    for tensors in launches:
+        pointers = [t.untyped_storage().data_ptr() for t in tensors]
+        assert len(set(pointers)) == len(pointers)
