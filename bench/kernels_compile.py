@@ -1,6 +1,7 @@
 """Compile the memory kernels for an H100 (sm_90) on a machine without a GPU; print, as JSON, each kernel's shared
 memory in bytes, registers and stack (spilled registers) per thread (cuobjdump's resource usage), and its compile
-seconds (to PTX, then the triton wheel's ptxas). NUM_WARPS=8 in the environment compiles with 8 warps.
+seconds (to PTX, then the triton wheel's ptxas), with the warps the kernels launch with (fused_chunk._warps;
+NUM_WARPS=8 in the environment overrides).
 
     .venv/bin/python bench/kernels_compile.py '{"BT": 64, "BD": 128, "BFB": 32}' 2     # block sizes, memory depth
     .venv/bin/python bench/kernels_compile.py '{"BT": 16, "BD": 64, "BFB": 64}' 2 step,read
@@ -36,7 +37,8 @@ FLOATS = {"eps", "clip"}
 
 
 def compile_for_h100(kernel, num_warps: int | None = None, num_stages: int = 3, **constexprs):
-    num_warps = num_warps or int(os.environ.get("NUM_WARPS", 4))
+    num_warps = num_warps or int(os.environ.get("NUM_WARPS", 0)) or \
+        fused_chunk._warps(constexprs["BT"], constexprs["BD"])
     signature = {}
     for name in kernel.arg_names:
         if name in constexprs:

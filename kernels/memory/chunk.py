@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .fused_chunk import _block, _check_pool, _chunk, _hidden_tile, _read, _second_layer
+from .fused_chunk import _block, _check_pool, _chunk, _hidden_tile, _read, _second_layer, _warps
 
 
 @triton.jit
@@ -75,5 +75,6 @@ def prefill(weights: list[Tensor], momentum: list[Tensor], state_indices: Tensor
         weights[0], w2, momentum[0], s2, state_indices.contiguous(), cu_seqlens.contiguous(), q.contiguous(),
         k.contiguous(), v.contiguous(), *gates, read, surprise, H, D, F, chunk_size, eps, float(grad_clip or 0.0),
         DEPTH=depth, HAS_CLIP=grad_clip is not None, BT=_block(chunk_size), BD=_block(D), BFB=_hidden_tile(D, F),
+        num_warps=_warps(_block(chunk_size), _block(D)),
         num_stages=1)  # no software pipelining of the chunk loop: it held every stage's tiles in shared memory
     return read, surprise

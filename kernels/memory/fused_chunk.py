@@ -217,6 +217,13 @@ def _block(n: int) -> int:
 HIDDEN_TILE_ELEMENTS = 4096  # a [BD, BFB] weight tile of at most 16 KB of fp32
 
 
+def _warps(BT: int, BD: int) -> int:
+    """Warps per program, growing with the chunk's [BT, BD] tiles, which a program holds several of: at 4 warps
+    ptxas spilled 11.5 KB per thread for chunk 64 at d 128 (8.5 KB at 8 warps, 3.2 KB at 16) and 2.5 KB for
+    chunk 16 at d 64 (0.7 KB at 8); bench/kernels_compile.py, sm_90."""
+    return 16 if BT * BD >= 4096 else 8 if BT * BD >= 1024 else 4
+
+
 def _hidden_tile(D: int, F: int) -> int:
     """Columns of W1 (rows of W2) on chip at once."""
     return min(_block(F), max(16, HIDDEN_TILE_ELEMENTS // _block(D)))
@@ -264,7 +271,8 @@ def chunk_step(weights: list[Tensor], momentum: list[Tensor], state_indices: Ten
         weights[0], w2, momentum[0], s2, state_indices.contiguous(), _or_unused(only, k), _or_unused(q, k), k, v,
         *gates, _or_unused(read, k), surprise, H, T, D, F, eps,
         float(grad_clip or 0.0), DEPTH=len(weights), HAS_CLIP=grad_clip is not None, DO_READ=q is not None,
-        HAS_ONLY=only is not None, BT=_block(T), BD=_block(D), BFB=_hidden_tile(D, F))
+        HAS_ONLY=only is not None, BT=_block(T), BD=_block(D), BFB=_hidden_tile(D, F),
+        num_warps=_warps(_block(T), _block(D)))
     return read, surprise
 
 
@@ -289,5 +297,6 @@ def read(weights: list[Tensor], state_indices: Tensor, q: Tensor, eps: float) ->
     if B and T:
         _read_kernel[(B, H)](weights[0], _second_layer(weights), state_indices.contiguous(), q.contiguous(), out,
                              H, T, D, F, eps,
-                             DEPTH=len(weights), BT=_block(T), BD=_block(D), BFB=_hidden_tile(D, F))
+                             DEPTH=len(weights), BT=_block(T), BD=_block(D), BFB=_hidden_tile(D, F),
+                             num_warps=_warps(_block(T), _block(D)))
     return out
