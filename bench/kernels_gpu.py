@@ -4,7 +4,8 @@
     python bench/kernels_gpu.py --out $OUT/kernels_gpu.json   # on the lent GPU machine: only $OUT comes back
     python bench/kernels_gpu.py --dry-run       # the whole script at tiny sizes on the CPU (TRITON_INTERPRET=1)
 
-The JSON is rewritten after every section, so a run cut short keeps what it measured; chunk 16 runs before
+The JSON (and the RESULTS.md rows, in a .md beside it) is rewritten after every section, so a run cut short
+keeps what it measured; chunk 16 runs before
 chunk 64, whose kernels take minutes to compile. The titans-pytorch baseline needs its wheel and its
 dependencies' (x-transformers, tensordict, hyper-connections, assoc-scan, einx, rotary-embedding-torch,
 axial-positional-embedding, ...) on a machine without a package index; when it cannot import, the JSON says why.
@@ -200,6 +201,31 @@ def decode(N, H, d, chunk, device, repeats) -> dict:
             "triton_weight_stream_gb_s": weight_bytes / t_read / 1e9}
 
 
+def markdown_rows(results: dict) -> str:
+    """The rows for bench/RESULTS.md, with the card's name and the date (written beside the JSON)."""
+    def rate(x):
+        return f"{x / 1e6:.3g} M" if x else "—"
+
+    where = f"{results['device']}, {results['date']}, torch {results['torch']}, triton {results['triton']}"
+    lines = [f"Run on {where}. Ceilings: copy {results['ceilings']['copy_gb_s']:.0f} GB/s, bf16 matmul "
+             f"{results['ceilings']['matmul_tflops']:.0f} TFLOP/s.", "",
+             "| prefill B×T, heads×d, chunk, depth | Triton varlen tok/s | Triton per chunk | torch eager | torch "
+             "compiled | titans-pytorch | varlen / titans-pytorch |", "|---|---|---|---|---|---|---|"]
+    for r in results.get("prefill", []):
+        ratio = r.get("triton_over_titans_pytorch")
+        lines.append(f"| {r['B']}×{r['T']}, {r['heads']}×{r['head_dim']}, {r['chunk']}, {r['depth']} | "
+                     f"{rate(r['triton_varlen_tok_s'])} | {rate(r['triton_tok_s'])} | {rate(r['torch_eager_tok_s'])} | "
+                     f"{rate(r.get('torch_compile_tok_s'))} | {rate(r.get('titans_pytorch_tok_s'))} | "
+                     f"{f'{ratio:.1f}×' if ratio else '—'} |")
+    lines += ["", "| decode sessions | Triton tok/s | torch tok/s | read µs | update µs | weight stream GB/s "
+              "(of copy) |", "|---|---|---|---|---|---|"]
+    for r in results.get("decode", []):
+        lines.append(f"| {r['sessions']} | {rate(r['triton_tok_s'])} | {rate(r['torch_tok_s'])} | "
+                     f"{r['triton_read_us']:.1f} | {r['triton_update_us']:.1f} | "
+                     f"{r['triton_weight_stream_gb_s']:.0f} ({r['fraction_of_copy_bandwidth']:.0%}) |")
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dry-run", action="store_true", help="tiny sizes on the CPU (Triton interpreter)")
@@ -221,6 +247,7 @@ def main() -> None:
 
     def save():
         out.write_text(json.dumps(results, indent=2) + "\n")
+        out.with_suffix(".md").write_text(markdown_rows(results))
 
     results["check"] = check(device)
     results["ceilings"] = ceilings(device, dry)

@@ -64,6 +64,8 @@ def test_kernel_gpu_benchmark_dry_run(tmp_path):
     assert all(r["triton_read_us"] > 0 and r["triton_update_us"] > 0 for r in results["decode"])
     # the baseline ran, or the JSON says why not (a GPU machine may lack its dependencies)
     assert all((r["titans_pytorch_tok_s"] or 0) > 0 or r["titans_pytorch_error"] for r in results["prefill"])
+    rows = out.with_suffix(".md").read_text()  # the RESULTS.md rows, with the device's name
+    assert "cpu (dry run)" in rows and rows.count("| 1×32, 2×16, 16, ") == 2
 
 
 @pytest.mark.slow
