@@ -2,13 +2,14 @@
 
     python bench/kernels_gpu.py                 # on a CUDA machine; writes bench/results/kernels_gpu.json
     python bench/kernels_gpu.py --out $OUT/kernels_gpu.json   # on the lent GPU machine: only $OUT comes back
+        # (bench/gpu_wheels.sh first, here: the wheels that machine lacks, and the device call that uses them)
     python bench/kernels_gpu.py --dry-run       # the whole script at tiny sizes on the CPU (TRITON_INTERPRET=1)
 
 The JSON (and the RESULTS.md rows, in a .md beside it) is rewritten after every section, so a run cut short
 keeps what it measured; chunk 16 runs before
 chunk 64, whose kernels take minutes to compile. The titans-pytorch baseline needs its wheel and its
-dependencies' (x-transformers, tensordict, hyper-connections, assoc-scan, einx, rotary-embedding-torch,
-axial-positional-embedding, ...) on a machine without a package index; when it cannot import, the JSON says why.
+dependencies' on a machine without a package index (bench/gpu_wheels.sh); when it cannot import, the JSON says
+why.
 
 Measured in one run, side by side:
   - ceilings of this card: copy bandwidth (a large device-to-device copy) and a bf16 matmul;

@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Wheels the lent GPU machine lacks (its image has Python 3.12, torch, triton, numpy; no package index), for
+# bench/kernels_gpu.py and its titans-pytorch baseline: downloaded here into .gpu-wheels/ (git-ignored), which the
+# device call carries:
+#   bash bench/gpu_wheels.sh
+#   run(carry=[".gpu-wheels"], command="pip install -q --no-index --no-deps .gpu-wheels/*.whl && "
+#       "python bench/kernels_gpu.py --out $OUT/kernels_gpu.json")
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PIP="${PIP:-.venv/bin/pip}"
+rm -rf .gpu-wheels && mkdir .gpu-wheels
+# --no-deps: titans-pytorch 0.5.5's dependency tree and ours, minus what the image has (torch, its sympy), at the
+# versions the project's venv runs the baseline with
+"$PIP" download -q --no-deps --only-binary=:all: --python-version 3.12 --platform manylinux2014_x86_64 \
+    --platform manylinux_2_28_x86_64 --platform any -d .gpu-wheels \
+    safetensors==0.8.0 tokenizers==0.23.3 titans-pytorch==0.5.5 assoc-scan==0.0.6 accelerated-scan==0.3.1 \
+    axial-positional-embedding==0.3.12 einops==0.8.2 einx==0.4.3 frozendict==2.5.1 hyper-connections==0.4.11 \
+    torch-einops-utils==0.2.0 rotary-embedding-torch==0.9.1 tensordict==0.15.3 cloudpickle==3.1.3 pyvers==0.2.3 \
+    x-transformers==2.31.10 loguru==0.7.3 tqdm==4.70.1 ninja==1.13.2 packaging==26.4
+du -sh .gpu-wheels
