@@ -74,6 +74,7 @@ class EngineOptions:
     max_running: int
     prefill_chunk: int
     cpus: frozenset[int] | None = None  # the engine process's CPUs (CpuPlan.engine); None: not pinned
+    stream_interval_s: float = 0.0  # Outbox: 0 sends every iteration's events at once
 
 
 # --- messages -------------------------------------------------------------------------------------------------
@@ -203,6 +204,7 @@ def engine_main(options: EngineOptions, conn: Connection) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     send(conn, Ready(engine.fingerprint, engine.new_state().to_bytes()))
     scheduler = Scheduler(engine, options.max_running, options.prefill_chunk)
+    outbox = Outbox(conn, options.stream_interval_s)
     arrived = _arrival_check(conn)
     freeze_garbage_collector()
     try:
@@ -216,13 +218,14 @@ def engine_main(options: EngineOptions, conn: Connection) -> None:
                         return
                     if isinstance(message, Abort):
                         scheduler.abort(message.job_id)
+                        outbox.forget(message.job_id)
                     else:
                         scheduler.add(message)
             events = [(job_id, ErrorEvent(_portable(e.error)) if isinstance(e, ErrorEvent) else e)
                       for job_id, e in scheduler.iterate()]
             waits, scheduler.queue_waits = scheduler.queue_waits, []
             try:
-                send(conn, Outputs(events, scheduler.running, len(scheduler.waiting), waits))
+                outbox.put(events, waits, scheduler.running, len(scheduler.waiting), idle=not scheduler.busy)
             except (BrokenPipeError, ConnectionResetError):
                 raise APIGone from None
     except APIGone:
@@ -232,6 +235,41 @@ def engine_main(options: EngineOptions, conn: Connection) -> None:
         with contextlib.suppress(OSError):
             send(conn, Outputs(scheduler.fail_all(EngineStopped(f"the engine failed: {e!r}")), 0, 0, []))
             send(conn, Failed(traceback.format_exc()))
+
+
+class Outbox:
+    """The engine loop's Outputs to the API process. With an interval, token events wait until it has passed
+    since the last send and then go as one message: each send wakes the API process, and at one session a send
+    per step cost ~5.6% of the loop's time per request on 2 vCPUs (1.098x Engine.generate against 1.042x with
+    nothing sent; every 2nd step 1.070x, every 4th 1.059x: a one-off probe, 25 shuffled rounds). Never held: a
+    request's first token (time to first token), its last event, and anything when the loop is about to sleep."""
+
+    def __init__(self, conn: Connection, interval_s: float):
+        self.conn, self.interval_s = conn, interval_s
+        self.events: list[tuple[int, object]] = []
+        self.waits: list[float] = []
+        self.streaming: set[int] = set()  # requests whose first token has gone
+        self.sent_at = 0.0
+
+    def put(self, events: list[tuple[int, object]], waits: list[float], running: int, waiting: int,
+            idle: bool) -> None:
+        self.events += events
+        self.waits += waits
+        urgent = idle or not self.interval_s
+        for job_id, event in events:
+            if type(event) is not TokenEvent:
+                self.streaming.discard(job_id)
+                urgent = True
+            elif job_id not in self.streaming:
+                self.streaming.add(job_id)
+                urgent = True
+        now = time.perf_counter()
+        if urgent or now - self.sent_at >= self.interval_s:
+            send(self.conn, Outputs(self.events, running, waiting, self.waits))
+            self.events, self.waits, self.sent_at = [], [], now
+
+    def forget(self, job_id: int) -> None:
+        self.streaming.discard(job_id)
 
 
 def _arrival_check(conn: Connection) -> Callable[[], bool]:

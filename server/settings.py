@@ -42,6 +42,10 @@ class Settings(BaseSettings):
                                          "torch_threads of those this server may use, the HTTP process keeping the "
                                          "rest, so neither preempts the other; or a list such as 2-7,9")
 
+    stream_interval_ms: float = Field(0.0, ge=0, le=1000, description="hold streamed tokens until this long since the "
+                                      "engine last sent any (each send wakes the HTTP process): fewer, larger SSE "
+                                      "chunks; a request's first and last tokens never wait")
+
     max_prompt_tokens: int = Field(16384, gt=0)
     max_output_tokens: int = Field(4096, gt=0)
     max_waiting: int = Field(256, ge=0, description="queued requests beyond this get 429")

@@ -13,7 +13,7 @@ import pytest
 
 from tests.e2e.test_api import assert_error, complete, new_session
 from tests.redis_server import RedisServer
-from tests.server_process import ServerProcess
+from tests.server_process import ServerProcess, sse_events
 
 
 def continue_twice(first_url: str, second_url: str, sid: str) -> tuple[list[int], list[int], list[int]]:
@@ -208,6 +208,19 @@ def test_the_engine_process_exits_when_the_api_process_dies_mid_generation(model
                 os.kill(engine_pid, signal.SIGKILL)
         srv.log.flush()
         assert "engine loop died" not in srv.log_path.read_text()
+
+
+def test_a_stream_interval_sends_fewer_larger_chunks_of_the_same_tokens(model_dir, tmp_path):
+    """--stream-interval-ms: tokens wait until the interval has passed since the engine last sent, then go
+    together; the first token never waits, and the stream carries exactly the tokens of an unheld request."""
+    with ServerProcess(model_dir, f"sqlite:///{tmp_path}/sessions.db", "--stream-interval-ms", "200") as srv, \
+            httpx.Client(base_url=srv.url, timeout=60) as c:
+        reference = complete(c, "held back ", max_tokens=40)["choices"][0]["token_ids"]
+        r = c.post("/v1/completions", json={"prompt": "held back ", "max_tokens": 40, "temperature": 0,
+                                            "stream": True, "return_token_ids": True})
+        chunks = [e["choices"][0]["token_ids"] for e in sse_events(r.content)[:-1] if e["choices"]]
+        assert [t for chunk in chunks for t in chunk] == reference
+        assert len(chunks[0]) == 1 and len(chunks) < len(reference) / 4  # 40 tokens take far less than 800 ms
 
 
 @pytest.mark.skipif(len(getattr(os, "sched_getaffinity", lambda _: ())(0)) < 2, reason="needs 2 CPUs and Linux")
