@@ -139,16 +139,15 @@ def prefill(B, T, H, d, chunk, depth, device, repeats, baseline: bool) -> dict:
         pool_w, pool_s = [x.clone() for x in w], [x.clone() for x in s]
         varlen.prefill(pool_w, pool_s, slots, cu, *packed, chunk, EPS, 1.0)
 
-    def torch_chunk(ww, ss, sl):
-        coefficients = chunk_coefficients(le[:, :, sl], lk[:, :, sl])
-        _, _, ww, ss = read_and_update(ww, ss, q[:, :, sl], k[:, :, sl], v[:, :, sl], th[:, :, sl], coefficients,
-                                       EPS, 1.0)
+    def torch_chunk(ww, ss, qc, kc, vc, lec, lkc, thc):  # tensors, not a slice: a compiled graph per slice value
+        _, _, ww, ss = read_and_update(ww, ss, qc, kc, vc, thc, chunk_coefficients(lec, lkc), EPS, 1.0)
         return ww, ss
 
     def torch_run(step=torch_chunk):
         ww, ss = w, s
         for c in range(n):
-            ww, ss = step(ww, ss, slice(c * chunk, (c + 1) * chunk))
+            sl = slice(c * chunk, (c + 1) * chunk)
+            ww, ss = step(ww, ss, *(x[:, :, sl] for x in (q, k, v, le, lk, th)))
 
     tokens = B * T
     out = {"B": B, "T": T, "heads": H, "head_dim": d, "chunk": chunk, "depth": depth,
