@@ -18,7 +18,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .fused_chunk import _block, _check_pool, _chunk, _hidden_tile, _read, _second_layer, _warps
+from .dispatch import padded
+from .fused_chunk import _check_pool, _chunk, _hidden_tile, _read, _second_layer, _warps
 
 
 @triton.jit
@@ -74,7 +75,7 @@ def prefill(weights: list[Tensor], momentum: list[Tensor], state_indices: Tensor
     _prefill_kernel[(sequences, H)](
         weights[0], w2, momentum[0], s2, state_indices.contiguous(), cu_seqlens.contiguous(), q.contiguous(),
         k.contiguous(), v.contiguous(), *gates, read, surprise, H, D, F, chunk_size, eps, float(grad_clip or 0.0),
-        DEPTH=depth, HAS_CLIP=grad_clip is not None, BT=_block(chunk_size), BD=_block(D), BFB=_hidden_tile(D, F),
-        num_warps=_warps(_block(chunk_size), _block(D)),
+        DEPTH=depth, HAS_CLIP=grad_clip is not None, BT=padded(chunk_size), BD=padded(D), BFB=_hidden_tile(D, F),
+        num_warps=_warps(padded(chunk_size), padded(D)),
         num_stages=1)  # no software pipelining of the chunk loop: it held every stage's tiles in shared memory
     return read, surprise

@@ -34,10 +34,11 @@ MAX_ROW_TILE = 64 * 128  # rows x head dim, both padded to powers of two
 
 def fits_on_chip(weights: list[Tensor], rows: int) -> bool:
     d = weights[0].shape[-2]
-    return d <= MAX_HEAD_DIM and _pow2(rows) * _pow2(d) <= MAX_ROW_TILE
+    return d <= MAX_HEAD_DIM and padded(rows) * padded(d) <= MAX_ROW_TILE
 
 
-def _pow2(n: int) -> int:
+def padded(n: int) -> int:
+    """A kernel tile's size for n: the next power of two, at least 16 (as tl.dot wants)."""
     return max(16, 1 << (n - 1).bit_length())
 
 

@@ -24,6 +24,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from .dispatch import padded
+
 # constexpr: a jitted function may read no other globals (the CPU interpreter lets plain floats through; a GPU
 # compile refuses them)
 INV_SQRT2 = tl.constexpr(0.7071067811865476)
@@ -56,6 +58,22 @@ def _hidden_block(f0, i, md, base1, base2, D, F, BFB: tl.constexpr):
 
 
 @triton.jit
+def _block_gradient(f0, k, d2, W1, W2, i, md, mt, base1, base2, D, F, BFB: tl.constexpr):
+    """Hidden block f0 of the backward: z1 = k W1[:, f] and d1 = (d2 W2[f, :]^T) * gelu'(z1), padded rows and
+    columns zeroed; with the block's offsets and masks (w1_off, mw1, w2_off, mw2, z1, d1)."""
+    w1_off, mw1, w2_off, mw2, mf = _hidden_block(f0, i, md, base1, base2, D, F, BFB)
+    z1 = _dot(k, tl.load(W1 + w1_off, mask=mw1, other=0.0))
+    d1 = _dot(d2, tl.trans(tl.load(W2 + w2_off, mask=mw2, other=0.0))) * _gelu_grad(z1)
+    return w1_off, mw1, w2_off, mw2, z1, tl.where(mt[:, None] & mf[None, :], d1, 0.0)
+
+
+@triton.jit
+def _square(base1, i, md, D):
+    """Offsets and mask of a depth-1 head's W [D, D]."""
+    return base1 + i[:, None] * D + i[None, :], md[:, None] & md[None, :]
+
+
+@triton.jit
 def _forward2(x, W1, W2, i, md, base1, base2, D, F, BT: tl.constexpr, BD: tl.constexpr, BFB: tl.constexpr):
     """Depth 2, over blocks of the hidden width: z2 = gelu(x W1) W2 [BT, BD], and each row's sum of a^2."""
     z2 = tl.zeros([BT, BD], dtype=tl.float32)
@@ -82,7 +100,8 @@ def _read(q, W1, W2, i, md, base1, base2, D, F, eps,
           DEPTH: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr, BFB: tl.constexpr):
     """M(q) [BT, BD] at the weights in the pool."""
     if DEPTH == 1:
-        return _dot(q, tl.load(W1 + base1 + i[:, None] * D + i[None, :], mask=md[:, None] & md[None, :], other=0.0))
+        w_off, mw = _square(base1, i, md, D)
+        return _dot(q, tl.load(W1 + w_off, mask=mw, other=0.0))
     z2, _ = _forward2(q, W1, W2, i, md, base1, base2, D, F, BT, BD, BFB)
     zhat, _ = _layer_norm(z2, md, D, eps)
     return q + zhat
@@ -130,8 +149,7 @@ def _chunk(W1, W2, S1, S2, base1, base2, k, v, t, mt, i, md, gate_off, apply, LO
     [BD, BFB] tiles are ever on chip, whatever the expansion."""
     mx = mt[:, None] & md[None, :]
     if DEPTH == 1:
-        w_off = base1 + i[:, None] * D + i[None, :]
-        mw = md[:, None] & md[None, :]
+        w_off, mw = _square(base1, i, md, D)
         err = tl.where(mx, _dot(k, tl.load(W1 + w_off, mask=mw, other=0.0)) - v, 0.0)
         g = 2.0 * err
         if apply:
@@ -151,19 +169,13 @@ def _chunk(W1, W2, S1, S2, base1, base2, k, v, t, mt, i, md, gate_off, apply, LO
         d1_sq = tl.zeros([BT], dtype=tl.float32)
         if HAS_CLIP:  # |d1|^2 per row, block by block: d1 = (d2 W2^T) * gelu'(k W1)
             for f0 in range(0, F, BFB):
-                w1_off, mw1, w2_off, mw2, mf = _hidden_block(f0, i, md, base1, base2, D, F, BFB)
-                d1 = _dot(d2, tl.trans(tl.load(W2 + w2_off, mask=mw2, other=0.0))) * \
-                    _gelu_grad(_dot(k, tl.load(W1 + w1_off, mask=mw1, other=0.0)))
-                d1 = tl.where(mt[:, None] & mf[None, :], d1, 0.0)
+                _, _, _, _, _, d1 = _block_gradient(f0, k, d2, W1, W2, i, md, mt, base1, base2, D, F, BFB)
                 d1_sq += tl.sum(d1 * d1, 1)
         c_m, c_s, beta, gamma, p_end = _coefficients(
             LOG_ETA, LOG_KEEP, THETA, gate_off, t, mt, tl.sum(k * k, 1) * d1_sq + a_sq * tl.sum(d2 * d2, 1), clip,
             HAS_CLIP)
         for f0 in range(0, F, BFB):  # block f's gradients need only block f's weights, read before written
-            w1_off, mw1, w2_off, mw2, mf = _hidden_block(f0, i, md, base1, base2, D, F, BFB)
-            z1 = _dot(k, tl.load(W1 + w1_off, mask=mw1, other=0.0))
-            d1 = _dot(d2, tl.trans(tl.load(W2 + w2_off, mask=mw2, other=0.0))) * _gelu_grad(z1)
-            d1 = tl.where(mt[:, None] & mf[None, :], d1, 0.0)
+            w1_off, mw1, w2_off, mw2, z1, d1 = _block_gradient(f0, k, d2, W1, W2, i, md, mt, base1, base2, D, F, BFB)
             tl.debug_barrier()  # every thread has read block f (in every pass) before any overwrites it
             _update(W1, S1, w1_off, mw1, k, d1, c_m, c_s, beta, gamma, p_end)
             _update(W2, S2, w2_off, mw2, _gelu(z1), d2, c_m, c_s, beta, gamma, p_end)
@@ -210,10 +222,6 @@ def _read_kernel(W1, W2, IDX, Q, READ, H, T, D, F, eps,
     tl.store(READ + x_off, _read(q, W1, W2, i, md, base1, base2, D, F, eps, DEPTH, BT, BD, BFB), mask=mx)
 
 
-def _block(n: int) -> int:
-    return max(16, triton.next_power_of_2(n))
-
-
 HIDDEN_TILE_ELEMENTS = 4096  # a [BD, BFB] weight tile of at most 16 KB of fp32
 
 
@@ -226,7 +234,7 @@ def _warps(BT: int, BD: int) -> int:
 
 def _hidden_tile(D: int, F: int) -> int:
     """Columns of W1 (rows of W2) on chip at once."""
-    return min(_block(F), max(16, HIDDEN_TILE_ELEMENTS // _block(D)))
+    return min(padded(F), max(16, HIDDEN_TILE_ELEMENTS // padded(D)))
 
 
 def _check_pool(weights: list[Tensor], momentum: list[Tensor] | None) -> tuple[int, int, int]:
@@ -239,10 +247,10 @@ def _check_pool(weights: list[Tensor], momentum: list[Tensor] | None) -> tuple[i
     return H, D, F
 
 
-def _check_indices(state_indices: Tensor, rows: int) -> None:
-    """Program b works on rows b of the activations and on pool slot state_indices[b]: one slot per row."""
-    if state_indices.shape != (rows,):
-        raise ValueError(f"state_indices has shape {tuple(state_indices.shape)}, the activations {rows} sessions")
+def _check_per_row(name: str, x: Tensor, rows: int) -> None:
+    """Program b works on rows b of the activations, pool slot state_indices[b] and only[b]: one entry per row."""
+    if x.shape != (rows,):
+        raise ValueError(f"{name} has shape {tuple(x.shape)}, the activations {rows} sessions")
 
 
 def chunk_step(weights: list[Tensor], momentum: list[Tensor], state_indices: Tensor, q: Tensor | None, k: Tensor,
@@ -256,7 +264,9 @@ def chunk_step(weights: list[Tensor], momentum: list[Tensor], state_indices: Ten
     Returns (read [B, H, T, d] fp32 or None, surprise [B, H, T] fp32)."""
     H, D, F = _check_pool(weights, momentum)
     B, _, T, _ = k.shape
-    _check_indices(state_indices, B)
+    _check_per_row("state_indices", state_indices, B)
+    if only is not None:
+        _check_per_row("only", only, B)
     k, v = k.contiguous(), v.contiguous()
     gates = [g.contiguous().float() for g in (log_eta, log_keep, theta)]
     new = torch.empty if only is None else torch.zeros
@@ -264,15 +274,13 @@ def chunk_step(weights: list[Tensor], momentum: list[Tensor], state_indices: Ten
     surprise = new(B, H, T, device=k.device, dtype=torch.float32)
     if B == 0:
         return read, surprise
-    if only is not None and only.shape != (B,):
-        raise ValueError(f"only has shape {tuple(only.shape)}, the activations {B} sessions")
     w2, s2 = _second_layer(weights), _second_layer(momentum)
     _chunk_step_kernel[(B, H)](
         weights[0], w2, momentum[0], s2, state_indices.contiguous(), _or_unused(only, k), _or_unused(q, k), k, v,
         *gates, _or_unused(read, k), surprise, H, T, D, F, eps,
         float(grad_clip or 0.0), DEPTH=len(weights), HAS_CLIP=grad_clip is not None, DO_READ=q is not None,
-        HAS_ONLY=only is not None, BT=_block(T), BD=_block(D), BFB=_hidden_tile(D, F),
-        num_warps=_warps(_block(T), _block(D)))
+        HAS_ONLY=only is not None, BT=padded(T), BD=padded(D), BFB=_hidden_tile(D, F),
+        num_warps=_warps(padded(T), padded(D)))
     return read, surprise
 
 
@@ -292,11 +300,11 @@ def read(weights: list[Tensor], state_indices: Tensor, q: Tensor, eps: float) ->
     """M*(q) with each session's weights from the pool: q [B, H, T, d] -> [B, H, T, d] fp32."""
     H, D, F = _check_pool(weights, None)
     B, _, T, _ = q.shape
-    _check_indices(state_indices, B)
+    _check_per_row("state_indices", state_indices, B)
     out = torch.empty(B, H, T, D, device=q.device, dtype=torch.float32)
     if B and T:
         _read_kernel[(B, H)](weights[0], _second_layer(weights), state_indices.contiguous(), q.contiguous(), out,
                              H, T, D, F, eps,
-                             DEPTH=len(weights), BT=_block(T), BD=_block(D), BFB=_hidden_tile(D, F),
-                             num_warps=_warps(_block(T), _block(D)))
+                             DEPTH=len(weights), BT=padded(T), BD=padded(D), BFB=_hidden_tile(D, F),
+                             num_warps=_warps(padded(T), padded(D)))
     return out
