@@ -70,7 +70,7 @@ class EngineOptions:
     weights: str  # fp32 | fp16 | bf16 | int8
     compile: bool
     aot_decode: bool
-    torch_threads: int  # 0: all cores but one
+    torch_threads: int  # 0: all CPUs but one (plan_cpus)
     max_running: int
     prefill_chunk: int
     cpus: frozenset[int] | None = None  # the engine process's CPUs (CpuPlan.engine); None: not pinned
@@ -191,7 +191,7 @@ def engine_main(options: EngineOptions, conn: Connection) -> None:
     try:
         if options.cpus is not None:  # first: the thread pools torch makes inherit it
             os.sched_setaffinity(0, options.cpus)
-        torch.set_num_threads(options.torch_threads or max(1, (os.cpu_count() or 2) - 1))
+        torch.set_num_threads(options.torch_threads or plan_cpus("none", 0).threads)
         device = None if options.device == "auto" else torch.device(options.device)
         engine = Engine.load(options.model, device=device, weight_dtype=_weight_dtype(options.weights),
                              compile=options.compile, aot_decode=options.aot_decode)
@@ -253,9 +253,12 @@ class Outbox:
 
     def put(self, events: list[tuple[int, object]], waits: list[float], running: int, waiting: int,
             idle: bool) -> None:
+        if not self.interval_s:  # the default: every iteration goes out as it is, no bookkeeping
+            send(self.conn, Outputs(events, running, waiting, waits))
+            return
         self.events += events
         self.waits += waits
-        urgent = idle or not self.interval_s
+        urgent = idle
         for job_id, event in events:
             if type(event) is not TokenEvent:
                 self.streaming.discard(job_id)
