@@ -353,17 +353,14 @@ class ShortConv(nn.Module):
     def forward(self, x: Tensor, tail: Tensor, ctx: StepContext) -> tuple[Tensor, Tensor]:
         """x [B, R, P], tail [B, K-1, P] -> y [B, R, P], new tail [B, K-1, P]."""
         ext = torch.cat([tail, x], 1)  # [B, K-1+R, P]
-        # unfold + weighted sum: F.conv1d with groups=P is ~10x slower for the few rows of a step
-        if torch.is_grad_enabled():
-            y = (ext.unfold(1, self.kernel, 1) * self.weight).sum(-1)
-        else:
-            # serving: the same products summed in the same order, tap by tap, so the same bits (not with addcmul,
-            # whose fused multiply-add rounds once), 2.6x faster for 32 sessions reading a prompt, where the
-            # unfolded product is strided. Training keeps the unfolded form, whose backward this would change.
-            rows, taps = x.shape[1], self.weight.t().contiguous()  # [K, P]
-            y = ext[:, :rows] * taps[0]
-            for k in range(1, self.kernel):
-                y.add_(ext[:, k:k + rows] * taps[k])
+        # tap by tap: F.conv1d with groups=P is ~10x slower for the few rows of a step, and the unfolded product
+        # (strided, then a sum over K) ~3x slower than these K contiguous products. Serving adds them in place;
+        # training keeps each product for autograd. The same products summed in the same order: the same bits.
+        rows, taps = x.shape[1], self.weight.t()  # taps [K, P]
+        y = ext[:, :rows] * taps[0]
+        for k in range(1, self.kernel):
+            product = ext[:, k:k + rows] * taps[k]
+            y = y + product if torch.is_grad_enabled() else y.add_(product)
         index = ctx.tail_index(self.kernel)[..., None].expand(-1, -1, x.shape[-1])
         return y, ext.gather(1, index)
 
@@ -388,6 +385,7 @@ class NeuralMemory(nn.Module):
             nn.Parameter(w) for w in init_memory_weights(self.heads, cfg.mem_depth, self.head_dim, cfg.mem_expansion))
         self.register_buffer("gate_signs", torch.tensor(_GATE_SIGNS).repeat_interleave(self.heads), persistent=False)
         self.compiled_chunk_step = None  # read_and_update through torch.compile, set by Titans.compile_steps
+        self.compiled_training_step = None  # the same, differentiated through: set by Titans.compile_training_steps
 
     def gate_bias(self) -> Tensor:
         """Initial bias of the 3H gate logits: small theta, eta ~ 0.9, alpha ~ 0 (DESIGN §2.3)."""
@@ -524,10 +522,10 @@ class NeuralMemory(nn.Module):
                 continue
             if i in whole:
                 j = i - whole[0]
-                # compiled only where nothing differentiates through it (serving, not training); a serving batch's
-                # eager chunks update its own weights in place
+                # serving and training each have their own compiled graphs (one differentiates, one writes in
+                # place); a serving batch's eager chunks update its own weights in place
                 serving = not torch.is_grad_enabled()
-                chunk_step = self.compiled_chunk_step if serving else None
+                chunk_step = self.compiled_chunk_step if serving else self.compiled_training_step
                 y, surprise, w_new, s_new = (chunk_step or read_and_update)(
                     self.weights(state), self.weights(state, "S"), q[:, :, a:e], k[:, :, a:e], v[:, :, a:e],
                     thetas[:, :, j], tuple(c[:, :, j] for c in coefficients), self.cfg.norm_eps,
@@ -620,6 +618,9 @@ class Attention(nn.Module):
         q = qk[:, :, 0].transpose(1, 2) * hd ** -0.5  # [B, nh, R, hd]
         k, v = qk[:, :, 1:], kv[:, :, :, 1]  # [B, R, m, nh, hd]
         ring, rows = state["ring"], torch.stack([k, v], 2).transpose(3, 4)  # rows [B, R, 2, nh, m, hd]
+        if self.banded(ctx):
+            out = self.banded_window(q, k[:, :, 0].transpose(1, 2), v[:, :, 0].transpose(1, 2), ring, ctx)
+            return out.transpose(1, 2).flatten(2), ctx.write(ring, 4, self.span, rows)
         # One row (decode) goes into the ring first, over a slot no longer visible, and is read from there:
         # no concatenation, and a compiled step updates the ring in place.
         if R == 1:
@@ -637,6 +638,49 @@ class Attention(nn.Module):
         if R > 1:
             ring = ctx.write(ring, 4, self.span, rows)
         return out.transpose(1, 2).flatten(2), ring
+
+    def banded(self, ctx: StepContext) -> bool:
+        """Whether a step takes the banded path: a long window step of aligned sessions, every row a token,
+        each session at a multiple of the window (so ring slot j holds position pos - W + j) — a prompt or a
+        training batch. The full product would score every row against every row of the step (R^2 for a
+        window of W: at 256 rows and W = 16, 8x the work)."""
+        if self.rule != "window" or self.m != 1 or ctx.rows <= 2 * self.span or not ctx.unpadded:
+            return False
+        return all(p % self.span == 0 for p in ctx.host[0])
+
+    def banded_window(self, q: Tensor, k: Tensor, v: Tensor, ring: Tensor, ctx: StepContext) -> Tensor:
+        """Sliding-window attention by blocks of W rows, each block against [previous W | its own W | persistent].
+
+        q, k, v [B, nh, R, hd] (q scaled, q and k rotated); ring [B, 2, nh, 1, W, hd] in position order.
+        Returns [B, nh, R, hd]. Rows past R (padding up to a multiple of W) are after every real row: never seen.
+        """
+        B, nh, R, hd = q.shape
+        W = self.span
+        n = -(-R // W)
+        pad = (0, 0, 0, n * W - R)
+        keys = torch.cat([ring[:, 0, :, 0], F.pad(k, pad)], 2)  # [B, nh, (n+1) W, hd]
+        values = torch.cat([ring[:, 1, :, 0], F.pad(v, pad)], 2)
+        key_blocks = keys.unfold(2, 2 * W, W)  # [B, nh, n, hd, 2W]: block j's keys are positions of rows jW-W..jW+W-1
+        value_blocks = values.unfold(2, 2 * W, W).transpose(-1, -2)  # [B, nh, n, 2W, hd]
+        q_blocks = F.pad(q, pad).view(B, nh, n, W, hd)
+        persistent_k, persistent_v = self.persistent[0][:, None], self.persistent[1][:, None]  # [nh, 1, N_p, hd]
+        scores = torch.cat([q_blocks @ key_blocks, q_blocks @ persistent_k.transpose(-1, -2)], -1)
+        probs = scores.masked_fill(~self.band_mask(ctx, n), float("-inf")).softmax(-1)
+        out = probs[..., :2 * W] @ value_blocks + probs[..., 2 * W:] @ persistent_v  # [B, nh, n, W, hd]
+        return out.flatten(2, 3)[:, :, :R]
+
+    def band_mask(self, ctx: StepContext, blocks: int) -> Tensor:
+        """[B, 1, n, W, 2W + N_p]: row a of a block sees key c of its 2W iff a < c <= a + W (the last W positions,
+        itself included), and a ring key only once written (position >= 0); persistent rows always."""
+        def make():
+            W, dev = self.span, ctx.pos.device
+            a, c = torch.arange(W, device=dev)[:, None], torch.arange(2 * W, device=dev)
+            local = (a < c) & (c <= a + W)  # [W, 2W]
+            written = torch.ones(ctx.pos.shape[0], blocks, 1, 2 * W, dtype=torch.bool, device=dev)
+            written[:, 0, :, :W] = (ctx.pos >= W)[:, None, None]  # block 0's first W keys come from the ring
+            persistent = torch.ones(ctx.pos.shape[0], blocks, W, self.cfg.n_persistent, dtype=torch.bool, device=dev)
+            return torch.cat([local & written, persistent], -1)[:, None]
+        return ctx._cached(("band", self.span, blocks), make)
 
 
 # --- the four mixers ---------------------------------------------------------------------------------
@@ -668,12 +712,14 @@ class MemoryMixer(nn.Module):
     def retrieve(self, u: Tensor, state: State, ctx: StepContext, want_surprise: bool):
         """Read then write the memory for this step's rows. Returns (y [B, R, D], out gate, state, surprise)."""
         mem, D = self.memory, self.cfg.dim
-        proj = self.w_in(u)
-        qkv, tail = self.conv(proj[..., :3 * D], state["conv"], ctx)
+        # split, not slices: each slice's backward would zero-fill and copy a gradient of the whole projection
+        qkv, gate, gate_logits = self.w_in(u).split([3 * D, self.w_in.out_features - 3 * D - 3 * mem.heads,
+                                                     3 * mem.heads], -1)
+        qkv, tail = self.conv(qkv, state["conv"], ctx)
         q, k, v = mem.qkv(qkv)
-        y, new, surprise = mem.scan(state, q, k, v, mem.gates(proj[..., -3 * mem.heads:]), ctx, want_surprise, u.dtype)
+        y, new, surprise = mem.scan(state, q, k, v, mem.gates(gate_logits), ctx, want_surprise, u.dtype)
         new["conv"] = tail
-        return y, proj[..., 3 * D:-3 * mem.heads], new, surprise
+        return y, gate, new, surprise
 
     def forward(self, u: Tensor, state: State, ctx: StepContext, want_surprise: bool):
         y, gate, new, surprise = self.retrieve(u, state, ctx, want_surprise)
@@ -880,6 +926,15 @@ class Titans(nn.Module):
             if isinstance(module, NeuralMemory):
                 module.compiled_chunk_step = chunk_step
 
+    def compile_training_steps(self) -> None:
+        """Run prefill's whole-chunk memory step through torch.compile when gradients flow through it (training):
+        about 40 s to compile on a CPU, then a training step of the default model ~1.6x faster (forward and
+        backward fused over the chunk's ~60 small ops). Serving steps keep their own graphs (compile_steps)."""
+        chunk_step = compile_chunk_step(id(self) + 1)  # code of its own: dynamo caches graphs per code object
+        for module in self.modules():
+            if isinstance(module, NeuralMemory):
+                module.compiled_training_step = chunk_step
+
     def compile_decode_ahead_of_time(self, state: ModelState, directory: str) -> None:
         """The one-session decode step that ends no memory chunk (all but one step in chunk_size), exported with
         torch.export and compiled with AOTInductor into `directory`: a C++ runner without dynamo's guards and
@@ -951,7 +1006,7 @@ class Titans(nn.Module):
                 padded[s, : len(t)] = t
         done = [0] * len(tokens)
         pos = list(pos)
-        logits_parts, surprise_parts = [[] for _ in lengths], [[] for _ in lengths]
+        steps: list[tuple[list[int], Tensor, Tensor | None]] = []  # (counts, logits [B, R, V], surprise [B, R])
         while any(d < n for d, n in zip(done, lengths)):
             aligned, remaining = len(set(pos)) == 1, [n - d for d, n in zip(done, lengths)]
             ragged = len(set(remaining)) > 1  # e.g. prompts of different lengths, or one decoding beside them
@@ -974,17 +1029,30 @@ class Titans(nn.Module):
                                                     ctx.any_segment_end), None
             else:
                 logits, state, surprise = self.step(step_tokens, state, ctx, want_surprise)
-            for s, c in enumerate(counts):
-                if c:
-                    logits_parts[s].append(logits[s, :c])
-                    if surprise is not None:
-                        surprise_parts[s].append(surprise[s, :c])
+            steps.append((counts, logits, surprise))
             done = [d + c for d, c in zip(done, counts)]
             pos = [p + c for p, c in zip(pos, counts)]
-        V = self.cfg.vocab_size
-        logits_out = [(p[0] if len(p) == 1 else torch.cat(p)) if p else torch.zeros(0, V, device=dev)
-                      for p in logits_parts]
-        surprise_out = None
-        if want_surprise:
-            surprise_out = [torch.cat(p) if p else torch.zeros(0, device=dev) for p in surprise_parts]
+        logits_out, surprise_out = self._per_session(steps, len(tokens), want_surprise, dev)
         return logits_out, state, surprise_out
+
+    def _per_session(self, steps: list[tuple[list[int], Tensor, Tensor | None]], sessions: int, want_surprise: bool,
+                     dev: torch.device) -> tuple[list[Tensor], list[Tensor] | None]:
+        """Each session's logits [T_s, V] (and surprise [T_s]) from the steps' batched outputs."""
+        if steps and all(min(counts) == max(counts) == lg.shape[1] for counts, lg, _ in steps):
+            # every row a token (training batches, aligned prompts): one cat, then views; a slice per session and
+            # step would cost a training backward a zero-filled gradient of the whole step's logits each
+            def whole(parts: list[Tensor]) -> list[Tensor]:
+                return list((parts[0] if len(parts) == 1 else torch.cat(parts, 1)).unbind(0))
+            return whole([lg for _, lg, _ in steps]), whole([sp for _, _, sp in steps]) if want_surprise else None
+        logits, surprise = [[] for _ in range(sessions)], [[] for _ in range(sessions)]
+        for counts, lg, sp in steps:
+            for s, c in enumerate(counts):
+                if c:
+                    logits[s].append(lg[s, :c])
+                    if sp is not None:
+                        surprise[s].append(sp[s, :c])
+        V = self.cfg.vocab_size
+        logits_out = [(p[0] if len(p) == 1 else torch.cat(p)) if p else torch.zeros(0, V, device=dev) for p in logits]
+        if not want_surprise:
+            return logits_out, None
+        return logits_out, [torch.cat(p) if p else torch.zeros(0, device=dev) for p in surprise]

@@ -53,6 +53,7 @@ class TrainConfig:
     checkpoint_every: int = 500
     device: str = "auto"
     bf16: bool = False  # autocast on CUDA
+    compile: bool = False  # the memory's chunk step through torch.compile (Titans.compile_training_steps)
     tokenizer_dir: str | None = None  # holds tokenizer.json for 'tokenizers' models
     # a run (or model) directory whose weights, and optimizer moments when it has them, start this run at step 0:
     # a later stage with its own steps, schedule, curriculum and seed (a run's own checkpoint still wins)
@@ -94,8 +95,13 @@ def lr_at(cfg: TrainConfig, step: int) -> float:
     return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
 
 
-def make_batch(cfg: TrainConfig, step: int, rng: random.Random, tokenizer):
-    """Token ids and per-token loss weights for each sequence (weights[i] weighs predicting ids[i + 1])."""
+def make_batch(cfg: TrainConfig, step: int, rng: random.Random, tokenizer, multiple: int = 1):
+    """Token ids [B, T] and loss weights [B, T - 1] (weights[s, i] weighs predicting ids[s, i + 1]).
+
+    Sequences end in padding (id 0, weight 0) up to the longest rounded up to `multiple` (the memory chunk):
+    a batch of equal rows runs as long aligned steps of whole chunks, and padding after the end of a sequence
+    changes nothing before it (causality).
+    """
     low, high, n_facts = cfg.stage(step)
     ids, weights = [], []
     for _ in range(cfg.batch_size):
@@ -110,21 +116,21 @@ def make_batch(cfg: TrainConfig, step: int, rng: random.Random, tokenizer):
             w = torch.ones(len(seq))
         ids.append(torch.tensor(seq, dtype=torch.long))
         weights.append(w[:-1])
-    return ids, weights
+    length = -(-max(len(t) for t in ids) // multiple) * multiple
+    return (torch.stack([F.pad(t, (0, length - len(t))) for t in ids]),
+            torch.stack([F.pad(w, (0, length - 1 - len(w))) for w in weights]))
 
 
-def batch_loss(model: Titans, ids: list[torch.Tensor], weights: list[torch.Tensor]) -> torch.Tensor:
-    B = len(ids)
+def batch_loss(model: Titans, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Weighted mean next-token loss of a batch from make_batch, every sequence from a fresh state."""
+    B = ids.shape[0]
     init = [[{k: v.unsqueeze(0).expand(B, *v.shape) for k, v in st.items()} for st in layer]
             for layer in model.initial_state()]
     logits, _, _ = model.forward_tokens(ids, init, [0] * B)
-    total, norm = 0.0, 0.0
-    for lg, seq, w in zip(logits, ids, weights):
-        w = w.to(lg.device)
-        nll = F.cross_entropy(lg[:-1].float(), seq[1:].to(lg.device), reduction="none")
-        total = total + (nll * w).sum()
-        norm += float(w.sum())
-    return total / norm
+    logits = torch.stack(logits)[:, :-1]  # [B, T - 1, V]
+    nll = F.cross_entropy(logits.flatten(0, 1).float(), ids[:, 1:].flatten().to(logits.device), reduction="none")
+    weights = weights.to(logits.device)
+    return (nll * weights.flatten()).sum() / weights.sum()
 
 
 @torch.no_grad()
@@ -185,6 +191,8 @@ def train(cfg: TrainConfig, resume: bool = True, log=print) -> dict:
                           else ("cpu" if cfg.device == "auto" else cfg.device))
     torch.manual_seed(cfg.seed)
     model = Titans(cfg.model_config()).to(device).train()
+    if cfg.compile:
+        model.compile_training_steps()
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "init_weights" not in n]
     no_decay = [p for n, p in model.named_parameters() if p.dim() < 2 or "init_weights" in n]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
@@ -201,11 +209,11 @@ def train(cfg: TrainConfig, resume: bool = True, log=print) -> dict:
     tokens_done, t0 = 0, time.perf_counter()
     for step in range(start, cfg.steps):
         rng = random.Random(cfg.seed * 1_000_003 + step)  # the batch of a step does not depend on resumes
-        ids, weights = make_batch(cfg, step, rng, tokenizer)
+        ids, weights = make_batch(cfg, step, rng, tokenizer, model.cfg.chunk_size)
         for group in optimizer.param_groups:
             group["lr"] = lr_at(cfg, step)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16 and device.type == "cuda"):
-            loss = batch_loss(model, [t.to(device) for t in ids], weights)
+            loss = batch_loss(model, ids.to(device), weights)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip))
@@ -213,7 +221,7 @@ def train(cfg: TrainConfig, resume: bool = True, log=print) -> dict:
         if not math.isfinite(loss_value) or not math.isfinite(grad_norm):  # never step on a NaN
             raise FloatingPointError(f"loss {loss_value}, gradient norm {grad_norm} at step {step}")
         optimizer.step()
-        tokens_done += sum(len(t) for t in ids)
+        tokens_done += int((weights > 0).sum()) + len(ids)  # real tokens, not padding
         if step % cfg.log_every == 0 or step == cfg.steps - 1:
             elapsed = time.perf_counter() - t0
             last = {"step": step, "loss": loss_value, "lr": lr_at(cfg, step), "grad_norm": grad_norm,

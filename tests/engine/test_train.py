@@ -94,3 +94,58 @@ def test_config_files_json_and_yaml(tmp_path):
         TrainConfig.load(tmp_path / "bad.json")
     for shipped in (ROOT / "configs").glob("*.json"):  # every checked-in recipe loads and builds its model
         TrainConfig.load(shipped).model_config()
+
+
+def test_padded_batch_is_the_loss_of_each_sequence_alone():
+    # make_batch pads every sequence (id 0, weight 0) to one length, so that training runs long aligned steps;
+    # padding after a sequence's end must change nothing: the same weighted loss as each sequence run alone
+    from engine.model import Titans
+    from engine.tokenizer import load_tokenizer
+    from engine.train import batch_loss, make_batch
+
+    cfg = TrainConfig(model={"preset": "tiny-mal"}, batch_size=6, seq_len=40, recall_fraction=0.5, n_facts=2,
+                      curriculum=[[0, 8, 70]], answer_weight=4.0)
+    torch.manual_seed(0)
+    model = Titans(cfg.model_config())
+    chunk = model.cfg.chunk_size
+    ids, weights = make_batch(cfg, 0, random.Random(3), load_tokenizer("byte", None), chunk)
+    lengths = [int(w.nonzero().max()) + 2 for w in weights]  # each sequence's real length
+    assert ids.shape[1] % chunk == 0 and len(set(lengths)) > 1 and max(lengths) > ids.shape[1] - chunk
+    total = norm = 0.0
+    for seq, w, n in zip(ids, weights, lengths):
+        assert not seq[n:].any() and not w[n - 1:].any()
+        total += float(batch_loss(model, seq[None, :n], w[None, :n - 1])) * float(w.sum())
+        norm += float(w.sum())
+    torch.testing.assert_close(float(batch_loss(model, ids, weights)), total / norm, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_compiled_training_step_matches_eager():
+    # Titans.compile_training_steps: the memory's chunk step through torch.compile, differentiated through;
+    # same loss and gradients as eager (to fp32 rounding), and the compiled graph is really the one used
+    from engine.model import NeuralMemory, Titans
+    from engine.tokenizer import load_tokenizer
+    from engine.train import batch_loss, make_batch
+
+    cfg = TrainConfig(model={"preset": "tiny-mal"}, batch_size=4, seq_len=64, recall_fraction=0.5, n_facts=2,
+                      curriculum=[[0, 16, 48]])
+    torch.manual_seed(0)
+    eager = Titans(cfg.model_config())
+    compiled = Titans(cfg.model_config())
+    compiled.load_state_dict(eager.state_dict())
+    compiled.compile_training_steps()
+    calls = []
+    for module in compiled.modules():
+        if isinstance(module, NeuralMemory):
+            step = module.compiled_training_step
+            module.compiled_training_step = lambda *a, _step=step, **k: calls.append(1) or _step(*a, **k)
+    ids, weights = make_batch(cfg, 0, random.Random(1), load_tokenizer("byte", None), eager.cfg.chunk_size)
+    losses = []
+    for model in (eager, compiled):
+        loss = batch_loss(model, ids, weights)
+        loss.backward()
+        losses.append(float(loss))
+    assert calls
+    torch.testing.assert_close(losses[1], losses[0], rtol=1e-5, atol=1e-6)
+    for (name, a), b in zip(eager.named_parameters(), compiled.parameters()):
+        torch.testing.assert_close(b.grad, a.grad, rtol=1e-3, atol=1e-6, msg=name)
