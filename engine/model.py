@@ -356,7 +356,7 @@ class ShortConv(nn.Module):
         # tap by tap: F.conv1d with groups=P is ~10x slower for the few rows of a step, and the unfolded product
         # (strided, then a sum over K) ~3x slower than these K contiguous products. Serving adds them in place;
         # training keeps each product for autograd. The same products summed in the same order: the same bits.
-        rows, taps = x.shape[1], self.weight.t()  # taps [K, P]
+        rows, taps = x.shape[1], self.weight.t().contiguous()  # taps [K, P], each a contiguous row
         y = ext[:, :rows] * taps[0]
         for k in range(1, self.kernel):
             product = ext[:, k:k + rows] * taps[k]
@@ -640,11 +640,12 @@ class Attention(nn.Module):
         return out.transpose(1, 2).flatten(2), ring
 
     def banded(self, ctx: StepContext) -> bool:
-        """Whether a step takes the banded path: a long window step of aligned sessions, every row a token,
-        each session at a multiple of the window (so ring slot j holds position pos - W + j) — a prompt or a
-        training batch. The full product would score every row against every row of the step (R^2 for a
-        window of W: at 256 rows and W = 16, 8x the work)."""
-        if self.rule != "window" or self.m != 1 or ctx.rows <= 2 * self.span or not ctx.unpadded:
+        """Whether a step takes the banded path: a window step of at least 2W rows of aligned sessions, every row a
+        token, each session at a multiple of the window (so ring slot j holds position pos - W + j) — a prompt or
+        a training batch. The full product scores every row against every row of the step (at 256 rows and
+        W = 16, 8x the work; at 256 rows and W = 128, 1.5x). Steps are at most MAX_SPAN rows, so a window that
+        does not divide MAX_SPAN is banded in a sequence's first step only."""
+        if self.rule != "window" or self.m != 1 or ctx.rows < 2 * self.span or not ctx.unpadded:
             return False
         return all(p % self.span == 0 for p in ctx.host[0])
 

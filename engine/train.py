@@ -121,12 +121,16 @@ def make_batch(cfg: TrainConfig, step: int, rng: random.Random, tokenizer, multi
             torch.stack([F.pad(w, (0, length - 1 - len(w))) for w in weights]))
 
 
+def fresh_state(model: Titans, sessions: int):
+    """The model's initial state for a batch of sessions (views of one copy: the model never writes into them)."""
+    return [[{k: v.unsqueeze(0).expand(sessions, *v.shape) for k, v in st.items()} for st in layer]
+            for layer in model.initial_state()]
+
+
 def batch_loss(model: Titans, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """Weighted mean next-token loss of a batch from make_batch, every sequence from a fresh state."""
     B = ids.shape[0]
-    init = [[{k: v.unsqueeze(0).expand(B, *v.shape) for k, v in st.items()} for st in layer]
-            for layer in model.initial_state()]
-    logits, _, _ = model.forward_tokens(ids, init, [0] * B)
+    logits, _, _ = model.forward_tokens(ids, fresh_state(model, B), [0] * B)
     logits = torch.stack(logits)[:, :-1]  # [B, T - 1, V]
     nll = F.cross_entropy(logits.flatten(0, 1).float(), ids[:, 1:].flatten().to(logits.device), reduction="none")
     weights = weights.to(logits.device)
@@ -139,8 +143,7 @@ def recall_accuracy(model: Titans, tokenizer, examples) -> dict[str, float]:
     correct = digits = queries = 0
     for ex in examples:
         seq = torch.tensor(tokenizer.encode(ex.text), dtype=torch.long)
-        state = [[{k: v.unsqueeze(0) for k, v in st.items()} for st in layer] for layer in model.initial_state()]
-        logits = model.forward_tokens([seq], state, [0])[0][0]
+        logits = model.forward_tokens([seq], fresh_state(model, 1), [0])[0][0]
         exact, right = score_answers(logits, seq, ex.answer_spans)
         correct, digits, queries = correct + exact, digits + right, queries + len(ex.answer_spans)
     return {"exact": correct / max(1, queries), "digit": digits / max(1, 4 * queries)}

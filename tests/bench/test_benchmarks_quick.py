@@ -96,3 +96,20 @@ def test_engine_probes_run():
     assert only.returncode == 0, only.stderr
     assert {line.split()[0] for line in only.stdout.splitlines()} == {
         f"{n}_sessions_decode_step_{way}_write_ms" for n in (1, 32) for way in ("masked", "direct")}
+
+
+@pytest.mark.slow
+def test_train_step_benchmark_quick(tmp_path):
+    config = tmp_path / "tiny.json"
+    config.write_text(json.dumps({"model": {"preset": "tiny-mal"}, "batch_size": 4, "seq_len": 48,
+                                  "recall_fraction": 0.5, "n_facts": 2, "curriculum": [[0, 16, 64]]}))
+    out = tmp_path / "train_step.json"
+    proc = subprocess.run([sys.executable, "bench/train_step.py", "--config", str(config), "--batches", "1",
+                           "--rounds", "1", "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    results = json.loads(out.read_text())
+    modes = ["ragged", "full-attn", "padded", "compiled"]
+    assert list(results["seconds_per_step"]) == modes and all(results["seconds_per_step"][m] > 0 for m in modes)
+    losses = [results["loss"][m] for m in modes]  # the same batches, the same loss whichever way they run
+    assert max(losses) - min(losses) < 1e-4 * losses[0], losses
+    assert results["speedup_over_ragged"]["ragged"] == 1.0 and "x ragged" in proc.stdout

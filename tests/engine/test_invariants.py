@@ -202,3 +202,38 @@ def test_random_configs(seed):
     # causality
     changed = torch.cat([ids[:cut], tokens(n - cut)])
     assert_exact(engine.forward(changed, engine.new_state())[0][:cut], full[:cut], tol=1e-12)
+
+
+@pytest.mark.parametrize("variant", ["mal", "mag"])
+def test_banded_window_attention_is_the_full_attention(variant, monkeypatch):
+    # Attention.banded_window (long aligned steps: prompts, training batches) against the product over all of the
+    # step's rows: outputs, the ring written after the step, and gradients; at the start of a sequence (the ring
+    # never written: its random contents must stay invisible), after it (a full ring), with rows that are not a
+    # multiple of the window
+    from engine.model import Attention, StepContext
+
+    cfg = tiny(variant)
+    W, nh, hd = cfg.window, cfg.n_heads, cfg.head_dim
+    torch.manual_seed(0)
+    attention = Attention(cfg, W, "window", 1).double()
+    banded = Attention.banded
+    for pos, rows in ((0, 2 * W), (0, 3 * W - 5), (W, 2 * W + 1), (2 * W, 70)):
+        x = torch.randn(2, rows, cfg.dim, dtype=torch.float64)
+        state = {"ring": torch.randn(2, 2, nh, 1, W, hd, dtype=torch.float64)}
+        ctx = StepContext.build([pos, pos], [rows, rows], cfg, torch.device("cpu"))
+        assert banded(attention, ctx)
+        results = []
+        for path in (banded, lambda self, ctx: False):
+            monkeypatch.setattr(Attention, "banded", path)
+            attention.zero_grad()
+            xs = x.clone().requires_grad_()
+            out, ring = attention(xs, [xs], state, ctx)
+            (out * torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out)).sum().backward()
+            results.append([out, ring, xs.grad] + [p.grad.clone() for p in attention.parameters()])
+        for got, want in zip(*results):
+            assert_close(got, want, tol=1e-10)
+    monkeypatch.setattr(Attention, "banded", banded)
+    short = StepContext.build([0], [2 * W - 1], cfg, torch.device("cpu"))
+    odd = StepContext.build([W + 1], [3 * W], cfg, torch.device("cpu"))
+    padded = StepContext.build([0, 0], [3 * W, 2 * W], cfg, torch.device("cpu"))
+    assert not any(attention.banded(c) for c in (short, odd, padded))  # these keep the full product
