@@ -81,7 +81,7 @@ def main() -> None:
                 model.zero_grad(set_to_none=True)
                 loss = loss_of(model, ids, weights)
                 loss.backward()
-                first = float(loss) if first is None else first
+                first = float(loss.detach()) if first is None else first
         finally:
             Attention.banded = banded
         return (time.perf_counter() - start) / len(batches), first

@@ -929,8 +929,9 @@ class Titans(nn.Module):
 
     def compile_training_steps(self) -> None:
         """Run prefill's whole-chunk memory step through torch.compile when gradients flow through it (training):
-        about 40 s to compile on a CPU, then a training step of the default model ~1.6x faster (forward and
-        backward fused over the chunk's ~60 small ops). Serving steps keep their own graphs (compile_steps)."""
+        15-40 s to compile on a CPU, then a training step of the default model ~1.4x faster (forward and
+        backward fused over the chunk's ~60 small ops; bench/train_step.py). Serving steps keep their own graphs
+        (compile_steps)."""
         chunk_step = compile_chunk_step(id(self) + 1)  # code of its own: dynamo caches graphs per code object
         for module in self.modules():
             if isinstance(module, NeuralMemory):
