@@ -33,14 +33,14 @@ import torch.nn.functional as F  # noqa: E402
 
 from engine.model import Attention, Titans  # noqa: E402
 from engine.tokenizer import load_tokenizer  # noqa: E402
-from engine.train import TrainConfig, batch_loss, fresh_state, make_batch  # noqa: E402
+from engine.train import TrainConfig, batch_loss, fresh_state, make_batch, sequence_lengths  # noqa: E402
 
 MODES = ["ragged", "full-attn", "padded", "compiled"]
 
 
 def ragged_loss(model: Titans, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """batch_loss with every sequence cut to its own length (the padding removed)."""
-    lengths = [int(w.nonzero().max()) + 2 for w in weights]
+    lengths = sequence_lengths(weights)
     logits, _, _ = model.forward_tokens([t[:n] for t, n in zip(ids, lengths)], fresh_state(model, len(ids)),
                                         [0] * len(ids))
     total = sum((F.cross_entropy(lg[:-1].float(), t[1:n], reduction="none") * w[:n - 1]).sum()
@@ -96,7 +96,7 @@ def main() -> None:
         for mode in order.sample(MODES, len(MODES)):
             times[mode].append(run(mode)[0])
     median = {mode: statistics.median(t) for mode, t in times.items()}
-    tokens = sum(int((w > 0).sum()) + len(w) for _, w in batches) / len(batches)  # real tokens per step
+    tokens = sum(sum(sequence_lengths(w)) for _, w in batches) / len(batches)  # real tokens per step
     print(f"{'mode':<10} {'s/step':>7} {'tok/s':>7} {'x ragged':>8}  loss")
     for mode in MODES:
         print(f"{mode:<10} {median[mode]:7.3f} {tokens / median[mode]:7.0f} {median['ragged'] / median[mode]:8.2f}"

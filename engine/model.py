@@ -923,9 +923,8 @@ class Titans(nn.Module):
             types.MethodType(_private_copy(Titans._single_row_step, id(self)), self),
             options={"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe})
         chunk_step = compile_chunk_step(id(self))
-        for module in self.modules():
-            if isinstance(module, NeuralMemory):
-                module.compiled_chunk_step = chunk_step
+        for memory in self.memories():
+            memory.compiled_chunk_step = chunk_step
 
     def compile_training_steps(self) -> None:
         """Run prefill's whole-chunk memory step through torch.compile when gradients flow through it (training):
@@ -933,9 +932,11 @@ class Titans(nn.Module):
         backward fused over the chunk's ~60 small ops; bench/train_step.py). Serving steps keep their own graphs
         (compile_steps)."""
         chunk_step = compile_chunk_step(id(self) + 1)  # code of its own: dynamo caches graphs per code object
-        for module in self.modules():
-            if isinstance(module, NeuralMemory):
-                module.compiled_training_step = chunk_step
+        for memory in self.memories():
+            memory.compiled_training_step = chunk_step
+
+    def memories(self) -> list[NeuralMemory]:
+        return [m for m in self.modules() if isinstance(m, NeuralMemory)]
 
     def compile_decode_ahead_of_time(self, state: ModelState, directory: str) -> None:
         """The one-session decode step that ends no memory chunk (all but one step in chunk_size), exported with

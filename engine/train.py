@@ -121,6 +121,12 @@ def make_batch(cfg: TrainConfig, step: int, rng: random.Random, tokenizer, multi
             torch.stack([F.pad(w, (0, length - 1 - len(w))) for w in weights]))
 
 
+def sequence_lengths(weights: torch.Tensor) -> list[int]:
+    """Each sequence's real length in a batch from make_batch: every real token but the first is weighted (> 0),
+    padding never is. weights [B, T - 1]."""
+    return [int(w.nonzero().max()) + 2 for w in weights]
+
+
 def fresh_state(model: Titans, sessions: int):
     """The model's initial state for a batch of sessions (views of one copy: the model never writes into them)."""
     return [[{k: v.unsqueeze(0).expand(sessions, *v.shape) for k, v in st.items()} for st in layer]
@@ -224,7 +230,7 @@ def train(cfg: TrainConfig, resume: bool = True, log=print) -> dict:
         if not math.isfinite(loss_value) or not math.isfinite(grad_norm):  # never step on a NaN
             raise FloatingPointError(f"loss {loss_value}, gradient norm {grad_norm} at step {step}")
         optimizer.step()
-        tokens_done += int((weights > 0).sum()) + len(ids)  # real tokens, not padding
+        tokens_done += sum(sequence_lengths(weights))  # real tokens, not padding
         if step % cfg.log_every == 0 or step == cfg.steps - 1:
             elapsed = time.perf_counter() - t0
             last = {"step": step, "loss": loss_value, "lr": lr_at(cfg, step), "grad_norm": grad_norm,

@@ -102,7 +102,7 @@ def test_padded_batch_is_the_loss_of_each_sequence_alone():
     # padding after a sequence's end must change nothing: the same weighted loss as each sequence run alone
     from engine.model import Titans
     from engine.tokenizer import load_tokenizer
-    from engine.train import batch_loss, fresh_state, make_batch
+    from engine.train import batch_loss, fresh_state, make_batch, sequence_lengths
 
     cfg = TrainConfig(model={"preset": "tiny-mal"}, batch_size=6, seq_len=40, recall_fraction=0.5, n_facts=2,
                       curriculum=[[0, 8, 70]], answer_weight=4.0)
@@ -110,7 +110,7 @@ def test_padded_batch_is_the_loss_of_each_sequence_alone():
     model = Titans(cfg.model_config())
     chunk = model.cfg.chunk_size
     ids, weights = make_batch(cfg, 0, random.Random(3), load_tokenizer("byte", None), chunk)
-    lengths = [int(w.nonzero().max()) + 2 for w in weights]  # each sequence's real length
+    lengths = sequence_lengths(weights)
     model.requires_grad_(False)
     assert ids.shape[1] % chunk == 0 and len(set(lengths)) > 1 and max(lengths) > ids.shape[1] - chunk
     total = norm = 0.0
@@ -128,7 +128,7 @@ def test_compiled_training_step_matches_eager():
     # same loss and gradients as eager, and the compiled graph is really the one used. In float64: in fp32 the
     # memory's dynamics amplify the two paths' different rounding to ~1e-3 of upstream gradients (both paths
     # agree with each other to ~2e-12 in float64, so that is rounding, not a different gradient)
-    from engine.model import NeuralMemory, Titans
+    from engine.model import Titans
     from engine.tokenizer import load_tokenizer
     from engine.train import batch_loss, make_batch
 
@@ -140,10 +140,9 @@ def test_compiled_training_step_matches_eager():
     compiled.load_state_dict(eager.state_dict())
     compiled.compile_training_steps()
     calls = []
-    for module in compiled.modules():
-        if isinstance(module, NeuralMemory):
-            step = module.compiled_training_step
-            module.compiled_training_step = lambda *a, _step=step, **k: calls.append(1) or _step(*a, **k)
+    for memory in compiled.memories():
+        step = memory.compiled_training_step
+        memory.compiled_training_step = lambda *a, _step=step, **k: calls.append(1) or _step(*a, **k)
     ids, weights = make_batch(cfg, 0, random.Random(1), load_tokenizer("byte", None), eager.cfg.chunk_size)
     losses = []
     for model in (eager, compiled):
