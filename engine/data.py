@@ -27,6 +27,7 @@ class RecallExample:
     text: str
     answer_spans: list[tuple[int, int]]  # character (= byte) ranges of the 4 answer digits, one per query
     distance: int  # bytes between the end of the last fact and the first query
+    fact_of_query: list[int]  # which fact (its place in the block of facts) each query asks for, in query order
 
 
 def fact_key(rng: random.Random) -> str:
@@ -92,9 +93,9 @@ def recall_example(rng: random.Random, n_facts: int, distance: int, filler_sourc
     values = [fact_value(rng) for _ in keys]
     facts = "".join(f"#{k}={v};" for k, v in zip(keys, values))
     text = facts + filler(rng, distance, filler_source, split)
-    spans = []
-    for i in rng.sample(range(n_facts), n_facts):
+    spans, order = [], rng.sample(range(n_facts), n_facts)
+    for i in order:
         text += f"#{keys[i]}="
         spans.append((len(text), len(text) + 4))
         text += values[i] + ";"
-    return RecallExample(text, spans, distance)
+    return RecallExample(text, spans, distance, order)

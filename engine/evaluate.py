@@ -21,20 +21,16 @@ from .data import recall_example, text_window
 from .engine import Engine
 
 
-def score_answers(logits: torch.Tensor, ids: torch.Tensor, spans, by_position: list[int] | None = None
-                  ) -> tuple[int, int]:
-    """(queries with all 4 digits right, digits right) under teacher forcing: logits[i] predicts ids[i + 1],
-    so an answer at ids[a:b] is read off logits[a - 1:b - 1]; exact equals greedy decoding getting it right.
-    by_position, if given, accumulates the digits right at each place of the answer."""
-    exact = digits = 0
-    for a, b in spans:
-        hit = logits[a - 1:b - 1].argmax(-1).cpu() == ids[a:b]
-        exact += bool(hit.all())
-        digits += int(hit.sum())
-        if by_position is not None:
-            for place, right in enumerate(hit.tolist()):
-                by_position[place] += right
-    return exact, digits
+def answer_hits(logits: torch.Tensor, ids: torch.Tensor, spans) -> torch.Tensor:
+    """[queries, 4] bool, each answer digit right or not under teacher forcing: logits[i] predicts ids[i + 1], so
+    an answer at ids[a:b] is read off logits[a - 1:b - 1]; a row all right equals greedy decoding getting it right."""
+    return torch.stack([logits[a - 1:b - 1].argmax(-1).cpu() == ids[a:b] for a, b in spans])
+
+
+def score_answers(logits: torch.Tensor, ids: torch.Tensor, spans) -> tuple[int, int]:
+    """(queries with all 4 digits right, digits right)."""
+    hits = answer_hits(logits, ids, spans)
+    return int(hits.all(1).sum()), int(hits.sum())
 
 
 def recall_by_distance(engine: Engine, distances: list[int], n_facts: int = 8, examples: int = 32,
@@ -46,9 +42,7 @@ def recall_by_distance(engine: Engine, distances: list[int], n_facts: int = 8, e
     span = engine.config.attention_span or engine.config.chunk_size  # lmm has no attention: count chunks
     for distance in distances:
         rng = random.Random(seed * 7919 + distance)
-        hits = {"carried": [0, 0], "reset": [0, 0]}  # [exact, digits]
-        carried_by_position = [0, 0, 0, 0]  # which digit of an answer fails: a diagnosis of the read-out
-        queries_total = 0
+        hits, asked = {"carried": [], "reset": []}, []  # [queries, 4] per example; the fact each query asks for
         for _ in range(examples):
             ex = recall_example(rng, n_facts, distance, filler_source, split="heldout")
             split = len(ex.text) - n_facts * 11  # queries are the last n_facts * len("#abcd=1234;") bytes
@@ -58,15 +52,20 @@ def recall_by_distance(engine: Engine, distances: list[int], n_facts: int = 8, e
             q_ids = torch.tensor(tok.encode(queries))
             for name, start in (("carried", carried), ("reset", engine.new_state())):
                 logits, _ = engine.forward(q_ids, start)
-                exact, digits = score_answers(logits, q_ids, [(a - split, b - split) for a, b in ex.answer_spans],
-                                              carried_by_position if name == "carried" else None)
-                hits[name][0] += exact
-                hits[name][1] += digits
-            queries_total += n_facts
-        rows.append({"distance": distance, "windows": distance / span, "queries": queries_total,
-                     **{f"{name}_exact": h[0] / queries_total for name, h in hits.items()},
-                     **{f"{name}_digit": h[1] / (4 * queries_total) for name, h in hits.items()},
-                     "carried_digit_by_position": [n / queries_total for n in carried_by_position]})
+                hits[name].append(answer_hits(logits, q_ids, [(a - split, b - split) for a, b in ex.answer_spans]))
+            asked.append(ex.fact_of_query)
+        carried, reset = torch.stack(hits["carried"]).float(), torch.stack(hits["reset"]).float()  # [ex, q, 4]
+        carried_exact = carried.prod(-1)  # [ex, q]
+        by_fact = torch.zeros_like(carried_exact).scatter_(1, torch.tensor(asked), carried_exact).mean(0)
+        rows.append({"distance": distance, "windows": distance / span, "queries": examples * n_facts,
+                     "carried_exact": carried_exact.mean().item(), "reset_exact": reset.prod(-1).mean().item(),
+                     "carried_digit": carried.mean().item(), "reset_digit": reset.mean().item(),
+                     # diagnoses of the read-out: which digit of an answer fails; the first query (after the
+                     # filler) against later ones (after other queries, as the facts were read); by the fact's
+                     # place in its block (does the memory forget the first ones?)
+                     "carried_digit_by_position": carried.mean((0, 1)).tolist(),
+                     "carried_exact_by_query_rank": carried_exact.mean(0).tolist(),
+                     "carried_exact_by_fact": by_fact.tolist()})
     return rows
 
 

@@ -49,9 +49,11 @@ def test_plot_training_cli(tmp_path):
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_digit_accuracy_by_position_adds_up_to_the_digit_accuracy():
+def test_recall_breakdowns_add_up_to_the_totals():
     eng = Engine.from_config(tiny("mal"), seed=0, device="cpu")
-    for row in recall_by_distance(eng, [8, 24], n_facts=2, examples=3, seed=1):
+    for row in recall_by_distance(eng, [8, 24], n_facts=3, examples=4, seed=1):
         places = row["carried_digit_by_position"]
         assert len(places) == 4 and all(0.0 <= p <= 1.0 for p in places)
         assert sum(places) / 4 == pytest.approx(row["carried_digit"])
+        for breakdown in ("carried_exact_by_query_rank", "carried_exact_by_fact"):
+            assert len(row[breakdown]) == 3 and sum(row[breakdown]) / 3 == pytest.approx(row["carried_exact"])

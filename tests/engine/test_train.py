@@ -76,10 +76,11 @@ def test_schedule_and_recall_format():
     ex = recall_example(random.Random(0), n_facts=3, distance=50)
     facts = ex.text[:33]
     assert facts.count("#") == 3 and facts.count(";") == 3
-    for a, b in ex.answer_spans:
+    assert sorted(ex.fact_of_query) == [0, 1, 2]
+    for (a, b), fact in zip(ex.answer_spans, ex.fact_of_query):
         key = ex.text[a - 5:a - 1]
         assert ex.text[a - 6] == "#" and ex.text[a - 1] == "=" and ex.text[a:b].isdigit()
-        assert f"#{key}={ex.text[a:b]};" in facts  # the answer is the value stored for that key
+        assert facts[11 * fact:11 * (fact + 1)] == f"#{key}={ex.text[a:b]};"  # the value stored for that key
     assert ex.distance == 50 and len(ex.text) == 33 + 50 + 3 * 11
 
 
