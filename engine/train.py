@@ -52,6 +52,10 @@ class TrainConfig:
     eval_examples: int = 32
     checkpoint_every: int = 500
     device: str = "auto"
+    # torch's CPU threads (0: its default, one per core). Sums split over threads round differently, and a
+    # recall run's outcome follows rounding (models/titans-mal-recall/README.md, "Reruns"): with the same
+    # threads, CPU type and torch, a config gives the same run again
+    threads: int = 0
     bf16: bool = False  # autocast on CUDA
     compile: bool = False  # the memory's chunk step through torch.compile (Titans.compile_training_steps)
     tokenizer_dir: str | None = None  # holds tokenizer.json for 'tokenizers' models
@@ -196,6 +200,15 @@ def _start(cfg: TrainConfig, model: Titans, optimizer: torch.optim.Optimizer, ou
 
 
 def train(cfg: TrainConfig, resume: bool = True, log=print) -> dict:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(cfg.threads or threads)
+    try:
+        return _train(cfg, resume, log)
+    finally:  # the caller's setting again (tests train in-process)
+        torch.set_num_threads(threads)
+
+
+def _train(cfg: TrainConfig, resume: bool, log) -> dict:
     device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available()
                           else ("cpu" if cfg.device == "auto" else cfg.device))
     torch.manual_seed(cfg.seed)

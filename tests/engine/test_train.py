@@ -38,15 +38,21 @@ def test_short_training_lowers_the_loss(tmp_path):
 
 
 def test_resume_continues_exactly(tmp_path):
-    straight = _config(tmp_path / "a", steps=6)
+    straight = _config(tmp_path / "a", steps=6, threads=1)
     train(straight, resume=False, log=lambda _: None)
-    first_half = _config(tmp_path / "b", steps=3)
+    first_half = _config(tmp_path / "b", steps=3, threads=1)
     train(first_half, resume=False, log=lambda _: None)
-    train(_config(tmp_path / "b", steps=6), resume=True, log=lambda _: None)
+    train(_config(tmp_path / "b", steps=6, threads=1), resume=True, log=lambda _: None)
     a = load_file(str(tmp_path / "a" / "run" / "model.safetensors"))
     b = load_file(str(tmp_path / "b" / "run" / "model.safetensors"))
-    for name, t in a.items():
-        torch.testing.assert_close(b[name], t, atol=1e-6, rtol=1e-6)
+    assert a.keys() == b.keys() and all(torch.equal(a[name], b[name]) for name in a)  # to the bit
+
+
+def test_threads_hold_for_the_run_only(tmp_path):
+    before = torch.get_num_threads()
+    during = []
+    train(_config(tmp_path, steps=2, threads=1), resume=False, log=lambda _: during.append(torch.get_num_threads()))
+    assert during and set(during) == {1} and torch.get_num_threads() == before
 
 
 def test_a_later_stage_starts_from_init_from(tmp_path):
