@@ -60,9 +60,9 @@ def recall_by_distance(engine: Engine, distances: list[int], n_facts: int = 8, e
         rows.append({"distance": distance, "windows": distance / span, "queries": examples * n_facts,
                      "carried_exact": carried_exact.mean().item(), "reset_exact": reset.prod(-1).mean().item(),
                      "carried_digit": carried.mean().item(), "reset_digit": reset.mean().item(),
-                     # diagnoses of the read-out: which digit of an answer fails; the first query (after the
-                     # filler) against later ones (after other queries, as the facts were read); by the fact's
-                     # place in its block (does the memory forget the first ones?)
+                     # diagnoses of the read-out: which digit of an answer fails; by the query's rank (a later
+                     # query comes after others asked and answered); by the fact's place in its block (does the
+                     # memory forget the first ones?)
                      "carried_digit_by_position": carried.mean((0, 1)).tolist(),
                      "carried_exact_by_query_rank": carried_exact.mean(0).tolist(),
                      "carried_exact_by_fact": by_fact.tolist()})

@@ -53,7 +53,7 @@ class TrainConfig:
     checkpoint_every: int = 500
     device: str = "auto"
     # torch's CPU threads (0: its default, one per core). Sums split over threads round differently, and a
-    # recall run's outcome follows rounding (models/titans-mal-recall/README.md, "Reruns"): with the same
+    # recall run's outcome follows rounding (models/titans-mal-recall/README.md, "Runs"): with the same
     # threads, CPU type and torch, a config gives the same run again
     threads: int = 0
     bf16: bool = False  # autocast on CUDA
