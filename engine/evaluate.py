@@ -24,6 +24,8 @@ from .engine import Engine
 def answer_hits(logits: torch.Tensor, ids: torch.Tensor, spans) -> torch.Tensor:
     """[queries, 4] bool, each answer digit right or not under teacher forcing: logits[i] predicts ids[i + 1], so
     an answer at ids[a:b] is read off logits[a - 1:b - 1]; a row all right equals greedy decoding getting it right."""
+    if not spans:
+        return torch.zeros(0, 4, dtype=torch.bool)
     return torch.stack([logits[a - 1:b - 1].argmax(-1).cpu() == ids[a:b] for a, b in spans])
 
 
@@ -31,6 +33,21 @@ def score_answers(logits: torch.Tensor, ids: torch.Tensor, spans) -> tuple[int, 
     """(queries with all 4 digits right, digits right)."""
     hits = answer_hits(logits, ids, spans)
     return int(hits.all(1).sum()), int(hits.sum())
+
+
+def recall_summary(carried: torch.Tensor, reset: torch.Tensor, asked: torch.Tensor) -> dict:
+    """Rates from answer_hits stacked over examples: carried, reset [examples, queries, 4] bool; asked [examples,
+    queries], the fact (its place in the block of facts) each query asks for."""
+    carried, reset = carried.float(), reset.float()
+    carried_exact = carried.prod(-1)  # [examples, queries]
+    return {"carried_exact": carried_exact.mean().item(), "reset_exact": reset.prod(-1).mean().item(),
+            "carried_digit": carried.mean().item(), "reset_digit": reset.mean().item(),
+            # diagnoses of the read-out: which digit of an answer fails; by the query's rank (a later query comes
+            # after others asked and answered); by the fact's place in its block (does the memory forget the
+            # first ones?)
+            "carried_digit_by_position": carried.mean((0, 1)).tolist(),
+            "carried_exact_by_query_rank": carried_exact.mean(0).tolist(),
+            "carried_exact_by_fact": torch.zeros_like(carried_exact).scatter_(1, asked, carried_exact).mean(0).tolist()}
 
 
 def recall_by_distance(engine: Engine, distances: list[int], n_facts: int = 8, examples: int = 32,
@@ -54,18 +71,8 @@ def recall_by_distance(engine: Engine, distances: list[int], n_facts: int = 8, e
                 logits, _ = engine.forward(q_ids, start)
                 hits[name].append(answer_hits(logits, q_ids, [(a - split, b - split) for a, b in ex.answer_spans]))
             asked.append(ex.fact_of_query)
-        carried, reset = torch.stack(hits["carried"]).float(), torch.stack(hits["reset"]).float()  # [ex, q, 4]
-        carried_exact = carried.prod(-1)  # [ex, q]
-        by_fact = torch.zeros_like(carried_exact).scatter_(1, torch.tensor(asked), carried_exact).mean(0)
         rows.append({"distance": distance, "windows": distance / span, "queries": examples * n_facts,
-                     "carried_exact": carried_exact.mean().item(), "reset_exact": reset.prod(-1).mean().item(),
-                     "carried_digit": carried.mean().item(), "reset_digit": reset.mean().item(),
-                     # diagnoses of the read-out: which digit of an answer fails; by the query's rank (a later
-                     # query comes after others asked and answered); by the fact's place in its block (does the
-                     # memory forget the first ones?)
-                     "carried_digit_by_position": carried.mean((0, 1)).tolist(),
-                     "carried_exact_by_query_rank": carried_exact.mean(0).tolist(),
-                     "carried_exact_by_fact": by_fact.tolist()})
+                     **recall_summary(torch.stack(hits["carried"]), torch.stack(hits["reset"]), torch.tensor(asked))})
     return rows
 
 

@@ -6,10 +6,11 @@ import json
 import math
 
 import pytest
+import torch
 
 from engine import Engine
 from engine.cli import main
-from engine.evaluate import recall_by_distance
+from engine.evaluate import recall_by_distance, recall_summary
 
 from .helpers import tiny
 
@@ -47,6 +48,20 @@ def test_plot_training_cli(tmp_path):
     stage = str(tmp_path / "metrics.jsonl")
     assert main(["plot-training", "--metrics", stage, stage, "--out", str(out)]) == 0  # two stages
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_recall_summary_breaks_hits_down_by_digit_rank_and_fact():
+    # two examples of 3 queries; only the query asking for fact 2 is right, in full, and one more digit
+    asked = torch.tensor([[2, 0, 1], [1, 2, 0]])
+    carried = torch.zeros(2, 3, 4, dtype=torch.bool)
+    carried[0, 0] = carried[1, 1] = True
+    carried[0, 1, 3] = True
+    row = recall_summary(carried, torch.zeros_like(carried), asked)
+    assert row["carried_exact"] == pytest.approx(2 / 6) and row["carried_digit"] == pytest.approx(9 / 24)
+    assert row["carried_exact_by_fact"] == [0.0, 0.0, 1.0]
+    assert row["carried_exact_by_query_rank"] == [0.5, 0.5, 0.0]
+    assert row["carried_digit_by_position"] == pytest.approx([2 / 6, 2 / 6, 2 / 6, 3 / 6])
+    assert row["reset_exact"] == row["reset_digit"] == 0.0
 
 
 def test_recall_breakdowns_add_up_to_the_totals():
