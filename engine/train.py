@@ -44,6 +44,9 @@ class TrainConfig:
     n_facts: int = 8
     filler: str = "words"  # words | python
     answer_weight: float = 4.0  # loss weight of answer digits relative to the other tokens
+    # in this share of recall examples, query_gap bytes of filler before every query but the first (data.py)
+    query_gap: int = 0
+    query_gap_share: float = 0.0
     # stages [from_step, min_distance, max_distance] or [..., n_facts]: facts that must cross the memory are
     # learned one fact first (8 facts from scratch stayed at chance; 1 -> 4 facts climbs), so stages may raise both
     curriculum: list = field(default_factory=lambda: [[0, 0, 0]])
@@ -110,7 +113,9 @@ def make_batch(cfg: TrainConfig, step: int, rng: random.Random, tokenizer, multi
     ids, weights = [], []
     for _ in range(cfg.batch_size):
         if rng.random() < cfg.recall_fraction:
-            ex = recall_example(rng, n_facts, rng.randint(low, high), cfg.filler)
+            distance = rng.randint(low, high)
+            gap = cfg.query_gap if cfg.query_gap and rng.random() < cfg.query_gap_share else 0  # no draw when off
+            ex = recall_example(rng, n_facts, distance, cfg.filler, query_gap=gap)
             seq = tokenizer.encode(ex.text)
             w = torch.ones(len(seq))
             for a, b in ex.answer_spans:

@@ -113,3 +113,17 @@ def test_train_step_benchmark_quick(tmp_path):
     losses = [results["loss"][m] for m in modes]  # the same batches, the same loss whichever way they run
     assert max(losses) - min(losses) < 1e-4 * losses[0], losses
     assert results["speedup_over_ragged"]["ragged"] == 1.0 and "x ragged" in proc.stdout
+
+
+def test_recall_context_probe_quick(tmp_path, model_dir):
+    out = tmp_path / "recall_context.json"
+    proc = subprocess.run([sys.executable, "bench/recall_context.py", "--model", str(model_dir), "--facts", "3",
+                           "--distance", "20", "--examples", "2", "--out", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(out.read_text())
+    rows = {r["before the last query"]: r for r in result["rows"]}
+    assert list(rows) == ["alone", "right", "right, gap", "wrong", "wrong, gap", "right, last wrong",
+                          "wrong, last right", "each alone"]
+    assert all(0 <= r["exact"] <= 1 for r in rows.values()) and rows["each alone"]["queries"] == 3 * 2
+    assert result["gap_bytes"] == 16 + 4 and "| wrong, gap |" in proc.stdout  # window 16 + 4 conv taps

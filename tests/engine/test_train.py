@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 from pathlib import Path
@@ -89,6 +90,32 @@ def test_schedule_and_recall_format():
         assert facts[11 * fact:11 * (fact + 1)] == f"#{key}={ex.text[a:b]};"  # the value stored for that key
     assert ex.distance == 50 and len(ex.text) == 33 + 50 + 3 * 11
 
+
+
+def test_query_gaps():
+    # training may put filler before every query but the first, so that no query sees another answered in the
+    # attention window; the answers stay where the spans say, and a config without gaps draws what it always drew
+    from engine.tokenizer import load_tokenizer
+    from engine.train import make_batch
+
+    ex = recall_example(random.Random(0), n_facts=3, distance=50, query_gap=24)
+    queries = ex.text[33 + 50:]
+    assert len(queries) == 3 * 11 + 2 * 24
+    for rank, ((a, b), fact) in enumerate(zip(ex.answer_spans, ex.fact_of_query)):
+        assert a - 6 == 33 + 50 + rank * (11 + 24) and ex.text[a - 6] == "#"
+        assert ex.text[11 * fact:11 * (fact + 1)] == ex.text[a - 6:b + 1]  # the stored fact, asked
+        if rank:
+            assert not any(c in "#=;" or c.isdigit() for c in ex.text[a - 30:a - 6])  # filler only
+    plain = recall_example(random.Random(0), n_facts=3, distance=50)
+    assert plain.text == recall_example(random.Random(0), n_facts=3, distance=50, query_gap=0).text
+    tok = load_tokenizer("byte", None)
+    base = TrainConfig(model={"preset": "tiny-mal"}, batch_size=8, recall_fraction=1.0, n_facts=3,
+                       curriculum=[[0, 16, 32]])
+    off, on = make_batch(base, 0, random.Random(2), tok), make_batch(
+        dataclasses.replace(base, query_gap=24, query_gap_share=0.5), 0, random.Random(2), tok)
+    assert torch.equal(make_batch(dataclasses.replace(base, query_gap_share=0.5), 0, random.Random(2), tok)[0], off[0])
+    assert on[0].shape[1] > off[0].shape[1]  # some rows gapped
+    assert all(float(w.sum()) == 3 * 4 * base.answer_weight + float((w == 1).sum()) for w in on[1])
 
 def test_config_files_json_and_yaml(tmp_path):
     import yaml
