@@ -31,6 +31,9 @@ class ModelConfig:
     mem_expansion: int = 4  # hidden width of the memory MLP = mem_expansion * mem_head_dim
     chunk_size: int = 16  # b: gradients of a chunk are taken at the chunk-start weights
     conv_kernel: int = 4
+    # SiLU on q and k before their l2 norm, as v1 §4.4 has it; False: l2 only (NeurIPS §3.3 drops the SiLU), which
+    # leaves keys free of the positive part all SiLU outputs share (reads of different keys then interfere less)
+    qk_silu: bool = True
     theta_max: float = 1.0  # inner learning rate ceiling: theta = theta_max * sigmoid(.)
     mem_grad_clip: float | None = None  # per-token bound on the inner gradient norm (None = off)
     theta_bias_init: float = -2.0  # sigmoid(-2) ~ 0.12: small learning rate at init
@@ -74,6 +77,8 @@ class ModelConfig:
             yield f"segment_size ({self.segment_size}) must be a multiple of chunk_size ({self.chunk_size})"
         if self.variant in ("mag", "mal") and self.window < self.chunk_size:
             yield f"window ({self.window}) must be >= chunk_size ({self.chunk_size})"
+        if not isinstance(self.qk_silu, bool):
+            yield f"qk_silu must be true or false, got {self.qk_silu!r}"
         if not self.theta_max > 0:
             yield f"theta_max must be > 0, got {self.theta_max}"
         if self.mem_grad_clip is not None and not self.mem_grad_clip > 0:

@@ -413,10 +413,15 @@ class NeuralMemory(nn.Module):
         return x.to(self.dtype).view(B, R, parts, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
 
     def qkv(self, projected: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """Post-conv projections [B, R, 3D] -> q, k (SiLU, l2-normalised), v (SiLU): [B, H, R, d] each."""
-        x = self.heads_of(F.silu(projected), 3)
+        """Post-conv projections [B, R, 3D] -> q, k (SiLU unless cfg.qk_silu is off, l2-normalised), v (SiLU):
+        [B, H, R, d] each."""
+        if self.cfg.qk_silu:
+            x = self.heads_of(F.silu(projected), 3)
+            qk = F.normalize(x[:2], dim=-1)
+            return qk[0], qk[1], x[2]
+        x = self.heads_of(projected, 3)
         qk = F.normalize(x[:2], dim=-1)
-        return qk[0], qk[1], x[2]
+        return qk[0], qk[1], F.silu(x[2])
 
     def gates(self, logits: Tensor) -> Tensor:
         """Gate logits [B, R, 3H] (theta, eta, alpha) -> log-gates [B, H, R, 3] for the chunk buffer."""
@@ -799,7 +804,7 @@ class MACMixer(nn.Module):
         mem, D = self.memory, self.cfg.dim
         proj = self.w_x(u)
         qh, tail_x = self.conv_x(proj[..., :D], state["conv_x"], ctx)
-        qh = F.normalize(mem.heads_of(F.silu(qh), 1)[0], dim=-1)
+        qh = F.normalize(mem.heads_of(F.silu(qh) if self.cfg.qk_silu else qh, 1)[0], dim=-1)
         h = mem.read(mem.weights(state, "Wseg"), qh, u.dtype)
         y, ring = self.attn(u, [self.h_norm(h), u], state, ctx)
         y = self.y_norm(self.w_attn_out(y))

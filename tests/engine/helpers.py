@@ -29,7 +29,7 @@ def random_config(rng: random.Random) -> ModelConfig:
         n_heads=n_heads, ffn_hidden=rng.choice([16, 48]), mem_heads=mem_heads, mem_depth=rng.randint(1, 3),
         mem_expansion=rng.randint(1, 3), chunk_size=chunk, segment_size=chunk * rng.randint(1, 3),
         window=chunk + rng.randint(0, 6), n_persistent=rng.randint(0, 3), conv_kernel=rng.randint(1, 4),
-        theta_max=rng.choice([0.5, 1.0]), mem_grad_clip=rng.choice([None, 1.0]),
+        theta_max=rng.choice([0.5, 1.0]), mem_grad_clip=rng.choice([None, 1.0]), qk_silu=rng.random() < 0.5,
     )
 
 
