@@ -127,3 +127,7 @@ def test_recall_context_probe_quick(tmp_path, model_dir):
                           "wrong, last right", "each alone"]
     assert all(0 <= r["exact"] <= 1 for r in rows.values()) and rows["each alone"]["queries"] == 3 * 2
     assert result["gap_bytes"] == 16 + 4 and "| wrong, gap |" in proc.stdout  # window 16 + 4 conv taps
+    # one memory layer per block of the tiny MAL, four answer digits each
+    assert [(r["layer"], r["digit"]) for r in result["keys"]] == [(i, d) for i in (0, 1) for d in (1, 2, 3, 4)]
+    assert all(-1 <= r[c] <= 1 for r in result["keys"] for c in ("key_key_other_facts", "query_own_key",
+                                                                     "query_other_keys"))
