@@ -12,7 +12,7 @@ import json
 import math
 import random
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import torch
@@ -50,6 +50,10 @@ class TrainConfig:
     # stages [from_step, min_distance, max_distance] or [..., n_facts]: facts that must cross the memory are
     # learned one fact first (8 facts from scratch stayed at chance; 1 -> 4 facts climbs), so stages may raise both
     curriculum: list = field(default_factory=lambda: [[0, 0, 0]])
+    # > 0: a stage ends only once held-out recall (exact, at the last eval) has reached this; until then it goes
+    # on, and every later stage starts that many steps later (a run that learns a stage slowly is not pushed
+    # into the next one unlearnt: seed 1 of the default recipe never left chance after a fixed 500-step stage)
+    advance_at: float = 0.0
     log_every: int = 10
     eval_every: int = 100
     eval_examples: int = 32
@@ -90,9 +94,14 @@ class TrainConfig:
         return ModelConfig.from_dict({**base, **spec})
 
     def stage(self, step: int) -> tuple[int, int, int]:
-        """(min_distance, max_distance, n_facts) in force at this step."""
+        """(min_distance, max_distance, n_facts) in force at this step of the curriculum (a run's step less the
+        steps its stages were held, with advance_at)."""
         stage = [s for s in self.curriculum if s[0] <= step][-1]
         return stage[1], stage[2], stage[3] if len(stage) > 3 else self.n_facts
+
+    def starts_stage(self, step: int) -> bool:
+        """Whether a stage after the first begins at this step of the curriculum."""
+        return any(s[0] == step for s in self.curriculum[1:])
 
 
 def lr_at(cfg: TrainConfig, step: int) -> float:
@@ -164,17 +173,27 @@ def recall_accuracy(model: Titans, tokenizer, examples) -> dict[str, float]:
     return {"exact": correct / max(1, queries), "digit": digits / max(1, 4 * queries)}
 
 
-def _save(model: Titans, optimizer: torch.optim.Optimizer, step: int, out_dir: Path, tokenizer_dir: str | None) -> None:
-    """A model directory Engine.load reads, plus the optimizer in trainer.safetensors (no pickle)."""
+@dataclass
+class Progress:
+    """Where a run stands, beyond its weights and optimizer: saved with every checkpoint."""
+    step: int = 0
+    held: int = 0  # steps the curriculum's stages were held (advance_at): the curriculum's step is step - held
+    recall: float | None = None  # exact recall at the last eval
+
+
+def _save(model: Titans, optimizer: torch.optim.Optimizer, progress: Progress, out_dir: Path,
+          tokenizer_dir: str | None) -> None:
+    """A model directory Engine.load reads, plus the optimizer and progress in trainer.safetensors (no pickle)."""
     save_model_dir(model, out_dir, tokenizer_dir)
     state = optimizer.state_dict()
     tensors = {f"{i}.{name}": t.detach().cpu().contiguous() for i, s in state["state"].items() for name, t in s.items()}
     save_file(tensors, str(out_dir / "trainer.safetensors"),
-              metadata={"step": str(step), "param_groups": json.dumps(state["param_groups"])})
+              metadata={"step": str(progress.step), "held": str(progress.held), "recall": json.dumps(progress.recall),
+                        "param_groups": json.dumps(state["param_groups"])})
 
 
-def _load_checkpoint(model: Titans, optimizer: torch.optim.Optimizer, directory: Path) -> int | None:
-    """Load a model directory's weights and, if it has trainer.safetensors, the optimizer; its step or None."""
+def _load_checkpoint(model: Titans, optimizer: torch.optim.Optimizer, directory: Path) -> Progress | None:
+    """Load a model directory's weights and, if it has trainer.safetensors, the optimizer; its progress or None."""
     from safetensors import safe_open
 
     model.load_state_dict(load_file(str(directory / "model.safetensors")))
@@ -188,11 +207,12 @@ def _load_checkpoint(model: Titans, optimizer: torch.optim.Optimizer, directory:
         index, name = key.split(".", 1)
         state.setdefault(int(index), {})[name] = t
     optimizer.load_state_dict({"state": state, "param_groups": json.loads(meta["param_groups"])})
-    return int(meta["step"])
+    return Progress(int(meta["step"]), int(meta.get("held", 0)), json.loads(meta.get("recall", "null")))
 
 
-def _start(cfg: TrainConfig, model: Titans, optimizer: torch.optim.Optimizer, out_dir: Path, resume: bool) -> int:
-    """The step to start at: resume from this run's checkpoint, else begin from init_from, else from scratch."""
+def _start(cfg: TrainConfig, model: Titans, optimizer: torch.optim.Optimizer, out_dir: Path,
+           resume: bool) -> Progress:
+    """Where to start: resume from this run's checkpoint, else begin from init_from, else from scratch."""
     if resume and (out_dir / "trainer.safetensors").exists():
         return _load_checkpoint(model, optimizer, out_dir)
     if cfg.init_from:
@@ -201,7 +221,7 @@ def _start(cfg: TrainConfig, model: Titans, optimizer: torch.optim.Optimizer, ou
         if theirs != model.cfg:
             raise ValueError(f"init_from {source}: its model config differs from this run's")
         _load_checkpoint(model, optimizer, source)
-    return 0
+    return Progress()
 
 
 def train(cfg: TrainConfig, resume: bool = True, log=print) -> dict:
@@ -227,16 +247,22 @@ def _train(cfg: TrainConfig, resume: bool, log) -> dict:
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "train_config.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n")
-    start = _start(cfg, model, optimizer, out, resume)
+    progress = _start(cfg, model, optimizer, out, resume)
     tokenizer = load_tokenizer(model.cfg.tokenizer, cfg.tokenizer_dir)
     if cfg.recall_fraction > 0 and model.cfg.tokenizer != "byte":  # answer spans are byte offsets
         raise ValueError("recall examples need the byte tokenizer; set recall_fraction to 0 for other tokenizers")
     metrics_path = out / "metrics.jsonl"
     last: dict = {}
     tokens_done, t0 = 0, time.perf_counter()
-    for step in range(start, cfg.steps):
+    for step in range(progress.step, cfg.steps):
+        if cfg.advance_at and cfg.starts_stage(step - progress.held):
+            if (progress.recall or 0.0) < cfg.advance_at:
+                progress.held += 1  # the stage in force is not learnt yet: it goes on
+            else:
+                progress.recall = None  # the next stage is judged by its own evals
+        at = step - progress.held  # the curriculum's step
         rng = random.Random(cfg.seed * 1_000_003 + step)  # the batch of a step does not depend on resumes
-        ids, weights = make_batch(cfg, step, rng, tokenizer, model.cfg.chunk_size)
+        ids, weights = make_batch(cfg, at, rng, tokenizer, model.cfg.chunk_size)
         for group in optimizer.param_groups:
             group["lr"] = lr_at(cfg, step)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16 and device.type == "cuda"):
@@ -253,20 +279,23 @@ def _train(cfg: TrainConfig, resume: bool, log) -> dict:
             elapsed = time.perf_counter() - t0
             last = {"step": step, "loss": loss_value, "lr": lr_at(cfg, step), "grad_norm": grad_norm,
                     "tokens_per_s": tokens_done / elapsed, "elapsed_s": elapsed,
-                    "stage": list(cfg.stage(step))}
+                    "stage": list(cfg.stage(at))}
+            if cfg.advance_at:
+                last["held"] = progress.held
             if cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.steps - 1):
-                low, high, n_facts = cfg.stage(step)
+                low, high, n_facts = cfg.stage(at)
                 eval_rng = random.Random(10_000 + step)
                 model.eval()
                 examples = [recall_example(eval_rng, n_facts, eval_rng.randint(low, high), cfg.filler, "heldout")
                             for _ in range(cfg.eval_examples)]
                 last["recall"] = recall_accuracy(model, tokenizer, examples)
+                progress.recall = last["recall"]["exact"]
                 model.train()
             with metrics_path.open("a") as f:
                 f.write(json.dumps(last) + "\n")
             log(f"step {step:6d}  loss {last['loss']:.4f}  lr {last['lr']:.2e}  "
                 f"{last['tokens_per_s']:,.0f} tok/s" + (f"  recall {last['recall']}" if "recall" in last else ""))
         if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0:
-            _save(model, optimizer, step + 1, out, cfg.tokenizer_dir)
-    _save(model, optimizer, cfg.steps, out, cfg.tokenizer_dir)
+            _save(model, optimizer, replace(progress, step=step + 1), out, cfg.tokenizer_dir)
+    _save(model, optimizer, replace(progress, step=cfg.steps), out, cfg.tokenizer_dir)
     return last

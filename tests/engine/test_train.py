@@ -49,6 +49,43 @@ def test_resume_continues_exactly(tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[name], b[name]) for name in a)  # to the bit
 
 
+
+def _stages(run_dir) -> list[tuple[int, list, int | None]]:
+    rows = map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
+    return [(r["step"], r["stage"], r.get("held")) for r in rows]
+
+
+def test_a_stage_goes_on_until_learnt(tmp_path, monkeypatch):
+    import engine.train as train_module
+
+    # advance_at: a stage ends only once held-out recall reached it; later stages move back by the steps held
+    plan = dict(model={"preset": "tiny-mal"}, steps=8, n_facts=1, recall_fraction=1.0, curriculum=[
+        [0, 8, 8], [3, 16, 16], [5, 24, 24]], eval_every=2, eval_examples=2, checkpoint_every=4, threads=1)
+    train(_config(tmp_path / "fixed", **plan), resume=False, log=lambda _: None)
+    assert [s for _, s, _ in _stages(tmp_path / "fixed" / "run")] == [[8, 8, 1]] * 3 + [[16, 16, 1]] * 2 + [
+        [24, 24, 1]] * 3
+    # a bar no recall reaches (exact <= 1): the first stage never ends, and says how long it was held
+    never = _config(tmp_path / "never", advance_at=1.01, **plan)
+    train(never, resume=False, log=lambda _: None)
+    assert _stages(tmp_path / "never" / "run") == [(i, [8, 8, 1], max(0, i - 2)) for i in range(8)]
+    # evals that read 0, 0.5, 0.9, 0.9 (steps 0, 2, 4, 6; 7) against a bar of 0.8: the first stage, due to end at
+    # step 3, goes on until the eval of step 4 passes; the second starts at step 5 and ends as planned, 2 steps on
+    # (its own eval, at step 6, passed). A tiny random model's recall cannot be steered, so these evals are given
+    evals = iter([0.0, 0.5, 0.9, 0.9, 0.9])  # and the last step's
+    monkeypatch.setattr(train_module, "recall_accuracy", lambda *_: {"exact": next(evals), "digit": 0.0})
+    train(_config(tmp_path / "scripted", advance_at=0.8, **plan), resume=False, log=lambda _: None)
+    assert _stages(tmp_path / "scripted" / "run") == [
+        (0, [8, 8, 1], 0), (1, [8, 8, 1], 0), (2, [8, 8, 1], 0), (3, [8, 8, 1], 1), (4, [8, 8, 1], 2),
+        (5, [16, 16, 1], 2), (6, [16, 16, 1], 2), (7, [24, 24, 1], 2)]
+    monkeypatch.undo()
+    # stopped at step 4 (a checkpoint) and resumed: the same run, held steps included
+    train(_config(tmp_path / "resumed", advance_at=1.01, **{**plan, "steps": 4}), resume=False, log=lambda _: None)
+    train(_config(tmp_path / "resumed", advance_at=1.01, **plan), resume=True, log=lambda _: None)
+    assert _stages(tmp_path / "resumed" / "run") == _stages(tmp_path / "never" / "run")
+    a = load_file(str(tmp_path / "never" / "run" / "model.safetensors"))
+    b = load_file(str(tmp_path / "resumed" / "run" / "model.safetensors"))
+    assert all(torch.equal(a[name], b[name]) for name in a)
+
 def test_threads_hold_for_the_run_only(tmp_path):
     before = torch.get_num_threads()
     during = []
