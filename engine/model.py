@@ -415,13 +415,10 @@ class NeuralMemory(nn.Module):
     def qkv(self, projected: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Post-conv projections [B, R, 3D] -> q, k (SiLU unless cfg.qk_silu is off, l2-normalised), v (SiLU):
         [B, H, R, d] each."""
-        if self.cfg.qk_silu:
-            x = self.heads_of(F.silu(projected), 3)
-            qk = F.normalize(x[:2], dim=-1)
-            return qk[0], qk[1], x[2]
-        x = self.heads_of(projected, 3)
+        silu_all = self.cfg.qk_silu  # one SiLU over q, k and v before the heads' dtype, as it always was
+        x = self.heads_of(F.silu(projected) if silu_all else projected, 3)
         qk = F.normalize(x[:2], dim=-1)
-        return qk[0], qk[1], F.silu(x[2])
+        return qk[0], qk[1], x[2] if silu_all else F.silu(x[2])
 
     def gates(self, logits: Tensor) -> Tensor:
         """Gate logits [B, R, 3H] (theta, eta, alpha) -> log-gates [B, H, R, 3] for the chunk buffer."""
