@@ -1,8 +1,11 @@
 """Training step speed: one outer step (forward + backward through the memory updates) of a recipe's batches, by
 the ways the trainer can run it, side by side in one process.
 
-    .venv/bin/python bench/train_step.py                           # the default model's stage 2 batches
+    .venv/bin/python bench/train_step.py                           # bench/train_step_batches.json's batches
     .venv/bin/python bench/train_step.py --config configs/titans-mal-recall.json --step 3800 --rounds 3
+
+bench/train_step_batches.json is the default model's second stage as it was until 2026-11-28 (8 facts at
+32-256 bytes, seed 1): the batches that the numbers in bench/RESULTS.md were timed on.
 
 Modes, each on the same batches (make_batch of the config at --step and the steps after it):
     ragged     each sequence its own length (how the trainer fed the model before batches were padded): steps of
@@ -50,7 +53,7 @@ def ragged_loss(model: Titans, ids: torch.Tensor, weights: torch.Tensor) -> torc
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default=str(ROOT / "configs/titans-mal-recall-stage2.json"))
+    parser.add_argument("--config", default=str(ROOT / "bench/train_step_batches.json"))
     parser.add_argument("--step", type=int, default=0, help="the curriculum step whose batches are timed")
     parser.add_argument("--batches", type=int, default=3, help="steps per mode and round")
     parser.add_argument("--rounds", type=int, default=5)

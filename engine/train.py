@@ -48,7 +48,9 @@ class TrainConfig:
     query_gap: int = 0
     query_gap_share: float = 0.0
     # stages [from_step, min_distance, max_distance] or [..., n_facts]: facts that must cross the memory are
-    # learned one fact first (8 facts from scratch stayed at chance; 1 -> 4 facts climbs), so stages may raise both
+    # learned one fact first (8 facts from scratch stayed at chance; 1 -> 4 facts climbs), so stages may raise both.
+    # n_facts may be [fewest, most], drawn per example: a stage of 8 facts at 16+ bytes never puts a fact in the
+    # attention window of its query, and a model trained only so failed a single fact told just before its query
     curriculum: list = field(default_factory=lambda: [[0, 0, 0]])
     # > 0: a stage ends only once held-out recall (exact, at the last eval) has reached this; until then it goes
     # on, and every later stage starts that many steps later (a run that learns a stage slowly is not pushed
@@ -93,15 +95,29 @@ class TrainConfig:
         base = ModelConfig.preset(preset).to_dict() if preset else {}
         return ModelConfig.from_dict({**base, **spec})
 
-    def stage(self, step: int) -> tuple[int, int, int]:
+    def __post_init__(self):
+        for stage in self.curriculum:
+            facts = stage[3] if len(stage) == 4 else self.n_facts
+            fewest, most = facts if isinstance(facts, (list, tuple)) and len(facts) == 2 else (facts, facts)
+            if len(stage) not in (3, 4) or not 0 <= stage[1] <= stage[2] or not (
+                    isinstance(fewest, int) and isinstance(most, int) and 1 <= fewest <= most):
+                raise ValueError(f"curriculum stage {stage}: expected [from_step, min_distance, max_distance] or "
+                                 "[..., n_facts] with 0 <= min <= max and n_facts a count >= 1 or [fewest, most]")
+
+    def stage(self, step: int) -> tuple[int, int, int | list[int]]:
         """(min_distance, max_distance, n_facts) in force at this step of the curriculum (a run's step less the
-        steps its stages were held, with advance_at)."""
+        steps its stages were held, with advance_at); n_facts is a count or [fewest, most]."""
         stage = [s for s in self.curriculum if s[0] <= step][-1]
         return stage[1], stage[2], stage[3] if len(stage) > 3 else self.n_facts
 
     def starts_stage(self, step: int) -> bool:
         """Whether a stage after the first begins at this step of the curriculum."""
         return any(s[0] == step for s in self.curriculum[1:])
+
+
+def draw_facts(n_facts: int | list[int], rng: random.Random) -> int:
+    """A stage's fact count for one example: a fixed count draws nothing (a recipe's data stream stays as it was)."""
+    return rng.randint(*n_facts) if isinstance(n_facts, (list, tuple)) else n_facts
 
 
 def lr_at(cfg: TrainConfig, step: int) -> float:
@@ -124,7 +140,7 @@ def make_batch(cfg: TrainConfig, step: int, rng: random.Random, tokenizer, multi
         if rng.random() < cfg.recall_fraction:
             distance = rng.randint(low, high)
             gap = cfg.query_gap if cfg.query_gap and rng.random() < cfg.query_gap_share else 0  # no draw when off
-            ex = recall_example(rng, n_facts, distance, cfg.filler, query_gap=gap)
+            ex = recall_example(rng, draw_facts(n_facts, rng), distance, cfg.filler, query_gap=gap)
             seq = tokenizer.encode(ex.text)
             w = torch.ones(len(seq))
             for a, b in ex.answer_spans:
@@ -286,7 +302,8 @@ def _train(cfg: TrainConfig, resume: bool, log) -> dict:
                 low, high, n_facts = cfg.stage(at)
                 eval_rng = random.Random(10_000 + step)
                 model.eval()
-                examples = [recall_example(eval_rng, n_facts, eval_rng.randint(low, high), cfg.filler, "heldout")
+                examples = [recall_example(eval_rng, draw_facts(n_facts, eval_rng), eval_rng.randint(low, high),
+                                           cfg.filler, "heldout")
                             for _ in range(cfg.eval_examples)]
                 last["recall"] = recall_accuracy(model, tokenizer, examples)
                 progress.recall = last["recall"]["exact"]

@@ -154,6 +154,28 @@ def test_query_gaps():
     assert on[0].shape[1] > off[0].shape[1]  # some rows gapped
     assert all(float(w.sum()) == 3 * 4 * base.answer_weight + float((w == 1).sum()) for w in on[1])
 
+def test_a_stage_may_draw_its_fact_count():
+    # [fewest, most] facts per example: every count in the range comes up, each row holds that many facts and
+    # answers; a malformed stage is refused when the config is made
+    from engine.tokenizer import load_tokenizer
+    from engine.train import make_batch
+
+    tok = load_tokenizer("byte", None)
+    cfg = TrainConfig(model={"preset": "tiny-mal"}, batch_size=32, recall_fraction=1.0, curriculum=[[0, 0, 4, [1, 3]]])
+    assert cfg.stage(0) == (0, 4, [1, 3])
+    ids, weights = make_batch(cfg, 0, random.Random(0), tok)
+    counts = []
+    for row, w in zip(ids, weights):
+        text = bytes(row[row > 0].tolist()).decode()
+        answers = int((w == cfg.answer_weight).sum()) // 4
+        counts.append(answers)
+        assert text.count(";") == 2 * answers  # each fact, and each answered query, ends in ';'
+    assert set(counts) == {1, 2, 3}
+    for bad in ([[0, 0, 4, [3, 1]]], [[0, 0, 4, 0]], [[0, 8, 4]], [[0, 0, 4, [1, 2, 3]]], [[0, 4]]):
+        with pytest.raises(ValueError, match="curriculum stage"):
+            TrainConfig(model={"preset": "tiny-mal"}, curriculum=bad)
+
+
 def test_config_files_json_and_yaml(tmp_path):
     import yaml
 
