@@ -41,7 +41,7 @@ def test_recall_is_deterministic_per_seed():
 
 
 def test_plot_training_cli(tmp_path):
-    rows = [{"step": s, "loss": 3.0 - s / 100, "stage": [8, 16, 1 if s < 50 else 2]} for s in range(0, 100, 10)]
+    rows = [{"step": s, "loss": 3.0 - s / 100, "stage": [8, 16, 1 if s < 50 else [1, 8]]} for s in range(0, 100, 10)]
     rows[3]["recall"] = {"exact": 0.25, "digit": 0.5}
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     out = tmp_path / "loss.png"
