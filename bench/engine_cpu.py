@@ -20,6 +20,7 @@ after --warmup rounds. Writes JSON, prints a table.
 
     python bench/engine_cpu.py                        # full run (about 13 minutes on 2 cores, most compiling)
     python bench/engine_cpu.py --quick --no-baseline  # smoke test at tiny sizes
+    python bench/engine_cpu.py --memory-only --repeats 9 --out bench/results/engine_cpu_memory.json  # memory layer
 """
 
 from __future__ import annotations
@@ -181,6 +182,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--quick", action="store_true", help="tiny model and lengths (a smoke test)")
     parser.add_argument("--no-baseline", action="store_true", help="skip titans-pytorch")
+    parser.add_argument("--memory-only", action="store_true",
+                        help="only the memory-layer comparison (about 2 minutes; no engines, no MAC baseline)")
     parser.add_argument("--out", default="bench/results/engine_cpu.json")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -199,7 +202,7 @@ def main(argv=None) -> dict:
     }
     gen = torch.Generator().manual_seed(0)
     workloads: dict[str, Workload] = {}
-    for name, options in ENGINES.items():
+    for name, options in ({} if args.memory_only else ENGINES).items():
         if args.quick and options.get("weight_dtype") == torch.int8:
             continue
         eng = Engine.from_config(cfg, seed=0, device="cpu", **options)
@@ -225,7 +228,7 @@ def main(argv=None) -> dict:
             for mode in ("", "_compiled"):
                 ratios.append((f"ratio_memory_layer{mode}{suffix}_{shape}", f"ours_memory_layer{mode}_{shape}_tok_s",
                                base))
-    if not args.no_baseline:
+    if not args.no_baseline and not args.memory_only:
         workloads.update(baseline_mac_workloads(args, results))
 
     samples = run_interleaved(workloads, args.warmup, args.repeats)
