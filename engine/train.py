@@ -226,6 +226,26 @@ def _load_checkpoint(model: Titans, optimizer: torch.optim.Optimizer, directory:
     return Progress(int(meta["step"]), int(meta.get("held", 0)), json.loads(meta.get("recall", "null")))
 
 
+# options a resumed run may change: how long it goes on and what it logs, not what it computes
+RESUMABLE_CHANGES = {"steps", "out_dir", "log_every", "eval_every", "eval_examples", "checkpoint_every"}
+
+
+def _check_same_run(cfg: TrainConfig, out_dir: Path) -> None:
+    """A checkpoint is resumed only by the config that wrote it (otherwise, say, a rerun of a changed recipe would
+    silently continue the old run, or count an old finished run as done)."""
+    path = out_dir / "train_config.json"
+    if not path.exists():
+        return
+    saved = json.loads(path.read_text())
+    known = {f.name for f in fields(TrainConfig)}
+    theirs = json.loads(json.dumps(asdict(TrainConfig(**{k: v for k, v in saved.items() if k in known}))))
+    ours = json.loads(json.dumps(asdict(cfg)))
+    changed = sorted(k for k in ours if k not in RESUMABLE_CHANGES and ours[k] != theirs[k])
+    if changed:
+        raise ValueError(f"{out_dir} holds a checkpoint of another training config (it differs in {changed}): "
+                         "resume it with its own config, or start over with --restart or another out_dir")
+
+
 def _start(cfg: TrainConfig, model: Titans, optimizer: torch.optim.Optimizer, out_dir: Path,
            resume: bool) -> Progress:
     """Where to start: resume from this run's checkpoint, else begin from init_from, else from scratch."""
@@ -262,8 +282,10 @@ def _train(cfg: TrainConfig, resume: bool, log) -> dict:
                                    {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95))
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "train_config.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n")
+    if resume and (out / "trainer.safetensors").exists():
+        _check_same_run(cfg, out)
     progress = _start(cfg, model, optimizer, out, resume)
+    (out / "train_config.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n")
     tokenizer = load_tokenizer(model.cfg.tokenizer, cfg.tokenizer_dir)
     if cfg.recall_fraction > 0 and model.cfg.tokenizer != "byte":  # answer spans are byte offsets
         raise ValueError("recall examples need the byte tokenizer; set recall_fraction to 0 for other tokenizers")

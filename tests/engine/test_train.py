@@ -47,6 +47,10 @@ def test_resume_continues_exactly(tmp_path):
     a = load_file(str(tmp_path / "a" / "run" / "model.safetensors"))
     b = load_file(str(tmp_path / "b" / "run" / "model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[name], b[name]) for name in a)  # to the bit
+    # a changed recipe does not silently continue (or count as done) the run its out_dir holds
+    with pytest.raises(ValueError, match="another training config .*'lr'"):
+        train(_config(tmp_path / "b", steps=6, threads=1, lr=1e-4), resume=True, log=lambda _: None)
+    train(_config(tmp_path / "b", steps=6, threads=1, lr=1e-4), resume=False, log=lambda _: None)  # --restart
 
 
 
