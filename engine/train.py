@@ -250,6 +250,7 @@ def _start(cfg: TrainConfig, model: Titans, optimizer: torch.optim.Optimizer, ou
            resume: bool) -> Progress:
     """Where to start: resume from this run's checkpoint, else begin from init_from, else from scratch."""
     if resume and (out_dir / "trainer.safetensors").exists():
+        _check_same_run(cfg, out_dir)
         return _load_checkpoint(model, optimizer, out_dir)
     if cfg.init_from:
         source = Path(cfg.init_from)
@@ -282,8 +283,6 @@ def _train(cfg: TrainConfig, resume: bool, log) -> dict:
                                    {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95))
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    if resume and (out / "trainer.safetensors").exists():
-        _check_same_run(cfg, out)
     progress = _start(cfg, model, optimizer, out, resume)
     (out / "train_config.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n")
     tokenizer = load_tokenizer(model.cfg.tokenizer, cfg.tokenizer_dir)

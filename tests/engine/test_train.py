@@ -158,6 +158,7 @@ def test_query_gaps():
     assert on[0].shape[1] > off[0].shape[1]  # some rows gapped
     assert all(float(w.sum()) == 3 * 4 * base.answer_weight + float((w == 1).sum()) for w in on[1])
 
+
 def test_a_stage_may_draw_its_fact_count():
     # [fewest, most] facts per example: every count in the range comes up, each row holds that many facts and
     # answers; a malformed stage is refused when the config is made
