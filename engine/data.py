@@ -1,13 +1,20 @@
-"""Training data every machine has: synthetic long-range recall tasks and Python standard-library text.
+"""Training data every machine has: synthetic long-range recall tasks, Python standard-library text and prose.
 
 Recall surface format (fixed, so that others can probe a model with it):
     fact  = "#" + key + "=" + value + ";"    key: 4 random lowercase ASCII letters, value: 4 random digits
     query = "#" + key + "="                  whose correct continuation is the 4 digits of that key's value
 An example is  [facts] [filler of `distance` bytes] [queries, each followed by its answer and ";"]; for training,
-the queries after the first may each follow `query_gap` bytes of filler of their own.
+the queries after the first may each follow `query_gap` bytes of filler of their own. Variants: each fact followed
+by filler of its own (`spread`: facts told in separate requests), and facts told again with new values part-way
+through the filler (`updates`: the later value is the answer).
 
-Text corpus: the *.py files at the top level of this interpreter's standard library (Python Software
-Foundation License), split into train / held-out by a hash of the file name.
+Filler kinds, each split into train / held-out so that evaluation reads text training never saw:
+    words   random pseudo-words (held-out: other draws)
+    code    the *.py files at the top level of this interpreter's standard library (Python Software Foundation
+            License), split by a hash of the file name; "python" is its older name
+    prose   the English help texts of the Python reference (pydoc_data/topics.py in the standard library, Python
+            Software Foundation License), split by a hash of the topic name
+    logs    JSON log lines drawn from a small grammar; held-out lines use disjoint services, routes and messages
 """
 
 from __future__ import annotations
@@ -16,11 +23,14 @@ import hashlib
 import random
 import string
 import sysconfig
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
 
 HELD_OUT_PERCENT = 5
+PROSE_HELD_OUT_PERCENT = 25  # the prose corpus is small (~0.46 MB): a quarter keeps ~100 KB apart for evaluation
+FILLER_KINDS = ("words", "prose", "code", "logs")
+FACT_BYTES = len("#abcd=1234;")
 
 
 @dataclass(frozen=True)
@@ -29,6 +39,8 @@ class RecallExample:
     answer_spans: list[tuple[int, int]]  # character (= byte) ranges of the 4 answer digits, one per query
     distance: int  # bytes between the end of the last fact and the first query
     fact_of_query: list[int]  # which fact (its place in the block of facts) each query asks for, in query order
+    updated: list[bool] = field(default_factory=list)  # per query: its fact was told again with a new value
+    requests: list[int] = field(default_factory=list)  # with spread: where each fact's request ends (offsets)
 
 
 def fact_key(rng: random.Random) -> str:
@@ -46,14 +58,22 @@ def stdlib_files() -> tuple[Path, ...]:
 
 
 def is_held_out(path: Path) -> bool:
-    return int(hashlib.sha256(path.name.encode()).hexdigest(), 16) % 100 < HELD_OUT_PERCENT
+    return _in_hundredths(path.name, HELD_OUT_PERCENT)
+
+
+def _in_hundredths(name: str, percent: int) -> bool:
+    return int(hashlib.sha256(name.encode()).hexdigest(), 16) % 100 < percent
+
+
+def _check_split(split: str) -> None:
+    if split not in ("train", "heldout"):
+        raise ValueError(f"split must be 'train' or 'heldout', got {split!r}")
 
 
 @cache
 def python_corpus(split: str = "train") -> str:
     """The standard library's top-level modules joined into one ASCII text ('train' or 'heldout')."""
-    if split not in ("train", "heldout"):
-        raise ValueError(f"split must be 'train' or 'heldout', got {split!r}")
+    _check_split(split)
     want_held_out = split == "heldout"
     parts = [p.read_text(encoding="utf-8", errors="ignore") for p in stdlib_files() if is_held_out(p) == want_held_out]
     text = "\n".join(parts).encode("ascii", errors="ignore").decode()
@@ -62,20 +82,78 @@ def python_corpus(split: str = "train") -> str:
     return text
 
 
+@cache
+def prose_corpus(split: str = "train") -> str:
+    """The Python reference's help topics (English prose with some code), joined into one ASCII text."""
+    from pydoc_data.topics import topics
+
+    _check_split(split)
+    want_held_out = split == "heldout"
+    parts = [text for name, text in sorted(topics.items()) if _in_hundredths(name, PROSE_HELD_OUT_PERCENT) == want_held_out]
+    return "\n".join(parts).encode("ascii", errors="ignore").decode()
+
+
 def text_window(rng: random.Random, length: int, split: str = "train") -> str:
-    corpus = python_corpus(split)
-    start = rng.randrange(0, len(corpus) - length)
-    return corpus[start:start + length]
+    return _window(python_corpus(split), rng, length)
+
+
+def _window(corpus: str, rng: random.Random, length: int) -> str:
+    """A random window of the corpus; one longer than half the corpus is made of several such windows."""
+    piece = len(corpus) // 2
+    if length <= piece:
+        start = rng.randrange(0, len(corpus) - length)
+        return corpus[start:start + length]
+    return "".join(_window(corpus, rng, min(piece, length - done)) for done in range(0, length, piece))
+
+
+# the log grammar's vocabularies: training draws from the first half of each list, held-out text from the second
+_LOG_SERVICES = ("billing", "auth", "search", "gateway", "mailer", "ledger", "catalog", "profile",
+                 "cart", "notify", "quota", "export", "render", "ingest", "backup", "reports")
+_LOG_ROUTES = ("/v1/items", "/v1/orders", "/api/users", "/login", "/v2/cart", "/health", "/v1/files", "/admin/jobs",
+               "/v1/invoices", "/api/teams", "/oauth/token", "/v2/search", "/v1/tags", "/metrics", "/v1/uploads",
+               "/api/events")
+_LOG_MESSAGES = ("request served", "cache miss", "retrying upstream call", "token refreshed", "slow query",
+                 "connection reset by peer", "job finished", "rate limit close", "config reloaded",
+                 "payload validated", "session expired", "queue drained", "disk usage high",
+                 "worker restarted", "index rebuilt", "lock acquired", "deadline exceeded", "batch flushed")
+_LOG_LEVELS = ("DEBUG", "INFO", "INFO", "INFO", "WARN", "ERROR")
+
+
+def log_lines(rng: random.Random, length: int, split: str = "train") -> str:
+    """JSON log lines (timestamps, levels, services, routes, statuses, latencies), `length` bytes."""
+    _check_split(split)
+
+    def half(words: tuple[str, ...]) -> tuple[str, ...]:
+        middle = len(words) // 2
+        return words[:middle] if split == "train" else words[middle:]
+
+    services, routes, messages = half(_LOG_SERVICES), half(_LOG_ROUTES), half(_LOG_MESSAGES)
+    lines: list[str] = []
+    size = 0
+    while size < length:
+        line = (f'{{"ts":"2026-{rng.randint(1, 12):02d}-{rng.randint(1, 28):02d}T{rng.randint(0, 23):02d}:'
+                f'{rng.randint(0, 59):02d}:{rng.randint(0, 59):02d}.{rng.randrange(1000):03d}Z",'
+                f'"level":"{rng.choice(_LOG_LEVELS)}","svc":"{rng.choice(services)}",'
+                f'"msg":"{rng.choice(messages)}","route":"{rng.choice(routes)}/{rng.randrange(100000)}",'
+                f'"status":{rng.choice((200, 200, 200, 201, 204, 301, 400, 404, 409, 429, 500, 503))},'
+                f'"ms":{rng.randrange(2000)}}}\n')
+        lines.append(line)
+        size += len(line)
+    return "".join(lines)[:length]
 
 
 def filler(rng: random.Random, length: int, source: str, split: str = "train") -> str:
-    """`length` bytes that carry no facts: pseudo-words, or Python source text (a harder distractor:
-    it has '#', '=' and digits of its own). Words may end one byte short (the recipes' data stream was drawn
-    this way; a fix would change every run's data)."""
-    if source == "python":
+    """`length` bytes that carry no facts, of one of FILLER_KINDS (see the module docstring). Code, prose and logs
+    are harder distractors than words: they have '#', '=', ';' and digits of their own. Words may end one byte
+    short (the recipes' data stream was drawn this way; a fix would change every run's data)."""
+    if source in ("python", "code"):
         return text_window(rng, length, split)
+    if source == "prose":
+        return _window(prose_corpus(split), rng, length)
+    if source == "logs":
+        return log_lines(rng, length, split)
     if source != "words":
-        raise ValueError(f"filler source must be 'words' or 'python', got {source!r}")
+        raise ValueError(f"filler kind must be one of {', '.join(FILLER_KINDS)} (or 'python'), got {source!r}")
     words: list[str] = []
     size = 0
     while size < length:
@@ -85,20 +163,49 @@ def filler(rng: random.Random, length: int, source: str, split: str = "train") -
     return " ".join(words)[:length]
 
 
-def recall_example(rng: random.Random, n_facts: int, distance: int, filler_source: str = "words",
-                   split: str = "train", query_gap: int = 0) -> RecallExample:
+def recall_example(rng: random.Random, n_facts: int, distance: int, filler_source: str | list[str] = "words",
+                   split: str = "train", query_gap: int = 0, updates: int = 0, update_at: int = 0,
+                   spread: tuple[int, int] | None = None) -> RecallExample:
     """query_gap > 0 puts that much filler before every query but the first: with a gap longer than the attention
     window, a query cannot lean on the query answered before it and must be read from the memory alone
     (bench/recall_context.py: after a query answered right in its window, the default model reads the next one
-    far better than alone)."""
+    far better than alone).
+
+    filler_source: a kind, or a list of kinds to draw one from for the whole example. updates > 0: that many facts
+    are told again with new values after `update_at` of the `distance` bytes of filler (the block of updates is
+    not counted in `distance`); their queries answer the new values. spread (low, high): each fact is followed by
+    low..high bytes of filler of its own (a request of its own: `requests` holds where each ends), then come the
+    `distance` bytes. With all three off, nothing more is drawn than the plain layout draws (recipes' data stay as
+    they were)."""
+    if not isinstance(filler_source, str):
+        filler_source = rng.choice(filler_source)
+    if not 0 <= updates <= n_facts or not 0 <= update_at <= distance:
+        raise ValueError(f"updates must be 0..n_facts and update_at 0..distance, got {updates}, {update_at}")
     keys: list[str] = []
     while len(keys) < n_facts:  # distinct keys
         key = fact_key(rng)
         if key not in keys:
             keys.append(key)
     values = [fact_value(rng) for _ in keys]
-    facts = "".join(f"#{k}={v};" for k, v in zip(keys, values))
-    text = facts + filler(rng, distance, filler_source, split)
+    requests: list[int] = []
+    text, own_filler = "", 0  # own_filler: bytes of filler told after the last fact, in its request
+    for k, v in zip(keys, values):
+        text += f"#{k}={v};"
+        if spread is not None:
+            own = filler(rng, rng.randint(*spread), filler_source, split)
+            text, own_filler = text + own, len(own)
+            requests.append(len(text))
+    updated = [False] * n_facts
+    if updates:
+        text += filler(rng, update_at, filler_source, split)
+        for i in rng.sample(range(n_facts), updates):
+            new = fact_value(rng)
+            while new == values[i]:
+                new = fact_value(rng)
+            values[i], updated[i] = new, True
+            text += f"#{keys[i]}={new};"
+        own_filler, distance = 0, distance - update_at
+    text += filler(rng, distance, filler_source, split)
     spans, order = [], rng.sample(range(n_facts), n_facts)
     for rank, i in enumerate(order):
         if rank and query_gap:
@@ -106,4 +213,4 @@ def recall_example(rng: random.Random, n_facts: int, distance: int, filler_sourc
         text += f"#{keys[i]}="
         spans.append((len(text), len(text) + 4))
         text += values[i] + ";"
-    return RecallExample(text, spans, distance, order)
+    return RecallExample(text, spans, own_filler + distance, order, [updated[i] for i in order], requests)

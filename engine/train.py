@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from .config import ModelConfig
-from .data import recall_example, text_window
+from .data import FACT_BYTES, recall_example, text_window
 from .engine import save_model_dir
 from .evaluate import score_answers
 from .model import Titans
@@ -42,11 +42,26 @@ class TrainConfig:
     seed: int = 0
     recall_fraction: float = 0.5  # share of each batch that is recall examples (the rest: text windows)
     n_facts: int = 8
-    filler: str = "words"  # words | python
+    filler: str | list[str] = "words"  # a kind of data.FILLER_KINDS, or a list to draw one from per example
     answer_weight: float = 4.0  # loss weight of answer digits relative to the other tokens
     # in this share of recall examples, query_gap bytes of filler before every query but the first (data.py)
     query_gap: int = 0
     query_gap_share: float = 0.0
+    # in this share of recall examples, the fact is asked right after it was told (distance 0: the query in the
+    # attention window of its fact, where a model that learnt to read only from the memory can fail)
+    near_share: float = 0.0
+    # in this share of recall examples, 1..n_facts facts are told again with new values part-way through the
+    # filler, and the queries answer the new values
+    updates_share: float = 0.0
+    # long contexts by truncated backpropagation: in this share of steps, every row starts with a prefix of
+    # carry_bytes [fewest, most] bytes (drawn log-uniformly, one length for the whole batch) read without
+    # gradients, the memory state carried from it (detached) into the rest of the row, which is trained. A recall
+    # row's prefix holds its facts (and updates) and all but the last carry_graded bytes of its filler; a text row's,
+    # the text before its seq_len trained bytes. The gates that write and forget along the trained part learn what
+    # their writes cost the facts read there; being functions of each token, they do the same at any distance.
+    carry_share: float = 0.0
+    carry_bytes: list = field(default_factory=lambda: [512, 4096])
+    carry_graded: int = 128
     # stages [from_step, min_distance, max_distance] or [..., n_facts]: facts that must cross the memory are
     # learned one fact first (8 facts from scratch stayed at chance; 1 -> 4 facts climbs), so stages may raise both.
     # n_facts may be [fewest, most], drawn per example: a stage of 8 facts at 16+ bytes never puts a fact in the
@@ -127,27 +142,54 @@ def lr_at(cfg: TrainConfig, step: int) -> float:
     return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
 
 
-def make_batch(cfg: TrainConfig, step: int, rng: random.Random, tokenizer, multiple: int = 1):
+def carried_bytes(cfg: TrainConfig, rng: random.Random, multiple: int) -> int:
+    """The prefix read without gradients for this step's batch (0: none), a multiple of the memory chunk."""
+    if not cfg.carry_share or rng.random() >= cfg.carry_share:  # no draw when off: recipes' data stay as they were
+        return 0
+    fewest, most = cfg.carry_bytes
+    length = math.exp(rng.uniform(math.log(fewest), math.log(most)))
+    return max(multiple, round(length / multiple) * multiple)
+
+
+def _updates(cfg: TrainConfig, facts: int, rng: random.Random) -> int:
+    return rng.randint(1, facts) if cfg.updates_share and rng.random() < cfg.updates_share else 0
+
+
+def make_batch(cfg: TrainConfig, step: int, rng: random.Random, tokenizer, multiple: int = 1, carried: int = 0):
     """Token ids [B, T] and loss weights [B, T - 1] (weights[s, i] weighs predicting ids[s, i + 1]).
 
     Sequences end in padding (id 0, weight 0) up to the longest rounded up to `multiple` (the memory chunk):
     a batch of equal rows runs as long aligned steps of whole chunks, and padding after the end of a sequence
-    changes nothing before it (causality).
+    changes nothing before it (causality). carried > 0: every row's first `carried` ids are its prefix (see
+    TrainConfig.carry_share), weighted 0, and a recall row's distance is whatever puts carry_graded bytes of
+    filler after the prefix.
     """
     low, high, n_facts = cfg.stage(step)
     ids, weights = [], []
     for _ in range(cfg.batch_size):
         if rng.random() < cfg.recall_fraction:
-            distance = rng.randint(low, high)
+            if carried:
+                facts = draw_facts(n_facts, rng)
+                updates = _updates(cfg, facts, rng)
+                distance = carried + cfg.carry_graded - FACT_BYTES * (facts + updates)
+                if distance < cfg.carry_graded:
+                    raise ValueError(f"carry_bytes {cfg.carry_bytes} too short for {facts} facts and their updates")
+            else:
+                distance = 0 if cfg.near_share and rng.random() < cfg.near_share else rng.randint(low, high)
             gap = cfg.query_gap if cfg.query_gap and rng.random() < cfg.query_gap_share else 0  # no draw when off
-            ex = recall_example(rng, draw_facts(n_facts, rng), distance, cfg.filler, query_gap=gap)
+            if not carried:  # drawn in this order since the first recipes: their data stay as they were
+                facts = draw_facts(n_facts, rng)
+                updates = _updates(cfg, facts, rng)
+            update_at = rng.randint(0, distance - cfg.carry_graded if carried else distance) if updates else 0
+            ex = recall_example(rng, facts, distance, cfg.filler, query_gap=gap, updates=updates, update_at=update_at)
             seq = tokenizer.encode(ex.text)
             w = torch.ones(len(seq))
             for a, b in ex.answer_spans:
                 w[a - 1:b - 1] = cfg.answer_weight
         else:
-            seq = tokenizer.encode(text_window(rng, cfg.seq_len))
+            seq = tokenizer.encode(text_window(rng, carried + cfg.seq_len))
             w = torch.ones(len(seq))
+        w[:carried] = 0.0  # the prefix and the prediction of the first trained id from it
         ids.append(torch.tensor(seq, dtype=torch.long))
         weights.append(w[:-1])
     length = -(-max(len(t) for t in ids) // multiple) * multiple
@@ -167,10 +209,20 @@ def fresh_state(model: Titans, sessions: int):
             for layer in model.initial_state()]
 
 
-def batch_loss(model: Titans, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """Weighted mean next-token loss of a batch from make_batch, every sequence from a fresh state."""
+CARRY_PIECE = 2048  # prefix ids read per call: the logits a call returns ([B, piece, V]) stay small
+
+
+def batch_loss(model: Titans, ids: torch.Tensor, weights: torch.Tensor, carried: int = 0) -> torch.Tensor:
+    """Weighted mean next-token loss of a batch from make_batch, every sequence from a fresh state; with carried,
+    the first `carried` ids are read without gradients and the state they leave goes on, detached."""
     B = ids.shape[0]
-    logits, _, _ = model.forward_tokens(ids, fresh_state(model, B), [0] * B)
+    state = fresh_state(model, B)
+    if carried:
+        with torch.no_grad():
+            for start in range(0, carried, CARRY_PIECE):
+                _, state, _ = model.forward_tokens(ids[:, start:min(carried, start + CARRY_PIECE)], state, [start] * B)
+        ids, weights = ids[:, carried:], weights[:, carried:]
+    logits, _, _ = model.forward_tokens(ids, state, [carried] * B)
     logits = torch.stack(logits)[:, :-1]  # [B, T - 1, V]
     nll = F.cross_entropy(logits.flatten(0, 1).float(), ids[:, 1:].flatten().to(logits.device), reduction="none")
     weights = weights.to(logits.device)
@@ -299,11 +351,12 @@ def _train(cfg: TrainConfig, resume: bool, log) -> dict:
                 progress.recall = None  # the next stage is judged by its own evals
         at = step - progress.held  # the curriculum's step
         rng = random.Random(cfg.seed * 1_000_003 + step)  # the batch of a step does not depend on resumes
-        ids, weights = make_batch(cfg, at, rng, tokenizer, model.cfg.chunk_size)
+        carried = carried_bytes(cfg, rng, model.cfg.chunk_size)
+        ids, weights = make_batch(cfg, at, rng, tokenizer, model.cfg.chunk_size, carried)
         for group in optimizer.param_groups:
             group["lr"] = lr_at(cfg, step)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16 and device.type == "cuda"):
-            loss = batch_loss(model, ids.to(device), weights)
+            loss = batch_loss(model, ids.to(device), weights, carried)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip))
@@ -317,6 +370,8 @@ def _train(cfg: TrainConfig, resume: bool, log) -> dict:
             last = {"step": step, "loss": loss_value, "lr": lr_at(cfg, step), "grad_norm": grad_norm,
                     "tokens_per_s": tokens_done / elapsed, "elapsed_s": elapsed,
                     "stage": list(cfg.stage(at))}
+            if cfg.carry_share:
+                last["carried"] = carried
             if cfg.advance_at:
                 last["held"] = progress.held
             if cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.steps - 1):
