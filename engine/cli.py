@@ -70,19 +70,38 @@ def cmd_train(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from .evaluate import evaluate, write_report
+    from .data import FILLER_KINDS
+    from .evaluate import Progress, evaluate, expected_bytes, write_report
 
     eng = Engine.load(args.model, device=args.device)
-    distances = [int(d) for d in args.distances.split(",")]
-    result = evaluate(eng, distances, args.facts, args.examples, args.filler, args.bpb_windows, args.seed)
+    distances = [_bytes(d) for d in args.distances.split(",")]
+    kinds = FILLER_KINDS if args.filler == "all" else args.filler.split(",")
+    unknown = sorted(set(kinds) - set(FILLER_KINDS) - {"python"})
+    if unknown:
+        raise SystemExit(f"titans eval: unknown filler {unknown}: choose from {', '.join(FILLER_KINDS)} or all")
+    mode = "separate" if args.separate_requests else "updates" if args.updates else "block"
+    progress = Progress(expected_bytes(distances, args.facts, args.examples, mode, len(kinds)))
+    result = evaluate(eng, distances, args.facts, args.examples, kinds, args.bpb_windows, args.seed, mode, progress)
+    progress.close()
     write_report(result, args.out, args.plot)
-    print(f"{'distance':>9} {'windows':>8} {'carried':>8} {'reset':>8}   (exact recall of {args.facts} facts)")
-    for row in result["recall"]:
-        print(f"{row['distance']:>9} {row['windows']:>8.2f} {row['carried_exact']:>8.3f} {row['reset_exact']:>8.3f}")
+    print(f"exact recall of {args.facts} facts ({mode}), memory carried / reset")
+    print(f"{'distance':>9} {'windows':>8} " + " ".join(f"{kind:>13}" for kind in kinds))
+    for distance in distances:
+        cells = {r["filler"]: r for r in result["recall"] if r["distance"] == distance}
+        print(f"{distance:>9} {distance / (eng.config.attention_span or eng.config.chunk_size):>8.1f} " + " ".join(
+            f"{cells[k]['carried_exact']:>6.3f}/{cells[k]['reset_exact']:<6.3f}" for k in kinds))
     if result["bits_per_byte"] is not None:
-        print(f"bits per byte (held-out Python source): {result['bits_per_byte']:.3f}")
+        print(f"bits per byte, held-out code: {result['bits_per_byte']:.3f}, "
+              f"prose: {result['bits_per_byte_prose']:.3f}")
     print(f"wrote {args.out}" + (f" and {args.plot}" if args.plot else ""))
     return 0
+
+
+def _bytes(text: str) -> int:
+    """'512', '16K', '1M' (binary units: 16K = 16,384 bytes)."""
+    text = text.strip().upper()
+    scale = {"K": 1 << 10, "M": 1 << 20}.get(text[-1:], 1)
+    return int(text[:-1] if scale > 1 else text) * scale
 
 
 def cmd_plot_training(args) -> int:
@@ -128,10 +147,17 @@ def main(argv: list[str] | None = None) -> int:
 
     ev = sub.add_parser("eval", help="recall by distance (memory carried vs reset) and bits per byte")
     ev.add_argument("--model", required=True)
-    ev.add_argument("--distances", default="0,64,256,512,1024", help="filler bytes between facts and queries")
+    ev.add_argument("--distances", default="0,64,256,512,1024",
+                    help="filler bytes between facts and queries, comma-separated; K and M suffixes (16K, 1M)")
     ev.add_argument("--facts", type=int, default=8)
     ev.add_argument("--examples", type=int, default=32, help="examples per distance (each asks every fact)")
-    ev.add_argument("--filler", default="words", choices=["words", "python"])
+    ev.add_argument("--filler", default="words",
+                    help="filler kinds, comma-separated: words, prose, code, logs; or all (one curve each)")
+    how = ev.add_mutually_exclusive_group()
+    how.add_argument("--separate-requests", action="store_true",
+                     help="each fact in a request of its own, followed by 2-8 KB of filler (then the distance)")
+    how.add_argument("--updates", action="store_true",
+                     help="every fact told again with a new value halfway; the new value must win")
     ev.add_argument("--bpb-windows", type=int, default=8, help="held-out text windows of 1024 bytes (0: skip)")
     ev.add_argument("--seed", type=int, default=0)
     ev.add_argument("--out", default="eval.json")

@@ -12,12 +12,14 @@ from __future__ import annotations
 import json
 import math
 import random
+import sys
+import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from .data import recall_example, text_window
+from .data import FACT_BYTES, RecallExample, filler, recall_example
 from .engine import Engine
 
 
@@ -50,37 +52,132 @@ def recall_summary(carried: torch.Tensor, reset: torch.Tensor, asked: torch.Tens
             "carried_exact_by_fact": torch.zeros_like(carried_exact).scatter_(1, asked, carried_exact).mean(0).tolist()}
 
 
+MODES = ("block", "separate", "updates")
+PIECE = 2048  # bytes of context read per call: only that many positions' logits exist at a time
+SEPARATE_FILLER = (2048, 8192)  # separate requests: each fact is followed by this much other text, in its request
+
+
+def _example(rng: random.Random, mode: str, n_facts: int, distance: int, kind: str,
+             spread: list[int]) -> tuple[RecallExample, list[str]]:
+    """A held-out example of the mode and the requests that read its context (the queries come after them).
+
+    block: the facts, then `distance` bytes of filler, in one request. separate: each fact in a request of its own
+    followed by `spread` bytes of filler (2-8 KB, drawn once for all examples of a distance: their requests then
+    have one length, and read as one aligned batch), then `distance` bytes more in a last request. updates: every
+    fact is told again with a new value after half the distance (`#abcd=1111; ... #abcd=2222; ... #abcd=` answers
+    2222)."""
+    if mode == "separate":
+        ex = recall_example(rng, n_facts, distance, kind, "heldout", spread=spread)
+    elif mode == "updates":
+        ex = recall_example(rng, n_facts, distance, kind, "heldout", updates=n_facts, update_at=distance // 2)
+    else:
+        ex = recall_example(rng, n_facts, distance, kind, "heldout")
+    queries_start = ex.answer_spans[0][0] - FACT_BYTES + 5  # back to the first query's "#"
+    bounds = [0] + ex.requests + ([queries_start] if not ex.requests or ex.requests[-1] < queries_start else [])
+    return ex, [ex.text[a:b] for a, b in zip(bounds, bounds[1:]) if b > a]
+
+
+class Progress:
+    """A one-line progress bar with ETA on stderr (the work is counted in bytes read)."""
+
+    def __init__(self, total: int, out=sys.stderr, every_s: float = 1.0):
+        self.total, self.done, self.out, self.every_s = max(1, total), 0, out, every_s
+        self.start = self.shown = time.perf_counter()
+        self.label = ""
+
+    def advance(self, n: int, label: str | None = None) -> None:
+        self.done += n
+        self.label = label if label is not None else self.label
+        now = time.perf_counter()
+        if now - self.shown >= self.every_s or self.done >= self.total:
+            self.shown = now
+            rate = self.done / max(now - self.start, 1e-9)
+            eta = max(0.0, self.total - self.done) / max(rate, 1e-9)
+            self.out.write(f"\r{self.label}  {100 * min(1.0, self.done / self.total):5.1f}%  "
+                           f"{self.done / 1e6:.2f}/{self.total / 1e6:.2f} MB  {rate / 1e3:.1f} KB/s  "
+                           f"ETA {_clock(eta)}  ")
+            self.out.flush()
+
+    def close(self) -> None:
+        elapsed = _clock(time.perf_counter() - self.start)
+        self.out.write(f"\rdone: {self.done / 1e6:.2f} MB in {elapsed}" + " " * 40 + "\n")
+
+
+def _clock(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 3600}h{seconds // 60 % 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+def expected_bytes(distances: list[int], n_facts: int, examples: int, mode: str, kinds: int = 1) -> int:
+    """What recall_by_distance will read, for its progress bar."""
+    per_example = n_facts * FACT_BYTES * (3 if mode == "updates" else 2) + (  # facts, updates, queries twice
+        n_facts * sum(SEPARATE_FILLER) // 2 if mode == "separate" else 0)
+    return kinds * examples * sum(d + per_example for d in distances)
+
+
+def read_requests(engine: Engine, requests: list[list[str]], progress: Progress | None = None) -> list:
+    """Each session reads its requests in turn, all sessions in one batch, each request in pieces of PIECE bytes;
+    after every request the states are saved to bytes and loaded back (as between two requests of a session)."""
+    states = [engine.new_state() for _ in requests]
+    for r in range(max(len(reqs) for reqs in requests)):
+        batch = engine.batch(states)
+        ids = [engine.tokenizer.encode(reqs[r]) if r < len(reqs) else [] for reqs in requests]
+        for start in range(0, max(map(len, ids)), PIECE):
+            pieces = [i[start:start + PIECE] for i in ids]
+            batch.forward(pieces)
+            if progress:
+                progress.advance(sum(map(len, pieces)))
+        states = [engine.load_state(state.to_bytes()) for state in batch.states()]
+    return states
+
+
 def recall_by_distance(engine: Engine, distances: list[int], n_facts: int = 8, examples: int = 32,
-                       filler_source: str = "words", seed: int = 0) -> list[dict]:
+                       filler_source: str = "words", seed: int = 0, mode: str = "block",
+                       progress: Progress | None = None) -> list[dict]:
+    """Recall rows, one per distance: the examples of a distance are read as one batch of sessions."""
     if engine.config.tokenizer != "byte":  # answer spans are byte offsets of the query text
         raise ValueError("recall evaluation needs a byte-level model")
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     rows = []
     tok = engine.tokenizer
     span = engine.config.attention_span or engine.config.chunk_size  # lmm has no attention: count chunks
     for distance in distances:
+        if progress:
+            progress.label = f"{filler_source} {mode} {distance:,} B"
         rng = random.Random(seed * 7919 + distance)
-        hits, asked = {"carried": [], "reset": []}, []  # [queries, 4] per example; the fact each query asks for
-        for _ in range(examples):
-            ex = recall_example(rng, n_facts, distance, filler_source, split="heldout")
-            split = len(ex.text) - n_facts * 11  # queries are the last n_facts * len("#abcd=1234;") bytes
-            context, queries = ex.text[:split], ex.text[split:]
-            _, state = engine.forward(tok.encode(context), engine.new_state())
-            carried = engine.load_state(state.to_bytes())
-            q_ids = torch.tensor(tok.encode(queries))
-            for name, start in (("carried", carried), ("reset", engine.new_state())):
-                logits, _ = engine.forward(q_ids, start)
-                hits[name].append(answer_hits(logits, q_ids, [(a - split, b - split) for a, b in ex.answer_spans]))
-            asked.append(ex.fact_of_query)
-        rows.append({"distance": distance, "windows": distance / span, "queries": examples * n_facts,
-                     **recall_summary(torch.stack(hits["carried"]), torch.stack(hits["reset"]), torch.tensor(asked))})
+        spread = [rng.randint(*SEPARATE_FILLER) for _ in range(n_facts)] if mode == "separate" else []
+        drawn = [_example(rng, mode, n_facts, distance, filler_source, spread) for _ in range(examples)]
+        carried = read_requests(engine, [requests for _, requests in drawn], progress)
+        queries = [ex.text[sum(map(len, requests)):] for ex, requests in drawn]
+        q_ids = [torch.tensor(tok.encode(q)) for q in queries]
+        hits = {}
+        for name, starts in (("carried", carried), ("reset", [engine.new_state() for _ in drawn])):
+            out = engine.forward_batch(q_ids, starts)
+            hits[name] = torch.stack([
+                answer_hits(logits, ids, [(a - len(ex.text) + len(ids), b - len(ex.text) + len(ids))
+                                          for a, b in ex.answer_spans])
+                for (logits, _), ids, (ex, _) in zip(out, q_ids, drawn)])
+            if progress:
+                progress.advance(sum(map(len, q_ids)))
+        asked = torch.tensor([ex.fact_of_query for ex, _ in drawn])
+        row = {"filler": filler_source, "mode": mode, "distance": distance, "windows": distance / span,
+               "queries": examples * n_facts,
+               **recall_summary(hits["carried"], hits["reset"], asked)}
+        if mode == "separate":  # bytes from the first fact told to the first query
+            row["first_fact_distance"] = sum(ex.answer_spans[0][0] - 6 - FACT_BYTES for ex, _ in drawn) / examples
+        if mode == "updates":  # the queries of facts told again: the new value wins
+            row["updated_exact"] = row["carried_exact"]
+        rows.append(row)
     return rows
 
 
-def bits_per_byte(engine: Engine, windows: int = 8, length: int = 1024, seed: int = 0) -> float:
+def bits_per_byte(engine: Engine, windows: int = 8, length: int = 1024, seed: int = 0, kind: str = "code") -> float:
+    """On held-out text of a filler kind with text of its own: code (standard-library source) or prose."""
     rng = random.Random(seed)
     nats, n_bytes = 0.0, 0
     for _ in range(windows):
-        text = text_window(rng, length, split="heldout")
+        text = filler(rng, length, kind, split="heldout")
         ids = torch.tensor(engine.tokenizer.encode(text))
         logits, _ = engine.forward(ids, engine.new_state())
         nats += float(F.cross_entropy(logits[:-1].float(), ids[1:].to(logits.device), reduction="sum"))
@@ -136,34 +233,45 @@ def plot_training(metrics: str | Path | list[str | Path], path: str | Path) -> N
 
 
 def plot_recall(rows: list[dict], path: str | Path, title: str) -> None:
+    """Exact recall vs distance in bytes (log scale past the first window), one curve per filler kind: memory carried
+    (solid), memory reset (dashed)."""
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6, 4))
-    windows = [r["windows"] for r in rows]
-    ax.plot(windows, [r["carried_exact"] for r in rows], "o-", label="memory carried (through to_bytes)")
-    ax.plot(windows, [r["reset_exact"] for r in rows], "s--", label="memory reset")
-    ax.set_xlabel("distance from the facts to the queries (attention windows; memory chunks for lmm)")
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    kinds = list(dict.fromkeys(r["filler"] for r in rows))
+    for i, kind in enumerate(kinds):
+        mine = [r for r in rows if r["filler"] == kind]
+        x = [r["distance"] for r in mine]
+        ax.plot(x, [r["carried_exact"] for r in mine], "o-", color=f"C{i}", ms=3, label=f"{kind}: memory carried")
+        ax.plot(x, [r["reset_exact"] for r in mine], "--", color=f"C{i}", lw=0.8, alpha=0.7, label=f"{kind}: reset")
+    ax.set_xscale("symlog", linthresh=16)
+    ax.set_xlabel("filler between the facts and the queries (bytes)")
     ax.set_ylabel("exact recall (4 digits)")
     ax.set_ylim(-0.02, 1.02)
     ax.set_title(title)
-    ax.legend()
+    ax.legend(fontsize=7, ncol=2)
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
 
-def evaluate(engine: Engine, distances: list[int], n_facts: int, examples: int, filler_source: str,
-             bpb_windows: int, seed: int = 0) -> dict:
+def evaluate(engine: Engine, distances: list[int], n_facts: int, examples: int, filler_kinds: str | list[str],
+             bpb_windows: int, seed: int = 0, mode: str = "block", progress: Progress | None = None) -> dict:
+    """Recall rows for every filler kind and distance; bits per byte on held-out code and prose."""
+    kinds = [filler_kinds] if isinstance(filler_kinds, str) else list(filler_kinds)
+    rows = [row for kind in kinds
+            for row in recall_by_distance(engine, distances, n_facts, examples, kind, seed, mode, progress)]
     return {
         "fingerprint": engine.fingerprint, "config": engine.config.to_dict(), "n_facts": n_facts,
-        "filler": filler_source, "attention_span": engine.config.attention_span,
-        "recall": recall_by_distance(engine, distances, n_facts, examples, filler_source, seed),
+        "filler": kinds, "mode": mode, "examples": examples, "attention_span": engine.config.attention_span,
+        "recall": rows,
         "bits_per_byte": bits_per_byte(engine, bpb_windows, seed=seed) if bpb_windows else None,
+        "bits_per_byte_prose": bits_per_byte(engine, bpb_windows, seed=seed, kind="prose") if bpb_windows else None,
     }
 
 
 def write_report(result: dict, out: str | Path, plot: str | Path | None) -> None:
     Path(out).write_text(json.dumps(result, indent=2) + "\n")
     if plot:
-        plot_recall(result["recall"], plot, f"recall of {result['n_facts']} facts ({result['filler']} filler)")
-
+        what = {"block": "", "separate": ", each fact in its own request", "updates": ", every fact updated halfway"}
+        plot_recall(result["recall"], plot, f"recall of {result['n_facts']} facts{what[result['mode']]}")

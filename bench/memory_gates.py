@@ -1,0 +1,107 @@
+"""What limits the memory's horizon: the gates each memory head applies to facts and to filler.
+
+    .venv/bin/python bench/memory_gates.py                                  # the default model; ~1 min on one thread
+    .venv/bin/python bench/memory_gates.py --model DIR --examples 8 --distance 4096
+
+For each filler kind, held-out examples of 8 facts followed by `distance` bytes of filler are read in one go, and
+every memory layer's gates are recorded per token and head (DESIGN.md §2.3): the write strength theta (the inner
+learning rate, theta_max * sigmoid) and the forgetting alpha. Reported per layer and head:
+
+    theta facts / filler    mean theta on the facts' bytes and on the filler's: a memory that keeps facts writes
+                            them far harder than the text around them (filler written as hard interferes)
+    keep 64K                what is left of a write after 65,536 bytes of that filler, exp(sum log(1 - alpha)) at
+                            its mean log(1 - alpha): 1 keeps everything, 0 has forgotten
+    write mass 64K          theta summed over 65,536 bytes of filler over theta summed over the 8 facts: how much
+                            filler the memory has written for every unit of facts by then
+
+JSON to bench/results/memory_gates.json (--out).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from engine import Engine  # noqa: E402
+from engine.data import FACT_BYTES, FILLER_KINDS, recall_example  # noqa: E402
+from engine.model import NeuralMemory  # noqa: E402
+from engine.train import fresh_state  # noqa: E402
+
+HORIZON = 65536
+
+
+def recorded_gates(engine: Engine, texts: list[str]) -> list[torch.Tensor]:
+    """Per memory layer, log-gates [B, H, T, 3] (log theta gate, log eta, log(1 - alpha)) of the texts (equal
+    lengths), read in one forward."""
+    seen: list[list[torch.Tensor]] = []
+    plain = NeuralMemory.gates
+
+    def recording(memory, logits):
+        out = plain(memory, logits)
+        index = engine.model.memories().index(memory)
+        while len(seen) <= index:
+            seen.append([])
+        seen[index].append(out)
+        return out
+
+    ids = torch.tensor([engine.tokenizer.encode(t) for t in texts])
+    NeuralMemory.gates = recording
+    try:
+        with torch.inference_mode():
+            engine.model.forward_tokens(ids, fresh_state(engine.model, len(texts)), [0] * len(texts))
+    finally:
+        NeuralMemory.gates = plain
+    return [torch.cat(steps, 2) for steps in seen]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=str(ROOT / "models" / "titans-mal-recall"))
+    parser.add_argument("--examples", type=int, default=8)
+    parser.add_argument("--facts", type=int, default=8)
+    parser.add_argument("--distance", type=int, default=4096)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "memory_gates.json"))
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    engine = Engine.load(args.model, device="cpu")
+    theta_max = engine.config.theta_max
+    facts_end = args.facts * FACT_BYTES
+    result = {"model": args.model, "fingerprint": engine.fingerprint, "distance": args.distance, "kinds": {}}
+    print(f"{args.model}: {args.facts} facts, then {args.distance} bytes of held-out filler, {args.examples} examples")
+    print(f"{'filler':>6} {'layer':>5} {'head':>4} {'theta facts':>11} {'filler':>8} {'keep 64K':>9} "
+          f"{'write mass 64K':>15}")
+    for kind in FILLER_KINDS:
+        rng = random.Random(args.seed)
+        texts = []
+        for _ in range(args.examples):
+            ex = recall_example(rng, args.facts, args.distance, kind, "heldout")
+            texts.append(ex.text[:facts_end + args.distance - 1])  # facts and filler, the same length for all
+        rows = []
+        for layer, gates in enumerate(recorded_gates(engine, texts)):
+            theta = theta_max * gates[..., 0].exp()  # [B, H, T]
+            log_keep = gates[..., 2]
+            for head in range(theta.shape[1]):
+                on_facts = theta[:, head, :facts_end].mean().item()
+                on_filler = theta[:, head, facts_end:].mean().item()
+                keep = torch.exp(HORIZON * log_keep[:, head, facts_end:].mean()).item()
+                mass = on_filler * HORIZON / (on_facts * facts_end)
+                rows.append({"layer": layer, "head": head, "theta_facts": on_facts, "theta_filler": on_filler,
+                             "keep_64k": keep, "write_mass_64k": mass})
+                print(f"{kind:>6} {layer:>5} {head:>4} {on_facts:>11.4f} {on_filler:>8.4f} {keep:>9.3g} {mass:>15.3g}")
+        result["kinds"][kind] = rows
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
