@@ -13,7 +13,7 @@ Filler kinds, each split into train / held-out so that evaluation reads text tra
     code    the *.py files at the top level of this interpreter's standard library (Python Software Foundation
             License), split by a hash of the file name; "python" is its older name
     prose   the English help texts of the Python reference (pydoc_data/topics.py in the standard library, Python
-            Software Foundation License), split by a hash of the topic name
+            Software Foundation License), split by a hash of each paragraph
     logs    JSON log lines drawn from a small grammar; held-out lines use disjoint services, routes and messages
 """
 
@@ -84,14 +84,15 @@ def python_corpus(split: str = "train") -> str:
 
 @cache
 def prose_corpus(split: str = "train") -> str:
-    """The Python reference's help topics (English prose with some code), joined into one ASCII text."""
+    """The Python reference's help topics (English prose with some code) as one ASCII text. Topics repeat each other's
+    sections, so the split is by paragraph: a paragraph's hash puts it, and every copy of it, on one side."""
     from pydoc_data.topics import topics
 
     _check_split(split)
     want_held_out = split == "heldout"
-    parts = [text for name, text in sorted(topics.items())
-             if _in_hundredths(name, PROSE_HELD_OUT_PERCENT) == want_held_out]
-    return "\n".join(parts).encode("ascii", errors="ignore").decode()
+    paragraphs = dict.fromkeys(p.strip("\n") for text in topics.values() for p in text.split("\n\n"))
+    parts = [p for p in paragraphs if p.strip() and _in_hundredths(p, PROSE_HELD_OUT_PERCENT) == want_held_out]
+    return "\n\n".join(parts).encode("ascii", errors="ignore").decode()
 
 
 def text_window(rng: random.Random, length: int, split: str = "train") -> str:
