@@ -80,8 +80,8 @@ def _example(rng: random.Random, mode: str, n_facts: int, distance: int, kind: s
 class Progress:
     """A one-line progress bar with ETA on stderr (the work is counted in bytes read)."""
 
-    def __init__(self, total: int, out=sys.stderr, every_s: float = 1.0):
-        self.total, self.done, self.out, self.every_s = max(1, total), 0, out, every_s
+    def __init__(self, total: int, out=None, every_s: float = 1.0):
+        self.total, self.done, self.out, self.every_s = max(1, total), 0, out or sys.stderr, every_s
         self.start = self.shown = time.perf_counter()
         self.label = ""
 

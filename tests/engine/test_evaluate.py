@@ -72,3 +72,52 @@ def test_recall_breakdowns_add_up_to_the_totals():
         assert sum(places) / 4 == pytest.approx(row["carried_digit"])
         for breakdown in ("carried_exact_by_query_rank", "carried_exact_by_fact"):
             assert len(row[breakdown]) == 3 and sum(row[breakdown]) / 3 == pytest.approx(row["carried_exact"])
+
+
+@pytest.mark.parametrize("mode", ["block", "separate", "updates"])
+def test_batched_recall_equals_each_session_read_alone(mode, monkeypatch):
+    # recall_by_distance reads the examples of a distance as one batch, in pieces, with a snapshot round trip
+    # after every request: the hits must be those of each example read alone, in one call per request
+    import random
+
+    import engine.evaluate as evaluate
+
+    monkeypatch.setattr(evaluate, "PIECE", 48)  # several pieces per request
+    monkeypatch.setattr(evaluate, "SEPARATE_FILLER", (20, 70))
+    eng = Engine.from_config(tiny("mal"), seed=1, device="cpu")
+    rows = recall_by_distance(eng, [0, 100], n_facts=3, examples=3, filler_source="logs", seed=2, mode=mode)
+    for row in rows:
+        rng = random.Random(2 * 7919 + row["distance"])
+        spread = [rng.randint(20, 70) for _ in range(3)] if mode == "separate" else []
+        carried, reset, asked = [], [], []
+        for _ in range(3):
+            ex, requests = evaluate._example(rng, mode, 3, row["distance"], "logs", spread)
+            assert len(requests) == (3 + (row["distance"] > 0) if mode == "separate" else 1)
+            state = eng.new_state()
+            for request in requests:
+                state = eng.load_state(eng.forward(eng.tokenizer.encode(request), state)[1].to_bytes())
+            q = torch.tensor(eng.tokenizer.encode(ex.text[sum(map(len, requests)):]))
+            spans = [(a - len(ex.text) + len(q), b - len(ex.text) + len(q)) for a, b in ex.answer_spans]
+            carried.append(evaluate.answer_hits(eng.forward(q, state)[0], q, spans))
+            reset.append(evaluate.answer_hits(eng.forward(q, eng.new_state())[0], q, spans))
+            asked.append(ex.fact_of_query)
+        expected = recall_summary(torch.stack(carried), torch.stack(reset), torch.tensor(asked))
+        assert {k: row[k] for k in expected} == expected
+        assert row["mode"] == mode and row["filler"] == "logs"
+
+
+def test_eval_cli_over_filler_kinds_with_progress(tmp_path, capsys):
+    Engine.from_config(tiny("mal"), seed=0, device="cpu").save(tmp_path / "model")
+    out = tmp_path / "eval.json"
+    assert main(["eval", "--model", str(tmp_path / "model"), "--distances", "0,1K", "--facts", "2", "--examples",
+                 "2", "--filler", "all", "--updates", "--bpb-windows", "1", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["mode"] == "updates" and result["filler"] == ["words", "prose", "code", "logs"]
+    assert [(r["filler"], r["distance"]) for r in result["recall"]] == [
+        (kind, d) for kind in result["filler"] for d in (0, 1024)]
+    assert all("updated_exact" in r for r in result["recall"]) and result["bits_per_byte_prose"] > 4.0
+    printed = capsys.readouterr()
+    assert "ETA" in printed.err and "done:" in printed.err
+    assert "prose" in printed.out and "updates" in printed.out
+    with pytest.raises(SystemExit, match="unknown filler"):
+        main(["eval", "--model", str(tmp_path / "model"), "--filler", "poetry", "--out", str(out)])

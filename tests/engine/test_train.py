@@ -252,3 +252,49 @@ def test_compiled_training_step_matches_eager():
     for (name, a), b in zip(eager.named_parameters(), compiled.parameters()):
         error = float((b.grad - a.grad).norm() / a.grad.norm())  # per tensor, relative to its norm
         assert error < 1e-9, (name, error)
+
+
+def test_a_carried_prefix_changes_no_value_only_where_gradients_flow():
+    # truncated backprop: the prefix is read without gradients and its state carried on; the loss of the trained
+    # part is the loss a full forward gives there, to rounding, and only the trained part's ids are weighted
+    from engine.model import Titans
+    from engine.tokenizer import load_tokenizer
+    from engine.train import batch_loss, carried_bytes, make_batch
+
+    cfg = TrainConfig(model={"preset": "tiny-mal"}, batch_size=4, seq_len=40, recall_fraction=0.5, n_facts=2,
+                      filler=["words", "logs"], updates_share=0.5, carry_share=1.0, carry_bytes=[64, 64],
+                      carry_graded=24)
+    tok = load_tokenizer("byte", None)
+    rng = random.Random(5)
+    carried = carried_bytes(cfg, rng, 8)
+    assert carried == 64
+    ids, weights = make_batch(cfg, 0, rng, tok, 8, carried)
+    assert ids.shape[1] % 8 == 0 and ids.shape[1] > carried
+    assert float(weights[:, :carried].abs().sum()) == 0.0 and all(float(w[carried:].sum()) > 0 for w in weights)
+    for row in ids:  # a recall row's prefix has its facts and no query: every query is in the trained part
+        text = tok.decode(row.tolist()).rstrip("\0")
+        if text.startswith("#"):
+            assert text[:carried].count("#") in (2, 3, 4) and text[carried:].count("=") >= 2
+    torch.manual_seed(0)
+    model = Titans(cfg.model_config())
+    with torch.no_grad():
+        full = batch_loss(model, ids, torch.cat([torch.zeros(4, carried), weights[:, carried:]], 1))
+    loss = batch_loss(model, ids, weights, carried)
+    assert torch.allclose(loss, full, rtol=1e-5, atol=1e-6)
+    loss.backward()
+    assert all(p.grad is not None for n, p in model.named_parameters() if "init_weights" not in n)
+    assert carried_bytes(dataclasses.replace(cfg, carry_share=0.0), random.Random(5), 8) == 0
+
+
+def test_near_queries_and_updates_in_training_batches():
+    from engine.tokenizer import load_tokenizer
+    from engine.train import make_batch
+
+    tok = load_tokenizer("byte", None)
+    base = TrainConfig(model={"preset": "tiny-mal"}, batch_size=16, recall_fraction=1.0, n_facts=1,
+                       curriculum=[[0, 40, 40]])
+    near = make_batch(dataclasses.replace(base, near_share=1.0), 0, random.Random(1), tok)[0]
+    assert all(tok.decode(row[11:15].tolist()) == tok.decode(row[:4].tolist()) for row in near)  # queried at once
+    updated = make_batch(dataclasses.replace(base, updates_share=1.0), 0, random.Random(1), tok)[0]
+    texts = [tok.decode(row.tolist()).rstrip("\0") for row in updated]
+    assert all(t.count(t[:6]) == 3 and t[-5:-1] == t[t.rindex(t[:6], 0, len(t) - 11) + 6:][:4] for t in texts)
