@@ -198,9 +198,9 @@ def plot_training(metrics: str | Path | list[str | Path], path: str | Path) -> N
     """Loss (all tokens, answers weighted) and teacher-forced recall over training, from train.py's metrics.jsonl;
     several files are stages of one training (init_from), drawn one after the other."""
     rows, offset = [], 0
-    for stage in metrics if isinstance(metrics, list) else [metrics]:
+    for file, stage in enumerate(metrics if isinstance(metrics, list) else [metrics]):
         stage_rows = [json.loads(line) for line in Path(stage).read_text().splitlines() if line.strip()]
-        rows += [{**r, "step": r["step"] + offset} for r in stage_rows]
+        rows += [{**r, "step": r["step"] + offset, "file": file} for r in stage_rows]
         offset = rows[-1]["step"] + 1 if rows else offset
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 4))
@@ -217,10 +217,10 @@ def plot_training(metrics: str | Path | list[str | Path], path: str | Path) -> N
         right.set_ylim(-0.02, 1.02)
         right.legend(loc="upper right")
     stages, last = [], None
-    for r in rows:
-        if r["stage"] != last:
+    for r in rows:  # a new curriculum stage, or a new file (training stage) with the same curriculum
+        if (r["file"], r["stage"]) != last:
             stages.append((r["step"], r["stage"]))
-            last = r["stage"]
+            last = (r["file"], r["stage"])
     for step, (low, high, facts) in stages:
         facts = "-".join(map(str, facts)) if isinstance(facts, list) else facts  # [fewest, most] drawn per example
         ax.axvline(step, color="grey", lw=0.5, ls=":")
