@@ -53,6 +53,11 @@ class TrainConfig:
     # in this share of recall examples, 1..n_facts facts are told again with new values part-way through the
     # filler, and the queries answer the new values
     updates_share: float = 0.0
+    # in this share of recall examples, each fact is followed by filler of its own (facts told in separate
+    # requests): spread_bytes [fewest, most] after each in a short example; in a carried one, the prefix's filler is
+    # shared out between the facts at random
+    spread_share: float = 0.0
+    spread_bytes: list = field(default_factory=lambda: [0, 64])
     # long contexts by truncated backpropagation: in this share of steps, every row starts with a prefix of
     # carry_bytes [fewest, most] bytes (drawn log-uniformly, one length for the whole batch) read without
     # gradients, the memory state carried from it (detached) into the rest of the row, which is trained. A recall
@@ -180,8 +185,14 @@ def make_batch(cfg: TrainConfig, step: int, rng: random.Random, tokenizer, multi
             if not carried:  # drawn in this order since the first recipes: their data stay as they were
                 facts = draw_facts(n_facts, rng)
                 updates = _updates(cfg, facts, rng)
+            spread = None
+            if cfg.spread_share and rng.random() < cfg.spread_share:  # no draw when off
+                room = (distance - cfg.carry_graded) // facts if carried else None
+                spread = [rng.randint(0, room) if carried else rng.randint(*cfg.spread_bytes) for _ in range(facts)]
+                distance -= sum(spread) if carried else 0
             update_at = rng.randint(0, distance - cfg.carry_graded if carried else distance) if updates else 0
-            ex = recall_example(rng, facts, distance, cfg.filler, query_gap=gap, updates=updates, update_at=update_at)
+            ex = recall_example(rng, facts, distance, cfg.filler, query_gap=gap, updates=updates, update_at=update_at,
+                                spread=spread)
             seq = tokenizer.encode(ex.text)
             w = torch.ones(len(seq))
             for a, b in ex.answer_spans:

@@ -298,3 +298,23 @@ def test_near_queries_and_updates_in_training_batches():
     updated = make_batch(dataclasses.replace(base, updates_share=1.0), 0, random.Random(1), tok)[0]
     texts = [tok.decode(row.tolist()).rstrip("\0") for row in updated]
     assert all(t.count(t[:6]) == 3 and t[-5:-1] == t[t.rindex(t[:6], 0, len(t) - 11) + 6:][:4] for t in texts)
+
+
+def test_facts_told_apart_in_training_batches():
+    # spread_share: each fact followed by filler of its own; in a carried batch, inside the prefix (the queries
+    # stay in the trained part)
+    from engine.tokenizer import load_tokenizer
+    from engine.train import make_batch
+
+    tok = load_tokenizer("byte", None)
+    cfg = TrainConfig(model={"preset": "tiny-mal"}, batch_size=8, recall_fraction=1.0, n_facts=3, filler="logs",
+                      curriculum=[[0, 20, 20]], spread_share=1.0, spread_bytes=[30, 30], carry_graded=24)
+    short = [tok.decode(r.tolist()).rstrip("\0") for r in make_batch(cfg, 0, random.Random(3), tok)[0]]
+    assert all(t[0] == "#" and t[41] == "#" and t[82] == "#" and t[11:41].startswith('{"ts"') for t in short)
+    ids, weights = make_batch(cfg, 0, random.Random(3), tok, 8, 512)
+    for row in ids:
+        text = tok.decode(row.tolist()).rstrip("\0")
+        starts = [i for i in range(len(text)) if text.startswith("#", i)]
+        assert len(starts) == 6 and starts[2] < 512 <= starts[3]  # 3 facts in the prefix, 3 queries after it
+        assert starts[1] - starts[0] >= 11 and starts[3] - starts[2] >= 11 + 24
+    assert make_batch(dataclasses.replace(cfg, spread_share=0.0), 0, random.Random(3), tok)[0].shape[1] < 128
