@@ -72,7 +72,7 @@ def _example(rng: random.Random, mode: str, n_facts: int, distance: int, kind: s
         ex = recall_example(rng, n_facts, distance, kind, "heldout", updates=n_facts, update_at=distance // 2)
     else:
         ex = recall_example(rng, n_facts, distance, kind, "heldout")
-    queries_start = ex.answer_spans[0][0] - FACT_BYTES + 5  # back to the first query's "#"
+    queries_start = ex.answer_spans[0][0] - len("#abcd=")  # where the first query begins
     bounds = [0] + ex.requests + ([queries_start] if not ex.requests or ex.requests[-1] < queries_start else [])
     return ex, [ex.text[a:b] for a, b in zip(bounds, bounds[1:]) if b > a]
 
@@ -166,7 +166,7 @@ def recall_by_distance(engine: Engine, distances: list[int], n_facts: int = 8, e
                **recall_summary(hits["carried"], hits["reset"], asked)}
         if mode == "separate":  # bytes from the first fact told to the first query
             row["first_fact_distance"] = sum(ex.answer_spans[0][0] - 6 - FACT_BYTES for ex, _ in drawn) / examples
-        if mode == "updates":  # the queries of facts told again: the new value wins
+        if mode == "updates":  # every fact was told again: its exact recall is how often the new value wins
             row["updated_exact"] = row["carried_exact"]
         rows.append(row)
     return rows
