@@ -71,7 +71,6 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "memory_gates.json"))
     args = parser.parse_args()
-    torch.manual_seed(0)
     engine = Engine.load(args.model, device="cpu")
     theta_max = engine.config.theta_max
     facts_end = args.facts * FACT_BYTES

@@ -88,7 +88,7 @@ def cmd_eval(args) -> int:
     print(f"{'distance':>9} {'windows':>8} " + " ".join(f"{kind:>13}" for kind in kinds))
     for distance in distances:
         cells = {r["filler"]: r for r in result["recall"] if r["distance"] == distance}
-        print(f"{distance:>9} {distance / (eng.config.attention_span or eng.config.chunk_size):>8.1f} " + " ".join(
+        print(f"{distance:>9} {cells[kinds[0]]['windows']:>8.1f} " + " ".join(
             f"{cells[k]['carried_exact']:>6.3f}/{cells[k]['reset_exact']:<6.3f}" for k in kinds))
     if result["bits_per_byte"] is not None:
         print(f"bits per byte, held-out code: {result['bits_per_byte']:.3f}, "

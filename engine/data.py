@@ -42,6 +42,11 @@ class RecallExample:
     updated: list[bool] = field(default_factory=list)  # per query: its fact was told again with a new value
     requests: list[int] = field(default_factory=list)  # with spread: where each fact's request ends (offsets)
 
+    @property
+    def queries_start(self) -> int:
+        """Where the first query ("#abcd=") begins."""
+        return self.answer_spans[0][0] - len("#abcd=")
+
 
 def fact_key(rng: random.Random) -> str:
     return "".join(rng.choice(string.ascii_lowercase) for _ in range(4))

@@ -72,8 +72,8 @@ def _example(rng: random.Random, mode: str, n_facts: int, distance: int, kind: s
         ex = recall_example(rng, n_facts, distance, kind, "heldout", updates=n_facts, update_at=distance // 2)
     else:
         ex = recall_example(rng, n_facts, distance, kind, "heldout")
-    queries_start = ex.answer_spans[0][0] - len("#abcd=")  # where the first query begins
-    bounds = [0] + ex.requests + ([queries_start] if not ex.requests or ex.requests[-1] < queries_start else [])
+    start = ex.queries_start
+    bounds = [0] + ex.requests + ([start] if not ex.requests or ex.requests[-1] < start else [])
     return ex, [ex.text[a:b] for a, b in zip(bounds, bounds[1:]) if b > a]
 
 
@@ -85,9 +85,8 @@ class Progress:
         self.start = self.shown = time.perf_counter()
         self.label = ""
 
-    def advance(self, n: int, label: str | None = None) -> None:
+    def advance(self, n: int) -> None:
         self.done += n
-        self.label = label if label is not None else self.label
         now = time.perf_counter()
         if now - self.shown >= self.every_s or self.done >= self.total:
             self.shown = now
@@ -149,14 +148,12 @@ def recall_by_distance(engine: Engine, distances: list[int], n_facts: int = 8, e
         spread = [rng.randint(*SEPARATE_FILLER) for _ in range(n_facts)] if mode == "separate" else []
         drawn = [_example(rng, mode, n_facts, distance, filler_source, spread) for _ in range(examples)]
         carried = read_requests(engine, [requests for _, requests in drawn], progress)
-        queries = [ex.text[sum(map(len, requests)):] for ex, requests in drawn]
-        q_ids = [torch.tensor(tok.encode(q)) for q in queries]
+        q_ids = [torch.tensor(tok.encode(ex.text[ex.queries_start:])) for ex, _ in drawn]
         hits = {}
         for name, starts in (("carried", carried), ("reset", [engine.new_state() for _ in drawn])):
             out = engine.forward_batch(q_ids, starts)
             hits[name] = torch.stack([
-                answer_hits(logits, ids, [(a - len(ex.text) + len(ids), b - len(ex.text) + len(ids))
-                                          for a, b in ex.answer_spans])
+                answer_hits(logits, ids, [(a - ex.queries_start, b - ex.queries_start) for a, b in ex.answer_spans])
                 for (logits, _), ids, (ex, _) in zip(out, q_ids, drawn)])
             if progress:
                 progress.advance(sum(map(len, q_ids)))
@@ -165,7 +162,7 @@ def recall_by_distance(engine: Engine, distances: list[int], n_facts: int = 8, e
                "queries": examples * n_facts,
                **recall_summary(hits["carried"], hits["reset"], asked)}
         if mode == "separate":  # bytes from the first fact told to the first query
-            row["first_fact_distance"] = sum(ex.answer_spans[0][0] - 6 - FACT_BYTES for ex, _ in drawn) / examples
+            row["first_fact_distance"] = sum(ex.queries_start - FACT_BYTES for ex, _ in drawn) / examples
         if mode == "updates":  # every fact was told again: its exact recall is how often the new value wins
             row["updated_exact"] = row["carried_exact"]
         rows.append(row)

@@ -187,9 +187,12 @@ def make_batch(cfg: TrainConfig, step: int, rng: random.Random, tokenizer, multi
                 updates = _updates(cfg, facts, rng)
             spread = None
             if cfg.spread_share and rng.random() < cfg.spread_share:  # no draw when off
-                room = (distance - cfg.carry_graded) // facts if carried else None
-                spread = [rng.randint(0, room) if carried else rng.randint(*cfg.spread_bytes) for _ in range(facts)]
-                distance -= sum(spread) if carried else 0
+                if carried:  # the prefix's filler, shared out between the facts
+                    room = (distance - cfg.carry_graded) // facts
+                    spread = [rng.randint(0, room) for _ in range(facts)]
+                    distance -= sum(spread)
+                else:
+                    spread = [rng.randint(*cfg.spread_bytes) for _ in range(facts)]
             update_at = rng.randint(0, distance - cfg.carry_graded if carried else distance) if updates else 0
             ex = recall_example(rng, facts, distance, cfg.filler, query_gap=gap, updates=updates, update_at=update_at,
                                 spread=spread)
