@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import math
 import types
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -386,6 +387,7 @@ class NeuralMemory(nn.Module):
         self.register_buffer("gate_signs", torch.tensor(_GATE_SIGNS).repeat_interleave(self.heads), persistent=False)
         self.compiled_chunk_step = None  # read_and_update through torch.compile, set by Titans.compile_steps
         self.compiled_training_step = None  # the same, differentiated through: set by Titans.compile_training_steps
+        self.seen_gates: list[Tensor] | None = None  # log-gates of each gates() call while Titans.watching_gates
 
     def gate_bias(self) -> Tensor:
         """Initial bias of the 3H gate logits: small theta, eta ~ 0.9, alpha ~ 0 (DESIGN §2.3)."""
@@ -423,7 +425,10 @@ class NeuralMemory(nn.Module):
     def gates(self, logits: Tensor) -> Tensor:
         """Gate logits [B, R, 3H] (theta, eta, alpha) -> log-gates [B, H, R, 3] for the chunk buffer."""
         B, R, _ = logits.shape
-        return F.logsigmoid(logits.to(self.dtype) * self.gate_signs).view(B, R, 3, self.heads).permute(0, 3, 1, 2)
+        log_gates = F.logsigmoid(logits.to(self.dtype) * self.gate_signs).view(B, R, 3, self.heads).permute(0, 3, 1, 2)
+        if self.seen_gates is not None:
+            self.seen_gates.append(log_gates)
+        return log_gates
 
     def theta(self, log_sigmoid_theta: Tensor) -> Tensor:
         """Inner learning rate theta_max * sigmoid(z_theta), from the log-gate the chunk buffer keeps."""
@@ -939,6 +944,19 @@ class Titans(nn.Module):
 
     def memories(self) -> list[NeuralMemory]:
         return [m for m in self.modules() if isinstance(m, NeuralMemory)]
+
+    @contextmanager
+    def watching_gates(self):
+        """Yields one list per memory (layer order) that collects the log-gates [B, H, R, 3] of every call made
+        inside the block, with their gradients: what training prices (train.write_price)."""
+        memories = self.memories()
+        for memory in memories:
+            memory.seen_gates = []
+        try:
+            yield [memory.seen_gates for memory in memories]
+        finally:
+            for memory in memories:
+                memory.seen_gates = None
 
     def compile_decode_ahead_of_time(self, state: ModelState, directory: str) -> None:
         """The one-session decode step that ends no memory chunk (all but one step in chunk_size), exported with

@@ -67,6 +67,12 @@ class TrainConfig:
     carry_share: float = 0.0
     carry_bytes: list = field(default_factory=lambda: [512, 4096])
     carry_graded: int = 128
+    # an unlabeled price on lasting writes: loss += write_price * write_cost (below), so the gates learn to write
+    # where the loss pays for it. A head writes on every token it reads, and filler that the memory keeps for 64 KB
+    # drowns the facts written before it (models/titans-mal-recall/README.md, "What limits the horizon"); a
+    # carried prefix is read without gradients, so only this price reaches the gates with the whole distance's
+    # weight.
+    write_price: float = 0.0
     # stages [from_step, min_distance, max_distance] or [..., n_facts]: facts that must cross the memory are
     # learned one fact first (8 facts from scratch stayed at chance; 1 -> 4 facts climbs), so stages may raise both.
     # n_facts may be [fewest, most], drawn per example: a stage of 8 facts at 16+ bytes never puts a fact in the
@@ -224,11 +230,30 @@ def fresh_state(model: Titans, sessions: int):
 
 
 CARRY_PIECE = 2048  # prefix ids read per call: the logits a call returns ([B, piece, V]) stay small
+WRITE_HORIZON = 65536  # tokens a write must last to be priced in full: the distance the memory keeps facts across
 
 
-def batch_loss(model: Titans, ids: torch.Tensor, weights: torch.Tensor, carried: int = 0) -> torch.Tensor:
+def write_cost(model: Titans, log_gates: list[list[torch.Tensor]], mask: torch.Tensor) -> torch.Tensor:
+    """Mean over memories and heads of the inner learning rate theta on the tokens of mask [B, R], each head's
+    weighted by the share of a write it still holds WRITE_HORIZON tokens later, exp(horizon * mean log(1 - alpha)),
+    taken without gradient: a head that forgets within the horizon writes for free (a short-term memory serving
+    language modelling), one that keeps everything pays for every write. log_gates: Titans.watching_gates' lists."""
+    mask = mask.to(torch.float32)[:, None, :]  # [B, 1, R]
+    real = mask.sum()
+    costs = []
+    for memory, calls in zip(model.memories(), log_gates, strict=True):
+        log_theta, _, log_keep = torch.cat(calls, dim=2).float().unbind(-1)  # [B, H, R] each
+        theta = (memory.theta(log_theta) * mask).sum((0, 2)) / real
+        kept = torch.exp(WRITE_HORIZON * (log_keep * mask).sum((0, 2)) / real).detach()
+        costs.append(kept * theta)
+    return torch.cat(costs).mean()
+
+
+def batch_loss(model: Titans, ids: torch.Tensor, weights: torch.Tensor, carried: int = 0,
+               write_price: float = 0.0, parts: dict | None = None) -> torch.Tensor:
     """Weighted mean next-token loss of a batch from make_batch, every sequence from a fresh state; with carried,
-    the first `carried` ids are read without gradients and the state they leave goes on, detached."""
+    the first `carried` ids are read without gradients and the state they leave goes on, detached. With
+    write_price, plus that times write_cost over the trained tokens. parts, when given, receives both terms."""
     B = ids.shape[0]
     state = fresh_state(model, B)
     if carried:
@@ -236,11 +261,22 @@ def batch_loss(model: Titans, ids: torch.Tensor, weights: torch.Tensor, carried:
             for start in range(0, carried, CARRY_PIECE):
                 _, state, _ = model.forward_tokens(ids[:, start:min(carried, start + CARRY_PIECE)], state, [start] * B)
         ids, weights = ids[:, carried:], weights[:, carried:]
-    logits, _, _ = model.forward_tokens(ids, state, [carried] * B)
+    with model.watching_gates() as log_gates:
+        logits, _, _ = model.forward_tokens(ids, state, [carried] * B)
     logits = torch.stack(logits)[:, :-1]  # [B, T - 1, V]
     nll = F.cross_entropy(logits.flatten(0, 1).float(), ids[:, 1:].flatten().to(logits.device), reduction="none")
     weights = weights.to(logits.device)
-    return (nll * weights.flatten()).sum() / weights.sum()
+    loss = (nll * weights.flatten()).sum() / weights.sum()
+    if parts is not None:
+        parts["nll"] = float(loss.detach())
+    if write_price or parts is not None:
+        real = torch.cat([torch.ones_like(weights[:, :1], dtype=torch.bool), weights > 0], 1)  # [B, T]: targets
+        cost = write_cost(model, log_gates, real)
+        if parts is not None:
+            parts["write_cost"] = float(cost.detach())
+        if write_price:
+            loss = loss + write_price * cost
+    return loss
 
 
 @torch.no_grad()
@@ -365,12 +401,13 @@ def _train(cfg: TrainConfig, resume: bool, log) -> dict:
                 progress.recall = None  # the next stage is judged by its own evals
         at = step - progress.held  # the curriculum's step
         rng = random.Random(cfg.seed * 1_000_003 + step)  # the batch of a step does not depend on resumes
+        parts = {} if cfg.write_price else None
         carried = carried_bytes(cfg, rng, model.cfg.chunk_size)
         ids, weights = make_batch(cfg, at, rng, tokenizer, model.cfg.chunk_size, carried)
         for group in optimizer.param_groups:
             group["lr"] = lr_at(cfg, step)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16 and device.type == "cuda"):
-            loss = batch_loss(model, ids.to(device), weights, carried)
+            loss = batch_loss(model, ids.to(device), weights, carried, cfg.write_price, parts)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip))
@@ -386,6 +423,8 @@ def _train(cfg: TrainConfig, resume: bool, log) -> dict:
                     "stage": list(cfg.stage(at))}
             if cfg.carry_share:
                 last["carried"] = carried
+            if cfg.write_price:
+                last.update(parts)
             if cfg.advance_at:
                 last["held"] = progress.held
             if cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.steps - 1):

@@ -318,3 +318,48 @@ def test_facts_told_apart_in_training_batches():
         assert len(starts) == 6 and starts[2] < 512 <= starts[3]  # 3 facts in the prefix, 3 queries after it
         assert starts[1] - starts[0] >= 11 and starts[3] - starts[2] >= 11 + 24
     assert make_batch(dataclasses.replace(cfg, spread_share=0.0), 0, random.Random(3), tok)[0].shape[1] < 128
+
+
+def test_write_cost_prices_theta_by_how_long_a_head_keeps_its_writes():
+    from engine.model import Titans
+    from engine.train import WRITE_HORIZON, write_cost
+
+    model = Titans(TrainConfig(model={"preset": "tiny-mal"}).model_config())
+    memories = model.memories()
+    heads = memories[0].heads
+    theta = torch.full((2, heads, 6), 0.1)
+    keep = torch.ones(2, heads, 6)
+    keep[:, 0] = 0.99  # head 0 forgets: 0.99 ** 65536 of a write is left
+    log_gates = [[torch.stack([theta.log(), torch.zeros_like(theta), keep.log()], -1)] for _ in memories]
+    mask = torch.ones(2, 6, dtype=torch.bool)
+    mask[1, 3:] = False  # padding: neither priced nor counted
+    expected = 0.1 * memories[0].cfg.theta_max * (heads - 1 + 0.99 ** WRITE_HORIZON) / heads
+    assert abs(float(write_cost(model, log_gates, mask)) - expected) < 1e-6
+    log_gates[0][0][1, :, 3:, 0] = 0.0  # theta 1 on padding changes nothing
+    assert abs(float(write_cost(model, log_gates, mask)) - expected) < 1e-6
+
+
+def test_a_write_price_adds_its_cost_and_lowers_theta():
+    from engine.model import Titans
+    from engine.tokenizer import load_tokenizer
+    from engine.train import batch_loss, make_batch
+
+    # alpha ~ 1e-6: heads that keep ~94% of a write for WRITE_HORIZON tokens (a fresh model's forget them)
+    cfg = TrainConfig(model={"preset": "tiny-mal", "alpha_bias_init": -14.0}, batch_size=4, seq_len=48,
+                      recall_fraction=0.5, n_facts=2, curriculum=[[0, 16, 32]])
+    ids, weights = make_batch(cfg, 0, random.Random(3), load_tokenizer("byte", None))
+    torch.manual_seed(0)
+    model = Titans(cfg.model_config())
+    parts = {}
+    plain = batch_loss(model, ids, weights, parts=parts)
+    assert float(plain) == parts["nll"] and parts["write_cost"] > 0
+    priced = batch_loss(model, ids, weights, write_price=3.0)
+    assert abs(float(priced) - (parts["nll"] + 3.0 * parts["write_cost"])) < 1e-5
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    for _ in range(3):  # the price's gradient reaches the gates that write
+        optimizer.zero_grad()
+        batch_loss(model, ids, weights, write_price=100.0).backward()
+        optimizer.step()
+    after = {}
+    batch_loss(model, ids, weights, parts=after)
+    assert after["write_cost"] < 0.9 * parts["write_cost"]
