@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import struct
 import time
 from dataclasses import dataclass, field
@@ -19,7 +20,17 @@ from safetensors.torch import load as st_load
 from torch import Tensor
 
 FORMAT_VERSION = "1"
-MAX_HEADER_BYTES = 1 << 20
+# A snapshot is untrusted input (anyone can re-sign one: the checksum has no key), so every field is bounded.
+# tokens_seen: positions stay far inside int64 whatever a session reads next (2**48 tokens: ~9,000 years at a
+# million tokens a second).
+MAX_TOKENS_SEEN = 1 << 48
+# |x| of every float in an imported state: a model's own states hold tens after 50 KB of text, and a state that
+# holds this everywhere, of one sign, still steps to finite values (tests/engine/test_state.py); near float32's
+# limit (3e38) the memory's products overflow. Checked on import only: a session's own state is never refused.
+MAX_STATE_MAGNITUDE = 1e4
+# the header: a few hundred bytes per tensor entry and the metadata below, nothing else
+HEADER_BYTES_PER_TENSOR = 512
+MAX_METADATA_VALUE = 128
 # safetensors' names of the dtypes a state may hold
 DTYPE_NAMES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
                torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
@@ -92,11 +103,14 @@ def _checksum(meta: dict, data: bytes) -> str:
     return h.hexdigest()
 
 
-def _split(blob: bytes) -> tuple[dict, memoryview]:
+def _split(blob: bytes, max_header: int) -> tuple[dict, memoryview]:
     if len(blob) < 8:
         raise SnapshotError("snapshot is truncated (shorter than its 8-byte header length)")
     (header_len,) = struct.unpack("<Q", blob[:8])
-    if header_len > MAX_HEADER_BYTES or 8 + header_len > len(blob):
+    if header_len > max_header:
+        raise SnapshotError(f"snapshot header is {header_len} bytes, more than this model's states need "
+                            f"({max_header})")
+    if 8 + header_len > len(blob):
         raise SnapshotError("snapshot header length is invalid (truncated or not a snapshot)")
     try:
         header = json.loads(blob[8 : 8 + header_len])
@@ -107,25 +121,29 @@ def _split(blob: bytes) -> tuple[dict, memoryview]:
     return header, memoryview(blob)[8 + header_len :]
 
 
-def _all_finite(tensors: list[Tensor]) -> bool:
-    """Whether no element is NaN or infinite, in one reduction: a float64 sum of half- or single-precision
-    values cannot overflow (|x| < 3.5e38, far fewer than 1e269 elements), and a NaN or an infinity makes it
-    non-finite. One reduction instead of two small ops per tensor, which were the largest part of loading a small
+def _largest_magnitude(tensors: list[Tensor]) -> float:
+    """max |x| over the tensors' elements, in one reduction over their concatenation (NaN if any element is NaN,
+    which max propagates): one op instead of two per tensor, which were the largest part of loading a small
     model's snapshot."""
-    if any(t.dtype == torch.float64 for t in tensors):  # a float64 sum of float64 values can overflow
-        return all(bool(torch.isfinite(t).all()) for t in tensors)
-    return not tensors or bool(torch.isfinite(torch.cat([t.reshape(-1) for t in tensors]).sum(dtype=torch.float64)))
+    if not tensors:
+        return 0.0
+    return float(torch.cat([t.reshape(-1).float() for t in tensors]).abs().max())
 
 
-def read_snapshot(blob: bytes, fingerprint: str, template: dict[str, Tensor]) -> SessionState:
-    """Parse and verify a snapshot against this model's fingerprint and state layout."""
+def read_snapshot(blob: bytes, fingerprint: str, template: dict[str, Tensor], untrusted: bool = False) -> SessionState:
+    """Parse and verify a snapshot against this model's fingerprint and state layout; an untrusted one (an
+    import) also has its values bounded by MAX_STATE_MAGNITUDE."""
     if not isinstance(blob, (bytes, bytearray, memoryview)):
         raise SnapshotError(f"a snapshot must be bytes, got {type(blob).__name__}")
     blob = bytes(blob)
-    header, data = _split(blob)
+    header, data = _split(blob, HEADER_BYTES_PER_TENSOR * (len(template) + 1))
     meta = header.get("__metadata__")
     if not isinstance(meta, dict):
         raise SnapshotError("snapshot has no metadata: not a Titans session snapshot")
+    if set(meta) != {*_CHECKED, "content_sha256"}:
+        raise SnapshotError(f"snapshot metadata holds {sorted(meta)[:8]}, expected {[*_CHECKED, 'content_sha256']}")
+    if not all(isinstance(v, str) and len(v) <= MAX_METADATA_VALUE for v in meta.values()):
+        raise SnapshotError(f"snapshot metadata values must be strings of at most {MAX_METADATA_VALUE} characters")
     version = meta.get("format_version")
     if version != FORMAT_VERSION:
         raise SnapshotError(f"snapshot format_version {version!r} is not supported (expected {FORMAT_VERSION})")
@@ -139,8 +157,10 @@ def read_snapshot(blob: bytes, fingerprint: str, template: dict[str, Tensor]) ->
         created_at = float(meta["created_at"])
     except (KeyError, ValueError):
         raise SnapshotError("snapshot metadata tokens_seen/created_at missing or malformed") from None
-    if tokens_seen < 0:
-        raise SnapshotError(f"snapshot tokens_seen {tokens_seen} is negative")
+    if not 0 <= tokens_seen <= MAX_TOKENS_SEEN:
+        raise SnapshotError(f"snapshot tokens_seen {tokens_seen} is outside [0, {MAX_TOKENS_SEEN}]")
+    if not math.isfinite(created_at):
+        raise SnapshotError(f"snapshot created_at {created_at} is not a finite time")
     try:
         tensors = st_load(blob)
     except Exception as e:  # safetensors raises its own error types for malformed files
@@ -153,8 +173,12 @@ def read_snapshot(blob: bytes, fingerprint: str, template: dict[str, Tensor]) ->
         if t.shape != ref.shape or t.dtype != ref.dtype:
             raise SnapshotError(f"snapshot tensor {name} is {tuple(t.shape)} {t.dtype}, "
                                 f"expected {tuple(ref.shape)} {ref.dtype}")
-    if not _all_finite([t for t in tensors.values() if t.is_floating_point()]):
-        bad = next(k for k, t in sorted(tensors.items()) if t.is_floating_point() and not torch.isfinite(t).all())
-        raise SnapshotError(f"snapshot tensor {bad} holds non-finite values")
+    floats = {k: t for k, t in sorted(tensors.items()) if t.is_floating_point() and t.numel()}
+    bound = MAX_STATE_MAGNITUDE if untrusted else torch.finfo(torch.float64).max
+    if not _largest_magnitude(list(floats.values())) <= bound:  # NaN and infinities too
+        bad, worst = next((k, m) for k, m in ((k, _largest_magnitude([t])) for k, t in floats.items())
+                          if not m <= bound)
+        what = "non-finite values" if not math.isfinite(worst) else f"values beyond {bound:g}"
+        raise SnapshotError(f"snapshot tensor {bad} holds {what}, which no model state reaches")
     tensors = {k: v.to(template[k].device) for k, v in tensors.items()}
     return SessionState(tensors, tokens_seen, fingerprint, created_at)

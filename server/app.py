@@ -18,7 +18,7 @@ from server.metrics import Metrics
 from server.routers import generation, health, models, sessions
 from server.runtime import Runtime
 from server.settings import Settings
-from server.store import StoreLimits, StoreOptions, open_store
+from server.store import StoreLimits, StoreOptions, open_store, redact_url
 
 log = logging.getLogger("titans.server")
 
@@ -90,7 +90,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         keys = "no API keys: the server is open, one tenant" if not app.state.tenants_by_key else \
             f"{len(app.state.tenants_by_key)} API key(s)"
         log.info("serving %s (%s, fingerprint %s) with store %s; %s", rt.model_name, rt.model.config.variant,
-                 rt.model.fingerprint, settings.store, keys)
+                 rt.model.fingerprint, redact_url(settings.store), keys)
         try:
             yield
         finally:

@@ -394,9 +394,10 @@ class ModelInfo:
     def new_state(self) -> SessionState:
         return SessionState.fresh(self.template, self.fingerprint)
 
-    def load_state(self, blob: bytes) -> SessionState:
-        """Raises SnapshotError for a corrupted snapshot or one made by another model."""
-        return read_snapshot(blob, self.fingerprint, self.template)
+    def load_state(self, blob: bytes, untrusted: bool = False) -> SessionState:
+        """Raises SnapshotError for a corrupted snapshot, one made by another model, or (untrusted: an import)
+        one out of a model state's bounds."""
+        return read_snapshot(blob, self.fingerprint, self.template, untrusted)
 
 
 @dataclass(eq=False)

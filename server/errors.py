@@ -34,6 +34,9 @@ def error_body(status: int, message: str, code: str | None = None, param: str | 
 def as_api_error(exc: BaseException) -> APIError:
     if isinstance(exc, APIError):
         return exc
+    if isinstance(exc, StoreUnavailable):
+        log.warning("store unavailable (%s): %s", exc.reason, exc.detail)
+        return APIError(exc.status, str(exc), exc.code, headers={"Retry-After": str(exc.retry_after_s)})
     if isinstance(exc, StoreError):
         return APIError(exc.status, str(exc), exc.code)
     if isinstance(exc, SnapshotError):

@@ -83,8 +83,9 @@ class Runtime:
             return self.model.tokenizer.encode(text)
         return await asyncio.to_thread(self.model.tokenizer.encode, text)
 
-    async def from_bytes(self, blob: bytes) -> SessionState:
-        return await asyncio.to_thread(self.model.load_state, blob)
+    async def import_bytes(self, blob: bytes) -> SessionState:
+        """A snapshot from outside (SnapshotError when it is damaged, foreign or out of bounds)."""
+        return await asyncio.to_thread(self.model.load_state, blob, True)
 
     @contextlib.asynccontextmanager
     async def leased(self, tenant: str, session_id: str, load: bool = False):

@@ -224,8 +224,7 @@ class Scheduler:
             seq = self.waiting.popleft()
             self.queue_waits.append(now - seq.received_at)
             try:
-                snapshot = seq.sub.snapshot
-                state = self.engine.new_state() if snapshot is None else self.engine.load_state(snapshot)
+                state = self._state_it_came_with(seq)
                 seq.stops = StopStrings(self.engine, seq.params.stop)
                 if seq.params.seed is not None:
                     seq.generator = torch.Generator(device=self.engine.device).manual_seed(seq.params.seed)
@@ -255,10 +254,8 @@ class Scheduler:
         want_surprise = any(seq.sub.want_surprise for seq in group.seqs)
         try:
             out = group.batch.forward(inputs, return_surprise=want_surprise)
-        except Exception as e:  # the batch is poisoned: fail its requests (their sessions are untouched)
-            self._fail(group.seqs, e)
-            group.seqs, group.batch = [], None
-            return
+        except Exception:  # the batch is half-written: each session again, alone, and only the culprits fail
+            out = self._step_alone(group, inputs, want_surprise)
         leaving, moving = [], []
         picks = self._greedy_picks(group.seqs, out)
         for i, (seq, (logits, surprise)) in enumerate(zip(group.seqs, out)):
@@ -278,6 +275,36 @@ class Scheduler:
             except Exception as e:  # e.g. out of memory growing the decode batch: these requests fail, it goes on
                 self._fail(seqs, e)
         group.remove(leaving + moving)
+
+    def _state_it_came_with(self, seq: Sequence) -> SessionState:
+        snapshot = seq.sub.snapshot
+        return self.engine.new_state() if snapshot is None else self.engine.load_state(snapshot)
+
+    def _step_alone(self, group: Group, inputs: list[list[int]], want_surprise: bool) -> list[tuple]:
+        """After a batch step raised: every session of the group rebuilt from the snapshot it came with by reading
+        again what it has read (recomputation: nothing is copied on the steps that succeed), then this step's
+        inputs, alone. A session whose step fails alone gets the error; the others form the group's new batch,
+        and their outputs of this step are returned in its order."""
+        seqs, states, outputs = [], [], []
+        for seq, step_ids in zip(group.seqs, inputs):
+            try:
+                alone = self.engine.batch([self._state_it_came_with(seq)])
+                history = (seq.prompt_ids[:seq.read] + seq.generated)[:-len(step_ids)]
+                for start in range(0, len(history), self.prefill_chunk):
+                    alone.forward([history[start:start + self.prefill_chunk]])
+                outputs += alone.forward([step_ids], return_surprise=want_surprise)
+            except Exception as e:
+                self._send(seq, ErrorEvent(e))
+                continue
+            seqs.append(seq)
+            states.append(alone.state(0))
+        group.seqs, group.batch = [], None
+        try:
+            group.add(seqs, states)
+        except Exception as e:  # e.g. out of memory rebuilding the batch
+            self._fail(seqs, e)
+            return []
+        return outputs
 
     @staticmethod
     def _greedy_picks(seqs: list[Sequence], out: list[tuple]) -> dict[int, int]:

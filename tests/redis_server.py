@@ -16,18 +16,21 @@ def free_port() -> int:
 
 
 class RedisServer:
-    def __init__(self, directory: Path, appendonly: bool = False):
+    def __init__(self, directory: Path, appendonly: bool = False, password: str | None = None,
+                 options: tuple[str, ...] = ()):
+        """options: more redis-server arguments, e.g. ("--maxmemory", "4mb")."""
         binary = shutil.which("redis-server")
         if binary is None:
             raise RuntimeError("redis-server is not installed (bin/test installs it with apt-get)")
         self.binary, self.directory, self.appendonly = binary, Path(directory), appendonly
+        self.password, self.options = password, options
         self.directory.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
         self.process: subprocess.Popen | None = None
 
     @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
+        return f"redis://{f':{self.password}@' if self.password else ''}127.0.0.1:{self.port}/0"
 
     def start(self) -> RedisServer:
         args = [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.directory),
@@ -36,13 +39,16 @@ class RedisServer:
             args += ["--appendonly", "yes", "--appendfsync", "always"]
         else:
             args += ["--appendonly", "no"]
+        if self.password:
+            args += ["--requirepass", self.password]
+        args += list(self.options)
         self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
             try:
                 with socket.create_connection(("127.0.0.1", self.port), timeout=0.2) as s:
-                    s.sendall(b"PING\r\n")
-                    if s.recv(16).startswith(b"+PONG"):
+                    s.sendall((f"AUTH {self.password}\r\n" if self.password else "").encode() + b"PING\r\n")
+                    if s.recv(32).endswith(b"+PONG\r\n"):
                         return self
             except OSError:
                 pass

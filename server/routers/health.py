@@ -28,7 +28,8 @@ async def ready(request: Request):
     try:
         await rt.store.ping()
     except StoreUnavailable as e:
-        return JSONResponse(error_body(503, str(e), "store_unavailable"), status_code=503)
+        return JSONResponse(error_body(503, str(e), "store_unavailable"), status_code=503,
+                            headers={"Retry-After": str(e.retry_after_s)})
     if not rt.core.alive:
         return JSONResponse(error_body(503, "the engine process has stopped", "engine_dead"), status_code=503)
     return {"status": "ok"}

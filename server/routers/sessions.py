@@ -104,11 +104,13 @@ async def export_snapshot(session_id: str, rt: Runtime = Depends(get_runtime), t
 @router.post("/import", status_code=201)
 async def import_snapshot(request: Request, rt: Runtime = Depends(get_runtime), tenant: str = Depends(get_tenant)):
     """The raw bytes of a snapshot (as GET .../snapshot returns them) become a new session. A snapshot of
-    another model, or a damaged one, is refused with 400."""
+    another model, a damaged one, or one out of a model state's bounds is refused with 400."""
     blob = await request.body()
     if not blob:
         raise APIError(400, "send the snapshot bytes as the request body", "empty_body")
-    state = await rt.from_bytes(blob)  # SnapshotError -> 400
-    record = await rt.store.import_(tenant, rt.model.fingerprint, blob, tokens_seen=state.tokens_seen)
+    state = await rt.import_bytes(blob)  # SnapshotError -> 400
+    # stored as this server writes it: nothing of the sender's file beyond the state itself is kept
+    record = await rt.store.import_(tenant, rt.model.fingerprint, await rt.to_bytes(state),
+                                    tokens_seen=state.tokens_seen)
     rt.metrics.session_op("import")
     return rt.session_object(record)

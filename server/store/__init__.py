@@ -16,11 +16,12 @@ from .base import (
     StoreOptions,
     StoreUnavailable,
     VersionConflict,
+    redact_url,
 )
 
 __all__ = ["InvalidArgument", "Lease", "LimitExceeded", "Page", "SessionBusy", "SessionNotFound", "SessionRecord",
            "SessionStore", "StoreError", "StoreLimits", "StoreOptions", "StoreUnavailable", "VersionConflict",
-           "open_store"]
+           "open_store", "redact_url"]
 
 
 def open_store(url: str, options: StoreOptions | None = None) -> SessionStore:
@@ -33,4 +34,4 @@ def open_store(url: str, options: StoreOptions | None = None) -> SessionStore:
         from .redis import RedisStore
 
         return RedisStore(url, options)
-    raise ValueError(f"store URL must start with sqlite:/// or redis:// (got {url!r})")
+    raise ValueError(f"store URL must start with sqlite:/// or redis:// (got {redact_url(url)!r})")

@@ -15,6 +15,7 @@ import secrets
 from abc import ABC, abstractmethod
 from collections import OrderedDict
 from dataclasses import dataclass, field
+from urllib.parse import urlsplit, urlunsplit
 
 # Session ids: a 6-character family tag, then 128 random bits (22 base64url characters). A fork keeps its
 # parent's tag, so one family's keys share a Redis Cluster slot and fork can copy bytes inside Redis.
@@ -72,9 +73,24 @@ class InvalidArgument(StoreError):
 
 
 class StoreUnavailable(StoreError):
-    """The backing store did not answer within the configured timeout."""
+    """The store cannot serve now; a client should retry. `reason` (a metric label too): unreachable (down, or
+    no answer within the timeout), out_of_memory (full), read_only (a failover under way), loading, busy. The
+    message a caller sees names the reason alone; `detail` (for the log) says more, never a secret."""
 
     status, code = 503, "store_unavailable"
+    retry_after_s = 1
+
+    def __init__(self, reason: str = "unreachable", detail: str = ""):
+        super().__init__(f"the session store is unavailable ({reason.replace('_', ' ')}); retry later")
+        self.reason, self.detail = reason, detail
+
+
+def redact_url(url: str) -> str:
+    """A store URL fit for logs and messages: any password (and user name) replaced by ***."""
+    parts = urlsplit(url)
+    if "@" not in parts.netloc:
+        return url
+    return urlunsplit(parts._replace(netloc="***@" + parts.netloc.rsplit("@", 1)[1]))
 
 
 @dataclass(frozen=True)

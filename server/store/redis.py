@@ -32,8 +32,17 @@ from typing import Any
 from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
+from redis.exceptions import (
+    BusyLoadingError,
+    ClusterDownError,
+    ExecAbortError,
+    MasterDownError,
+    OutOfMemoryError,
+    ReadOnlyError,
+    RedisError,
+    TryAgainError,
+)
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from .base import (
@@ -54,6 +63,7 @@ from .base import (
     encode_metadata,
     new_lease_token,
     new_session_id,
+    redact_url,
 )
 
 # KEYS = meta, lease, refs. ARGV[1] = tenant, ARGV[2] = sliding ttl in ms (0 = none), ARGV[3] = blob key prefix.
@@ -187,7 +197,23 @@ return {'OK', redis.call('HGETALL', KEYS[4])}
 
 
 # Redis error prefixes that mean "not now" (a restart, a failover, memory full), not "wrong request"
-TRANSIENT = {"OOM", "LOADING", "READONLY", "MISCONF", "BUSY", "MASTERDOWN", "TRYAGAIN", "CLUSTERDOWN", "NOREPLICAS"}
+# redis-py turns most error replies into exception classes (and drops their first word from the message); the
+# others keep it: "MISCONF ...", "BUSY ...", "NOREPLICAS ..."
+UNAVAILABLE_CLASSES = ((OutOfMemoryError, "out_of_memory"), (ReadOnlyError, "read_only"),
+                       (BusyLoadingError, "loading"), (MasterDownError, "read_only"), (TryAgainError, "busy"),
+                       (ClusterDownError, "unreachable"), (ExecAbortError, "busy"),
+                       (RedisConnectionError, "unreachable"), (RedisTimeoutError, "unreachable"))
+UNAVAILABLE_WORDS = {"OOM": "out_of_memory", "READONLY": "read_only", "MASTERDOWN": "read_only", "LOADING": "loading",
+                     "MISCONF": "read_only", "NOREPLICAS": "read_only", "BUSY": "busy", "TRYAGAIN": "busy",
+                     "EXECABORT": "busy", "CLUSTERDOWN": "unreachable"}
+
+
+def unavailable_reason(error: Exception) -> str | None:
+    """Why Redis cannot serve now (StoreUnavailable.reason), or None for an error a retry will not cure."""
+    for cls, reason in UNAVAILABLE_CLASSES:
+        if isinstance(error, cls):
+            return reason
+    return UNAVAILABLE_WORDS.get(str(error).split(" ", 1)[0])
 
 
 def family(session_id: str) -> str:
@@ -240,12 +266,13 @@ class RedisStore(SessionStore):
         """Every Redis round trip goes through here: bounded in time, and Redis errors become StoreUnavailable."""
         try:
             return await asyncio.wait_for(coro, self.options.timeout_s)
-        except (TimeoutError, RedisConnectionError, RedisTimeoutError, OSError) as e:
-            raise StoreUnavailable(f"redis at {self.url} is unreachable: {e or type(e).__name__}") from e
         except RedisError as e:
-            if str(e).split(" ", 1)[0] in TRANSIENT:
-                raise StoreUnavailable(f"redis at {self.url} cannot serve now: {e}") from e
-            raise
+            reason = unavailable_reason(e)
+            if reason is None:
+                raise
+            raise StoreUnavailable(reason, f"redis at {redact_url(self.url)}: {type(e).__name__}: {e}") from e
+        except (TimeoutError, OSError) as e:
+            raise StoreUnavailable("unreachable", f"redis at {redact_url(self.url)}: {type(e).__name__}: {e}") from e
 
     def _ttl_ms(self) -> int:
         return int(self.options.ttl_s * 1000) if self.options.ttl_s else 0
@@ -303,7 +330,7 @@ class RedisStore(SessionStore):
             if snapshot is not None:
                 self.blobs.put(key, snapshot)
                 return _record(session_id, flat), snapshot
-        raise StoreUnavailable(f"session {session_id} changed faster than it could be read")
+        raise StoreUnavailable("busy", f"session {session_id} changed faster than it could be read")
 
     async def list(self, tenant, limit=20, after=None):
         check_limit(limit)
@@ -351,7 +378,7 @@ class RedisStore(SessionStore):
         if result[0] == "CONFLICT":
             raise VersionConflict(session_id, expected_version, int(result[1]))
         if result[0] == "EXPIRED":
-            raise StoreUnavailable(f"the snapshot upload for session {session_id} expired before its commit")
+            raise StoreUnavailable("busy", f"the snapshot upload for session {session_id} expired before its commit")
         self.blobs.put(blob_prefix(session_id) + blob, snapshot)
         if release and lease is not None:  # committed: a lease left behind only expires early or late
             with contextlib.suppress(StoreUnavailable):

@@ -148,7 +148,8 @@ class LocalStore(SessionStore):
                 raise
             db.execute("COMMIT")
         except sqlite3.OperationalError as e:  # locked past the timeout, disk gone, ...
-            raise StoreUnavailable(f"session database {self.path}: {e}") from e
+            reason = "read_only" if "readonly" in str(e) else "busy" if "locked" in str(e) else "unreachable"
+            raise StoreUnavailable(reason, f"session database {self.path}: {e}") from e
 
     async def _run(self, fn: Callable[[sqlite3.Connection], T], write: bool = True, snapshot_bytes: int = 0) -> T:
         """Run fn(db) on the store's thread, as one transaction (counting what a write wrote toward the next

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from engine import SnapshotError
-from engine.state import FORMAT_VERSION
+from engine.state import FORMAT_VERSION, MAX_STATE_MAGNITUDE, MAX_TOKENS_SEEN, _checksum, read_snapshot
 
 from .helpers import VARIANTS, assert_close, engine_for, tiny, tokens
 
@@ -132,17 +132,61 @@ def test_snapshot_with_wrong_tensor_layout_is_refused(engine):
     assert save(tensors)  # the unbroken set serialises fine
 
 
-def test_a_single_non_finite_value_anywhere_is_refused_and_extreme_finite_values_load(engine):
+def test_non_finite_or_extreme_values_anywhere_are_refused_and_values_at_the_bound_load(engine):
+    # a snapshot is untrusted input: finite weights near float32's limit (3e38) made a session's surprise inf and
+    # its sampling fail; a model's own states hold tens
     state = engine.new_state()
     names = sorted(state.tensors)
-    for name, value in [(names[0], float("nan")), (names[-1], float("inf")), (names[len(names) // 2], -float("inf"))]:
+    for name, value, what in [(names[0], float("nan"), "non-finite"), (names[-1], float("inf"), "non-finite"),
+                              (names[len(names) // 2], -float("inf"), "non-finite"),
+                              (names[1], 3e38, "values beyond"), (names[2], -2 * MAX_STATE_MAGNITUDE, "values beyond")]:
         broken = {**state.tensors, name: state.tensors[name].clone()}
         broken[name].view(-1)[-1] = value
-        with pytest.raises(SnapshotError, match=f"{name} holds non-finite"):
-            engine.load_state(type(state)(broken, 0, engine.fingerprint).to_bytes())
-    extreme = {k: torch.full_like(v, torch.finfo(v.dtype).max) for k, v in state.tensors.items()}
-    loaded = engine.load_state(type(state)(extreme, 0, engine.fingerprint).to_bytes())  # their sum overflows fp32
-    assert all(torch.equal(loaded.tensors[k], extreme[k]) for k in extreme)
+        blob = type(state)(broken, 0, engine.fingerprint).to_bytes()
+        with pytest.raises(SnapshotError, match=f"{name} holds {what}"):
+            read_snapshot(blob, engine.fingerprint, state.tensors, untrusted=True)
+        if what == "values beyond":  # a session's own state is bounded only by float32
+            assert engine.load_state(blob).tensors[name].view(-1)[-1] == value
+        else:
+            with pytest.raises(SnapshotError, match=f"{name} holds {what}"):
+                engine.load_state(blob)
+    for sign in (1, -1):
+        at_bound = {k: torch.full_like(v, sign * MAX_STATE_MAGNITUDE) if v.is_floating_point() else v
+                    for k, v in state.tensors.items()}
+        loaded = read_snapshot(type(state)(at_bound, 0, engine.fingerprint).to_bytes(), engine.fingerprint,
+                               state.tensors, untrusted=True)
+        assert all(torch.equal(loaded.tensors[k], at_bound[k]) for k in at_bound)
+        logits, after = engine.forward(tokens(40), loaded)  # the model's products stay finite there
+        assert torch.isfinite(logits).all() and all(torch.isfinite(t).all() for t in after.tensors.values())
+
+
+def test_a_re_signed_snapshot_is_bounded_in_every_field(engine):
+    # the checksum has no key, so anyone can re-sign a snapshot: tokens_seen = 2**63 - 10 overflowed the
+    # positions a few steps later and failed every session batched with it
+    state = engine.forward(tokens(9), engine.new_state())[1]
+    for tokens_seen in (2**63 - 10, MAX_TOKENS_SEEN + 1):
+        with pytest.raises(SnapshotError, match="tokens_seen"):
+            engine.load_state(type(state)(state.tensors, tokens_seen, engine.fingerprint).to_bytes())
+    far = engine.load_state(type(state)(state.tensors, MAX_TOKENS_SEEN - 5, engine.fingerprint).to_bytes())
+    logits, after = engine.forward(tokens(20), far)
+    assert after.tokens_seen == MAX_TOKENS_SEEN + 15 and torch.isfinite(logits).all()
+
+    def re_signed(edit) -> bytes:
+        def edit_and_sign(header):
+            edit(header["__metadata__"])
+            meta = header["__metadata__"]
+            (n,) = struct.unpack("<Q", blob[:8])
+            meta["content_sha256"] = _checksum(meta, blob[8 + n:])
+        return _rewrite_header(blob, edit_and_sign)
+
+    blob = state.to_bytes()
+    assert engine.load_state(re_signed(lambda meta: None)).tokens_seen == 9  # re-signing alone is fine
+    for edit, match in [(lambda m: m.update(note="x" * 100_000), "header is"),  # 100 KB of junk kept in the store
+                        (lambda m: m.update(note="x"), "metadata holds"),
+                        (lambda m: m.update(created_at="inf"), "created_at"),
+                        (lambda m: m.update(model_fingerprint=engine.fingerprint + " " * 200), "at most 128")]:
+        with pytest.raises(SnapshotError, match=match):
+            engine.load_state(re_signed(edit))
 
 
 def test_restored_state_continues_identically(engine):

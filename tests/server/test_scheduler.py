@@ -201,3 +201,39 @@ def test_engine_times_split_a_request_at_its_first_token(monkeypatch):
         Clock.now += 1
     assert (done[0].prefill_s, done[0].inference_s) == (3.0, 9.0)
     assert done[1].prefill_s == done[1].inference_s == 1.0  # no first token: all of it is prefill
+
+
+def test_a_request_whose_step_fails_fails_alone_and_the_batch_goes_on(monkeypatch):
+    # one prompt holds a token id the model has no embedding for: the prefill step of the batch raises. Every
+    # session is rebuilt from its snapshot and stepped alone; only that request gets the error. A decode step
+    # that raises once (a transient fault) is recovered the same way: every request ends as it would alone.
+    engine = engine_for(tiny("mac"), seed=5, dtype=torch.float64)
+    g = torch.Generator().manual_seed(3)
+    earlier = engine.complete(torch.randint(0, 256, (19,), generator=g).tolist(), engine.new_state(),
+                              SamplingParams(max_tokens=2, temperature=0)).state
+    params = SamplingParams(max_tokens=6, temperature=0)
+    prompts = [torch.randint(0, 256, (n,), generator=g).tolist() for n in (21, 30, 9)]
+    bad = prompts[1][:12] + [10_000] + prompts[1][12:]  # in its second prefill chunk
+    snapshots = [earlier.to_bytes(), None, None]
+    subs = [Submission(0, prompts[0], snapshots[0], params, False), Submission(1, bad, None, params, False),
+            Submission(2, prompts[2], snapshots[2], params, True)]
+    from engine.engine import SessionBatch
+
+    forward, failures = SessionBatch.forward, []
+
+    def fails_once_in_decode(self, token_ids, return_surprise=False):
+        if not failures and all(len(t) == 1 for t in token_ids) and len(token_ids) == 2:
+            failures.append(len(token_ids))
+            raise RuntimeError("transient fault")
+        return forward(self, token_ids, return_surprise)
+
+    monkeypatch.setattr(SessionBatch, "forward", fails_once_in_decode)
+    events = run(Scheduler(engine, max_running=4, prefill_chunk=8), {0: subs})
+    assert failures == [2]
+    assert len(events[1]) == 1 and isinstance(events[1][0], ErrorEvent)
+    for job_id in (0, 2):
+        state = engine.new_state() if snapshots[job_id] is None else engine.load_state(snapshots[job_id])
+        alone = engine.complete(prompts[job_id], state, params)
+        done = events[job_id][-1]
+        assert isinstance(done, DoneEvent) and tokens_of(events[job_id]) == alone.token_ids
+        assert_states_close(engine.load_state(done.snapshot), alone.state)

@@ -1,0 +1,114 @@
+"""The outside review's findings (issue 24), each reproduced against a real server process: a snapshot is
+untrusted input, secrets never reach a caller or a log, and a store that cannot serve answers 503 with Retry-After."""
+
+from __future__ import annotations
+
+import json
+import struct
+
+import httpx
+import pytest
+import redis
+from safetensors.torch import load as load_safetensors
+
+from engine.state import SessionState, _checksum
+from tests.e2e.test_api import assert_error, complete, new_session
+from tests.redis_server import RedisServer
+from tests.server_process import ServerProcess
+
+PASSWORD = "s3cret-pa55word"
+
+
+def re_signed(blob: bytes, edit_meta=None, edit_tensors=None) -> bytes:
+    """The snapshot with its metadata or tensors changed and its checksum made to match (it has no key)."""
+    (n,) = struct.unpack("<Q", blob[:8])
+    meta = json.loads(blob[8:8 + n])["__metadata__"]
+    tensors = load_safetensors(blob)
+    if edit_tensors:
+        edit_tensors(tensors)
+    state = SessionState(tensors, int(meta["tokens_seen"]), meta["model_fingerprint"], float(meta["created_at"]))
+    out = state.to_bytes()
+    if edit_meta is None:
+        return out
+    (n,) = struct.unpack("<Q", out[:8])
+    header = json.loads(out[8:8 + n])
+    edit_meta(header["__metadata__"])
+    header["__metadata__"]["content_sha256"] = _checksum(header["__metadata__"], out[8 + n:])
+    encoded = json.dumps(header).encode()
+    encoded += b" " * (-len(encoded) % 8)
+    return struct.pack("<Q", len(encoded)) + encoded + out[8 + n:]
+
+
+def test_re_signed_snapshots_out_of_bounds_are_refused_and_no_other_session_is_hurt(model_dir, tmp_path):
+    # finding 1: tokens_seen 2**63 - 10 overflowed positions a few steps later and failed the whole batch;
+    # finding 7: weights of 3e38 made surprise inf and sampling fail; finding 10: 1 MiB of junk metadata was kept
+    with ServerProcess(model_dir, f"sqlite:///{tmp_path}/s.db") as srv, \
+            httpx.Client(base_url=srv.url, timeout=60) as c:
+        sid = new_session(c)["id"]
+        complete(c, "a memory worth keeping. ", sid)
+        blob = c.get(f"/v1/sessions/{sid}/snapshot").content
+        first = next(iter(load_safetensors(blob)))
+        hostile = {
+            "position": re_signed(blob, lambda m: m.update(tokens_seen=str(2**63 - 10))),
+            "weights": re_signed(blob, edit_tensors=lambda t: t[first].view(-1).__setitem__(0, 3e38)),
+            "junk": re_signed(blob, lambda m: m.update(note="x" * 500_000)),
+            "nan time": re_signed(blob, lambda m: m.update(created_at="nan")),
+        }
+        for name, forged in hostile.items():
+            r = c.post("/v1/sessions/import", content=forged)
+            assert_error(r, 400, "invalid_snapshot")
+            assert name and "Traceback" not in r.text
+        imported = c.post("/v1/sessions/import", content=re_signed(blob)).json()  # a fair re-signing is fine
+        assert len(c.get(f"/v1/sessions/{imported['id']}/snapshot").content) == len(blob)
+        assert complete(c, "next", imported["id"])["choices"][0]["token_ids"] == \
+            complete(c, "next", sid)["choices"][0]["token_ids"]
+
+
+def test_the_store_password_reaches_no_caller_and_no_log(model_dir, tmp_path):
+    # finding 2: the Redis URL, password included, was in /ready (no key needed), every 503 and the start-up log
+    server = RedisServer(tmp_path / "redis", password=PASSWORD).start()
+    try:
+        with ServerProcess(model_dir, server.url, "--store-timeout-s", "0.5", "--log-level", "info",
+                           env={"TITANS_API_KEYS": "key-a"}) as srv:
+            with httpx.Client(base_url=srv.url, timeout=30, headers={"Authorization": "Bearer key-a"}) as c:
+                sid = new_session(c)["id"]
+                server.kill()
+                answers = [httpx.get(srv.url + "/ready"), c.post("/v1/sessions"),
+                           c.post("/v1/completions", json={"prompt": "x", "session_id": sid}),
+                           c.get(f"/v1/sessions/{sid}")]
+            for r in answers:
+                assert_error(r, 503, "store_unavailable")
+                assert r.headers["retry-after"] == "1"
+                assert PASSWORD not in r.text and "127.0.0.1" not in r.text, r.text
+        log = srv.log_path.read_text()
+        assert "store unavailable" in log and "redis://***@127.0.0.1" in log  # redacted, not silent
+        assert PASSWORD not in log
+    finally:
+        server.kill()
+
+
+@pytest.mark.parametrize("fault", ["out_of_memory", "read_only"])
+def test_a_full_or_read_only_redis_answers_503_and_the_server_heals(model_dir, tmp_path, fault):
+    # finding 3: OOM / READONLY became 500 and dropped the connection (the code read the message's first word;
+    # redis-py turns those replies into exception classes and drops it)
+    server = RedisServer(tmp_path / "redis").start()
+    admin = redis.Redis.from_url(server.url)
+    try:
+        with ServerProcess(model_dir, server.url) as srv, httpx.Client(base_url=srv.url, timeout=30) as c:
+            sid = new_session(c)["id"]
+            complete(c, "before ", sid)
+            if fault == "out_of_memory":
+                admin.config_set("maxmemory-policy", "noeviction")
+                admin.config_set("maxmemory", max(1, admin.info("memory")["used_memory"] - 1))
+            else:  # a failover: this node became a replica
+                admin.execute_command("REPLICAOF", "127.0.0.1", "1")
+            for r in (c.post("/v1/sessions"), c.post("/v1/completions", json={"prompt": "x", "session_id": sid})):
+                assert_error(r, 503, "store_unavailable")
+                assert r.headers["retry-after"] == "1" and fault.replace("_", " ") in r.json()["error"]["message"]
+            admin.config_set("maxmemory", 0)
+            admin.execute_command("REPLICAOF", "NO", "ONE")
+            complete(c, "after ", sid)
+            assert c.get(f"/v1/sessions/{sid}").json()["version"] == 3  # the refused commit left nothing
+    finally:
+        admin.close()
+        server.kill()
