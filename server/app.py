@@ -1,5 +1,6 @@
-"""The FastAPI application: routers, error envelope, body limit, and a lifespan that loads the model and opens the
-store without blocking /health (/ready answers 503 until both are up)."""
+"""The FastAPI application: routers, error envelope, the gate (API key and body size, before the body is read),
+and a lifespan that loads the model and opens the store without blocking /health (/ready answers 503 until both
+are up)."""
 
 from __future__ import annotations
 
@@ -10,10 +11,10 @@ import time
 
 import torch
 from fastapi import FastAPI
-from fastapi.responses import JSONResponse
 
+from server.deps import tenant_of
 from server.engine_process import EngineClient, EngineOptions, freeze_garbage_collector, pin_this_process, plan_cpus
-from server.errors import APIError, error_body, install_handlers
+from server.errors import APIError, error_response, install_handlers
 from server.metrics import Metrics
 from server.routers import generation, health, models, sessions
 from server.runtime import Runtime
@@ -49,33 +50,56 @@ def load_runtime(settings: Settings) -> Runtime:
                    state_bytes=len(core.model.new_state().to_bytes()))
 
 
-class BodyLimit:
-    """Refuse request bodies over `limit` bytes with 413: at once when Content-Length says so, and while reading
-    when it does not (chunked uploads), so no handler ever holds more than the limit in memory."""
+IMPORT_PATH = "/v1/sessions/import"
+PUBLIC_PATHS = frozenset({"/health", "/ready", "/metrics", "/docs", "/docs/oauth2-redirect", "/redoc",
+                          "/openapi.json"})
 
-    def __init__(self, app, limit: int):
-        self.app, self.limit = app, limit
+
+class Gate:
+    """What a request must pass before any of its body is read: its API key (401 without a valid one, on every
+    route but the public probes and docs), then its body's size (413): `import_limit` for snapshot imports,
+    `json_limit` for every other route. The body is read here, up to its limit, and handed on whole, so no handler
+    (nor FastAPI's JSON parser) ever holds more than the limit, and a caller without a key costs no read at all."""
+
+    def __init__(self, app, tenants_by_key: dict[str, str], json_limit: int, import_limit: int):
+        self.app, self.keys = app, tenants_by_key
+        self.json_limit, self.import_limit = json_limit, import_limit
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        declared = dict(scope["headers"]).get(b"content-length", b"")
-        if declared.isdigit() and int(declared) > self.limit:
-            response = JSONResponse(error_body(413, f"request body of {int(declared)} bytes exceeds the limit of "
-                                                    f"{self.limit}", "body_too_large"), status_code=413)
-            return await response(scope, receive, send)
-        received = 0
+        headers = dict(scope["headers"])
+        path = scope["path"]
+        try:
+            if path not in PUBLIC_PATHS:
+                tenant_of(headers.get(b"authorization", b"").decode("latin-1") or None, self.keys)
+            limit = self.import_limit if path == IMPORT_PATH else self.json_limit
+            declared = headers.get(b"content-length", b"")
+            if declared.isdigit() and int(declared) > limit:
+                raise APIError(413, f"request body of {int(declared)} bytes exceeds this route's limit of {limit}",
+                               "body_too_large")
+            body, more = bytearray(), True
+            while more:
+                message = await receive()
+                if message["type"] == "http.disconnect":
+                    return  # the client left before its request was whole
+                body += message.get("body", b"")
+                more = message.get("more_body", False)
+                if len(body) > limit:
+                    raise APIError(413, f"request body exceeds this route's limit of {limit} bytes",
+                                   "body_too_large")
+        except APIError as e:
+            return await error_response(e)(scope, receive, send)
+        whole = {"type": "http.request", "body": bytes(body), "more_body": False}
 
-        async def limited():
-            nonlocal received
-            message = await receive()
-            if message["type"] == "http.request":
-                received += len(message.get("body", b""))
-                if received > self.limit:
-                    raise APIError(413, f"request body exceeds the limit of {self.limit} bytes", "body_too_large")
+        async def replay():  # the body once, then what the client sends next (its disconnect)
+            nonlocal whole
+            if whole is None:
+                return await receive()
+            message, whole = whole, None
             return message
 
-        await self.app(scope, limited, send)
+        await self.app(scope, replay, send)
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -104,7 +128,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.tenants_by_key = settings.tenants_by_key()
     install_handlers(app)
 
-    app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
+    app.add_middleware(Gate, tenants_by_key=app.state.tenants_by_key, json_limit=settings.max_json_body_bytes,
+                       import_limit=settings.max_body_bytes)
     for module in (generation, sessions, models, health):
         app.include_router(module.router)
     return app

@@ -24,7 +24,11 @@ async def get_runtime(request: Request) -> Runtime:
 
 
 async def get_tenant(request: Request, authorization: str | None = Header(None)) -> str:
-    keys: dict[str, str] = request.app.state.tenants_by_key
+    return tenant_of(authorization, request.app.state.tenants_by_key)
+
+
+def tenant_of(authorization: str | None, keys: dict[str, str]) -> str:
+    """The tenant an Authorization header names (APIError 401 when it names none); OPEN_TENANT without keys."""
     if not keys:
         return OPEN_TENANT
     scheme, _, token = (authorization or "").partition(" ")

@@ -15,8 +15,8 @@ from server.store import StoreError, StoreUnavailable
 log = logging.getLogger("titans.server")
 
 TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
-         404: "not_found_error", 409: "conflict_error", 413: "invalid_request_error", 422: "invalid_request_error",
-         429: "rate_limit_error", 503: "unavailable_error"}
+         404: "not_found_error", 405: "invalid_request_error", 409: "conflict_error", 413: "invalid_request_error",
+         422: "invalid_request_error", 429: "rate_limit_error", 503: "unavailable_error"}
 
 
 class APIError(Exception):
@@ -51,6 +51,15 @@ def error_response(exc: BaseException) -> JSONResponse:
                         headers=err.headers)
 
 
+def describe(error: dict) -> str:
+    """One pydantic error as a caller reads it: 'field.path: what is wrong'."""
+    loc = error.get("loc", ())
+    if error.get("type") == "json_invalid":
+        offset = f" (at character {loc[-1]})" if loc and isinstance(loc[-1], int) else ""
+        return f"body is not valid JSON: {error.get('ctx', {}).get('error', error.get('msg'))}{offset}"
+    return f"{'.'.join(str(p) for p in loc if p != 'body') or 'body'}: {error.get('msg')}"
+
+
 def install_handlers(app: FastAPI) -> None:
     @app.exception_handler(APIError)
     @app.exception_handler(StoreError)
@@ -65,15 +74,16 @@ def install_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError):
         first = exc.errors()[0] if exc.errors() else {}
-        where = [str(p) for p in first.get("loc", ()) if p != "body"]
-        message = "; ".join(f"{'.'.join(str(p) for p in e.get('loc', ()) if p != 'body') or 'body'}: {e.get('msg')}"
-                            for e in exc.errors()[:5])
+        # a JSON syntax error's loc ends in a character offset, not a field: no param then
+        where = [] if first.get("type") == "json_invalid" else [str(p) for p in first.get("loc", ()) if p != "body"]
+        message = "; ".join(describe(e) for e in exc.errors()[:5])
         return JSONResponse(error_body(400, message or "invalid request", "invalid_request",
                                        ".".join(where) or None), status_code=400)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException):
-        return JSONResponse(error_body(exc.status_code, str(exc.detail)), status_code=exc.status_code,
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
+        return JSONResponse(error_body(exc.status_code, str(exc.detail), code), status_code=exc.status_code,
                             headers=getattr(exc, "headers", None))
 
     @app.exception_handler(Exception)

@@ -1,19 +1,31 @@
 """Request bodies at the HTTP boundary (OpenAI fields as vLLM accepts them, plus the session extensions).
 
-Unknown fields are ignored, as vLLM does. Validation errors become 400 with the OpenAI error envelope.
+Unknown fields are ignored, as vLLM does; known OpenAI fields the server does not implement are refused.
+Validation errors become 400 with the OpenAI error envelope.
 """
 
 from __future__ import annotations
 
+import json
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from engine import SamplingParams
 
 
 class StreamOptions(BaseModel):
     include_usage: bool = False
+
+
+# OpenAI fields this server does not implement, with the values that ask for nothing: a request that sets one to
+# anything else is refused with 400 rather than answered as if it had been honoured
+UNSUPPORTED = {
+    "logprobs": (None, False, 0), "top_logprobs": (None, 0), "logit_bias": (None, {}), "best_of": (None, 1),
+    "presence_penalty": (None, 0), "frequency_penalty": (None, 0), "suffix": (None, ""),
+    "tools": (None, []), "functions": (None, []), "tool_choice": (None, "none"), "function_call": (None, "none"),
+    "response_format": (None, {"type": "text"}),
+}
 
 
 class SamplingFields(BaseModel):
@@ -33,14 +45,16 @@ class SamplingFields(BaseModel):
     return_surprise: bool = False
     return_token_ids: bool = False  # vLLM's extension: the sampled token ids in each choice
     user: str | None = None
-    logprobs: bool | int | None = None  # chat: bool, completions: int; not supported either way
 
-    @field_validator("logprobs")
+    @model_validator(mode="before")
     @classmethod
-    def _no_logprobs(cls, value):
-        if value:
-            raise ValueError("logprobs are not supported")
-        return value
+    def _unsupported(cls, data):
+        if isinstance(data, dict):
+            for name, neutral in UNSUPPORTED.items():
+                if data.get(name) not in neutral:
+                    raise ValueError(f"{name} is not supported by this server (omit it, or send "
+                                     f"{' or '.join(json.dumps(v) for v in neutral)})")
+        return data
 
     @field_validator("stop")
     @classmethod

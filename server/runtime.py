@@ -14,6 +14,7 @@ import contextlib
 import dataclasses
 import logging
 import time
+import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
@@ -33,12 +34,17 @@ INLINE_ENCODE_CHARS = 4096
 
 
 def failure(error: BaseException) -> Exception:
-    """What a request that failed in the engine raises."""
+    """What a request that failed in the engine raises: the engine's own words go to the log under a reference
+    the caller gets, never to the caller (they may name files, shapes, internals)."""
     if isinstance(error, SnapshotError):  # the stored memory is damaged: 400, as on import
         return error
+    reference = uuid.uuid4().hex[:12]
+    log.error("request failed in the engine (reference %s): %r", reference, error)
     if isinstance(error, EngineStopped):
-        return APIError(503, str(error), "engine_dead")
-    return APIError(500, f"generation failed: {error}", "engine_error")
+        return APIError(503, f"the engine has stopped (reference {reference}); retry later", "engine_dead",
+                        headers={"Retry-After": "1"})
+    return APIError(500, f"generation failed in the engine (reference {reference}, in the server's log)",
+                    "engine_error")
 
 
 @dataclass
@@ -188,7 +194,7 @@ class Runtime:
             self.metrics.request_failed("rejected")
             raise APIError(429, f"server busy: {e}", "queue_full", headers={"Retry-After": "1"}) from e
         except EngineStopped as e:
-            raise APIError(503, str(e), "engine_dead") from e
+            raise failure(e) from e
         finished, surprise, after = False, [], None
         try:
             while True:

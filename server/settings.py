@@ -51,7 +51,9 @@ class Settings(BaseSettings):
     max_waiting: int = Field(256, ge=0, description="queued requests beyond this get 429")
     max_running: int = Field(32, gt=0, description="sessions decoding together in one batch")
     prefill_chunk: int = Field(512, gt=0, description="prompt tokens a session reads per engine step")
-    max_body_bytes: int = Field(64 * 2**20, gt=0, description="request bodies, snapshot imports included")
+    max_body_bytes: int = Field(64 * 2**20, gt=0, description="snapshot imports (raw bytes)")
+    max_json_body_bytes: int = Field(2 * 2**20, gt=0, description="bodies of every other route (JSON: a prompt of "
+                                                                    "max_prompt_tokens token ids fits many times)")
 
     lease_ttl_s: float = Field(60.0, gt=0, description="a request's hold on its session; renewed while it runs")
     session_ttl_s: float | None = Field(None, gt=0, description="sliding expiry of idle sessions (off by default)")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -40,6 +41,12 @@ def compact(value) -> str:
     return json.dumps(value, separators=(",", ":"))
 
 
+def json_floats(values: list[float]) -> list[float | None]:
+    """Surprise values as JSON can carry them: a non-finite one (a memory driven to overflow) becomes null, never
+    the bare NaN that JSON parsers refuse."""
+    return [v if math.isfinite(v) else None for v in values]
+
+
 class Shape:
     """The wire shape of one request: ids, chunk and response bodies, for text or chat completions."""
 
@@ -63,7 +70,7 @@ class Shape:
             out = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish,
                    "stop_reason": stop_reason}
         if self.surprise:
-            out["surprise"] = surprise
+            out["surprise"] = json_floats(surprise)
         if self.token_ids and not role:
             out["token_ids"] = ids
         return out
@@ -82,7 +89,7 @@ class Shape:
             choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish,
                       "stop_reason": stop_reason}
         if self.surprise:
-            choice["surprise"] = surprise
+            choice["surprise"] = json_floats(surprise)
         if self.token_ids:
             choice["token_ids"] = ids
         body = {"id": self.id, "object": "chat.completion" if self.chat else "text_completion",

@@ -15,6 +15,6 @@ async def list_models(rt: Runtime = Depends(get_runtime), tenant: str = Depends(
     cfg = rt.model.config
     return {"object": "list", "data": [{
         "id": rt.model_name, "object": "model", "created": rt.created, "owned_by": "titans-server",
-        "root": str(rt.settings.model), "parent": None, "max_model_len": None,
+        "root": rt.model_name, "parent": None, "max_model_len": None,
         "capabilities": {"memory": {"variant": cfg.variant, "fingerprint": rt.model.fingerprint,
                                     "state_bytes": rt.state_bytes}}}]}

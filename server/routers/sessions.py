@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 from fastapi import APIRouter, Depends, Query, Request, Response
 
 from engine import SamplingParams
@@ -88,7 +90,8 @@ async def memorize(session_id: str, body: SessionMemorize, rt: Runtime = Depends
         if isinstance(event, DoneEvent):
             done = event
     rt.metrics.session_op("memorize")
-    return {"tokens": done.prompt_tokens, "mean_surprise": sum(surprise) / max(1, len(surprise)),
+    finite = [v for v in surprise if math.isfinite(v)]  # JSON has no NaN; a memory driven to overflow has some
+    return {"tokens": done.prompt_tokens, "mean_surprise": sum(finite) / len(finite) if finite else None,
             "session": rt.session_object(done.record)}  # the record this commit produced
 
 

@@ -4,6 +4,7 @@ untrusted input, secrets never reach a caller or a log, and a store that cannot 
 from __future__ import annotations
 
 import json
+import socket
 import struct
 
 import httpx
@@ -112,3 +113,68 @@ def test_a_full_or_read_only_redis_answers_503_and_the_server_heals(model_dir, t
     finally:
         admin.close()
         server.kill()
+
+
+def raw_request(url: str, head: str, body: bytes = b"", timeout: float = 10) -> str:
+    """Send a request's head (and maybe part of its body) on a socket; the status line and body that come back."""
+    host, port = url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=timeout) as s:
+        s.sendall(head.replace("\n", "\r\n").encode() + b"\r\n" + body)
+        answer = b""
+        while b"\r\n\r\n" not in answer or not answer.endswith(b"}"):
+            part = s.recv(65536)
+            if not part:
+                break
+            answer += part
+    return answer.decode("latin-1")
+
+
+def test_the_key_and_the_size_are_checked_before_the_body_is_read(model_dir, tmp_path):
+    # finding 5: a 60 MB body without a key was read and parsed before the 401 (the event loop froze); with a
+    # key, a 60 MB prompt grew the API process by ~700 MB before its 413. finding 11: an oversized chunked body got
+    # 400, a 405 was typed server_error, a JSON syntax error's param was a character offset
+    with ServerProcess(model_dir, f"sqlite:///{tmp_path}/s.db", "--max-json-body-bytes", "50000",
+                       env={"TITANS_API_KEYS": "key-a"}) as srv:
+        head = "POST {} HTTP/1.1\nHost: x\nContent-Type: application/json\nContent-Length: {}\n{}"
+        # the server answers while the client has sent none of the 60 MB it announced
+        assert raw_request(srv.url, head.format("/v1/completions", 60_000_000, "")).startswith("HTTP/1.1 401")
+        answer = raw_request(srv.url, head.format("/v1/completions", 60_000_000, "Authorization: Bearer key-a\n"))
+        assert answer.startswith("HTTP/1.1 413") and "body_too_large" in answer
+        answer = raw_request(srv.url, head.format("/v1/sessions/import", 70_000_000, "Authorization: Bearer key-a\n"))
+        assert answer.startswith("HTTP/1.1 413")  # over the import limit (64 MiB by default) too
+        with httpx.Client(base_url=srv.url, timeout=30, headers={"Authorization": "Bearer key-a"}) as c:
+            def chunked():  # no Content-Length: the limit holds while reading
+                for _ in range(20):
+                    yield b" " * 5_000
+
+            assert_error(c.post("/v1/completions", content=chunked(), headers={"content-type": "application/json"}),
+                         413, "body_too_large")
+            snapshot = c.get(f"/v1/sessions/{new_session(c)['id']}/snapshot").content
+            assert len(snapshot) > 50_000  # an import keeps its own, larger limit
+            assert c.post("/v1/sessions/import", content=snapshot).status_code == 201
+            err = assert_error(c.put("/v1/completions", json={"prompt": "x"}), 405, "method_not_allowed")
+            assert err["type"] == "invalid_request_error"
+            err = assert_error(c.post("/v1/completions", content=b'{"prompt": "x",,}',
+                                      headers={"content-type": "application/json"}), 400)
+            assert err["param"] is None and "not valid JSON" in err["message"]
+            assert c.get("/health").status_code == 200
+
+
+def test_openai_fields_the_server_does_not_implement_are_refused_not_ignored(model_dir, tmp_path):
+    # finding 13: logit_bias, best_of, tools were accepted and silently ignored. finding 9: /v1/models named the
+    # model's directory on the server's disk
+    with ServerProcess(model_dir, f"sqlite:///{tmp_path}/s.db") as srv, \
+            httpx.Client(base_url=srv.url, timeout=30) as c:
+        for field, value in [("logit_bias", {"65": 100}), ("best_of", 3), ("presence_penalty", 0.5),
+                             ("frequency_penalty", -1), ("suffix", "end"), ("logprobs", 2)]:
+            err = assert_error(c.post("/v1/completions", json={"prompt": "x", field: value}), 400, "invalid_request")
+            assert field in err["message"]
+        chat = {"messages": [{"role": "user", "content": "x"}], "max_tokens": 1}
+        for field, value in [("tools", [{"type": "function", "function": {"name": "f"}}]), ("tool_choice", "auto"),
+                             ("response_format", {"type": "json_object"}), ("logprobs", True)]:
+            assert_error(c.post("/v1/chat/completions", json={**chat, field: value}), 400, "invalid_request")
+        for neutral in ({"logit_bias": {}}, {"best_of": 1}, {"tools": None}, {"presence_penalty": 0},
+                        {"logprobs": False}, {"response_format": {"type": "text"}}):
+            assert c.post("/v1/chat/completions", json={**chat, **neutral}).status_code == 200, neutral
+        root = c.get("/v1/models").json()["data"][0]["root"]
+        assert root == model_dir.name and "/" not in root
