@@ -66,6 +66,7 @@ class Runtime:
     model_name: str
     created: int = 0  # unix time the model was loaded
     state_bytes: int = 0  # size of one session's snapshot
+    _background: set = dataclasses.field(default_factory=set)  # tasks that outlive their request (held here)
 
     # --- sessions as the API shows them ---------------------------------------------------------------------
 
@@ -111,14 +112,39 @@ class Runtime:
         finally:
             renewer.cancel()
             if not held.released:
-                with anyio.CancelScope(shield=True), contextlib.suppress(Exception):  # even when cancelled
-                    await self.store.release(held.lease)
+                with anyio.CancelScope(shield=True):  # even when cancelled
+                    await self._release(held.lease)
 
     async def _renew(self, lease: Lease) -> None:
+        """The heartbeat: a lease lives lease_ttl_s (a few seconds) unless renewed, so a holder that dies frees
+        its session that soon."""
         while True:
             await asyncio.sleep(self.settings.lease_ttl_s / 3)
             with contextlib.suppress(StoreUnavailable):
                 await self.store.renew(lease, self.settings.lease_ttl_s)
+
+    async def _release(self, lease: Lease) -> None:
+        """Give the lease up; when the store cannot take it now, keep trying in the background until the lease
+        would have expired anyway (a session freed as soon as the store is back, not a TTL later)."""
+        try:
+            await self.store.release(lease)
+        except StoreUnavailable:
+            self._background.add(task := asyncio.create_task(self._release_later(lease)))
+            task.add_done_callback(self._background.discard)
+        except Exception:
+            log.warning("releasing the lease on session %s failed", lease.session_id, exc_info=True)
+
+    async def _release_later(self, lease: Lease) -> None:
+        deadline = time.monotonic() + self.settings.lease_ttl_s
+        while time.monotonic() < deadline:
+            await asyncio.sleep(min(0.25, self.settings.lease_ttl_s / 8))
+            try:
+                await self.store.release(lease)
+                return
+            except StoreUnavailable:
+                continue
+            except Exception:  # taken over or gone meanwhile: nothing left to free
+                return
 
     async def commit(self, tenant: str, held: Held, snapshot: bytes, tokens_seen: int,
                      release: bool = False) -> SessionRecord:

@@ -55,7 +55,9 @@ class Settings(BaseSettings):
     max_json_body_bytes: int = Field(2 * 2**20, gt=0, description="bodies of every other route (JSON: a prompt of "
                                                                     "max_prompt_tokens token ids fits many times)")
 
-    lease_ttl_s: float = Field(60.0, gt=0, description="a request's hold on its session; renewed while it runs")
+    lease_ttl_s: float = Field(6.0, gt=0, description="a request's hold on its session, renewed every third of it "
+                                                      "while the request runs: a holder that dies frees its session "
+                                                      "this soon")
     session_ttl_s: float | None = Field(None, gt=0, description="sliding expiry of idle sessions (off by default)")
     history: int = Field(3, ge=0, description="older versions kept per session for rollback")
     store_timeout_s: float = Field(2.0, gt=0)

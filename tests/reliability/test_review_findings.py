@@ -4,8 +4,11 @@ untrusted input, secrets never reach a caller or a log, and a store that cannot 
 from __future__ import annotations
 
 import json
+import os
+import signal
 import socket
 import struct
+import time
 
 import httpx
 import pytest
@@ -178,3 +181,24 @@ def test_openai_fields_the_server_does_not_implement_are_refused_not_ignored(mod
             assert c.post("/v1/chat/completions", json={**chat, **neutral}).status_code == 200, neutral
         root = c.get("/v1/models").json()["data"][0]["root"]
         assert root == model_dir.name and "/" not in root
+
+
+def test_a_holder_that_dies_frees_its_session_within_seconds(model_dir, redis_server):
+    # finding 6: a session stayed locked (409) for the whole 60 s lease after its API process was killed
+    with httpx.Client(timeout=30) as c:
+        with ServerProcess(model_dir, redis_server.url) as srv:
+            sid = c.post(srv.url + "/v1/sessions").json()["id"]
+            body = {"prompt": "hold ", "session_id": sid, "max_tokens": 4000, "stream": True}
+            with c.stream("POST", srv.url + "/v1/completions", json=body) as r:
+                next(r.iter_lines())  # generating: the lease is held
+                os.kill(srv.process.pid, signal.SIGKILL)  # the engine process follows its parent
+                killed = time.monotonic()
+        with ServerProcess(model_dir, redis_server.url) as srv:
+            while True:
+                r = c.post(srv.url + "/v1/completions", json={"prompt": "y", "session_id": sid, "max_tokens": 1})
+                if r.status_code == 200:
+                    break
+                assert_error(r, 409, "session_busy")
+                assert time.monotonic() - killed < 20, "the dead holder's lease outlived a few heartbeats"
+                time.sleep(0.25)
+        assert r.json()["session"]["version"] == 2  # the killed request committed nothing
