@@ -16,6 +16,7 @@ from server.deps import tenant_of
 from server.engine_process import EngineClient, EngineOptions, freeze_garbage_collector, pin_this_process, plan_cpus
 from server.errors import APIError, error_response, install_handlers
 from server.metrics import Metrics
+from server.quotas import Quotas
 from server.routers import generation, health, models, sessions
 from server.runtime import Runtime
 from server.settings import Settings
@@ -42,12 +43,14 @@ def load_runtime(settings: Settings) -> Runtime:
         store = open_store(settings.store, StoreOptions(
             history=settings.history, ttl_s=settings.session_ttl_s, timeout_s=settings.store_timeout_s,
             cache_bytes=settings.blob_cache_bytes,
-            limits=StoreLimits(max_snapshot_bytes=settings.max_body_bytes)))
+            limits=StoreLimits(max_snapshot_bytes=settings.max_body_bytes,
+                               max_sessions_per_tenant=settings.max_sessions_per_tenant)))
     except BaseException:
         core.stop()
         raise
     return Runtime(settings, core.model, store, core, metrics, name, created=int(time.time()),
-                   state_bytes=len(core.model.new_state().to_bytes()))
+                   state_bytes=len(core.model.new_state().to_bytes()),
+                   quotas=Quotas(settings.requests_per_minute, settings.tokens_per_minute))
 
 
 IMPORT_PATH = "/v1/sessions/import"
@@ -57,9 +60,10 @@ PUBLIC_PATHS = frozenset({"/health", "/ready", "/metrics", "/docs", "/docs/oauth
 
 class Gate:
     """What a request must pass before any of its body is read: its API key (401 without a valid one, on every
-    route but the public probes and docs), then its body's size (413): `import_limit` for snapshot imports,
-    `json_limit` for every other route. The body is read here, up to its limit, and handed on whole, so no handler
-    (nor FastAPI's JSON parser) ever holds more than the limit, and a caller without a key costs no read at all."""
+    route but the public probes and docs), its tenant's requests-per-minute quota (429), then its body's size
+    (413): `import_limit` for snapshot imports, `json_limit` for every other route. The body is read here, up to
+    its limit, and handed on whole, so no handler (nor FastAPI's JSON parser) ever holds more than the limit, and
+    a caller without a key costs no read at all."""
 
     def __init__(self, app, tenants_by_key: dict[str, str], json_limit: int, import_limit: int):
         self.app, self.keys = app, tenants_by_key
@@ -72,7 +76,10 @@ class Gate:
         path = scope["path"]
         try:
             if path not in PUBLIC_PATHS:
-                tenant_of(headers.get(b"authorization", b"").decode("latin-1") or None, self.keys)
+                tenant = tenant_of(headers.get(b"authorization", b"").decode("latin-1") or None, self.keys)
+                runtime = scope["app"].state.runtime
+                if runtime is not None:
+                    runtime.admit(tenant, "requests_per_minute")
             limit = self.import_limit if path == IMPORT_PATH else self.json_limit
             declared = headers.get(b"content-length", b"")
             if declared.isdigit() and int(declared) > limit:

@@ -38,7 +38,8 @@ def as_api_error(exc: BaseException) -> APIError:
         log.warning("store unavailable (%s): %s", exc.reason, exc.detail)
         return APIError(exc.status, str(exc), exc.code, headers={"Retry-After": str(exc.retry_after_s)})
     if isinstance(exc, StoreError):
-        return APIError(exc.status, str(exc), exc.code)
+        headers = {"x-should-retry": "false"} if exc.status == 429 else None
+        return APIError(exc.status, str(exc), exc.code, headers=headers)
     if isinstance(exc, SnapshotError):
         return APIError(400, f"invalid snapshot: {exc}", "invalid_snapshot")
     log.exception("internal error", exc_info=exc)

@@ -74,6 +74,9 @@ class Metrics:
                                   SURPRISE_BUCKETS).labels(**label)
         self.conflicts = counter("titans_session_conflicts", "Requests refused because the session was busy "
                                  "or had moved on (409).").labels(**label)
+        self._rejected = counter("titans_rejected_requests", "Requests refused before any work, by reason "
+                                 "(queue_full, requests_per_minute, tokens_per_minute, sessions_per_tenant).",
+                                 ["reason"])
         self._store_errors = counter("titans_store_errors", "Store calls that failed (store unreachable).", ["op"])
         self.model_name = model_name
 
@@ -98,3 +101,6 @@ class Metrics:
 
     def store_error(self, op: str) -> None:
         self._store_errors.labels(self.model_name, op).inc()
+
+    def rejected(self, reason: str) -> None:
+        self._rejected.labels(self.model_name, reason).inc()

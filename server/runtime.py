@@ -24,6 +24,7 @@ from engine import SamplingParams, SessionState, SnapshotError
 from server.engine_process import EngineClient, Job, ModelInfo
 from server.errors import APIError
 from server.metrics import Metrics
+from server.quotas import Quotas
 from server.scheduler import ClientGone, DoneEvent, EngineStopped, ErrorEvent, QueueFull, TokenEvent
 from server.settings import Settings
 from server.store import Lease, SessionBusy, SessionRecord, SessionStore, StoreUnavailable, VersionConflict
@@ -66,6 +67,7 @@ class Runtime:
     model_name: str
     created: int = 0  # unix time the model was loaded
     state_bytes: int = 0  # size of one session's snapshot
+    quotas: Quotas = dataclasses.field(default_factory=Quotas)
     _background: set = dataclasses.field(default_factory=set)  # tasks that outlive their request (held here)
 
     # --- sessions as the API shows them ---------------------------------------------------------------------
@@ -159,6 +161,14 @@ class Runtime:
         held.released = release
         return record
 
+    def admit(self, tenant: str, quota: str, amount: int = 1) -> None:
+        """Count against the tenant's quota (Quotas.admit); a refusal is counted by its reason."""
+        try:
+            self.quotas.admit(tenant, quota, amount)
+        except APIError:
+            self.metrics.rejected(quota)
+            raise
+
     def check_served_model(self, model: str | None) -> None:
         """A request that names a model must name this server's."""
         if model is not None and model != self.model_name:
@@ -193,6 +203,7 @@ class Runtime:
         """Yields TokenEvents, then one DoneEvent once the session (if any, and if `commit`) is committed.
         on_job sees the engine job once it exists (to abort it when the client leaves: Job.abort)."""
         self.check_prompt(prompt_ids, params.max_tokens)
+        self.admit(tenant, "tokens_per_minute", len(prompt_ids) + params.max_tokens)
         if session_id is None:
             async for event in self._run(None, prompt_ids, params, want_surprise, False, on_job):
                 yield event
@@ -218,6 +229,7 @@ class Runtime:
             self.core.submit(job)
         except QueueFull as e:
             self.metrics.request_failed("rejected")
+            self.metrics.rejected("queue_full")
             raise APIError(429, f"server busy: {e}", "queue_full", headers={"Retry-After": "1"}) from e
         except EngineStopped as e:
             raise failure(e) from e

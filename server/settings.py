@@ -55,6 +55,13 @@ class Settings(BaseSettings):
     max_json_body_bytes: int = Field(2 * 2**20, gt=0, description="bodies of every other route (JSON: a prompt of "
                                                                     "max_prompt_tokens token ids fits many times)")
 
+    max_sessions_per_tenant: int = Field(0, ge=0, description="sessions one tenant may keep (0: no limit); "
+                                                              "enforced by the store, across replicas")
+    requests_per_minute: int = Field(0, ge=0, description="requests per tenant per minute, in each replica "
+                                                          "(0: no limit)")
+    tokens_per_minute: int = Field(0, ge=0, description="prompt tokens plus max_tokens per tenant per minute, in "
+                                                        "each replica (0: no limit)")
+
     lease_ttl_s: float = Field(6.0, gt=0, description="a request's hold on its session, renewed every third of it "
                                                       "while the request runs: a holder that dies frees its session "
                                                       "this soon")

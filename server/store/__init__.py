@@ -7,6 +7,7 @@ from .base import (
     Lease,
     LimitExceeded,
     Page,
+    QuotaExceeded,
     SessionBusy,
     SessionNotFound,
     SessionRecord,
@@ -19,9 +20,9 @@ from .base import (
     redact_url,
 )
 
-__all__ = ["InvalidArgument", "Lease", "LimitExceeded", "Page", "SessionBusy", "SessionNotFound", "SessionRecord",
-           "SessionStore", "StoreError", "StoreLimits", "StoreOptions", "StoreUnavailable", "VersionConflict",
-           "open_store", "redact_url"]
+__all__ = ["InvalidArgument", "Lease", "LimitExceeded", "Page", "QuotaExceeded", "SessionBusy", "SessionNotFound",
+           "SessionRecord", "SessionStore", "StoreError", "StoreLimits", "StoreOptions", "StoreUnavailable",
+           "VersionConflict", "open_store", "redact_url"]
 
 
 def open_store(url: str, options: StoreOptions | None = None) -> SessionStore:

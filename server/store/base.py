@@ -68,6 +68,13 @@ class LimitExceeded(StoreError):
     status, code = 413, "limit_exceeded"
 
 
+class QuotaExceeded(StoreError):
+    """The tenant keeps as many sessions as StoreLimits.max_sessions_per_tenant allows: waiting does not help,
+    deleting one does (so 429 without Retry-After, and no SDK retries)."""
+
+    status, code = 429, "sessions_per_tenant_exceeded"
+
+
 class InvalidArgument(StoreError):
     status, code = 400, "invalid_argument"
 
@@ -99,6 +106,11 @@ class StoreLimits:
     max_metadata_bytes: int = 4096  # the metadata dict as compact JSON
     max_metadata_keys: int = 16
     max_name_chars: int = 256
+    max_sessions_per_tenant: int = 0  # 0: no limit
+
+    def quota_error(self) -> QuotaExceeded:
+        return QuotaExceeded(f"you keep {self.max_sessions_per_tenant} sessions, the most this server allows; "
+                             "delete one to create another")
 
     def check(self, snapshot: bytes | None = None, name: str | None = None, metadata: dict | None = None) -> None:
         if snapshot is not None and len(snapshot) > self.max_snapshot_bytes:

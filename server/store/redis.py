@@ -196,7 +196,17 @@ return {'OK', redis.call('HGETALL', KEYS[4])}
 """
 
 
-# Redis error prefixes that mean "not now" (a restart, a failover, memory full), not "wrong request"
+# KEYS[1] = a tenant's index. ARGV = session id, created_at, the tenant's session quota (0: none) -> 1, or 0 when
+# the index holds the quota already
+INDEX = """
+local cap = tonumber(ARGV[3])
+if cap > 0 and redis.call('ZSCORE', KEYS[1], ARGV[1]) == false and redis.call('ZCARD', KEYS[1]) >= cap then
+  return 0
+end
+redis.call('ZADD', KEYS[1], ARGV[2], ARGV[1])
+return 1
+"""
+
 # redis-py turns most error replies into exception classes (and drops their first word from the message); the
 # others keep it: "MISCONF ...", "BUSY ...", "NOREPLICAS ..."
 UNAVAILABLE_CLASSES = ((OutOfMemoryError, "out_of_memory"), (ReadOnlyError, "read_only"),
@@ -260,7 +270,7 @@ class RedisStore(SessionStore):
         self.url = url
         self._scripts = {name: self.redis.register_script(src) for name, src in [
             ("read", READ), ("commit", COMMIT), ("rollback", ROLLBACK), ("acquire", ACQUIRE), ("renew", RENEW),
-            ("release", RELEASE), ("delete", DELETE), ("fork", FORK)]}
+            ("release", RELEASE), ("delete", DELETE), ("fork", FORK), ("index", INDEX)]}
 
     async def _call(self, coro) -> Any:
         """Every Redis round trip goes through here: bounded in time, and Redis errors become StoreUnavailable."""
@@ -305,8 +315,8 @@ class RedisStore(SessionStore):
             if self.options.ttl_s:
                 pipe.pexpire(refs, self._ttl_ms())
                 pipe.pexpire(meta, self._ttl_ms())
-            pipe.zadd(tenant_index(tenant), {session_id: now})
             await self._call(pipe.execute())
+        await self._index(tenant, session_id, now)
         self.blobs.put(blob_prefix(session_id) + blob, snapshot)
         return SessionRecord(id=session_id, tenant=tenant, fingerprint=fingerprint, version=1,
                              tokens_seen=tokens_seen, created_at=now, updated_at=now, snapshot_bytes=len(snapshot),
@@ -405,8 +415,32 @@ class RedisStore(SessionStore):
         child, now = new_session_id(session_id), time.time()
         _, flat = await self._script("fork", session_id, tenant, child, repr(now), name or "",
                                      encode_metadata(metadata), session_id, extra_keys=session_keys(child)[:1])
-        await self._call(self.redis.zadd(tenant_index(tenant), {child: now}))
+        await self._index(tenant, child, now)
         return _record(child, flat)
+
+    async def _index(self, tenant: str, session_id: str, now: float) -> None:
+        """List a new session in its tenant's index, within the tenant's session quota (checked and added in one
+        script on the index alone). Over the quota, entries of sessions that expired are dropped and the quota
+        checked again; still over, the new session is deleted and QuotaExceeded raised. A session is indexed only
+        once it exists, so a listing never drops it as half-written."""
+        index, cap = tenant_index(tenant), self.options.limits.max_sessions_per_tenant
+        for attempt in range(2):
+            if await self._call(self._scripts["index"](keys=[index], args=[session_id, repr(now), cap])):
+                return
+            if attempt == 0:
+                await self._drop_expired(tenant, index)
+        await self._script("delete", session_id, tenant)
+        raise self.options.limits.quota_error()
+
+    async def _drop_expired(self, tenant: str, index: str) -> None:
+        ids = [i.decode() for i in await self._call(self.redis.zrange(index, 0, -1))]
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for session_id in ids:
+                pipe.hget(session_keys(session_id)[0], "tenant")
+            owners = await self._call(pipe.execute())
+        stale = [i for i, owner in zip(ids, owners) if owner is None or owner.decode() != tenant]
+        if stale:
+            await self._call(self.redis.zrem(index, *stale))
 
     async def rollback(self, tenant, session_id, version, lease=None):
         result = await self._script("rollback", session_id, tenant, version, repr(time.time()),

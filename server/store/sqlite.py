@@ -320,6 +320,12 @@ class LocalStore(SessionStore):
         db.execute("UPDATE sessions SET version = ?, tokens_seen = ?, blob = ?, updated_at = ?, expires_at = ? "
                    "WHERE id = ?", (version + 1, tokens_seen, blob, now, self._expiry(now), session_id))
 
+    def _check_quota(self, db: sqlite3.Connection, tenant: str) -> None:
+        """In the write transaction that adds a session (BEGIN IMMEDIATE: no other writer counts meanwhile)."""
+        cap = self.options.limits.max_sessions_per_tenant
+        if cap and db.execute("SELECT COUNT(*) FROM sessions WHERE tenant = ?", (tenant,)).fetchone()[0] >= cap:
+            raise self.options.limits.quota_error()
+
     # -- the contract ----------------------------------------------------------------------------------------
 
     async def create(self, tenant, fingerprint, snapshot, *, tokens_seen=0, name=None, metadata=None):
@@ -329,6 +335,7 @@ class LocalStore(SessionStore):
         def op(db):
             now = time.time()
             self._purge_expired(db, now)
+            self._check_quota(db, tenant)
             session_id = new_session_id()
             db.execute(f"INSERT INTO sessions ({COLUMNS}, blob, expires_at) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
                        (session_id, tenant, fingerprint, 1, tokens_seen, now, now, name, encode_metadata(metadata),
@@ -444,6 +451,8 @@ class LocalStore(SessionStore):
         def op(db):
             now = time.time()
             parent = self._row(db, tenant, session_id, now)
+            self._purge_expired(db, now)
+            self._check_quota(db, tenant)
             child = new_session_id(session_id)
             db.execute(f"INSERT INTO sessions ({COLUMNS}, blob, expires_at) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
                        (child, tenant, parent["fingerprint"], 1, parent["tokens_seen"], now, now, name,

@@ -202,3 +202,35 @@ def test_a_holder_that_dies_frees_its_session_within_seconds(model_dir, redis_se
                 assert time.monotonic() - killed < 20, "the dead holder's lease outlived a few heartbeats"
                 time.sleep(0.25)
         assert r.json()["session"]["version"] == 2  # the killed request committed nothing
+
+
+def test_per_tenant_quotas_answer_429_and_spare_the_other_tenants(model_dir, tmp_path):
+    # finding 4: no per-tenant limits; one tenant could fill the store and break everyone's commits
+    with ServerProcess(model_dir, f"sqlite:///{tmp_path}/s.db", "--max-sessions-per-tenant", "2",
+                       "--requests-per-minute", "7", "--tokens-per-minute", "40",
+                       env={"TITANS_API_KEYS": "key-a:alice,key-b:bob"}) as srv:
+        a = httpx.Client(base_url=srv.url, timeout=30, headers={"Authorization": "Bearer key-a"})
+        b = httpx.Client(base_url=srv.url, timeout=30, headers={"Authorization": "Bearer key-b"})
+        first = new_session(a)["id"]
+        new_session(a)
+        r = a.post("/v1/sessions")  # request 3 of alice's 7
+        assert_error(r, 429, "sessions_per_tenant_exceeded")
+        assert r.headers["x-should-retry"] == "false" and "retry-after" not in r.headers
+        assert_error(a.post(f"/v1/sessions/{first}/fork"), 429, "sessions_per_tenant_exceeded")
+        # tokens: prompt + max_tokens; 30 of 40 fit, then 20 more do not
+        assert a.post("/v1/completions", json={"prompt": "x" * 24, "max_tokens": 6}).status_code == 200
+        r = a.post("/v1/completions", json={"prompt": "x" * 14, "max_tokens": 6})
+        assert_error(r, 429, "tokens_per_minute_exceeded")
+        assert 1 <= int(r.headers["retry-after"]) <= 60
+        assert_error(a.post("/v1/completions", json={"prompt": "x" * 50, "max_tokens": 1}), 429,
+                     "tokens_per_minute_exceeded")  # more than the quota itself: waiting will not help
+        r = a.get("/v1/models")  # request 8: over the request quota, refused before its body
+        assert_error(r, 429, "requests_per_minute_exceeded")
+        assert 1 <= int(r.headers["retry-after"]) <= 60
+        assert new_session(b)["id"]  # bob is not alice
+        assert b.post("/v1/completions", json={"prompt": "x" * 24, "max_tokens": 6}).status_code == 200
+        metrics = httpx.get(srv.url + "/metrics").text
+        for reason, count in [("requests_per_minute", 1), ("tokens_per_minute", 2)]:
+            assert f'titans_rejected_requests_total{{model_name="tiny-mal",reason="{reason}"}} {count}.0' in metrics
+        a.close()
+        b.close()

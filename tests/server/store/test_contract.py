@@ -10,6 +10,7 @@ import pytest
 from server.store import (
     InvalidArgument,
     LimitExceeded,
+    QuotaExceeded,
     SessionBusy,
     SessionNotFound,
     StoreLimits,
@@ -210,6 +211,29 @@ async def test_limits_are_enforced_with_clear_errors(store_kind, redis_server, t
         with pytest.raises(LimitExceeded):
             await store.fork("a", rec.id, name="n" * 300)
         assert (await store.get("a", rec.id)).version == 1
+    finally:
+        await store.close()
+
+
+async def test_a_tenant_keeps_at_most_its_session_quota_even_when_creating_at_once(store_kind, redis_server,
+                                                                                      tmp_path):
+    # issue 24, finding 4: 400 creates in 3.4 s grew Redis by 153 MB; with noeviction one tenant could fill it
+    store = await make_store(store_kind, redis_server, tmp_path, ttl_s=0.5,
+                             limits=StoreLimits(max_sessions_per_tenant=3))
+    try:
+        results = await asyncio.gather(*(store.create("a", FP, b"x") for _ in range(8)), return_exceptions=True)
+        made = [r for r in results if not isinstance(r, BaseException)]
+        assert len(made) == 3 and all(isinstance(r, QuotaExceeded) for r in results if r not in made)
+        with pytest.raises(QuotaExceeded, match="delete one"):
+            await store.fork("a", made[0].id)
+        with pytest.raises(QuotaExceeded):
+            await store.import_("a", FP, b"y")
+        assert len((await store.list("a")).data) == 3  # the refused ones left nothing behind
+        await store.create("b", FP, b"x")  # another tenant's quota is its own
+        await store.delete("a", made[0].id)
+        await store.fork("a", made[1].id)  # a place freed by a delete
+        await asyncio.sleep(0.7)  # the sliding TTL expires them all: their places are free again
+        assert len([await store.create("a", FP, b"z") for _ in range(3)]) == 3
     finally:
         await store.close()
 
