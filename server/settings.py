@@ -23,6 +23,9 @@ class Settings(BaseSettings):
     port: int = 8000
     # "KEY" or "KEY:TENANT", comma-separated in TITANS_API_KEYS; a key without a tenant is its own tenant
     api_keys: Annotated[tuple[str, ...], NoDecode] = ()
+    api_keys_file: Path | None = Field(None, description="a file of API keys, one KEY[:TENANT] a line ('#' "
+                                                         "comments): keys kept out of the process list and the "
+                                                         "environment (a mounted secret)")
     device: str = Field("auto", description="auto | cpu | cuda")
     weights: Literal["fp32", "fp16", "bf16", "int8"] = Field(
         "fp32", description="dtype of the dense projections: fp16 halves the bytes of every decode step, int8 "
@@ -88,7 +91,11 @@ class Settings(BaseSettings):
     def tenants_by_key(self) -> dict[str, str]:
         """key -> tenant. A key without a tenant gets one derived from a hash of it (the key itself is never stored)."""
         keys = {}
-        for entry in self.api_keys:
+        entries = list(self.api_keys)
+        if self.api_keys_file is not None:
+            lines = (line.split("#", 1)[0].strip() for line in Path(self.api_keys_file).read_text().splitlines())
+            entries += [line for line in lines if line]
+        for entry in entries:
             key, _, tenant = entry.partition(":")
             keys[key] = tenant or "key-" + hashlib.sha256(key.encode()).hexdigest()[:16]
         return keys

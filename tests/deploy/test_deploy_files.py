@@ -35,7 +35,12 @@ def test_compose_stack_is_consistent():
     assert set(services) >= {"api", "redis", "prometheus", "grafana", "nginx"}
     api, redis = services["api"], services["redis"]
     assert api["depends_on"]["redis"]["condition"] == "service_healthy"
-    assert api["environment"]["TITANS_STORE"].startswith("redis://redis:6379")
+    # secure by default: compose refuses to start without keys and a Redis password (${VAR:?message})
+    assert api["environment"]["TITANS_STORE"].startswith("redis://:${REDIS_PASSWORD:?")
+    assert api["environment"]["TITANS_STORE"].endswith("}@redis:6379/0")
+    assert api["environment"]["TITANS_API_KEYS"].startswith("${TITANS_API_KEYS:?")
+    assert "--requirepass ${REDIS_PASSWORD:?" in " ".join(redis["command"])
+    assert redis["environment"]["REDISCLI_AUTH"].startswith("${REDIS_PASSWORD:?")
     port = int(api["environment"]["TITANS_PORT"])
     assert port == Settings().port and str(port) in api["ports"][0]
     assert "/health" in " ".join(api["healthcheck"]["test"])
@@ -107,15 +112,21 @@ def test_kubernetes_manifests():
     assert container["ports"][0]["containerPort"] == Settings().port
     assert container["resources"]["requests"] and container["resources"]["limits"]
     assert pod["metadata"]["annotations"]["prometheus.io/scrape"] == "true"
-    assert container["envFrom"][0]["secretRef"]["name"] in {n for k, n in kinds if k == "Secret"}
-    assert "TITANS_API_KEYS" in kinds[("Secret", "titans-api-keys")]["stringData"]
+    assert not [n for k, n in kinds if k == "Secret"]  # no secret ships with a default value
+    env = {e["name"]: e for e in container["env"]}
+    mount = next(m for m in container["volumeMounts"] if m["name"] == "api-keys")
+    assert env["TITANS_API_KEYS_FILE"]["value"].startswith(mount["mountPath"] + "/")
+    assert next(v for v in pod["spec"]["volumes"] if v["name"] == "api-keys")["secret"]["secretName"] == \
+        "titans-api-keys"
+    assert env["REDIS_PASSWORD"]["valueFrom"]["secretKeyRef"]["name"] == "titans-redis"
     service = kinds[("Service", "titans-api")]
     assert service["spec"]["selector"] == deploy["spec"]["selector"]["matchLabels"]
     redis = kinds[("StatefulSet", "titans-redis")]
     assert redis["spec"]["volumeClaimTemplates"] and "--appendonly" in redis["spec"]["template"]["spec"][
         "containers"][0]["args"]
     store = next(e["value"] for e in container["env"] if e["name"] == "TITANS_STORE")
-    assert store.startswith(f"redis://{kinds[('Service', 'titans-redis')]['metadata']['name']}:6379")
+    assert store == f"redis://:$(REDIS_PASSWORD)@{kinds[('Service', 'titans-redis')]['metadata']['name']}:6379/0"
+    assert "$(REDIS_PASSWORD)" in redis["spec"]["template"]["spec"]["containers"][0]["args"]
     gpu = load_yaml(DEPLOY / "k8s/titans-gpu.yaml")
     assert gpu["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == 1
 

@@ -206,9 +206,12 @@ def test_a_holder_that_dies_frees_its_session_within_seconds(model_dir, redis_se
 
 def test_per_tenant_quotas_answer_429_and_spare_the_other_tenants(model_dir, tmp_path):
     # finding 4: no per-tenant limits; one tenant could fill the store and break everyone's commits
+    # finding 12: keys on the command line show in `ps`; a key file keeps them out of it
+    (tmp_path / "keys").write_text("# tenant keys\nkey-a:alice\n\nkey-b:bob  # the second\n")
     with ServerProcess(model_dir, f"sqlite:///{tmp_path}/s.db", "--max-sessions-per-tenant", "2",
                        "--requests-per-minute", "7", "--tokens-per-minute", "40",
-                       env={"TITANS_API_KEYS": "key-a:alice,key-b:bob"}) as srv:
+                       "--api-keys-file", str(tmp_path / "keys")) as srv:
+        assert "key-a" not in " ".join(srv.cmd)
         a = httpx.Client(base_url=srv.url, timeout=30, headers={"Authorization": "Bearer key-a"})
         b = httpx.Client(base_url=srv.url, timeout=30, headers={"Authorization": "Bearer key-b"})
         first = new_session(a)["id"]
