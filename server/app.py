@@ -122,9 +122,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             f"{len(app.state.tenants_by_key)} API key(s)"
         log.info("serving %s (%s, fingerprint %s) with store %s; %s", rt.model_name, rt.model.config.variant,
                  rt.model.fingerprint, redact_url(settings.store), keys)
+        supervisor = asyncio.create_task(rt.keep_engine_alive())
         try:
             yield
         finally:
+            supervisor.cancel()
             app.state.runtime = None
             rt.core.stop()
             await rt.store.close()

@@ -436,11 +436,14 @@ class EngineClient:
         self._outbox: queue.SimpleQueue = queue.SimpleQueue()
         self._loop: asyncio.AbstractEventLoop | None = None
         self.alive = False
+        self.stopping = False  # stop() was called: the engine's end is the server's, not a failure
         self.model: ModelInfo | None = None  # once started
 
     def start(self) -> None:
-        """Spawn the engine process and wait until it has loaded and warmed up the model (blocking)."""
+        """Spawn the engine process and wait until it has loaded and warmed up the model (blocking). Again after
+        the engine died (restart): a new process, pipe and outbox; the model it loads must be the same one."""
         context = multiprocessing.get_context("spawn")  # never fork a process that holds torch's thread pools
+        self._outbox = queue.SimpleQueue()  # an earlier sender thread keeps the old one, and ends with it
         self._conn, child = context.Pipe()
         for end in (self._conn, child):
             _widen(end)
@@ -455,7 +458,12 @@ class EngineClient:
             raise RuntimeError(f"the engine process exited with {self.process.exitcode} while loading") from None
         if isinstance(message, Failed):
             raise RuntimeError(f"the engine process could not load the model:\n{message.message}")
-        self.model = ModelInfo.of(self.options.model, message)
+        model = ModelInfo.of(self.options.model, message)
+        if self.model is not None and model.fingerprint != self.model.fingerprint:
+            self.process.kill()
+            raise RuntimeError(f"the restarted engine loaded another model ({model.fingerprint}, was "
+                               f"{self.model.fingerprint}): sessions of both cannot be served by one server")
+        self.model = self.model or model
         self._sender = threading.Thread(target=_sender, args=(self._conn, self._outbox, self.process.kill),
                                         name="engine-client-sender",
                                         daemon=True)
@@ -466,10 +474,22 @@ class EngineClient:
         """Deliver the engine's messages on this event loop: a thread receives them (the pipe stays blocking, which
         a loop reader would not leave it) and hands each to the loop with one call_soon_threadsafe."""
         self._loop = loop
-        self._receiver = threading.Thread(target=self._receive, name="engine-client-receiver", daemon=True)
+        self._receiver = threading.Thread(target=self._receive, args=(self._conn, self.process),
+                                          name="engine-client-receiver", daemon=True)
         self._receiver.start()
 
+    def restart(self) -> None:
+        """A new engine process after this one died (blocking: the model loads again); requests are taken again
+        once it is up. Raises when it cannot start."""
+        self._outbox.put(None)  # the dead engine's sender thread ends
+        with contextlib.suppress(Exception):
+            self.process.kill()
+            self.process.join(5)
+        self.start()
+        self.attach(self._loop)
+
     def stop(self) -> None:
+        self.stopping = True
         if self.alive:
             self._outbox.put(Shutdown())
         self._outbox.put(None)
@@ -493,10 +513,10 @@ class EngineClient:
         if self.jobs.pop(job.id, None) is not None and self.alive:
             self._outbox.put(Abort(job.id))
 
-    def _receive(self) -> None:
+    def _receive(self, conn: Connection, process) -> None:
         try:
             while True:
-                message = receive(self._conn)
+                message = receive(conn)
                 if isinstance(message, Outputs):
                     self._loop.call_soon_threadsafe(self._deliver, message)
                 elif isinstance(message, Failed):
@@ -504,9 +524,9 @@ class EngineClient:
         except BaseException as e:  # EOF: the engine process is gone; anything else: it is unreachable
             if not isinstance(e, (EOFError, OSError)):
                 log.exception("engine client receiver failed")
-                self.process.kill()
-            self.process.join(1)
-            why = f"the engine process has stopped (exit code {self.process.exitcode})"
+                process.kill()
+            process.join(1)
+            why = f"the engine process has stopped (exit code {process.exitcode})"
             with contextlib.suppress(RuntimeError):  # the loop is closed: the server is gone already
                 self._loop.call_soon_threadsafe(self._lost, why)
 

@@ -77,6 +77,8 @@ class Metrics:
         self._rejected = counter("titans_rejected_requests", "Requests refused before any work, by reason "
                                  "(queue_full, requests_per_minute, tokens_per_minute, sessions_per_tenant).",
                                  ["reason"])
+        self.engine_restarts = counter("titans_engine_restarts", "Engine processes started again after one "
+                                       "died.").labels(**label)
         self._store_errors = counter("titans_store_errors", "Store calls that failed (store unreachable).", ["op"])
         self.model_name = model_name
 

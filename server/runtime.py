@@ -13,6 +13,8 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import os
+import signal
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -95,6 +97,32 @@ class Runtime:
     async def import_bytes(self, blob: bytes) -> SessionState:
         """A snapshot from outside (SnapshotError when it is damaged, foreign or out of bounds)."""
         return await asyncio.to_thread(self.model.load_state, blob, True)
+
+    async def keep_engine_alive(self) -> None:
+        """Restart the engine process whenever it dies (its requests have failed with 503 engine_dead, and /health
+        answers 503 until it is back), after engine_restart_delay_s, doubled after each failed start up to 30 s.
+        After engine_restarts failed starts in a row the server stops, for whatever supervises it to act."""
+        delay, failures = self.settings.engine_restart_delay_s, 0
+        while True:
+            await asyncio.sleep(0.2)
+            if self.core.alive or self.core.stopping:
+                continue
+            log.error("the engine process has stopped; starting a new one in %.1f s", delay)
+            await asyncio.sleep(delay)
+            try:
+                await asyncio.to_thread(self.core.restart)
+            except Exception:
+                failures += 1
+                log.exception("starting a new engine process failed (%d in a row)", failures)
+                if failures >= self.settings.engine_restarts:
+                    log.critical("the engine process cannot be restarted: stopping the server")
+                    os.kill(os.getpid(), signal.SIGTERM)
+                    return
+                delay = min(30.0, delay * 2)
+                continue
+            self.metrics.engine_restarts.inc()
+            log.warning("a new engine process serves requests")
+            failures, delay = 0, self.settings.engine_restart_delay_s
 
     @contextlib.asynccontextmanager
     async def leased(self, tenant: str, session_id: str, load: bool = False):

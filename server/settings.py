@@ -49,6 +49,12 @@ class Settings(BaseSettings):
                                       "engine last sent any (each send wakes the HTTP process): fewer, larger SSE "
                                       "chunks; a request's first and last tokens never wait")
 
+    engine_restart_delay_s: float = Field(1.0, ge=0, description="wait before starting a new engine process when "
+                                                                 "one dies (doubled after each failed start, up "
+                                                                 "to 30 s)")
+    engine_restarts: int = Field(5, ge=1, description="failed engine starts in a row after which the server exits "
+                                                      "(for a restart policy to act)")
+
     max_prompt_tokens: int = Field(16384, gt=0)
     max_output_tokens: int = Field(4096, gt=0)
     max_waiting: int = Field(256, ge=0, description="queued requests beyond this get 429")

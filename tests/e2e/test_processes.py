@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import time
 from pathlib import Path
@@ -169,8 +170,9 @@ def engine_process_of(srv: ServerProcess) -> int:
     raise AssertionError("no engine process")
 
 
-def test_a_dead_engine_process_fails_requests_cleanly_and_loses_no_memory(model_dir, tmp_path):
-    with ServerProcess(model_dir, f"sqlite:///{tmp_path}/sessions.db") as srv, \
+def test_a_dead_engine_process_fails_requests_cleanly_loses_no_memory_and_comes_back(model_dir, tmp_path):
+    # issue 24: the API process starts a new engine process, so a server heals without an orchestrator
+    with ServerProcess(model_dir, f"sqlite:///{tmp_path}/sessions.db", "--engine-restart-delay-s", "3") as srv, \
             httpx.Client(base_url=srv.url, timeout=30) as c:
         sid = new_session(c)["id"]
         complete(c, "remember this ", sid)
@@ -184,7 +186,27 @@ def test_a_dead_engine_process_fails_requests_cleanly_and_loses_no_memory(model_
         assert rest[-1] == "data: [DONE]" and '"engine_dead"' in rest[-2]  # the error in-band, then [DONE]
         assert c.get(f"/v1/sessions/{sid}").json()["version"] == before["version"]  # nothing half-committed
         assert c.get("/health").status_code == 503 and c.get("/ready").status_code == 503
-        assert_error(c.post("/v1/completions", json={"prompt": "x", "max_tokens": 2}), 503, "engine_dead")
+        r = c.post("/v1/completions", json={"prompt": "x", "max_tokens": 2})
+        assert_error(r, 503, "engine_dead")
+        assert r.headers["retry-after"] == "1" and "reference" in r.json()["error"]["message"]
+        deadline = time.monotonic() + 60
+        while c.get("/health").status_code != 200:
+            assert time.monotonic() < deadline, "no new engine process"
+            time.sleep(0.2)
+        assert complete(c, "back again ", sid)["session"]["version"] == before["version"] + 1
+        assert 'titans_engine_restarts_total{model_name="tiny-mal"} 1.0' in c.get("/metrics").text
+
+
+def test_a_server_whose_engine_cannot_start_again_exits_for_its_supervisor(model_dir, tmp_path):
+    model = tmp_path / "tiny-mal"
+    shutil.copytree(model_dir, model)
+    with ServerProcess(model, f"sqlite:///{tmp_path}/sessions.db", "--engine-restart-delay-s", "0.1",
+                       "--engine-restarts", "2") as srv:
+        (model / "model.safetensors").write_bytes(b"gone")  # every new engine process fails to load
+        os.kill(engine_process_of(srv), signal.SIGKILL)
+        srv.process.wait(60)  # rather than stay up with /health 503 forever
+        srv.log.flush()
+        assert "cannot be restarted" in srv.log_path.read_text()
 
 
 def test_the_engine_process_exits_when_the_api_process_dies_mid_generation(model_dir, tmp_path):
