@@ -1,7 +1,9 @@
-"""FastAPI dependencies, all in one place: the runtime, the caller's tenant, the session a request binds to."""
+"""FastAPI dependencies, all in one place: the runtime, the caller's tenant, the session a request binds to, and
+the watch on a client that leaves."""
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 
 from fastapi import Header, Request
@@ -10,6 +12,8 @@ from server.errors import APIError
 from server.runtime import Runtime
 
 OPEN_TENANT = "default"  # the single tenant of a server without API keys
+CLIENT_CLOSED = 499  # nginx's "client closed request": nobody reads it, but the access log says what happened
+REPLAYED = {"Idempotent-Replayed": "true"}  # the header of an answer given again for its Idempotency-Key
 
 
 # async, though nothing here awaits: FastAPI runs a plain `def` dependency on its thread pool, a thread hop per
@@ -47,3 +51,26 @@ def tenant_of(authorization: str | None, keys: dict[str, str]) -> str:
 def session_binding(body_session_id: str | None, header_session_id: str | None) -> str | None:
     """The body's session_id wins over the X-Session-ID header (vLLM precedent)."""
     return body_session_id or header_session_id or None
+
+
+
+class Departure:
+    """Watches for the client leaving: every engine job it tracks is aborted then, so a request whose client left
+    commits nothing (completions and memorize alike). Call close() when the request is over."""
+
+    def __init__(self, request: Request):
+        self.jobs: list = []
+        self.watch = asyncio.ensure_future(disconnected(request))
+        self.watch.add_done_callback(lambda f: None if f.cancelled() else [job.abort() for job in self.jobs])
+
+    def track(self, job) -> None:
+        self.jobs.append(job)
+
+    def close(self) -> None:
+        self.watch.cancel()
+
+
+async def disconnected(request: Request) -> None:
+    """Returns when the client goes away (the body was already read, so the next message is the disconnect)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass

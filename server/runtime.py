@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import json
 import logging
 import os
 import signal
@@ -29,7 +30,7 @@ from server.metrics import Metrics
 from server.quotas import Quotas
 from server.scheduler import ClientGone, DoneEvent, EngineStopped, ErrorEvent, QueueFull, TokenEvent
 from server.settings import Settings
-from server.store import Lease, SessionBusy, SessionRecord, SessionStore, StoreUnavailable, VersionConflict
+from server.store import Lease, Receipt, SessionBusy, SessionRecord, SessionStore, StoreUnavailable, VersionConflict
 
 log = logging.getLogger("titans.server")
 
@@ -48,6 +49,40 @@ def failure(error: BaseException) -> Exception:
                         headers={"Retry-After": "1"})
     return APIError(500, f"generation failed in the engine (reference {reference}, in the server's log)",
                     "engine_error")
+
+
+@dataclass(frozen=True)
+class Replay:
+    """A request whose Idempotency-Key was committed already: what it answered then (Answer.body), and the
+    session's record now. Nothing ran."""
+    answer: dict
+    record: SessionRecord
+
+
+@dataclass
+class Answer:
+    """What a request answers, gathered from its events: the body of its receipt."""
+    text: str = ""
+    token_ids: list[int] = dataclasses.field(default_factory=list)
+    surprise: list[float] = dataclasses.field(default_factory=list)
+    stop_reason: str | None = None
+    done: DoneEvent | None = None
+
+    def add(self, event: TokenEvent | DoneEvent) -> None:
+        self.surprise += event.surprise
+        if isinstance(event, TokenEvent):
+            self.text += event.text
+            self.token_ids += event.token_ids
+            self.stop_reason = event.stop_reason
+        else:
+            self.done = event
+
+    def body(self) -> bytes:
+        done = self.done
+        return json.dumps({"text": self.text, "token_ids": self.token_ids, "surprise": self.surprise,
+                           "finish_reason": done.finish_reason, "stop_reason": self.stop_reason,
+                           "prompt_tokens": done.prompt_tokens, "completion_tokens": done.completion_tokens},
+                          separators=(",", ":")).encode()
 
 
 @dataclass
@@ -177,12 +212,12 @@ class Runtime:
                 return
 
     async def commit(self, tenant: str, held: Held, snapshot: bytes, tokens_seen: int,
-                     release: bool = False) -> SessionRecord:
+                     release: bool = False, receipt: Receipt | None = None) -> SessionRecord:
         """Commit under the held lease; release: and give the lease up with it (the holder's last store call)."""
         lease = held.lease
         try:
             record = await self.store.commit(tenant, lease.session_id, lease.version, snapshot, tokens_seen, lease,
-                                             release)
+                                             release, receipt)
         except (VersionConflict, SessionBusy):
             self.metrics.conflicts.inc()
             raise
@@ -226,25 +261,37 @@ class Runtime:
                            "prompt")
 
     async def generate(self, tenant: str, session_id: str | None, prompt_ids: list[int], params: SamplingParams,
-                       commit: bool, want_surprise: bool,
-                       on_job: Callable[[Job], None] | None = None) -> AsyncIterator[TokenEvent | DoneEvent]:
+                       commit: bool, want_surprise: bool, on_job: Callable[[Job], None] | None = None,
+                       idempotency_key: str | None = None) -> AsyncIterator[TokenEvent | DoneEvent | Replay]:
         """Yields TokenEvents, then one DoneEvent once the session (if any, and if `commit`) is committed.
-        on_job sees the engine job once it exists (to abort it when the client leaves: Job.abort)."""
+        on_job sees the engine job once it exists (to abort it when the client leaves: Job.abort).
+        idempotency_key (a committing request): the commit stores what the request answered, and a request with
+        a key already committed yields one Replay of that answer instead, applying nothing."""
         self.check_prompt(prompt_ids, params.max_tokens)
         self.admit(tenant, "tokens_per_minute", len(prompt_ids) + params.max_tokens)
         if session_id is None:
             async for event in self._run(None, prompt_ids, params, want_surprise, False, on_job):
                 yield event
             return
+        keyed = idempotency_key if commit else None
         started = time.perf_counter()
         async with self.leased(tenant, session_id, load=True) as held:
+            if keyed is not None:  # under the lease: the first request cannot commit in between
+                prior = await self.store.receipt(tenant, session_id, keyed)
+                if prior is not None:
+                    yield Replay(json.loads(prior), held.record)
+                    return
             self.check_memory_model(held.record)
             self.metrics.memory_load.observe(time.perf_counter() - started)
+            answer = Answer()
             async for event in self._run(held.snapshot, prompt_ids, params, want_surprise, commit, on_job):
+                answer.add(event)
                 if isinstance(event, DoneEvent):
                     record = held.record
                     if commit:
-                        record = await self.commit(tenant, held, event.snapshot, event.tokens_seen, release=True)
+                        receipt = Receipt(keyed, answer.body()) if keyed is not None else None
+                        record = await self.commit(tenant, held, event.snapshot, event.tokens_seen, release=True,
+                                                   receipt=receipt)
                     event = dataclasses.replace(event, record=record)
                 yield event
 

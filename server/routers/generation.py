@@ -8,7 +8,6 @@ The last chunk is sent only after the session's new memory is committed, so fini
 
 from __future__ import annotations
 
-import asyncio
 import json
 import math
 import time
@@ -19,16 +18,15 @@ import anyio
 from fastapi import APIRouter, Depends, Header, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from server.deps import get_runtime, get_tenant, session_binding
+from server.deps import CLIENT_CLOSED, REPLAYED, Departure, get_runtime, get_tenant, session_binding
 from server.errors import APIError, as_api_error, error_body
 from server.protocol import ChatCompletionRequest, CompletionRequest, SamplingFields
-from server.runtime import Runtime
+from server.runtime import Replay, Runtime
 from server.scheduler import ClientGone, DoneEvent, TokenEvent
 
 router = APIRouter(prefix="/v1", tags=["generation"])
 
 CHAT_STOP = "<|"  # a role marker begins: the assistant's turn is over
-CLIENT_CLOSED = 499  # nginx's "client closed request": nobody reads it, but the access log says what happened
 
 
 def render_chat(messages) -> str:
@@ -105,27 +103,30 @@ def usage_of(done: DoneEvent) -> dict:
 
 
 async def respond(request: Request, rt: Runtime, tenant: str, req: SamplingFields, session_id: str | None,
-                  prompt_ids: list[int], max_tokens: int, chat: bool, echo: str = ""):
+                  prompt_ids: list[int], max_tokens: int, chat: bool, echo: str = "",
+                  idempotency_key: str | None = None):
     rt.check_served_model(req.model)
     try:
         params = req.sampling(max_tokens, (CHAT_STOP,) if chat else ())
     except ValueError as e:
         raise APIError(400, str(e), "invalid_sampling") from e
-    jobs: list = []
-    events = rt.generate(tenant, session_id, prompt_ids, params, commit=req.memory == "commit",
-                         want_surprise=req.return_surprise, on_job=jobs.append)
-    shape = Shape(chat, rt.model_name, req.return_surprise, req.return_token_ids)
     # a client that leaves aborts its job at once (even during a long prefill): nothing is committed
-    gone = asyncio.ensure_future(disconnected(request))
-    gone.add_done_callback(lambda f: None if f.cancelled() else [job.abort() for job in jobs])
+    gone = Departure(request)
+    events = rt.generate(tenant, session_id, prompt_ids, params, commit=req.memory == "commit",
+                         want_surprise=req.return_surprise, on_job=gone.track, idempotency_key=idempotency_key)
+    shape = Shape(chat, rt.model_name, req.return_surprise, req.return_token_ids)
     try:
         first = await anext(events)  # errors up to the first token are ordinary HTTP errors
     except ClientGone:
         return Response(status_code=CLIENT_CLOSED)
     except BaseException:
-        gone.cancel()
+        gone.close()
         await close(events)
         raise
+    if isinstance(first, Replay):  # this Idempotency-Key was committed already: its first answer again
+        gone.close()
+        await close(events)
+        return replay(shape, first, req, echo)
     if req.stream:
         return StreamingResponse(stream(shape, first, events, req.include_usage(), echo, gone),
                                  media_type="text/event-stream",
@@ -143,20 +144,34 @@ async def respond(request: Request, rt: Runtime, tenant: str, req: SamplingField
     except ClientGone:
         return Response(status_code=CLIENT_CLOSED)
     finally:
-        gone.cancel()
+        gone.close()
         await close(events)  # releases the session's lease now, not when the generator is collected
     return JSONResponse(shape.response(text, event.finish_reason, stop_reason, surprise, ids, usage_of(event),
-                                       session_info(event)))
+                                       session_info(event.record)))
 
 
-def session_info(done: DoneEvent) -> dict | None:
-    return {"id": done.record.id, "version": done.record.version} if done.record is not None else None
+def session_info(record) -> dict | None:
+    return {"id": record.id, "version": record.version} if record is not None else None
 
 
-async def disconnected(request: Request) -> None:
-    """Returns when the client goes away (the body was already read, so the next message is the disconnect)."""
-    while (await request.receive())["type"] != "http.disconnect":
-        pass
+def replay(shape: Shape, prior: Replay, req: SamplingFields, echo: str) -> Response:
+    """The answer a request with this Idempotency-Key gave when it committed, in the shape this retry asked for
+    (a stream: its whole text in one chunk)."""
+    a = prior.answer
+    usage = {"prompt_tokens": a["prompt_tokens"], "completion_tokens": a["completion_tokens"],
+             "total_tokens": a["prompt_tokens"] + a["completion_tokens"]}
+    session = {"id": prior.record.id, "version": prior.record.version}
+    if not req.stream:
+        return JSONResponse(shape.response(echo + a["text"], a["finish_reason"], a["stop_reason"], a["surprise"],
+                                           a["token_ids"], usage, session), headers=REPLAYED)
+    chunks = [shape.chunk([shape.choice(None, None, [], [], role=True)])] if shape.chat else []
+    chunks.append(shape.chunk([shape.choice(echo + a["text"], a["finish_reason"], a["surprise"], a["token_ids"],
+                                            stop_reason=a["stop_reason"])], session=session))
+    if req.include_usage():
+        chunks.append(shape.chunk([], usage=usage))
+    chunks.append("data: [DONE]\n\n")
+    return StreamingResponse(iter(chunks), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", **REPLAYED})
 
 
 async def close(events) -> None:
@@ -165,7 +180,7 @@ async def close(events) -> None:
 
 
 async def stream(shape: Shape, first, events: AsyncIterator, include_usage: bool, echo: str,
-                 gone: asyncio.Future) -> AsyncIterator[str]:
+                 gone: Departure) -> AsyncIterator[str]:
     held: TokenEvent | None = None  # the last token's chunk waits for the commit
     try:
         if shape.chat:
@@ -178,7 +193,7 @@ async def stream(shape: Shape, first, events: AsyncIterator, include_usage: bool
                 text = held.text if held else ""
                 surprise = (held.surprise if held else []) + event.surprise
                 ids = list(held.token_ids) if held else []
-                session = session_info(event)
+                session = session_info(event.record)
                 yield shape.chunk([shape.choice(text, event.finish_reason, surprise, ids,
                                                 stop_reason=held.stop_reason if held else None)],
                                   **({"session": session} if session else {}))
@@ -196,14 +211,15 @@ async def stream(shape: Shape, first, events: AsyncIterator, include_usage: bool
         err = as_api_error(exc)
         yield f"data: {json.dumps(error_body(err.status, err.message, err.code))}\n\n"
     finally:
-        gone.cancel()
+        gone.close()
         await close(events)
     yield "data: [DONE]\n\n"
 
 
 @router.post("/completions")
 async def completions(request: Request, req: CompletionRequest, rt: Runtime = Depends(get_runtime),
-                      tenant: str = Depends(get_tenant), x_session_id: str | None = Header(None)):
+                      tenant: str = Depends(get_tenant), x_session_id: str | None = Header(None),
+                      idempotency_key: str | None = Header(None)):
     prompt = req.prompt
     prompt_ids = await rt.encode(prompt) if isinstance(prompt, str) \
         else list(prompt)
@@ -211,12 +227,13 @@ async def completions(request: Request, req: CompletionRequest, rt: Runtime = De
     rt.check_prompt(prompt_ids, max_tokens)  # before decoding ids for echo
     echo = (prompt if isinstance(prompt, str) else rt.model.tokenizer.decode(prompt_ids)) if req.echo else ""
     return await respond(request, rt, tenant, req, session_binding(req.session_id, x_session_id), prompt_ids,
-                         max_tokens, chat=False, echo=echo)
+                         max_tokens, chat=False, echo=echo, idempotency_key=idempotency_key)
 
 
 @router.post("/chat/completions")
 async def chat_completions(request: Request, req: ChatCompletionRequest, rt: Runtime = Depends(get_runtime),
-                           tenant: str = Depends(get_tenant), x_session_id: str | None = Header(None)):
+                           tenant: str = Depends(get_tenant), x_session_id: str | None = Header(None),
+                           idempotency_key: str | None = Header(None)):
     try:
         text = render_chat(req.messages)
     except ValueError as e:
@@ -225,4 +242,4 @@ async def chat_completions(request: Request, req: ChatCompletionRequest, rt: Run
     max_tokens = rt.settings.max_output_tokens if limit is None else limit
     prompt_ids = await rt.encode(text)
     return await respond(request, rt, tenant, req, session_binding(req.session_id, x_session_id), prompt_ids,
-                         max_tokens, chat=True)
+                         max_tokens, chat=True, idempotency_key=idempotency_key)

@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import math
 
-from fastapi import APIRouter, Depends, Query, Request, Response
+from fastapi import APIRouter, Depends, Header, Query, Request, Response
+from fastapi.responses import JSONResponse
 
 from engine import SamplingParams
-from server.deps import get_runtime, get_tenant
+from server.deps import CLIENT_CLOSED, REPLAYED, Departure, get_runtime, get_tenant
 from server.errors import APIError
 from server.protocol import SessionCreate, SessionFork, SessionMemorize, SessionRollback
-from server.runtime import Runtime
-from server.scheduler import DoneEvent
+from server.runtime import Replay, Runtime
+from server.scheduler import ClientGone, DoneEvent
 
 router = APIRouter(prefix="/v1/sessions", tags=["sessions"])
 
@@ -79,20 +80,31 @@ async def rollback_session(session_id: str, body: SessionRollback, rt: Runtime =
 
 
 @router.post("/{session_id}/memorize")
-async def memorize(session_id: str, body: SessionMemorize, rt: Runtime = Depends(get_runtime),
-                   tenant: str = Depends(get_tenant)):
-    """Read text into the memory without generating: {"tokens", "mean_surprise", "session"}."""
+async def memorize(request: Request, session_id: str, body: SessionMemorize, rt: Runtime = Depends(get_runtime),
+                   tenant: str = Depends(get_tenant), idempotency_key: str | None = Header(None)):
+    """Read text into the memory without generating: {"tokens", "mean_surprise", "session"}. Commits only if the
+    client is still there (as completions do); with an Idempotency-Key, a retry after the commit answers the
+    same tokens and surprise (and the session as it is now) without reading the text again."""
     ids = await rt.encode(body.text)
-    surprise, done = [], None
-    async for event in rt.generate(tenant, session_id, ids, SamplingParams(max_tokens=0), commit=True,
-                                   want_surprise=True):
-        surprise += event.surprise
-        if isinstance(event, DoneEvent):
-            done = event
+    surprise, done, gone = [], None, Departure(request)
+    try:
+        async for event in rt.generate(tenant, session_id, ids, SamplingParams(max_tokens=0), commit=True,
+                                       want_surprise=True, on_job=gone.track, idempotency_key=idempotency_key):
+            if isinstance(event, Replay):
+                surprise, record = event.answer["surprise"], event.record
+                break
+            surprise += event.surprise
+            if isinstance(event, DoneEvent):
+                done, record = event, event.record  # the record this commit produced
+    except ClientGone:
+        return Response(status_code=CLIENT_CLOSED)
+    finally:
+        gone.close()
     rt.metrics.session_op("memorize")
     finite = [v for v in surprise if math.isfinite(v)]  # JSON has no NaN; a memory driven to overflow has some
-    return {"tokens": done.prompt_tokens, "mean_surprise": sum(finite) / len(finite) if finite else None,
-            "session": rt.session_object(done.record)}  # the record this commit produced
+    answer = {"tokens": len(ids), "mean_surprise": sum(finite) / len(finite) if finite else None,
+              "session": rt.session_object(record)}
+    return answer if done is not None else JSONResponse(answer, headers=REPLAYED)
 
 
 @router.get("/{session_id}/snapshot")

@@ -8,6 +8,7 @@ from .base import (
     LimitExceeded,
     Page,
     QuotaExceeded,
+    Receipt,
     SessionBusy,
     SessionNotFound,
     SessionRecord,
@@ -20,9 +21,9 @@ from .base import (
     redact_url,
 )
 
-__all__ = ["InvalidArgument", "Lease", "LimitExceeded", "Page", "QuotaExceeded", "SessionBusy", "SessionNotFound",
-           "SessionRecord", "SessionStore", "StoreError", "StoreLimits", "StoreOptions", "StoreUnavailable",
-           "VersionConflict", "open_store", "redact_url"]
+__all__ = ["InvalidArgument", "Lease", "LimitExceeded", "Page", "QuotaExceeded", "Receipt", "SessionBusy",
+           "SessionNotFound", "SessionRecord", "SessionStore", "StoreError", "StoreLimits", "StoreOptions",
+           "StoreUnavailable", "VersionConflict", "open_store", "redact_url"]
 
 
 def open_store(url: str, options: StoreOptions | None = None) -> SessionStore:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import hashlib
 import json
 import secrets
 from abc import ABC, abstractmethod
@@ -139,6 +140,7 @@ class StoreOptions:
     timeout_s: float = 2.0  # every call answers or raises StoreUnavailable within about this long
     limits: StoreLimits = field(default_factory=StoreLimits)
     cache_bytes: int = 256 * 2**20  # snapshots a remote store keeps in this process (BlobCache); 0 = none
+    receipt_ttl_s: float = 24 * 3600  # how long a commit's receipt answers a retry of its request
 
     def __post_init__(self) -> None:
         if self.history < 0:
@@ -210,6 +212,24 @@ def new_lease_token() -> str:
     return _random_chars(16)
 
 
+@dataclass(frozen=True)
+class Receipt:
+    """What a committing request answered, stored atomically with its commit under the request's idempotency key:
+    a retry of the request finds it and answers the same instead of applying twice."""
+    key: str  # the client's Idempotency-Key
+    body: bytes
+
+
+MAX_IDEMPOTENCY_KEY = 255
+
+
+def receipt_id(tenant: str, key: str) -> str:
+    """The stored name of a tenant's idempotency key (another tenant's same key is another receipt)."""
+    if not 0 < len(key) <= MAX_IDEMPOTENCY_KEY:
+        raise InvalidArgument(f"an Idempotency-Key has 1 to {MAX_IDEMPOTENCY_KEY} characters")
+    return hashlib.sha256(f"{tenant}\0{key}".encode()).hexdigest()[:32]
+
+
 class SessionStore(ABC):
     """Every method is scoped to a tenant: another tenant's session is SessionNotFound, never an error that
     tells it exists. Methods raise StoreUnavailable when the backend does not answer in time."""
@@ -236,10 +256,16 @@ class SessionStore(ABC):
 
     @abstractmethod
     async def commit(self, tenant: str, session_id: str, expected_version: int, snapshot: bytes,
-                     tokens_seen: int, lease: Lease | None = None, release: bool = False) -> SessionRecord:
+                     tokens_seen: int, lease: Lease | None = None, release: bool = False,
+                     receipt: Receipt | None = None) -> SessionRecord:
         """Compare-and-set: VersionConflict unless the session is at `expected_version`; SessionBusy if someone
         else holds the lease (or `lease` is no longer the live one). release: a successful commit also gives
-        `lease` up (a request's last store call)."""
+        `lease` up (a request's last store call). receipt: stored with the commit, all or nothing."""
+
+    @abstractmethod
+    async def receipt(self, tenant: str, session_id: str, key: str) -> bytes | None:
+        """The body of the receipt a commit of this session stored under `key` (None: no such commit, or it is
+        older than receipt_ttl_s)."""
 
     @abstractmethod
     async def acquire(self, tenant: str, session_id: str, ttl_s: float) -> Lease:

@@ -63,6 +63,7 @@ from .base import (
     encode_metadata,
     new_lease_token,
     new_session_id,
+    receipt_id,
     redact_url,
 )
 
@@ -136,6 +137,7 @@ local version = redis.call('HGET', KEYS[1], 'version')
 if version ~= ARGV[4] then return refuse('CONFLICT', version) end
 if redis.call('PERSIST', blob_key(ARGV[5])) == 0 then return {'EXPIRED'} end
 redis.call('HSET', KEYS[3], ARGV[5], 1)
+if KEYS[4] then redis.call('SET', KEYS[4], ARGV[10], 'PX', ARGV[11]) end  -- the request's receipt, with it
 return {'OK', install(ARGV[5], ARGV[6], ARGV[7], tonumber(ARGV[9]))}
 """
 
@@ -234,6 +236,11 @@ def session_keys(session_id: str) -> list[str]:
     """meta, lease, refs"""
     return [f"{family(session_id)}:{session_id}:meta", f"{family(session_id)}:{session_id}:lease",
             f"{family(session_id)}:refs"]
+
+
+def receipt_key(session_id: str, tenant: str, key: str) -> str:
+    """Beside the session's keys (the same slot: its commit script writes it)."""
+    return f"{family(session_id)}:{session_id}:r:{receipt_id(tenant, key)}"
 
 
 def blob_prefix(session_id: str) -> str:
@@ -376,15 +383,19 @@ class RedisStore(SessionStore):
         await self._script("delete", session_id, tenant)
         await self._call(self.redis.zrem(tenant_index(tenant), session_id))
 
-    async def commit(self, tenant, session_id, expected_version, snapshot, tokens_seen, lease=None, release=False):
+    async def commit(self, tenant, session_id, expected_version, snapshot, tokens_seen, lease=None, release=False,
+                     receipt=None):
         self.options.limits.check(snapshot)
         check_id(session_id)
+        with_receipt = {} if receipt is None else {"extra_keys": [receipt_key(session_id, tenant, receipt.key)]}
+        receipt_args = [] if receipt is None else [receipt.body, int(self.options.receipt_ttl_s * 1000)]
         # the bytes go up first as a pending blob that expires by itself unless the commit script adopts it
         blob = new_lease_token()
         pending_ms = int(max(60.0, 10 * self.options.timeout_s) * 1000)
         await self._call(self.redis.set(blob_prefix(session_id) + blob, snapshot, px=pending_ms))
         result = await self._script("commit", session_id, tenant, expected_version, blob, tokens_seen,
-                                    repr(time.time()), lease.token if lease else "", self.options.history)
+                                    repr(time.time()), lease.token if lease else "", self.options.history,
+                                    *receipt_args, **with_receipt)
         if result[0] == "CONFLICT":
             raise VersionConflict(session_id, expected_version, int(result[1]))
         if result[0] == "EXPIRED":
@@ -394,6 +405,10 @@ class RedisStore(SessionStore):
             with contextlib.suppress(StoreUnavailable):
                 await self.release(lease)
         return _record(session_id, result[1])
+
+    async def receipt(self, tenant, session_id, key):
+        await self._script("read", session_id, tenant)  # another tenant's session: SessionNotFound
+        return await self._call(self.redis.get(receipt_key(session_id, tenant, key)))
 
     async def acquire(self, tenant, session_id, ttl_s):
         token = new_lease_token()

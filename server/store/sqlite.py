@@ -39,6 +39,7 @@ from .base import (
     encode_metadata,
     new_lease_token,
     new_session_id,
+    receipt_id,
 )
 
 T = TypeVar("T")
@@ -76,6 +77,14 @@ CREATE TABLE IF NOT EXISTS sessions (
 );
 CREATE INDEX IF NOT EXISTS sessions_by_tenant ON sessions (tenant, created_at DESC, id DESC);
 CREATE INDEX IF NOT EXISTS sessions_by_expiry ON sessions (expires_at) WHERE expires_at IS NOT NULL;
+CREATE TABLE IF NOT EXISTS receipts (
+    id TEXT NOT NULL,
+    key TEXT NOT NULL,
+    body BLOB NOT NULL,
+    expires_at REAL NOT NULL,
+    PRIMARY KEY (id, key)
+);
+CREATE INDEX IF NOT EXISTS receipts_by_expiry ON receipts (expires_at);
 CREATE TABLE IF NOT EXISTS history (
     id TEXT NOT NULL,
     version INTEGER NOT NULL,
@@ -297,11 +306,13 @@ class LocalStore(SessionStore):
         blobs = [r[0] for r in db.execute("SELECT blob FROM history WHERE id = ? UNION ALL "
                                           "SELECT blob FROM sessions WHERE id = ?", (session_id, session_id))]
         db.execute("DELETE FROM history WHERE id = ?", (session_id,))
+        db.execute("DELETE FROM receipts WHERE id = ?", (session_id,))
         db.execute("DELETE FROM sessions WHERE id = ?", (session_id,))
         for blob in blobs:
             self._decref(db, blob)
 
     def _purge_expired(self, db: sqlite3.Connection, now: float) -> None:
+        db.execute("DELETE FROM receipts WHERE expires_at <= ?", (now,))
         for (session_id,) in db.execute("SELECT id FROM sessions WHERE expires_at <= ?", (now,)).fetchall():
             self._remove(db, session_id)
 
@@ -388,8 +399,10 @@ class LocalStore(SessionStore):
 
         await self._run(op)
 
-    async def commit(self, tenant, session_id, expected_version, snapshot, tokens_seen, lease=None, release=False):
+    async def commit(self, tenant, session_id, expected_version, snapshot, tokens_seen, lease=None, release=False,
+                     receipt=None):
         self.options.limits.check(snapshot)
+        receipt_key = receipt_id(tenant, receipt.key) if receipt else None
 
         def op(db):
             now = time.time()
@@ -398,11 +411,25 @@ class LocalStore(SessionStore):
             if row["version"] != expected_version:
                 raise VersionConflict(session_id, expected_version, row["version"])
             self._install(db, row, self._new_blob(db, snapshot), tokens_seen, now)
+            if receipt is not None:
+                db.execute("INSERT OR REPLACE INTO receipts (id, key, body, expires_at) VALUES (?, ?, ?, ?)",
+                           (session_id, receipt_key, receipt.body, now + self.options.receipt_ttl_s))
             if release and lease is not None:
                 self._release(db, lease)
             return self._fetch(db, tenant, session_id, now)
 
         return await self._run_grouped(op, len(snapshot))
+
+    async def receipt(self, tenant, session_id, key):
+        receipt_key = receipt_id(tenant, key)
+
+        def op(db):
+            self._row(db, tenant, session_id, time.time())  # another tenant's session: SessionNotFound
+            row = db.execute("SELECT body FROM receipts WHERE id = ? AND key = ? AND expires_at > ?",
+                             (session_id, receipt_key, time.time())).fetchone()
+            return None if row is None else bytes(row[0])
+
+        return await self._run(op, write=False)
 
     def _acquire(self, db: sqlite3.Connection, tenant: str, session_id: str, ttl_s: float, now: float):
         row = self._row(db, tenant, session_id, now)

@@ -18,7 +18,7 @@ from safetensors.torch import load as load_safetensors
 from engine.state import SessionState, _checksum
 from tests.e2e.test_api import assert_error, complete, new_session
 from tests.redis_server import RedisServer
-from tests.server_process import ServerProcess
+from tests.server_process import ServerProcess, sse_events
 
 PASSWORD = "s3cret-pa55word"
 
@@ -237,3 +237,37 @@ def test_per_tenant_quotas_answer_429_and_spare_the_other_tenants(model_dir, tmp
             assert f'titans_rejected_requests_total{{model_name="tiny-mal",reason="{reason}"}} {count}.0' in metrics
         a.close()
         b.close()
+
+
+def test_memorize_commits_only_for_a_client_still_there_and_a_keyed_retry_applies_once(model_dir, tmp_path):
+    # finding 8: memorize committed after its client had gone; without an idempotency key a client's retry
+    # memorized twice
+    with ServerProcess(model_dir, f"sqlite:///{tmp_path}/s.db", "--prefill-chunk", "8") as srv, \
+            httpx.Client(base_url=srv.url, timeout=60) as c:
+        sid = new_session(c)["id"]
+        with pytest.raises(httpx.ReadTimeout), httpx.Client(base_url=srv.url, timeout=0.5) as impatient:
+            # ~1,900 engine steps of reading (seconds): the client leaves long before the end
+            impatient.post(f"/v1/sessions/{sid}/memorize", json={"text": "a long document. " * 900})
+        while (r := c.post(f"/v1/sessions/{sid}/reset")).status_code == 409:  # the aborted request's lease goes
+            time.sleep(0.1)
+        assert r.json()["version"] == 2  # the reset alone: nothing was memorized
+
+        key = {"Idempotency-Key": "memo-1"}
+        first = c.post(f"/v1/sessions/{sid}/memorize", json={"text": "the code is 4821. "}, headers=key)
+        again = c.post(f"/v1/sessions/{sid}/memorize", json={"text": "the code is 4821. "}, headers=key)
+        assert first.status_code == again.status_code == 200 and again.headers["idempotent-replayed"] == "true"
+        assert first.json()["session"]["version"] == again.json()["session"]["version"] == 3
+        assert first.json()["mean_surprise"] == again.json()["mean_surprise"]
+
+        body = {"prompt": "and then ", "session_id": sid, "max_tokens": 5, "temperature": 1.0, "seed": 7,
+                "return_token_ids": True}
+        key = {"Idempotency-Key": "turn-2"}
+        first = c.post("/v1/completions", json=body, headers=key).json()
+        again = c.post("/v1/completions", json=body, headers=key)
+        assert again.headers["idempotent-replayed"] == "true"
+        assert again.json()["choices"] == first["choices"] and again.json()["session"] == first["session"]
+        streamed = sse_events(c.post("/v1/completions", json={**body, "stream": True}, headers=key).content)
+        assert "".join(e["choices"][0]["text"] for e in streamed[:-1]) == first["choices"][0]["text"]
+        assert c.get(f"/v1/sessions/{sid}").json()["version"] == 4  # three answers, one commit
+        other = c.post("/v1/completions", json=body, headers={"Idempotency-Key": "turn-3"}).json()
+        assert other["session"]["version"] == 5

@@ -11,6 +11,7 @@ from server.store import (
     InvalidArgument,
     LimitExceeded,
     QuotaExceeded,
+    Receipt,
     SessionBusy,
     SessionNotFound,
     StoreLimits,
@@ -236,6 +237,28 @@ async def test_a_tenant_keeps_at_most_its_session_quota_even_when_creating_at_on
         assert len([await store.create("a", FP, b"z") for _ in range(3)]) == 3
     finally:
         await store.close()
+
+
+async def test_a_receipt_is_stored_with_its_commit_or_not_at_all(store):
+    # issue 24, finding 8: an Idempotency-Key makes a retried request answer its first result
+    rec = await store.create("a", FP, b"v1")
+    assert await store.receipt("a", rec.id, "k1") is None
+    await store.commit("a", rec.id, 1, b"v2", 5, receipt=Receipt("k1", b'{"text": "first"}'))
+    assert await store.receipt("a", rec.id, "k1") == b'{"text": "first"}'
+    with pytest.raises(VersionConflict):  # a refused commit leaves no receipt
+        await store.commit("a", rec.id, 1, b"v2'", 5, receipt=Receipt("k2", b"second"))
+    assert await store.receipt("a", rec.id, "k2") is None
+    with pytest.raises(SessionNotFound):  # another tenant's session, whatever the key
+        await store.receipt("b", rec.id, "k1")
+    other = await store.create("b", FP, b"v1")
+    await store.commit("b", other.id, 1, b"v2", 5, receipt=Receipt("k1", b"bob's"))
+    assert await store.receipt("b", other.id, "k1") == b"bob's"
+    assert await store.receipt("a", rec.id, "k1") == b'{"text": "first"}'
+    with pytest.raises(InvalidArgument):
+        await store.receipt("a", rec.id, "x" * 300)
+    await store.delete("a", rec.id)
+    with pytest.raises(SessionNotFound):
+        await store.receipt("a", rec.id, "k1")
 
 
 async def test_sliding_ttl_expires_idle_sessions_only(store_kind, redis_server, tmp_path):
