@@ -4,7 +4,7 @@ import random
 import pytest
 import torch
 
-from tests.redis_server import RedisServer
+from tests.redis_server import RedisClusterServers, RedisServer
 
 torch.set_num_threads(2)
 if not torch.cuda.is_available():  # Triton kernels run in its interpreter on the CPU (set before triton loads)
@@ -23,6 +23,14 @@ def redis_server(tmp_path_factory):
     server = RedisServer(tmp_path_factory.mktemp("redis")).start()
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_cluster(tmp_path_factory):
+    """A real 3-master Redis Cluster for the whole run."""
+    cluster = RedisClusterServers(tmp_path_factory.mktemp("redis-cluster")).start()
+    yield cluster
+    cluster.stop()
 
 
 @pytest.fixture(scope="session")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 import shutil
 import socket
 import subprocess
@@ -17,7 +18,7 @@ def free_port() -> int:
 
 class RedisServer:
     def __init__(self, directory: Path, appendonly: bool = False, password: str | None = None,
-                 options: tuple[str, ...] = ()):
+                 options: tuple[str, ...] = (), port: int | None = None):
         """options: more redis-server arguments, e.g. ("--maxmemory", "4mb")."""
         binary = shutil.which("redis-server")
         if binary is None:
@@ -25,7 +26,7 @@ class RedisServer:
         self.binary, self.directory, self.appendonly = binary, Path(directory), appendonly
         self.password, self.options = password, options
         self.directory.mkdir(parents=True, exist_ok=True)
-        self.port = free_port()
+        self.port = port or free_port()
         self.process: subprocess.Popen | None = None
 
     @property
@@ -67,3 +68,49 @@ class RedisServer:
         if self.process and self.process.poll() is None:
             self.process.kill()
             self.process.wait(10)
+
+
+def free_bus_port() -> int:
+    """A free port whose cluster bus port (port + 10000) is free and exists too (an ephemeral port may be above
+    55535, and redis-server then refuses to start)."""
+    rng = random.Random()
+    while True:
+        port = rng.randint(20000, 30000)
+        try:
+            with socket.socket() as a, socket.socket() as b:
+                a.bind(("127.0.0.1", port))
+                b.bind(("127.0.0.1", port + 10000))
+            return port
+        except OSError:
+            continue
+
+
+class RedisClusterServers:
+    """A real Redis Cluster of `masters` redis-servers (no replicas) on free ports, made with redis-cli."""
+
+    def __init__(self, directory: Path, masters: int = 3):
+        self.nodes = [RedisServer(Path(directory) / f"node{i}", port=free_bus_port(), options=(
+            "--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf", "--cluster-node-timeout", "2000"))
+            for i in range(masters)]
+
+    @property
+    def url(self) -> str:
+        return f"redis-cluster://127.0.0.1:{self.nodes[0].port}"
+
+    def start(self) -> RedisClusterServers:
+        for node in self.nodes:
+            node.start()
+        subprocess.run(["redis-cli", "--cluster", "create", *(f"127.0.0.1:{n.port}" for n in self.nodes),
+                        "--cluster-replicas", "0", "--cluster-yes"], check=True, capture_output=True, timeout=60)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:  # every node agrees the cluster is up
+            states = [subprocess.run(["redis-cli", "-p", str(n.port), "cluster", "info"], capture_output=True,
+                                     text=True, timeout=10).stdout for n in self.nodes]
+            if all("cluster_state:ok" in s for s in states):
+                return self
+            time.sleep(0.1)
+        raise RuntimeError("the Redis Cluster did not become ok within 30 s")
+
+    def stop(self) -> None:
+        for node in self.nodes:
+            node.stop()

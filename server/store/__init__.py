@@ -27,12 +27,13 @@ __all__ = ["InvalidArgument", "Lease", "LimitExceeded", "Page", "QuotaExceeded",
 
 
 def open_store(url: str, options: StoreOptions | None = None) -> SessionStore:
-    """`sqlite:///relative/path.db`, `sqlite:////absolute/path.db`, `redis://host:port/db` or `rediss://...`."""
+    """`sqlite:///relative/path.db`, `sqlite:////absolute/path.db`, `redis://[user:password@]host:port/db`,
+    `rediss://...` (TLS), or `redis-cluster://[user:password@]host:port` (any node of a Redis Cluster)."""
     if url.startswith("sqlite:///"):
         from .sqlite import LocalStore
 
         return LocalStore(url[len("sqlite:///"):], options)
-    if url.startswith(("redis://", "rediss://", "unix://")):
+    if url.startswith(("redis://", "rediss://", "unix://", "redis-cluster://", "rediss-cluster://")):
         from .redis import RedisStore
 
         return RedisStore(url, options)

@@ -14,10 +14,10 @@ A commit first uploads its bytes as a pending blob that expires by itself, then 
 tenant, the lease and the version and swaps the pointer; a crash between the two leaves only a blob that
 disappears. The tenant check happens inside Redis, so another tenant's bytes never leave it. Every mutating
 script is safe to run twice, because the client retries once when a connection drops (a reply may be lost
-after the script ran). The key layout is Redis Cluster ready (one slot per session family, the tenant index
-aside), but the client is a single-node client: run one Redis (with a replica for failover), or a managed
-single-endpoint Redis. Sessions that expire by TTL leave their entries in the family's refs hash; the blobs
-themselves expire with the same TTL.
+after the script ran). On Redis Cluster (a `redis-cluster://` URL naming any node) every script and every
+transaction touches one slot: a session family's, or a tenant index's; only reads that list sessions span slots.
+Sessions that expire by TTL leave their entries in the family's refs hash; the blobs themselves expire with the
+same TTL.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ import json
 import time
 from typing import Any
 
-from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio import BlockingConnectionPool, Redis, RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import (
@@ -39,6 +39,7 @@ from redis.exceptions import (
     MasterDownError,
     OutOfMemoryError,
     ReadOnlyError,
+    RedisClusterException,
     RedisError,
     TryAgainError,
 )
@@ -214,7 +215,8 @@ return 1
 UNAVAILABLE_CLASSES = ((OutOfMemoryError, "out_of_memory"), (ReadOnlyError, "read_only"),
                        (BusyLoadingError, "loading"), (MasterDownError, "read_only"), (TryAgainError, "busy"),
                        (ClusterDownError, "unreachable"), (ExecAbortError, "busy"),
-                       (RedisConnectionError, "unreachable"), (RedisTimeoutError, "unreachable"))
+                       (RedisConnectionError, "unreachable"), (RedisTimeoutError, "unreachable"),
+                       (RedisClusterException, "unreachable"))
 UNAVAILABLE_WORDS = {"OOM": "out_of_memory", "READONLY": "read_only", "MASTERDOWN": "read_only", "LOADING": "loading",
                      "MISCONF": "read_only", "NOREPLICAS": "read_only", "BUSY": "busy", "TRYAGAIN": "busy",
                      "EXECABORT": "busy", "CLUSTERDOWN": "unreachable"}
@@ -226,6 +228,9 @@ def unavailable_reason(error: Exception) -> str | None:
         if isinstance(error, cls):
             return reason
     return UNAVAILABLE_WORDS.get(str(error).split(" ", 1)[0])
+
+
+CLUSTER_SCHEMES = ("redis-cluster://", "rediss-cluster://")
 
 
 def family(session_id: str) -> str:
@@ -269,10 +274,15 @@ class RedisStore(SessionStore):
         timeout = self.options.timeout_s
         # one retry without back-off: a pooled connection that went stale while Redis restarted is replaced at once
         # reads of 1 MiB: snapshots are megabytes, and the default 32 KiB reads make parsing one a loop of hundreds
-        pool = BlockingConnectionPool.from_url(url, max_connections=max_connections, timeout=timeout,
+        if url.startswith(CLUSTER_SCHEMES):  # redis-cluster://[user:password@]host:port: any node; the rest found
+            self.redis = RedisCluster.from_url(url.replace("-cluster://", "://", 1), max_connections=max_connections,
                                                socket_timeout=timeout, socket_connect_timeout=timeout,
-                                               socket_read_size=2**20, retry=Retry(NoBackoff(), 1))
-        self.redis = Redis(connection_pool=pool)
+                                               socket_read_size=2**20)
+        else:
+            pool = BlockingConnectionPool.from_url(url, max_connections=max_connections, timeout=timeout,
+                                                   socket_timeout=timeout, socket_connect_timeout=timeout,
+                                                   socket_read_size=2**20, retry=Retry(NoBackoff(), 1))
+            self.redis = Redis(connection_pool=pool)
         self.blobs = BlobCache(self.options.cache_bytes)
         self.url = url
         self._scripts = {name: self.redis.register_script(src) for name, src in [
@@ -283,7 +293,7 @@ class RedisStore(SessionStore):
         """Every Redis round trip goes through here: bounded in time, and Redis errors become StoreUnavailable."""
         try:
             return await asyncio.wait_for(coro, self.options.timeout_s)
-        except RedisError as e:
+        except (RedisError, RedisClusterException) as e:
             reason = unavailable_reason(e)
             if reason is None:
                 raise

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+import redis
 
 from tests.e2e.test_api import assert_error, complete, new_session
 from tests.redis_server import RedisServer
@@ -293,3 +294,26 @@ def test_a_message_that_cannot_reach_the_engine_stops_it_and_fails_its_requests(
             client.stop()
 
     asyncio.run(main())
+
+
+def test_two_servers_on_a_redis_cluster_serve_each_others_sessions_across_slots(model_dir, redis_cluster):
+    # issue 24: where users outgrow one Redis they move to Redis Cluster; sessions hash to every master's slots
+    with ServerProcess(model_dir, redis_cluster.url) as one, \
+            ServerProcess(model_dir, redis_cluster.url) as two, \
+            httpx.Client(base_url=one.url, timeout=30) as a, httpx.Client(base_url=two.url, timeout=30) as b:
+        sids = [new_session(a)["id"] for _ in range(8)]
+        for sid in sids:
+            complete(a, "on one ", sid)
+            complete(b, "then the other ", sid)
+        fork = b.post(f"/v1/sessions/{sids[0]}/fork").json()
+        assert a.get(f"/v1/sessions/{fork['id']}").json()["parent_id"] == sids[0]
+        listed = a.get("/v1/sessions", params={"limit": 100}).json()["data"]
+        assert {s["id"] for s in listed} >= {*sids, fork["id"]}
+        assert all(a.get(f"/v1/sessions/{sid}").json()["version"] == 3 for sid in sids)
+        blob = a.get(f"/v1/sessions/{sids[1]}/snapshot").content
+        assert b.post("/v1/sessions/import", content=blob).status_code == 201
+    holding = []
+    for node in redis_cluster.nodes:  # the sessions really are spread over the masters
+        with redis.Redis(port=node.port) as master:
+            holding.append(master.dbsize() > 0)
+    assert sum(holding) > 1

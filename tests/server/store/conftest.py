@@ -1,27 +1,38 @@
 from __future__ import annotations
 
 import pytest
+from redis.asyncio import RedisCluster
 
 from server.store import StoreOptions, open_store
-from tests.redis_server import RedisServer
 
 
-async def make_store(kind: str, redis_server: RedisServer, tmp_path, flush: bool = True, **options):
-    """A store on an empty database (the Redis db is flushed unless flush=False)."""
-    url = redis_server.url if kind == "redis" else f"sqlite:///{tmp_path}/sessions.db"
+async def make_store(kind: str, redis_server, tmp_path, flush: bool = True, **options):
+    """A store on an empty database (the Redis db is flushed unless flush=False). kind "cluster": redis_server is
+    a RedisClusterServers."""
+    url = redis_server.url if kind in ("redis", "cluster") else f"sqlite:///{tmp_path}/sessions.db"
     store = open_store(url, StoreOptions(**options))
     if kind == "redis" and flush:
         await store.redis.flushdb()
+    if kind == "cluster" and flush:
+        await store.redis.flushdb(target_nodes=RedisCluster.PRIMARIES)
     return store
 
 
-@pytest.fixture(params=["sqlite", "redis"])
+@pytest.fixture(params=["sqlite", "redis", "cluster"])
 def store_kind(request):
     return request.param
 
 
 @pytest.fixture
-async def store(store_kind, redis_server, tmp_path):
-    store = await make_store(store_kind, redis_server, tmp_path)
+def store_server(store_kind, request):
+    """The Redis a store kind runs on (None for SQLite)."""
+    if store_kind == "sqlite":
+        return None
+    return request.getfixturevalue("redis_cluster" if store_kind == "cluster" else "redis_server")
+
+
+@pytest.fixture
+async def store(store_kind, store_server, tmp_path):
+    store = await make_store(store_kind, store_server, tmp_path)
     yield store
     await store.close()

@@ -6,6 +6,7 @@ import asyncio
 import os
 
 import pytest
+from redis.asyncio import RedisCluster
 
 from server.store import (
     InvalidArgument,
@@ -195,8 +196,8 @@ async def test_commits_at_once_each_succeed_or_fail_on_their_own(store):
     await store.release(held)
 
 
-async def test_limits_are_enforced_with_clear_errors(store_kind, redis_server, tmp_path):
-    store = await make_store(store_kind, redis_server, tmp_path, limits=StoreLimits(max_snapshot_bytes=1000))
+async def test_limits_are_enforced_with_clear_errors(store_kind, store_server, tmp_path):
+    store = await make_store(store_kind, store_server, tmp_path, limits=StoreLimits(max_snapshot_bytes=1000))
     try:
         with pytest.raises(LimitExceeded, match="1001 bytes"):
             await store.create("a", FP, b"x" * 1001)
@@ -216,10 +217,10 @@ async def test_limits_are_enforced_with_clear_errors(store_kind, redis_server, t
         await store.close()
 
 
-async def test_a_tenant_keeps_at_most_its_session_quota_even_when_creating_at_once(store_kind, redis_server,
+async def test_a_tenant_keeps_at_most_its_session_quota_even_when_creating_at_once(store_kind, store_server,
                                                                                       tmp_path):
     # issue 24, finding 4: 400 creates in 3.4 s grew Redis by 153 MB; with noeviction one tenant could fill it
-    store = await make_store(store_kind, redis_server, tmp_path, ttl_s=0.5,
+    store = await make_store(store_kind, store_server, tmp_path, ttl_s=0.5,
                              limits=StoreLimits(max_sessions_per_tenant=3))
     try:
         results = await asyncio.gather(*(store.create("a", FP, b"x") for _ in range(8)), return_exceptions=True)
@@ -261,8 +262,8 @@ async def test_a_receipt_is_stored_with_its_commit_or_not_at_all(store):
         await store.receipt("a", rec.id, "k1")
 
 
-async def test_sliding_ttl_expires_idle_sessions_only(store_kind, redis_server, tmp_path):
-    store = await make_store(store_kind, redis_server, tmp_path, ttl_s=0.6)
+async def test_sliding_ttl_expires_idle_sessions_only(store_kind, store_server, tmp_path):
+    store = await make_store(store_kind, store_server, tmp_path, ttl_s=0.6)
     try:
         idle = await store.create("a", FP, b"idle")
         used = await store.create("a", FP, b"used")
@@ -277,11 +278,11 @@ async def test_sliding_ttl_expires_idle_sessions_only(store_kind, redis_server, 
         await store.close()
 
 
-async def test_fifty_concurrent_committers_lose_no_update(store_kind, redis_server, tmp_path):
+async def test_fifty_concurrent_committers_lose_no_update(store_kind, store_server, tmp_path):
     """Each writer appends its mark to the snapshot and commits with CAS, retrying on conflict. Every mark must
     end up in the final snapshot exactly once, and the versions a writer sees must strictly increase."""
     # several connections (sqlite) or pools (redis) racing
-    stores = [await make_store(store_kind, redis_server, tmp_path, flush=i == 0) for i in range(4)]
+    stores = [await make_store(store_kind, store_server, tmp_path, flush=i == 0) for i in range(4)]
     rec = await stores[0].create("a", FP, b"")
     conflicts = 0
     committed_versions: list[int] = []
@@ -316,6 +317,8 @@ async def test_fifty_concurrent_committers_lose_no_update(store_kind, redis_serv
 
 
 async def blob_count(store) -> int:
+    if isinstance(getattr(store, "redis", None), RedisCluster):
+        return len(await store.redis.keys("titans:*:b:*", target_nodes=RedisCluster.PRIMARIES))
     if hasattr(store, "redis"):
         return len(await store.redis.keys("titans:*:b:*"))
     return await store._run(lambda db: db.execute("SELECT count(*) FROM blobs").fetchone()[0], write=False)

@@ -50,9 +50,9 @@ asyncio.run(main(sys.argv[1], sys.argv[2]))
 
 
 @pytest.mark.slow
-async def test_sigkill_mid_commit_never_tears_a_record(store_kind, redis_server, tmp_path):
-    store = await make_store(store_kind, redis_server, tmp_path)
-    url = redis_server.url if store_kind == "redis" else f"sqlite:///{tmp_path}/sessions.db"
+async def test_sigkill_mid_commit_never_tears_a_record(store_kind, store_server, tmp_path):
+    store = await make_store(store_kind, store_server, tmp_path)
+    url = store_server.url if store_server is not None else f"sqlite:///{tmp_path}/sessions.db"
     rec = await store.create("t", FP, snapshot_for(1))
     rng = random.Random(0)
     try:
