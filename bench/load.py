@@ -35,11 +35,6 @@ def rss_mib(pid: int) -> float:
     return 0.0
 
 
-def engine_pid(server: ServerProcess) -> int:
-    pid = server.process.pid
-    return int(Path(f"/proc/{pid}/task/{pid}/children").read_text().split()[0])
-
-
 class Client(threading.Thread):
     def __init__(self, url: str, seed: int, until: float, results: dict, lock: threading.Lock):
         super().__init__(daemon=True)
@@ -126,7 +121,7 @@ def main() -> None:
                 while any(c.is_alive() for c in clients):
                     memory.append({"t_s": round(time.monotonic() - started, 1),
                                    "api_mib": round(rss_mib(srv.process.pid), 1),
-                                   "engine_mib": round(rss_mib(engine_pid(srv)), 1),
+                                   "engine_mib": round(rss_mib(srv.engine_pid()), 1),
                                    "redis_mib": round(admin.info("memory")["used_memory"] / 2**20, 2)})
                     time.sleep(5)
                 sessions = len(admin.keys("*:meta"))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -53,6 +54,18 @@ class ServerProcess:
                 self.process.wait()
         if getattr(self, "log", None):
             self.log.close()
+
+    def engine_pid(self) -> int | None:
+        """The pid of the server's engine process (its child that multiprocessing spawned, from whichever thread),
+        or None while it has none (a new one starting)."""
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            with contextlib.suppress(OSError, IndexError, ValueError):
+                fields = stat.read_text().rsplit(")", 1)[1].split()
+                cmdline = (stat.parent / "cmdline").read_bytes()
+                if int(fields[1]) == self.process.pid and b"spawn_main" in cmdline and \
+                        b"resource_tracker" not in cmdline:
+                    return int(stat.parent.name)
+        return None
 
     def __enter__(self) -> ServerProcess:
         return self.start()

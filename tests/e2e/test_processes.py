@@ -161,14 +161,9 @@ def test_reduced_weights_serve_and_their_sessions_do_not_move_to_an_fp32_server(
 
 
 def engine_process_of(srv: ServerProcess) -> int:
-    """The pid of the server's engine process: its child that multiprocessing spawned."""
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        with contextlib.suppress(OSError):
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-            cmdline = (stat.parent / "cmdline").read_bytes()
-            if int(fields[1]) == srv.process.pid and b"spawn_main" in cmdline and b"resource_tracker" not in cmdline:
-                return int(stat.parent.name)
-    raise AssertionError("no engine process")
+    pid = srv.engine_pid()
+    assert pid is not None, "no engine process"
+    return pid
 
 
 def test_a_dead_engine_process_fails_requests_cleanly_loses_no_memory_and_comes_back(model_dir, tmp_path):
