@@ -1,9 +1,10 @@
-"""Chaos: SIGKILL the API or the engine process at random moments of commits, memorize and streams, on either
-store, and check every session afterwards. A session must be at the version of its last acknowledged commit or
-the one after it (a commit in flight at the kill may have landed), its snapshot whole (it exports and imports
-again), its record and snapshot of one version (tokens_seen agree); an acknowledged commit is never lost.
+"""Chaos: SIGKILL the API or the engine process (or Redis; or fill Redis to its maxmemory) at random moments of
+commits, memorize and streams, on either store, and check every session afterwards. A session must be at the
+version of its last acknowledged commit or the one after it (a commit in flight at the kill may have landed), its
+snapshot whole (it exports and imports again), its record and snapshot of one version (tokens_seen agree); an
+acknowledged commit is never lost.
 
-    .venv/bin/python bench/chaos.py --trials 100 --store both      # the long run (bench/RESULTS.md)
+    .venv/bin/python bench/chaos.py --trials 50 --store both      # the long run (bench/RESULTS.md)
 
 tests/reliability/test_chaos.py runs a few trials of each kind in CI.
 """
@@ -23,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
+import redis as redis_client
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -36,7 +38,7 @@ SESSIONS = 6
 @dataclass
 class Report:
     trials: int = 0
-    kills: dict = field(default_factory=lambda: {"api": 0, "engine": 0, "redis": 0})
+    kills: dict = field(default_factory=lambda: {"api": 0, "engine": 0, "redis": 0, "redis_full": 0})
     requests: int = 0
     acknowledged: int = 0  # commits whose answer reached the client
     refused: int = 0  # answered with an error (409, 503, ...) or cut off by the kill
@@ -148,7 +150,7 @@ def trials(model_dir: Path, store: str, n: int, report: Report, seed: int = 0, r
             traffic = Traffic(server.url, sessions, acked, report, rng.random())
             threads = traffic.run(clients)
             time.sleep(rng.uniform(0.5, 2.5))
-            kinds = victims or ["api", "engine"] + (["redis"] if redis else [])
+            kinds = victims or ["api", "engine"] + (["redis", "redis_full"] if redis else [])
             victim = kinds[trial % len(kinds)] if victims else rng.choice(kinds)
             if victim == "api":
                 os.kill(server.process.pid, signal.SIGKILL)
@@ -159,6 +161,12 @@ def trials(model_dir: Path, store: str, n: int, report: Report, seed: int = 0, r
                 redis.kill()
                 time.sleep(rng.uniform(0.1, 1.0))
                 redis.start()
+            elif victim == "redis_full":  # noeviction at its maxmemory: every write refused (OOM) for a while
+                with redis_client.Redis.from_url(redis.url) as admin:
+                    admin.config_set("maxmemory-policy", "noeviction")
+                    admin.config_set("maxmemory", max(1, admin.info("memory")["used_memory"] - 1))
+                    time.sleep(rng.uniform(0.2, 1.0))
+                    admin.config_set("maxmemory", 0)
             report.kills[victim] += 1
             time.sleep(rng.uniform(0.0, 0.5))
             traffic.stop.set()
@@ -181,21 +189,25 @@ def main() -> None:
     parser.add_argument("--trials", type=int, default=100, help="per store")
     parser.add_argument("--store", choices=["sqlite", "redis", "both"], default="both")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--victims", default=None, help="comma-separated, taken in turn (default: drawn at random "
+                                                          "from api, engine and, on Redis, redis, redis_full)")
     parser.add_argument("--out", default="bench/results/chaos.json")
     args = parser.parse_args()
     from engine import Engine
     from tests.engine.helpers import tiny
 
     report = Report()
+    victims = args.victims.split(",") if args.victims else None
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = Path(tmp) / "tiny-mal"
         Engine.from_config(tiny("mal"), seed=3).save(model_dir)
         if args.store in ("sqlite", "both"):
-            trials(model_dir, f"sqlite:///{tmp}/sessions.db", args.trials, report, args.seed)
+            trials(model_dir, f"sqlite:///{tmp}/sessions.db", args.trials, report, args.seed,
+                   victims=[v for v in victims if not v.startswith("redis")] if victims else None)
         if args.store in ("redis", "both"):
             redis = RedisServer(Path(tmp) / "redis", appendonly=True).start()
             try:
-                trials(model_dir, redis.url, args.trials, report, args.seed + 1, redis=redis)
+                trials(model_dir, redis.url, args.trials, report, args.seed + 1, redis=redis, victims=victims)
             finally:
                 redis.stop()
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
