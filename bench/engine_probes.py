@@ -329,7 +329,8 @@ def previous_to_bytes(state) -> bytes:
 
     from engine.state import FORMAT_VERSION, _checksum, _split
 
-    header, data = _split(save({k: v.contiguous() for k, v in sorted(state.tensors.items())}))
+    blob = save({k: v.contiguous() for k, v in sorted(state.tensors.items())})
+    header, data = _split(blob, max_header=len(blob))
     meta = {"format_version": FORMAT_VERSION, "model_fingerprint": state.model_fingerprint,
             "tokens_seen": f"{state.tokens_seen:020d}", "created_at": f"{state.created_at:020.6f}"}
     header["__metadata__"] = {**meta, "content_sha256": _checksum(meta, data)}
