@@ -26,6 +26,14 @@ def redis_server(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def redis_tls(tmp_path_factory):
+    """A real redis-server that speaks TLS only, to an ACL user (rediss://user:password@...)."""
+    server = RedisServer(tmp_path_factory.mktemp("redis-tls"), user="titans", password="tls-secret", tls=True).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
 def redis_cluster(tmp_path_factory):
     """A real 3-master Redis Cluster for the whole run."""
     cluster = RedisClusterServers(tmp_path_factory.mktemp("redis-cluster")).start()

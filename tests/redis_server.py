@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 import shutil
 import socket
+import ssl
 import subprocess
 import time
 from pathlib import Path
@@ -16,41 +17,86 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def make_certificates(directory: Path) -> tuple[Path, Path, Path]:
+    """A throwaway CA and a server certificate for 127.0.0.1 signed by it: (ca, cert, key)."""
+    ca, ca_key = directory / "ca.crt", directory / "ca.key"
+    cert, key, request = directory / "server.crt", directory / "server.key", directory / "server.csr"
+    extensions = directory / "san.ext"
+    extensions.write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
+    for args in (["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", ca_key, "-out", ca, "-days", "2",
+                  "-subj", "/CN=titans-test-ca"],
+                 ["req", "-newkey", "rsa:2048", "-nodes", "-keyout", key, "-out", request, "-subj", "/CN=127.0.0.1"],
+                 ["x509", "-req", "-in", request, "-CA", ca, "-CAkey", ca_key, "-CAcreateserial", "-out", cert,
+                  "-days", "2", "-extfile", extensions]):
+        subprocess.run(["openssl", *map(str, args)], check=True, capture_output=True, timeout=60)
+    return ca, cert, key
+
+
 class RedisServer:
     def __init__(self, directory: Path, appendonly: bool = False, password: str | None = None,
-                 options: tuple[str, ...] = (), port: int | None = None):
-        """options: more redis-server arguments, e.g. ("--maxmemory", "4mb")."""
+                 options: tuple[str, ...] = (), port: int | None = None, user: str | None = None,
+                 tls: bool = False):
+        """options: more redis-server arguments, e.g. ("--maxmemory", "4mb"). user: an ACL user (with password)
+        the clients log in as, the default user turned off. tls: TLS only, with a certificate from a CA of
+        its own (clients verify it: the URL names the CA file)."""
         binary = shutil.which("redis-server")
         if binary is None:
             raise RuntimeError("redis-server is not installed (bin/test installs it with apt-get)")
         self.binary, self.directory, self.appendonly = binary, Path(directory), appendonly
-        self.password, self.options = password, options
+        self.password, self.options, self.user, self.tls = password, options, user, tls
         self.directory.mkdir(parents=True, exist_ok=True)
+        self.certificates = make_certificates(self.directory) if tls else None
         self.port = port or free_port()
         self.process: subprocess.Popen | None = None
 
     @property
     def url(self) -> str:
-        return f"redis://{f':{self.password}@' if self.password else ''}127.0.0.1:{self.port}/0"
+        login = f"{self.user or ''}:{self.password}@" if self.password else ""
+        if self.tls:
+            return f"rediss://{login}127.0.0.1:{self.port}/0?ssl_ca_certs={self.certificates[0]}"
+        return f"redis://{login}127.0.0.1:{self.port}/0"
+
+    def _ping(self) -> bool:
+        with socket.create_connection(("127.0.0.1", self.port), timeout=0.2) as raw:
+            if self.tls:
+                context = ssl.create_default_context(cafile=str(self.certificates[0]))
+                connection = context.wrap_socket(raw, server_hostname="127.0.0.1")
+            else:
+                connection = raw
+            login = f"AUTH {self.user + ' ' if self.user else ''}{self.password}\r\n" if self.password else ""
+            connection.sendall(login.encode() + b"PING\r\n")
+            answer = b""
+            while not answer.endswith(b"\r\n") or (login and answer.count(b"\r\n") < 2):
+                piece = connection.recv(64)
+                if not piece:
+                    break
+                answer += piece
+            return answer.endswith(b"+PONG\r\n")
 
     def start(self) -> RedisServer:
-        args = [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.directory),
+        args = [self.binary, "--bind", "127.0.0.1", "--dir", str(self.directory),
                 "--save", "", "--daemonize", "no", "--loglevel", "warning"]
+        if self.tls:
+            ca, cert, key = self.certificates
+            args += ["--port", "0", "--tls-port", str(self.port), "--tls-cert-file", str(cert),
+                     "--tls-key-file", str(key), "--tls-ca-cert-file", str(ca), "--tls-auth-clients", "no"]
+        else:
+            args += ["--port", str(self.port)]
         if self.appendonly:
             args += ["--appendonly", "yes", "--appendfsync", "always"]
         else:
             args += ["--appendonly", "no"]
-        if self.password:
+        if self.user:
+            args += ["--user", "default", "off", "--user", self.user, "on", f">{self.password}", "~*", "&*", "+@all"]
+        elif self.password:
             args += ["--requirepass", self.password]
         args += list(self.options)
         self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
             try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2) as s:
-                    s.sendall((f"AUTH {self.password}\r\n" if self.password else "").encode() + b"PING\r\n")
-                    if s.recv(32).endswith(b"+PONG\r\n"):
-                        return self
+                if self._ping():
+                    return self
             except OSError:
                 pass
             if self.process.poll() is not None:

@@ -1,4 +1,5 @@
-"""One contract suite, run against both stores (a real redis-server and an SQLite file)."""
+"""One contract suite, run against every store: SQLite, a real redis-server (plain, and TLS to an ACL user) and a
+real 3-master Redis Cluster."""
 
 from __future__ import annotations
 
