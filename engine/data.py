@@ -172,7 +172,7 @@ def filler(rng: random.Random, length: int, source: str, split: str = "train") -
 
 def recall_example(rng: random.Random, n_facts: int, distance: int, filler_source: str | list[str] = "words",
                    split: str = "train", query_gap: int = 0, updates: int = 0, update_at: int = 0,
-                   spread: tuple[int, int] | list[int] | None = None) -> RecallExample:
+                   spread: tuple[int, int] | list[int] | None = None, lead: int = 0) -> RecallExample:
     """query_gap > 0 puts that much filler before every query but the first: with a gap longer than the attention
     window, a query cannot lean on the query answered before it and must be read from the memory alone
     (bench/recall_context.py: after a query answered right in its window, the default model reads the next one
@@ -182,8 +182,9 @@ def recall_example(rng: random.Random, n_facts: int, distance: int, filler_sourc
     are told again with new values after `update_at` of the `distance` bytes of filler (the block of updates is
     not counted in `distance`); their queries answer the new values. spread (low, high): each fact is followed by
     low..high bytes of filler of its own (a request of its own: `requests` holds where each ends), then come the
-    `distance` bytes; a list gives each fact's filler length instead. With all three off, nothing more is drawn
-    than the plain layout draws (recipes' data stay as they were)."""
+    `distance` bytes; a list gives each fact's filler length instead. lead > 0: that many bytes of filler come
+    before the first fact (a memory already written by other text when the facts arrive). With all four off,
+    nothing more is drawn than the plain layout draws (recipes' data stay as they were)."""
     if not isinstance(filler_source, str):
         filler_source = rng.choice(filler_source)
     if not 0 <= updates <= n_facts or not 0 <= update_at <= distance:
@@ -195,7 +196,8 @@ def recall_example(rng: random.Random, n_facts: int, distance: int, filler_sourc
             keys.append(key)
     values = [fact_value(rng) for _ in keys]
     requests: list[int] = []
-    text, own_filler = "", 0  # own_filler: bytes of filler told after the last fact, in its request
+    text = filler(rng, lead, filler_source, split).ljust(lead)[:lead] if lead else ""
+    own_filler = 0  # bytes of filler told after the last fact, in its request
     for i, (k, v) in enumerate(zip(keys, values)):
         text += f"#{k}={v};"
         if spread is not None:

@@ -67,6 +67,13 @@ class TrainConfig:
     carry_share: float = 0.0
     carry_bytes: list = field(default_factory=lambda: [512, 4096])
     carry_graded: int = 128
+    # in this share of carried recall rows, the prefix is filler alone and the facts, up to carry_graded bytes of
+    # filler and the queries all come in the trained part: facts told to a memory that other text has filled (a
+    # long session, facts in separate requests), where the gates must still write them hard enough to keep
+    lead_share: float = 0.0
+    # in this share of carried recall rows with updates, the new values come in the trained part (the old ones in
+    # the prefix): the gradient reaches the writes that must overrule what the memory holds
+    late_updates_share: float = 0.0
     # an unlabeled price on lasting writes: loss += write_price * write_cost (below), so the gates learn to write
     # where the loss pays for it. A head writes on every token it reads, and filler that the memory keeps for 64 KB
     # drowns the facts written before it (models/titans-mal-recall/README.md, "What limits the horizon"); a
@@ -166,6 +173,18 @@ def _updates(cfg: TrainConfig, facts: int, rng: random.Random) -> int:
     return rng.randint(1, facts) if cfg.updates_share and rng.random() < cfg.updates_share else 0
 
 
+def _update_span(cfg: TrainConfig, rng: random.Random, in_prefix: bool, distance: int, updates: int
+                 ) -> tuple[int, int]:
+    """Where in the distance's filler the block of updates may start: anywhere, or (a carried row) within the
+    prefix, or, in late_updates_share of carried rows, where the whole block lands in the trained part."""
+    if not in_prefix:
+        return 0, distance
+    if cfg.late_updates_share and rng.random() < cfg.late_updates_share:  # no draw when off
+        # + 1: words filler may end a byte short (data.filler), which moves the block a byte earlier
+        return min(distance, max(0, distance + FACT_BYTES * updates - cfg.carry_graded + 1)), distance
+    return 0, distance - cfg.carry_graded
+
+
 def make_batch(cfg: TrainConfig, step: int, rng: random.Random, tokenizer, multiple: int = 1, carried: int = 0):
     """Token ids [B, T] and loss weights [B, T - 1] (weights[s, i] weighs predicting ids[s, i + 1]).
 
@@ -179,12 +198,18 @@ def make_batch(cfg: TrainConfig, step: int, rng: random.Random, tokenizer, multi
     ids, weights = [], []
     for _ in range(cfg.batch_size):
         if rng.random() < cfg.recall_fraction:
+            lead = 0
             if carried:
                 facts = draw_facts(n_facts, rng)
                 updates = _updates(cfg, facts, rng)
-                distance = carried + cfg.carry_graded - FACT_BYTES * (facts + updates)
-                if distance < cfg.carry_graded:
-                    raise ValueError(f"carry_bytes {cfg.carry_bytes} too short for {facts} facts and their updates")
+                lead = carried if cfg.lead_share and rng.random() < cfg.lead_share else 0  # no draw when off
+                if lead:
+                    distance = rng.randint(0, max(0, cfg.carry_graded - FACT_BYTES * (facts + updates)))
+                else:
+                    distance = carried + cfg.carry_graded - FACT_BYTES * (facts + updates)
+                    if distance < cfg.carry_graded:
+                        raise ValueError(
+                            f"carry_bytes {cfg.carry_bytes} too short for {facts} facts and their updates")
             else:
                 distance = 0 if cfg.near_share and rng.random() < cfg.near_share else rng.randint(low, high)
             gap = cfg.query_gap if cfg.query_gap and rng.random() < cfg.query_gap_share else 0  # no draw when off
@@ -193,15 +218,15 @@ def make_batch(cfg: TrainConfig, step: int, rng: random.Random, tokenizer, multi
                 updates = _updates(cfg, facts, rng)
             spread = None
             if cfg.spread_share and rng.random() < cfg.spread_share:  # no draw when off
-                if carried:  # the prefix's filler, shared out between the facts
+                if carried and not lead:  # the prefix's filler, shared out between the facts
                     room = (distance - cfg.carry_graded) // facts
                     spread = [rng.randint(0, room) for _ in range(facts)]
                     distance -= sum(spread)
                 else:
                     spread = [rng.randint(*cfg.spread_bytes) for _ in range(facts)]
-            update_at = rng.randint(0, distance - cfg.carry_graded if carried else distance) if updates else 0
+            update_at = rng.randint(*_update_span(cfg, rng, carried and not lead, distance, updates)) if updates else 0
             ex = recall_example(rng, facts, distance, cfg.filler, query_gap=gap, updates=updates, update_at=update_at,
-                                spread=spread)
+                                spread=spread, lead=lead)
             seq = tokenizer.encode(ex.text)
             w = torch.ones(len(seq))
             for a, b in ex.answer_spans:

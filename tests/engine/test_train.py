@@ -320,6 +320,33 @@ def test_facts_told_apart_in_training_batches():
     assert make_batch(dataclasses.replace(cfg, spread_share=0.0), 0, random.Random(3), tok)[0].shape[1] < 128
 
 
+def test_facts_after_a_filled_memory_and_late_updates_in_carried_batches():
+    # lead_share: the prefix is filler alone and the facts come in the trained part; late_updates_share: the new
+    # values come in the trained part, the old ones in the prefix
+    from engine.tokenizer import load_tokenizer
+    from engine.train import make_batch
+
+    tok = load_tokenizer("byte", None)
+    cfg = TrainConfig(model={"preset": "tiny-mal"}, batch_size=8, recall_fraction=1.0, n_facts=3, filler="words",
+                      carry_graded=64, lead_share=1.0)
+    carried = 256
+    ids, weights = make_batch(cfg, 0, random.Random(4), tok, 8, carried)
+    for row in ids:
+        text = tok.decode(row.tolist()).rstrip("\0")
+        assert "#" not in text[:carried] and text[carried] == "#" and text.count("#") == 6
+    assert float(weights[:, :carried].abs().sum()) == 0.0
+    late = dataclasses.replace(cfg, lead_share=0.0, updates_share=1.0, late_updates_share=1.0)
+    for row in make_batch(late, 0, random.Random(4), tok, 8, carried)[0]:
+        text = tok.decode(row.tolist()).rstrip("\0")
+        told = [i for i in range(len(text) - 6) if text[i] == "#" and text[i + 6] != ";"]
+        facts = [i for i in told if text[i + 10] == ";"]  # a fact (#abcd=1234;), not a query (#abcd=)
+        assert all(i < carried for i in facts[:3]) and all(i >= carried for i in facts[3:]) and len(facts) > 3
+    for row in make_batch(dataclasses.replace(late, late_updates_share=0.0), 0, random.Random(4), tok, 8,
+                          carried)[0]:
+        text = tok.decode(row.tolist()).rstrip("\0")
+        assert text[carried:].count(";") == 3  # every fact and update in the prefix: only the 3 answers after it
+
+
 def test_write_cost_prices_theta_by_how_long_a_head_keeps_its_writes():
     from engine.model import Titans
     from engine.train import WRITE_HORIZON, write_cost
