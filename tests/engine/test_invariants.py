@@ -1,4 +1,4 @@
-"""DESIGN.md §4 invariants for every variant, memory depth 1 and 2, random configs and split points."""
+"""DESIGN.md §5 invariants for every variant, memory depth 1 and 2, random configs and split points."""
 
 from __future__ import annotations
 
