@@ -1,4 +1,4 @@
-"""Engine: a loaded Titans model with the session API of DESIGN.md §5.
+"""Engine: a loaded Titans model with the session API of DESIGN.md §4.
 
 The engine works on token ids; `engine.tokenizer` converts text. Every call is pure: states go in,
 new states come out, and nothing is written into a state that was passed in.
