@@ -87,6 +87,14 @@ class Client(threading.Thread):
                     self.timed(kind, export_import)
 
 
+def cached_bytes(url: str) -> float:
+    """titans_snapshot_cache_bytes from the server's /metrics."""
+    for line in httpx.get(url + "/metrics", timeout=10).text.splitlines():
+        if line.startswith("titans_snapshot_cache_bytes{"):
+            return float(line.rsplit(" ", 1)[1])
+    raise RuntimeError("/metrics has no titans_snapshot_cache_bytes")
+
+
 def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")
@@ -97,6 +105,8 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=16)
     parser.add_argument("--minutes", type=float, default=5)
     parser.add_argument("--model", default=None, help="a model directory (default: a tiny random MAL model)")
+    parser.add_argument("--blob-cache-mib", type=int, default=256,
+                        help="the API process's snapshot cache (the server's default: 256)")
     parser.add_argument("--out", default="bench/results/load.json")
     args = parser.parse_args()
     from engine import Engine
@@ -109,7 +119,7 @@ def main() -> None:
         store = RedisServer(Path(tmp) / "redis").start()
         admin = redis.Redis.from_url(store.url)
         try:
-            with ServerProcess(model_dir, store.url) as srv:
+            with ServerProcess(model_dir, store.url, "--blob-cache-bytes", str(args.blob_cache_mib * 2**20)) as srv:
                 baseline_redis = admin.info("memory")["used_memory"]
                 results, lock = defaultdict(list), threading.Lock()
                 until = time.monotonic() + args.minutes * 60
@@ -122,6 +132,7 @@ def main() -> None:
                     memory.append({"t_s": round(time.monotonic() - started, 1),
                                    "api_mib": round(rss_mib(srv.process.pid), 1),
                                    "engine_mib": round(rss_mib(srv.engine_pid()), 1),
+                                   "api_cache_mib": round(cached_bytes(srv.url) / 2**20, 1),
                                    "redis_mib": round(admin.info("memory")["used_memory"] / 2**20, 2)})
                     time.sleep(5)
                 sessions = len(admin.keys("*:meta"))
@@ -143,9 +154,10 @@ def main() -> None:
     report = {"clients": args.clients, "minutes": args.minutes, "requests": total,
               "error_rate": sum(k["errors"] for k in kinds.values()) / max(1, total), "kinds": kinds,
               "rss_first_third_mib": {p: round(statistics.mean(m[p] for m in memory[:third]), 1)
-                                      for p in ("api_mib", "engine_mib")},
+                                      for p in ("api_mib", "api_cache_mib", "engine_mib")},
               "rss_last_third_mib": {p: round(statistics.mean(m[p] for m in memory[-third:]), 1)
-                                     for p in ("api_mib", "engine_mib")},
+                                     for p in ("api_mib", "api_cache_mib", "engine_mib")},
+              "blob_cache_mib": args.blob_cache_mib,
               "sessions": sessions, "redis_bytes_per_session": round(per_session), "memory": memory}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=2) + "\n")

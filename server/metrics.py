@@ -45,6 +45,8 @@ class Metrics:
         self.running = gauge("titans_num_requests_running", "Requests in the engine's running batch.")
         self.waiting = gauge("titans_num_requests_waiting", "Requests waiting to join the batch.")
         self.sessions_active = gauge("titans_sessions_active", "Sessions whose memory is in the running batch.")
+        self.snapshot_cache_bytes = gauge("titans_snapshot_cache_bytes", "Snapshot bytes this replica keeps in "
+                                          "memory (--blob-cache-bytes at most; a remote store only).")
         self.prompt_tokens = counter("titans_prompt_tokens", "Prompt tokens read.").labels(**label)
         self.generation_tokens = counter("titans_generation_tokens", "Tokens generated.").labels(**label)
         self._success = counter("titans_request_success", "Finished requests.", ["finished_reason"])

@@ -38,5 +38,8 @@ async def ready(request: Request):
 @router.get("/metrics")
 async def metrics(request: Request):
     rt = getattr(request.app.state, "runtime", None)
-    body = generate_latest(rt.metrics.registry) if rt else b""
+    if rt is None:
+        return Response(b"", media_type=CONTENT_TYPE_LATEST)
+    rt.metrics.snapshot_cache_bytes.set(rt.store.cached_bytes)
+    body = generate_latest(rt.metrics.registry)
     return Response(body, media_type=CONTENT_TYPE_LATEST)

@@ -236,6 +236,12 @@ class SessionStore(ABC):
 
     options: StoreOptions
 
+    @property
+    def cached_bytes(self) -> int:
+        """Snapshot bytes kept in this process (a remote store's BlobCache)."""
+        blobs = getattr(self, "blobs", None)
+        return blobs.size if blobs is not None else 0
+
     @abstractmethod
     async def create(self, tenant: str, fingerprint: str, snapshot: bytes, *, tokens_seen: int = 0,
                      name: str | None = None, metadata: dict[str, str] | None = None) -> SessionRecord: ...

@@ -104,7 +104,7 @@ def test_models_health_ready_metrics(client):
                  "titans_generation_tokens_total", "titans_request_success_total", "titans_memory_load_seconds",
                  "titans_memory_save_seconds", "titans_sessions_total", "titans_num_requests_running",
                  "titans_request_prefill_time_seconds", "titans_request_decode_time_seconds",
-                 "titans_request_inference_time_seconds_count"):
+                 "titans_request_inference_time_seconds_count", "titans_snapshot_cache_bytes"):
         assert name in metrics, name
     assert sid not in metrics  # never a session id as a label
     assert client.get("/openapi.json").status_code == 200 and client.get("/docs").status_code == 200

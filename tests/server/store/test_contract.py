@@ -415,3 +415,10 @@ def test_blob_cache_keeps_the_most_recently_used_within_its_capacity():
     cache.put("big", b"x" * 11)  # larger than the whole cache: not kept, nothing evicted for it
     assert cache.get("big") is None and cache.get("a") == b"1234"
     assert BlobCache(0).get("a") is None
+
+
+async def test_cached_bytes_count_the_snapshots_a_remote_store_keeps(store, store_kind):
+    snapshot = os.urandom(5_000)
+    rec = await store.create("a", FP, snapshot)
+    await store.load("a", rec.id)
+    assert store.cached_bytes == (0 if store_kind == "sqlite" else 5_000)
