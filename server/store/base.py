@@ -238,9 +238,8 @@ class SessionStore(ABC):
 
     @property
     def cached_bytes(self) -> int:
-        """Snapshot bytes kept in this process (a remote store's BlobCache)."""
-        blobs = getattr(self, "blobs", None)
-        return blobs.size if blobs is not None else 0
+        """Snapshot bytes kept in this process (a remote store's BlobCache; none for a local one)."""
+        return 0
 
     @abstractmethod
     async def create(self, tenant: str, fingerprint: str, snapshot: bytes, *, tokens_seen: int = 0,

@@ -289,6 +289,10 @@ class RedisStore(SessionStore):
             ("read", READ), ("commit", COMMIT), ("rollback", ROLLBACK), ("acquire", ACQUIRE), ("renew", RENEW),
             ("release", RELEASE), ("delete", DELETE), ("fork", FORK), ("index", INDEX)]}
 
+    @property
+    def cached_bytes(self) -> int:
+        return self.blobs.size
+
     async def _call(self, coro) -> Any:
         """Every Redis round trip goes through here: bounded in time, and Redis errors become StoreUnavailable."""
         try:
