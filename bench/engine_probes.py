@@ -8,13 +8,13 @@
      chunk (the default) against the masked update of every session (what a step without host positions does),
      next to one session and to 32 aligned sessions.
   3. The memory-chunk update of 32 sessions at the default model's memory shapes (4 heads, 32 -> 64 -> 32, chunk
-     8): engine.memory.apply_chunk against the previous code, kept here (both weighted sums as one GEMM over
+     8): kernels.memory.naive.apply_chunk against the previous code, kept here (both weighted sums as one GEMM over
      interleaved coefficients, then five elementwise passes over the weights), and the memory's layer-norm
      statistics with torch.var (before) against a centred mean of squares (now).
   4. Aligned batches without padding rows (Titans.step_limit): the default model reading a 93-token prompt in
      2, 8 and 32 fresh sessions with long steps (now) against steps within the attention window (the rule for
      any batch before; still the rule for a ragged one).
-  5. The chunk update's GEMM in place (engine.memory._minus_matmul: baddbmm_ into the decayed weights it
+  5. The chunk update's GEMM in place (kernels.memory.naive._minus_matmul: baddbmm_ into the decayed weights it
      made) against the out-of-place baddbmm, which first copies them (before 2026-11-27, sixth session): the
      default model reading a 93-token prompt in 32 sessions, and 16 decode steps of the same batch.
   6. Ring and chunk-buffer writes without padding (StepContext.unpadded): decode steps of 1 and 32 sessions
@@ -121,7 +121,7 @@ def staggered_probe(repeats: int, model: Path) -> dict[str, float]:
 
 
 def previous_apply_chunk(weights, momentum, inputs, deltas, theta, coefficients, grad_clip):
-    """engine.memory.apply_chunk before 2026-11-27 (fifth session), for the side-by-side timing."""
+    """kernels.memory.naive.apply_chunk before 2026-11-27 (fifth session), for the side-by-side timing."""
     if grad_clip is not None:
         norm_sq = sum(a.square().sum(-1) * d.square().sum(-1) for a, d in zip(inputs, deltas))
         theta = theta * torch.clamp(grad_clip * torch.rsqrt(norm_sq + 1e-12), max=1.0)
@@ -138,12 +138,13 @@ def previous_apply_chunk(weights, momentum, inputs, deltas, theta, coefficients,
 
 
 def memory_update_probe(repeats: int) -> dict[str, float]:
-    from engine import memory
+    from engine.model import memory_shapes
+    from kernels.memory import naive as memory
 
     sessions, heads, head_dim, chunk = 32, 4, 32, 8
     gen = torch.Generator().manual_seed(0)
     weights = [torch.randn(sessions, heads, i, o, generator=gen) / i**0.5
-               for i, o in memory.memory_shapes(2, head_dim, 2)]
+               for i, o in memory_shapes(2, head_dim, 2)]
     momentum = [0.01 * torch.randn(w.shape, generator=gen) for w in weights]
     k = F.normalize(torch.randn(sessions, heads, chunk, head_dim, generator=gen), dim=-1)
     v = torch.randn(sessions, heads, chunk, head_dim, generator=gen)
@@ -204,7 +205,7 @@ def prompt_or_steps_ms(engine: Engine, decode: bool, steps: int = 16) -> float:
 
 
 def previous_minus_matmul(x, a, b):
-    """engine.memory._minus_matmul before 2026-11-27 (sixth session): out of place, so x is copied first."""
+    """kernels.memory.naive._minus_matmul before 2026-11-27 (sixth session): out of place, so x is copied first."""
     lead = x.shape[:-2]
     a, b = a.expand(*lead, *a.shape[-2:]), b.expand(*lead, *b.shape[-2:])
     out = torch.baddbmm(x.reshape(-1, *x.shape[-2:]), a.reshape(-1, *a.shape[-2:]), b.reshape(-1, *b.shape[-2:]),

@@ -40,16 +40,17 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from engine.memory import (  # noqa: E402
-    chunk_coefficients,
-    chunk_update,
-    init_memory_weights,
-    memory_read,
-    read_and_update,
-)  # noqa: E402
+from engine.model import init_memory_weights  # noqa: E402
 from kernels.memory import chunk as varlen  # noqa: E402
 from kernels.memory import fused_chunk  # noqa: E402
-from kernels.memory.naive import chunk_step_ref, prefill_ref  # noqa: E402
+from kernels.memory.naive import (  # noqa: E402
+    chunk_coefficients,
+    chunk_step_ref,
+    chunk_update,
+    memory_read,
+    prefill_ref,
+    read_and_update,
+)
 
 EPS = 1e-5
 

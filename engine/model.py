@@ -33,16 +33,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from kernels.memory.dispatch import use_triton
+from kernels.memory.naive import chunk_coefficients, chunk_update, memory_read, memory_surprise, read_and_update
 
 from .config import ModelConfig
-from .memory import (
-    chunk_coefficients,
-    chunk_update,
-    init_memory_weights,
-    memory_read,
-    memory_surprise,
-    read_and_update,
-)
 
 State = dict[str, Tensor]  # one mixer's state
 ModelState = list[list[State]]  # [layer][mixer]
@@ -364,6 +357,23 @@ class ShortConv(nn.Module):
             y = y + product if torch.is_grad_enabled() else y.add_(product)
         index = ctx.tail_index(self.kernel)[..., None].expand(-1, -1, x.shape[-1])
         return y, ext.gather(1, index)
+
+
+def memory_shapes(depth: int, head_dim: int, expansion: int) -> list[tuple[int, int]]:
+    """(d_in, d_out) of each weight matrix of one head's memory MLP."""
+    if depth == 1:
+        return [(head_dim, head_dim)]
+    hidden = expansion * head_dim
+    return [(head_dim, hidden)] + [(hidden, hidden)] * (depth - 2) + [(hidden, head_dim)]
+
+
+def init_memory_weights(heads: int, depth: int, head_dim: int, expansion: int, generator=None) -> list[Tensor]:
+    """Initial weights M_0 (learned outer parameters): [H, d_in, d_out] per layer."""
+    weights = []
+    for d_in, d_out in memory_shapes(depth, head_dim, expansion):
+        std = 0.02 if depth == 1 else 1.0 / math.sqrt(d_in)
+        weights.append(torch.randn(heads, d_in, d_out, generator=generator) * std)
+    return weights
 
 
 # gate logits (theta, eta, alpha) -> log sigmoid(z_theta), log eta, log(1 - alpha) = log sigmoid(-z_alpha)

@@ -23,7 +23,7 @@ class ServerProcess:
         """`titans serve` with these options, or `command` (which must listen on `port`)."""
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.cmd = command or [sys.executable, "-m", "engine.cli", "serve", "--model", str(model_dir), "--store",
+        self.cmd = command or [sys.executable, "-m", "titans", "serve", "--model", str(model_dir), "--store",
                                store, "--port", str(self.port), "--log-level", "warning", *args]
         self.env = {**({} if clean_env else os.environ), "OMP_NUM_THREADS": "1", **(env or {})}
         self.process: subprocess.Popen | None = None

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from engine import Engine
-from engine.cli import main
+from titans.cli import main
 from engine.evaluate import recall_by_distance, recall_summary
 
 from .helpers import tiny

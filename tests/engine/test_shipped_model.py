@@ -11,7 +11,7 @@ import json
 import pytest
 
 from engine import Engine
-from engine.cli import main
+from titans.cli import main
 from engine.evaluate import recall_by_distance
 from server.settings import DEFAULT_MODEL
 

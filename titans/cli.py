@@ -1,16 +1,19 @@
-"""`titans` command line: generate (optionally carrying a session snapshot), init a model, train, eval."""
+"""`titans` command line: generate (optionally carrying a session snapshot), init a model, train, eval, serve.
+
+The outermost layer: it imports the engine and, for `serve`, the server (loaded only when it runs).
+"""
 
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 import time
 from pathlib import Path
 
-from .config import PRESETS, ModelConfig
-from .engine import Engine
-from .sampling import SamplingParams
-from .tokenizer import StreamDecoder
+from engine import Engine, ModelConfig, SamplingParams
+from engine.config import PRESETS
+from engine.tokenizer import StreamDecoder
 
 
 def _engine(args) -> Engine:
@@ -60,7 +63,7 @@ def cmd_init(args) -> int:
 
 
 def cmd_train(args) -> int:
-    from .train import TrainConfig, train
+    from engine.train import TrainConfig, train
 
     cfg = TrainConfig.load(args.config)
     if args.out_dir:
@@ -70,8 +73,8 @@ def cmd_train(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from .data import FILLER_KINDS
-    from .evaluate import Progress, evaluate, expected_bytes, write_report
+    from engine.data import FILLER_KINDS
+    from engine.evaluate import Progress, evaluate, expected_bytes, write_report
 
     eng = Engine.load(args.model, device=args.device)
     distances = [_bytes(d) for d in args.distances.split(",")]
@@ -105,10 +108,41 @@ def _bytes(text: str) -> int:
 
 
 def cmd_plot_training(args) -> int:
-    from .evaluate import plot_training
+    from engine.evaluate import plot_training
 
     plot_training(args.metrics, args.out)
     print(f"wrote {args.out}")
+    return 0
+
+
+def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
+    from server.settings import Settings
+
+    for name, field in Settings.model_fields.items():
+        if name == "api_keys":
+            parser.add_argument("--api-key", dest="api_keys", action="append", metavar="KEY[:TENANT]",
+                                help="repeatable; also TITANS_API_KEYS='k1:tenant-a,k2'. None: an open server")
+            continue
+        default = field.default
+        parser.add_argument(f"--{name.replace('_', '-')}", dest=name, default=None, metavar=name.upper(),
+                            help=f"{field.description or ''} (default {default}; env TITANS_{name.upper()})")
+    parser.add_argument("--log-level", default="info")
+
+
+def serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from server.app import create_app
+    from server.settings import Settings
+
+    overrides = {k: v for k, v in vars(args).items() if k in Settings.model_fields and v is not None}
+    settings = Settings(**overrides)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.api_keys:
+        logging.getLogger("titans.server").warning(
+            "API keys given with --api-key can be read in the process list; prefer --api-keys-file")
+    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=args.log_level,
+                timeout_graceful_shutdown=10)
     return 0
 
 
@@ -169,8 +203,6 @@ def main(argv: list[str] | None = None) -> int:
     pt.add_argument("--metrics", required=True, nargs="+", help="metrics.jsonl of each stage, in order")
     pt.add_argument("--out", default="training.png")
     pt.set_defaults(func=cmd_plot_training)
-
-    from server.cli import add_serve_arguments, serve  # argparse only; the server loads when it runs
 
     srv = sub.add_parser("serve", help="run the OpenAI-compatible server with memory sessions")
     add_serve_arguments(srv)

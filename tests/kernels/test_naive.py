@@ -8,22 +8,22 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from engine.memory import (
-    chunk_coefficients,
-    chunk_update,
-    init_memory_weights,
-    memory_read,
-    memory_surprise,
-    read_and_update,
-)
+from kernels.memory.naive import chunk_coefficients, chunk_update, memory_read, memory_surprise, read_and_update
 
-from .naive import naive_chunk_update, naive_memory
+from .recurrence import naive_chunk_update, naive_memory
+
+
+def random_memory_weights(heads: int, depth: int, d: int, expansion: int) -> list[torch.Tensor]:
+    """[H, d_in, d_out] per layer of a depth-`depth` memory MLP (the engine's shapes, made here so that the kernels'
+    tests stand alone)."""
+    widths = [d, d] if depth == 1 else [d] + [expansion * d] * (depth - 1) + [d]
+    return [torch.randn(heads, a, b) / a**0.5 for a, b in zip(widths, widths[1:])]
 
 
 def _random_chunk(rng: random.Random, depth: int, dtype=torch.float64):
     B, H, b, d, e = rng.randint(1, 3), rng.randint(1, 3), rng.randint(1, 9), rng.choice([2, 4, 8]), rng.randint(1, 4)
     weights = [(w + 0.1 * torch.randn_like(w)).unsqueeze(0).repeat(B, 1, 1, 1).to(dtype)
-               for w in init_memory_weights(H, depth, d, e)]
+               for w in random_memory_weights(H, depth, d, e)]
     weights = [w + 0.05 * torch.randn_like(w) for w in weights]  # sessions differ
     momentum = [0.1 * torch.randn_like(w) for w in weights]
     k = F.normalize(torch.randn(B, H, b, d, dtype=dtype), dim=-1)
