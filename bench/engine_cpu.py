@@ -37,7 +37,9 @@ from pathlib import Path
 import torch
 
 from engine import Engine, ModelConfig, SamplingParams
-from engine.model import MAX_SPAN, MemoryMixer, StepContext, compile_chunk_step
+from engine.compiled import compile_chunk_step
+from engine.model import MemoryMixer
+from engine.step import MAX_SPAN, StepContext
 
 # name -> Engine options; compiled engines run decode and prefill's memory chunks through torch.compile
 ENGINES = {"fp32": {}, "fp16": {"weight_dtype": torch.float16},

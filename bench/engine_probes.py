@@ -25,7 +25,7 @@
      chunk end) of the same batch.
   8. The short convolution summed tap by tap (ShortConv, serving, seventh session) against the unfolded
      product (training's form, and serving's before): 32 sessions reading a 93-token prompt.
-  9. A decode step's listed ids as one [B, 1] tensor (Engine._id_rows, seventh session) against a tensor per
+  9. A decode step's listed ids as one [B, 1] tensor (Engine.id_rows, seventh session) against a tensor per
      session and their stack: decode steps of 1 and 32 sessions.
  10. A snapshot written by SessionState.to_bytes (seventh session) against safetensors.torch.save with its
      header parsed back for the checksum (before): the default model's state.
@@ -49,7 +49,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from engine import Engine, ModelConfig  # noqa: E402
-from engine.model import Linear, StepContext  # noqa: E402
+from engine.quant import Linear  # noqa: E402
+from engine.step import StepContext  # noqa: E402
 
 
 def per_call_ms(fn: Callable[[], object], calls: int) -> float:
@@ -172,19 +173,19 @@ def memory_update_probe(repeats: int) -> dict[str, float]:
 
 
 def step_rule_probe(repeats: int, model: Path) -> dict[str, float]:
-    from engine.model import Titans
+    from engine import step
 
     engine = Engine.load(model, device="cpu")
     prompt = list(range(40, 133))  # 93 tokens
-    step_limit = Titans.step_limit
+    step_limit = step.step_limit
 
     def prefill_ms(sessions: int, window_steps: bool) -> float:
         if window_steps:
-            Titans.step_limit = lambda self, pos, aligned, ragged: step_limit(self, pos, aligned, True)
+            step.step_limit = lambda cfg, pos, aligned, ragged: step_limit(cfg, pos, aligned, True)
         try:
             return per_call_ms(lambda: engine.batch([engine.new_state()] * sessions).forward([prompt] * sessions), 2)
         finally:
-            Titans.step_limit = step_limit
+            step.step_limit = step_limit
 
     cases = {}
     for sessions in (2, 8, 32):
@@ -315,8 +316,8 @@ def short_conv_probe(repeats: int, model: Path) -> dict[str, float]:
 
 def decode_ids_probe(repeats: int, model: Path) -> dict[str, float]:
     def per_session() -> Callable[[], None]:
-        now, Engine._id_rows = Engine._id_rows, lambda self, ids: None
-        return lambda: setattr(Engine, "_id_rows", now)
+        now, Engine.id_rows = Engine.id_rows, lambda self, ids: None
+        return lambda: setattr(Engine, "id_rows", now)
 
     return decode_step_probe(repeats, model, ("ids_per_session", "ids_as_one_tensor"), per_session)
 

@@ -34,6 +34,7 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+from engine.compiled import compile_training_steps  # noqa: E402
 from engine.model import Attention, Titans  # noqa: E402
 from engine.tokenizer import load_tokenizer  # noqa: E402
 from engine.train import TrainConfig, batch_loss, fresh_state, make_batch, sequence_lengths  # noqa: E402
@@ -67,7 +68,7 @@ def main() -> None:
     eager = Titans(cfg.model_config()).train()
     compiled = Titans(cfg.model_config()).train()
     compiled.load_state_dict(eager.state_dict())
-    compiled.compile_training_steps()
+    compile_training_steps(compiled)
     tokenizer = load_tokenizer("byte", None)
     batches = [make_batch(cfg, s, random.Random(cfg.seed * 1_000_003 + s), tokenizer, eager.cfg.chunk_size)
                for s in range(args.step, args.step + args.batches)]

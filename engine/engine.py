@@ -18,10 +18,12 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+from .compiled import AotDecode, compile_steps
 from .config import ConfigError, ModelConfig
-from .model import Linear, State, Titans, flatten_state, nest_state
+from .model import Titans
+from .quant import Linear
 from .sampling import SamplingParams, sample
-from .state import SessionState, read_snapshot
+from .state import ModelState, SessionState, State, flatten_state, nest_state, read_snapshot, write_into
 from .tokenizer import load_tokenizer
 
 TokenIds = Sequence[int] | Tensor
@@ -37,10 +39,6 @@ class Completion:
 
 def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def stack_states(states: Sequence[SessionState]) -> State:
-    return {k: torch.stack([s.tensors[k] for s in states]) for k in states[0].tensors}
 
 
 def save_model_dir(model: Titans, model_dir: str | Path, tokenizer_dir: str | Path | None = None,
@@ -68,9 +66,9 @@ class Engine:
         e.g. torch.float16 to halve the bytes each decode step reads, or torch.int8 (weight-only, a scale per
         row: Linear.quantize_int8) to quarter them. Activations and the memory stay fp32. It is part of the
         fingerprint: snapshots are tied to the numerics that produced them.
-        compile: run decode steps and prefill's memory chunks through torch.compile (Titans.compile_steps);
+        compile: run decode steps and prefill's memory chunks through torch.compile (engine/compiled.py);
         the same function, so not part of the fingerprint. aot_decode (with compile): warm_up also compiles
-        one session's decode step ahead of time (Titans.compile_decode_ahead_of_time)."""
+        one session's decode step ahead of time (compiled.AotDecode)."""
         if aot_decode and not compile:
             raise ValueError("aot_decode needs compile=True")
         self.aot_decode = aot_decode
@@ -96,9 +94,9 @@ class Engine:
             if self.device.type == "cpu" and not any(shutil.which(c) for c in (os.environ.get("CXX", "g++"), "c++")):
                 raise RuntimeError("compiled steps on a CPU need a C++ compiler (g++ or $CXX); install one "
                                    "or run without compile")
-            self.model.compile_steps()
+            compile_steps(self.model)
         with torch.inference_mode():
-            self._template = {k: v.detach().clone() for k, v in flatten_state(self.model.initial_state()).items()}
+            self.state_template = {k: v.detach().clone() for k, v in flatten_state(self.model.initial_state()).items()}
 
     # --- construction and checkpoints ----------------------------------------------------------
 
@@ -168,20 +166,20 @@ class Engine:
             batch.forward([[0] * 2 * self.config.chunk_size] * sessions)  # two chunks: one alone takes the decode path
             if sessions == 1 and self.aot_decode and self.model.aot_decode is None:
                 self._aot_dir = tempfile.TemporaryDirectory(prefix="titans-aot-")  # removed with the engine
-                self.model.compile_decode_ahead_of_time(batch._state, self._aot_dir.name)
+                self.model.aot_decode = AotDecode(self.model, batch.live_state(), self._aot_dir.name)
             for _ in range(steps):
                 batch.forward([[0]] * sessions)
 
     # --- sessions ---------------------------------------------------------------------------------
 
     def new_state(self) -> SessionState:
-        return SessionState.fresh(self._template, self.fingerprint)
+        return SessionState.fresh(self.state_template, self.fingerprint)
 
     def load_state(self, blob: bytes) -> SessionState:
         """Raises SnapshotError for a corrupted snapshot or one made by another model."""
-        return read_snapshot(blob, self.fingerprint, self._template)
+        return read_snapshot(blob, self.fingerprint, self.state_template)
 
-    def _ids(self, token_ids: TokenIds) -> Tensor:
+    def ids(self, token_ids: TokenIds) -> Tensor:
         listed = not isinstance(token_ids, Tensor)
         if listed:
             token_ids = list(token_ids)
@@ -194,17 +192,17 @@ class Engine:
                 raise ValueError(f"token ids must be in [0, {self.config.vocab_size})")
         return ids.to(self.device)
 
-    def _id_rows(self, token_ids: Sequence[TokenIds]) -> Tensor | None:
+    def id_rows(self, token_ids: Sequence[TokenIds]) -> Tensor | None:
         """[B, 1] ids if every session gives a list of one id (a decode step), checked in Python and made in one
         tensor; None otherwise. A tensor per session and their stack were ~100 us of a 32-session step."""
         if not all(type(t) in (list, tuple) and len(t) == 1 for t in token_ids):
             return None
         flat = [t[0] for t in token_ids]
         if not all(type(t) is int and 0 <= t < self.config.vocab_size for t in flat):
-            return None  # _ids says what is wrong
+            return None  # ids says what is wrong
         return torch.tensor(flat, dtype=torch.long).view(-1, 1).to(self.device)
 
-    def _check(self, state: SessionState) -> None:
+    def check(self, state: SessionState) -> None:
         if state.model_fingerprint != self.fingerprint:
             raise ValueError("state belongs to another model (fingerprint mismatch)")
 
@@ -213,7 +211,7 @@ class Engine:
         if not states:
             raise ValueError("a batch needs at least one session")
         for s in states:
-            self._check(s)
+            self.check(s)
         return SessionBatch(self, states)
 
     def forward_batch(self, token_ids: Sequence[TokenIds], states: Sequence[SessionState],
@@ -245,7 +243,7 @@ class Engine:
 
         Every yielded token is absorbed into the returned state, including a matched stop string or EOS.
         """
-        ids = self._ids(prompt_ids)
+        ids = self.ids(prompt_ids)
         if ids.numel() == 0:
             raise ValueError("generation needs at least one prompt token")
         generator = None
@@ -262,11 +260,11 @@ class Engine:
                 break
         return session.states()[0]
 
-    def _is_eos(self, token: int) -> bool:
+    def is_eos(self, token: int) -> bool:
         return self.config.eos_token_id is not None and token == self.config.eos_token_id
 
     def _finished(self, out: list[int], params: SamplingParams) -> bool:
-        if self._is_eos(out[-1]):
+        if self.is_eos(out[-1]):
             return True
         if params.stop:  # a stop string that just completed lies within the last len(stop) tokens
             tail = self.tokenizer.decode(out[-(max(len(s.encode()) for s in params.stop) + 1):])
@@ -284,7 +282,7 @@ class Engine:
             except StopIteration as stop:
                 final = stop.value
                 break
-        eos = bool(out) and self._is_eos(out[-1])
+        eos = bool(out) and self.is_eos(out[-1])
         text = self.tokenizer.decode(out[:-1] if eos else out)  # the EOS token has no text of its own
         cuts = [text.index(s) for s in params.stop if s in text]
         reason = "stop" if cuts or eos else "length"
@@ -292,31 +290,42 @@ class Engine:
 
 
 class SessionBatch:
-    """Sessions stacked once and advanced in place, call after call: what a scheduler decodes with.
+    """Sessions advanced together, call after call, in a pool of slots: what a scheduler steps.
 
-    forward() returns, per session, (logits [T_s, V], surprise [T_s] or None); states() snapshots the
-    current states as SessionStates (copies). The SessionStates it was built from are never touched.
-    A step that raises leaves the batch half-written: it then refuses further use, and the sessions
-    must be rebuilt from their last SessionStates.
+    Layout: for every state tensor (its flat name, engine/state.py) one pool tensor [capacity, ...] on the
+    engine's device. The batch's n sessions hold slots 0..n-1 in batch order, so a step reads and writes the
+    leading n slots of every pool tensor in place: views, never a gather. Joining writes the newcomers' states
+    into the next free slots; leaving moves the last sessions into the freed slots (vLLM's condense), so a change
+    of membership copies the sessions that move, never the batch. A full pool doubles (one copy of the live
+    slots, amortised over the joins).
+
+    forward() returns, per session, (logits [T_s, V], surprise [T_s] or None); state(i) copies session i out and
+    to_bytes(i) serialises its slot. The SessionStates it was built from are never touched. A step that raises
+    leaves the batch half-written: it then refuses further use, and the sessions must be rebuilt from their
+    last SessionStates.
     """
 
-    def __init__(self, engine: Engine, states: Sequence[SessionState]):
+    def __init__(self, engine: Engine, states: Sequence[SessionState] = (), capacity: int = 0):
         self.engine = engine
-        self.positions = [s.tokens_seen for s in states]
+        self.positions: list[int] = []
         self._failed: BaseException | None = None
-        with torch.inference_mode():
-            self._state = nest_state(stack_states(states))  # stacking copies: the model may write into it
+        self._pool: State = {}
+        self._live: ModelState | None = None  # nested views of slots [0, n), made when n changes
+        self._reserve(max(capacity, len(states), 1))
+        self.add(states)
 
     @torch.inference_mode()
     def forward(self, token_ids: Sequence[TokenIds], return_surprise: bool = False) -> list[tuple]:
         self._usable()
         if len(token_ids) != len(self.positions):
             raise ValueError(f"{len(token_ids)} token sequences for {len(self.positions)} sessions")
-        rows = self.engine._id_rows(token_ids)
-        ids = [self.engine._ids(t) for t in token_ids] if rows is None else rows
+        rows = self.engine.id_rows(token_ids)
+        ids = [self.engine.ids(t) for t in token_ids] if rows is None else rows
+        live = self.live_state()
         try:
-            logits, self._state, surprise = self.engine.model.forward_tokens(
-                ids, self._state, self.positions, return_surprise, owned=True)
+            logits, new, surprise = self.engine.model.forward_tokens(ids, live, self.positions, return_surprise,
+                                                                     owned=True)
+            write_into(live, new)
         except BaseException as e:
             self._failed = e
             raise
@@ -327,37 +336,98 @@ class SessionBatch:
     def __len__(self) -> int:
         return len(self.positions)
 
+    @property
+    def capacity(self) -> int:
+        return next(iter(self._pool.values())).shape[0]
+
+    def live_state(self) -> ModelState:
+        """The batch's sessions as the model takes them: nested views of slots [0, n) of the pool."""
+        if self._live is None:
+            n = len(self.positions)
+            self._live = nest_state({k: v[:n] for k, v in self._pool.items()})
+        return self._live
+
     def _usable(self) -> None:
         if self._failed is not None:
             raise RuntimeError("this batch failed in an earlier step; rebuild it from the sessions' states") \
                 from self._failed
 
     @torch.inference_mode()
-    def add(self, states: Sequence[SessionState]) -> None:
-        """Sessions join at the end of the batch (continuous batching: between steps)."""
-        self._usable()
-        for s in states:
-            self.engine._check(s)
-        if states:
-            flat, new = flatten_state(self._state), stack_states(states)
-            self._state = nest_state({k: torch.cat([flat[k], new[k]]) for k in flat})
-            self.positions += [s.tokens_seen for s in states]
+    def _reserve(self, more: int) -> None:
+        """Room for `more` sessions beyond the live ones (capacity doubles when it runs out)."""
+        n = len(self.positions)
+        if self._pool and n + more <= self.capacity:
+            return
+        capacity = max(n + more, 2 * self.capacity if self._pool else 0)
+        old, self._pool = self._pool, {k: v.new_empty((capacity, *v.shape))
+                                       for k, v in self.engine.state_template.items()}
+        for k, v in old.items():
+            self._pool[k][:n] = v[:n]
+        self._live = None
 
     @torch.inference_mode()
-    def remove(self, indices: Sequence[int]) -> None:
-        """Sessions leave; the others keep their order."""
+    def add(self, states: Sequence[SessionState]) -> None:
+        """Sessions join at the end of the batch (continuous batching: between steps), each written into its
+        slot."""
+        self._usable()
+        for s in states:
+            self.engine.check(s)
+        self._reserve(len(states))
+        n = len(self.positions)
+        for i, s in enumerate(states):
+            for k, v in s.tensors.items():
+                self._pool[k][n + i] = v
+        self.positions += [s.tokens_seen for s in states]
+        self._live = None
+
+    @torch.inference_mode()
+    def move(self, indices: Sequence[int], into: SessionBatch) -> list[int]:
+        """Sessions leave this batch and join the end of `into` (a prefill batch handing sessions to the decode
+        batch), slot to slot. Returns this batch's new order, as remove() does."""
+        self._usable()
+        into._usable()
+        into._reserve(len(indices))
+        n, index = len(into.positions), torch.tensor(indices, dtype=torch.long, device=self.engine.device)
+        for k, v in into._pool.items():
+            v[n:n + len(indices)] = self._pool[k].index_select(0, index)
+        into.positions += [self.positions[i] for i in indices]
+        into._live = None
+        return self.remove(indices)
+
+    @torch.inference_mode()
+    def remove(self, indices: Sequence[int]) -> list[int]:
+        """Sessions leave; the last sessions move into the slots they free. Returns the new order: order[j] is
+        the index, before this call, of the session now at j."""
         self._usable()
         gone = set(indices)
-        keep = [i for i in range(len(self.positions)) if i not in gone]
-        index = torch.tensor(keep, dtype=torch.long, device=self.engine.device)
-        self._state = nest_state({k: v.index_select(0, index) for k, v in flatten_state(self._state).items()})
-        self.positions = [self.positions[i] for i in keep]
+        n, left = len(self.positions), len(self.positions) - len(gone)
+        holes = [i for i in sorted(gone) if i < left]
+        movers = [i for i in range(left, n) if i not in gone]
+        order = list(range(left))
+        if holes:
+            device = self.engine.device
+            to, source = (torch.tensor(x, dtype=torch.long, device=device) for x in (holes, movers))
+            for v in self._pool.values():
+                v.index_copy_(0, to, v.index_select(0, source))
+            for hole, mover in zip(holes, movers):
+                order[hole] = mover
+        self.positions = [self.positions[i] for i in order]
+        self._live = None
+        return order
+
+    def slot_state(self, i: int) -> SessionState:
+        """Session i as a SessionState over its slot (views: valid until the next call that changes the batch)."""
+        return SessionState({k: v[i] for k, v in self._pool.items()}, self.positions[i], self.engine.fingerprint)
 
     @torch.inference_mode()
     def state(self, i: int) -> SessionState:
         """A copy of session i's current state."""
-        flat = flatten_state(self._state)
-        return SessionState({k: v[i].clone() for k, v in flat.items()}, self.positions[i], self.engine.fingerprint)
+        slot = self.slot_state(i)
+        return SessionState({k: v.clone() for k, v in slot.tensors.items()}, slot.tokens_seen, slot.model_fingerprint)
+
+    def to_bytes(self, i: int) -> bytes:
+        """Session i's snapshot, serialised from its slot."""
+        return self.slot_state(i).to_bytes()
 
     def states(self) -> list[SessionState]:
         return [self.state(i) for i in range(len(self.positions))]

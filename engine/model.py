@@ -1,32 +1,22 @@
-"""The Titans model (LMM, MAC, MAG, MAL) as a step function over per-session state.
+"""The Titans model (LMM, MAC, MAG, MAL): its layers and one step over per-session state.
 
 Legend: B sessions in the batch, R rows (new tokens) in this step, D model width, V vocabulary,
 nh attention heads of width hd, H memory heads of width d, b memory chunk, C MAC segment, W window.
 
-The model advances in *steps*; a step is a span of rows per session that never crosses a MAC segment
-edge. Inside a step, projections, attention and MLPs run once over all rows, and only the memory walks
-the step chunk by chunk (NeuralMemory.scan):
-  - every row reads the memory with its chunk-start weights (chunk-lagged reads, DESIGN §2.5),
-  - MAC retrieval reads with the segment-start weights, kept in the state,
-  - rows are appended to the chunk buffer, and a chunk that fills is applied in closed form.
-Sessions at the same position take long steps (up to a MAC segment, or MAX_SPAN rows; within the
-attention window when some of them have fewer rows than others); a batch of sessions at different
-positions takes steps that end at each session's chunk edge; decode is a step of one row. All of these
-compute exactly the same function: per-session bookkeeping is by position, with masks (StepContext).
+Titans.step advances B sessions by R rows each (a step: engine/step.py plans them and says which rows are real);
+the memory walks the step chunk by chunk, reading with chunk-start weights and applying each full chunk in closed
+form (kernels/memory). Equation numbers refer to the paper (Behrouz et al., arXiv 2501.00663).
 
 Session state, fixed in size: per mixer a dict of tensors with a leading batch dimension: memory
 weights W{l}, momentum S{l} and the partial-chunk buffer, conv tails, the attention ring (keys and
 values of the last C or W positions, slot = position mod span), MAC segment-start weights Wseg{l}.
-The model works on the nested form layers[i][j] = dict of mixer j of block i; snapshots use the flat
-names "layers.{i}.m{j}.{name}" (nest_state / flatten_state).
+The model works on the nested form layers[i][j] = dict of mixer j of block i (engine/state.py).
 """
 
 from __future__ import annotations
 
 import math
-import types
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -35,218 +25,11 @@ from torch import Tensor, nn
 from kernels.memory.dispatch import use_triton
 from kernels.memory.naive import chunk_coefficients, chunk_update, memory_read, memory_surprise, read_and_update
 
+from . import step as steps
 from .config import ModelConfig
-
-State = dict[str, Tensor]  # one mixer's state
-ModelState = list[list[State]]  # [layer][mixer]
-
-
-def nest_state(flat: State) -> ModelState:
-    """Mixer dicts in name order, whichever order the flat dict came in (a snapshot's, the template's): compiled
-    decode guards on the order of their keys."""
-    layers: dict[int, dict[int, State]] = {}
-    for key, value in sorted(flat.items()):
-        _, layer, mixer, name = key.split(".", 3)
-        layers.setdefault(int(layer), {}).setdefault(int(mixer[1:]), {})[name] = value
-    return [[mixers[j] for j in sorted(mixers)] for _, mixers in sorted(layers.items())]
-
-
-def flatten_state(nested: ModelState) -> State:
-    return {f"layers.{i}.m{j}.{k}": v for i, mixers in enumerate(nested) for j, st in enumerate(mixers)
-            for k, v in st.items()}
-
-
-# --- one step's bookkeeping, shared by all layers -----------------------------------------------
-
-@dataclass(eq=False)
-class StepContext:
-    """Positions of one step as tensors, so that a compiled step specialises on shapes only.
-
-    pos[s] is the position of session s's first row, count[s] its valid rows (0 = idle this step).
-    Two host-side flags say whether any session completes a memory chunk / a MAC segment in this step
-    (the update is skipped entirely when none does). Derived tensors are built once per step.
-    """
-
-    pos: Tensor  # [B] long
-    count: Tensor  # [B] long
-    rows: int  # R = max(count)
-    any_full: bool
-    any_segment_end: bool  # MAC only
-    config: ModelConfig
-    host: tuple[list[int], list[int]] | None  # pos and count as the host knows them (no device reads)
-    owned: bool = False  # the caller owns the state tensors: rows may be written in place
-    _cache: dict = field(default_factory=dict)
-
-    @classmethod
-    def build(cls, pos: list[int], counts: list[int], cfg: ModelConfig, device: torch.device,
-              owned: bool = False) -> StepContext:
-        b, seg = cfg.chunk_size, cfg.segment_size
-        return cls(torch.tensor(pos, device=device), torch.tensor(counts, device=device), max(counts),
-                   any(p % b + c == b for p, c in zip(pos, counts)),
-                   cfg.variant == "mac" and any(c > 0 and (p + c) % seg == 0 for p, c in zip(pos, counts)), cfg,
-                   (pos, counts), owned)
-
-    def chunk_pieces(self) -> list[tuple[int, int, StepContext]]:
-        """Row ranges [a, b) of this step that lie in one memory chunk, each with its own context.
-
-        Sessions at different positions take steps inside one chunk (one piece). When all sessions
-        start at the same position (one session, or a batch of aligned ones) a step may span many
-        chunks: the memory then reads and updates piece by piece, and everything else runs once.
-        """
-        b = self.config.chunk_size
-        if self.rows <= 1:  # a decode step (its host positions may be unknown: see Titans.compile_steps)
-            return [(0, self.rows, self)]
-        pos, counts = self.host
-        if all(p % b + c <= b for p, c in zip(pos, counts)):
-            return [(0, self.rows, self)]
-        assert len(set(pos)) == 1, "a step over sessions at different positions stays inside one chunk"
-        cuts = [0, *range(b - pos[0] % b, self.rows, b), self.rows]
-        return [(a, e, StepContext.build([pos[0] + a] * len(pos), [min(max(c - a, 0), e - a) for c in counts],
-                                         self.config, self.pos.device, self.owned))
-                for a, e in zip(cuts, cuts[1:])]
-
-    def full_sessions(self) -> list[int] | None:
-        """Indices of the sessions that complete their memory chunk in this step; None without host positions."""
-        if self.host is None:
-            return None
-        b = self.config.chunk_size
-        return [i for i, (p, c) in enumerate(zip(*self.host)) if p % b + c == b]
-
-    def _cached(self, key, make):
-        if key not in self._cache:
-            self._cache[key] = make()
-        return self._cache[key]
-
-    @property
-    def row_pos(self) -> Tensor:
-        """Position of every row [B, R] (padding rows included)."""
-        return self._cached("row_pos", lambda: self.pos[:, None] + torch.arange(self.rows, device=self.pos.device))
-
-    @property
-    def valid(self) -> Tensor:
-        """Which rows are real tokens [B, R]."""
-        return self._cached("valid", lambda: torch.arange(self.rows, device=self.pos.device) < self.count[:, None])
-
-    def flag(self, name: str) -> Tensor:
-        """Per-session "full" (completes its chunk) or "segment_end" (completes its MAC segment): [B, 1, 1, 1]."""
-        def make():
-            cfg, end = self.config, self.pos + self.count
-            if name == "full":
-                flag = (self.pos % cfg.chunk_size + self.count) == cfg.chunk_size
-            else:
-                flag = (self.count > 0) & (end % cfg.segment_size == 0)
-            return flag[:, None, None, None]
-        return self._cached(("flag", name), make)
-
-    def rope(self, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-        """cos, sin [B, R, 1, 1, hd] for rotate-half RoPE; angles in float64 so that large positions keep
-        their precision."""
-        def make():
-            hd = self.config.head_dim
-            inv_freq = self.config.rope_base ** (
-                -torch.arange(0, hd, 2, dtype=torch.float64, device=self.pos.device) / hd)
-            angles = self.row_pos.to(torch.float64)[..., None] * inv_freq
-            angles = torch.cat([angles, angles], -1)[:, :, None, None]
-            return angles.cos().to(dtype), angles.sin().to(dtype)
-        return self._cached(("rope", dtype), make)
-
-    def attention_mask(self, span: int, rule: str, rows_per_pos: int) -> Tensor:
-        """Visibility [B, 1, R, m*span + N_p + m*R] over [ring | persistent | this step's rows], or for a
-        one-row step, which writes its row into the ring before reading it, [B, 1, 1, m*span + N_p].
-
-        rule "window": key position q visible from p iff p - span < q <= p (sliding window of span)
-        rule "segment": iff q <= p and q is in p's segment of size span (MAC)
-        Ring slot j holds the newest position < pos (<= pos for one row) that is j mod span (negative:
-        never written).
-        """
-        def make_one_row():
-            p = self.pos[:, None]  # [B, 1]
-            ring_pos = p - torch.remainder(p - torch.arange(span, device=p.device), span)  # [B, span], > p - span
-            ok = ring_pos >= 0 if rule == "window" else ring_pos >= p - torch.remainder(p, span)
-            persistent = torch.ones(p.shape[0], self.config.n_persistent, dtype=torch.bool, device=p.device)
-            return torch.cat([ok.repeat(1, rows_per_pos), persistent], -1)[:, None, None]
-
-        def make():
-            m, R, dev = rows_per_pos, self.rows, self.pos.device
-            p = self.row_pos[:, :, None]  # [B, R, 1]
-            last = self.pos[:, None, None] - 1
-            ring_pos = last - torch.remainder(last - torch.arange(span, device=dev), span)  # [B, 1, span]
-            row_pos = self.row_pos[:, None, :]  # [B, 1, R]
-            if rule == "window":
-                ring_ok = (ring_pos >= 0) & (p - ring_pos < span)
-                rows_ok = p - row_pos < span
-            else:
-                ring_ok = (ring_pos >= 0) & (ring_pos >= p - torch.remainder(p, span))
-                rows_ok = torch.ones(1, 1, 1, dtype=torch.bool, device=dev)
-            rows_ok = (rows_ok & (row_pos <= p) & self.valid[:, None, :]) | torch.eye(R, dtype=torch.bool, device=dev)
-            persistent = torch.ones(p.shape[0], R, self.config.n_persistent, dtype=torch.bool, device=dev)
-            mask = torch.cat([ring_ok.expand(-1, R, -1).repeat(1, 1, m), persistent, rows_ok.repeat(1, 1, m)], -1)
-            return mask[:, None]
-        return self._cached(("mask", span, rule, rows_per_pos), make_one_row if self.rows == 1 else make)
-
-    def tail_index(self, kernel: int) -> Tensor:
-        """Index into [tail | rows] of the last kernel-1 inputs after this step: [B, kernel-1]."""
-        return self._cached(("tail", kernel),
-                            lambda: self.count[:, None] + torch.arange(kernel - 1, device=self.pos.device))
-
-    def write(self, store: Tensor, slot_dim: int, span: int, rows: Tensor) -> Tensor:
-        """Write each valid row r of session s at slot (pos[s] + r) mod span along slot_dim of store.
-
-        store [B, ..., span, ...] (slot_dim counts the batch dim); rows [B, R, ...] shaped like
-        store[b, ..., slot, ...]. Padding rows write back the old value, so every (session, slot) pair
-        is written exactly once and the shapes never depend on the row counts. In place only when the
-        caller owns the state (a SessionBatch's stacked copy) and no gradient is recorded; otherwise on a
-        copy (a caller's tensors, expanded views, or values autograd still needs).
-        """
-        first = max(0, self.rows - span)  # more rows than slots (a long single-session step): keep the last span
-        if first:
-            assert all(c == self.rows for c in self.host[1]), "a padded step never has more rows than ring slots"
-            rows = rows[:, first:]
-
-        def make_index():
-            slot = torch.remainder(self.row_pos[:, first:], span)  # [B, R']
-            batch = torch.arange(slot.shape[0], device=slot.device)[:, None].expand_as(slot)
-            return (batch,) + (slice(None),) * (slot_dim - 1) + (slot,)
-        index = self._cached(("write", slot_dim, span), make_index)
-        if not self.owned or torch.is_grad_enabled():
-            store = store.clone()
-        if self.unpadded:  # every row is a token (decode, aligned prefill): no old values to keep
-            store[index] = rows
-        else:
-            valid = self.valid[:, first:]
-            store[index] = torch.where(valid.view(*valid.shape, *([1] * (rows.dim() - 2))), rows, store[index])
-        return store
-
-    @property
-    def unpadded(self) -> bool:
-        """Whether every session has all R rows in this step, as the host knows (False when it does not)."""
-        return self._cached("unpadded", lambda: self.host is not None and all(c == self.rows for c in self.host[1]))
-
-
-def _private_copy(function: types.FunctionType, owner: int) -> types.FunctionType:
-    """The same function on a copy of its code object (dynamo caches compiled graphs per code object)."""
-    code = function.__code__
-    code = code.replace(co_name=f"{code.co_name}_{owner:x}")
-    return types.FunctionType(code, function.__globals__, code.co_name, function.__defaults__, function.__closure__)
-
-
-def compile_chunk_step(owner: int):
-    """read_and_update through torch.compile, on a private copy of its code (see _private_copy) for owner.
-
-    A slice of a step's rows has strides that depend on the step's length: the inputs are made contiguous, so
-    that there is one graph per batch size instead of one per step length.
-    """
-    compiled = torch.compile(_private_copy(read_and_update, owner))
-
-    def chunk_step(weights, momentum, q, k, v, theta, coefficients, eps, grad_clip, in_place=False):
-        def dense(tensors):
-            return [t.contiguous() for t in tensors]
-
-        # never in place: a compiled graph that writes into its inputs copies them back whole
-        return compiled(dense(weights), dense(momentum), *dense((q, k, v, theta)), tuple(dense(coefficients)), eps,
-                        grad_clip)
-
-    return chunk_step
+from .quant import Linear
+from .state import ModelState, State
+from .step import StepContext
 
 
 def state_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -255,59 +38,6 @@ def state_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 # --- building blocks -----------------------------------------------------------------------------
-
-class Linear(nn.Linear):
-    """nn.Linear whose weight may be stored in half precision or as int8 (Engine weight_dtype): activations keep
-    their dtype, while the matrix-vector products of decode read half or a quarter of the bytes.
-
-    Half: the function is a half-precision linear (input and output rounded to the weight's dtype) whatever the
-    rows; from UPCAST_ROWS rows on a CPU it runs as a float GEMM on the upcast weight: CPUs without half
-    arithmetic run half GEMMs several times slower (1024 rows x 256 -> 1048: 24 ms in fp16, 4 ms upcast),
-    while decode batches are bound by the bytes read, where half wins (small-mac, a running batch of 4
-    sessions: 298 tok/s in half, 208 upcast; equal at 16; bench/engine_probes.py).
-
-    int8 (quantize_int8): weight-only, symmetric, one scale per output row, as llama.cpp's Q8_0 and gpt-fast's
-    int8 do. The function is a bf16 linear on the dequantised weight: bf16 input, fp32 products and sums, the
-    row's scale, bf16 output. Under UPCAST_ROWS rows on a CPU, torch's int8 x bf16 kernel
-    (torch._weight_int8pack_mm: 0.46 against fp16's 0.64 ms for small-mac's dense weights at one row, 2 threads);
-    from there on, and off the CPU, a float GEMM on the int8 weight cast to float.
-    """
-
-    UPCAST_ROWS = 64
-    INT8_BLOCK = 16  # the int8 kernel's inputs come in blocks of 16: other widths crash it (segfault), so stay float
-
-    def quantize_int8(self) -> bool:
-        """Store the weight as int8 rows with a bf16 scale each (the Engine's weight_dtype=torch.int8); False,
-        and the weight unchanged, where in_features is not a multiple of INT8_BLOCK."""
-        if self.in_features % self.INT8_BLOCK:
-            return False
-        w = self.weight.detach().float()
-        scale = (w.abs().amax(1) / 127).clamp_min(torch.finfo(torch.float32).tiny).to(torch.bfloat16)
-        q = torch.round(w / scale.float()[:, None]).clamp_(-127, 127).to(torch.int8)
-        self.weight = nn.Parameter(q, requires_grad=False)
-        self.register_buffer("weight_scale", scale)
-        return True
-
-    def forward(self, x: Tensor) -> Tensor:
-        w = self.weight
-        if w.dtype == torch.int8:
-            return self._int8_forward(x)
-        if w.dtype == x.dtype:
-            return F.linear(x, w, self.bias)
-        if w.device.type == "cpu" and x.numel() >= self.UPCAST_ROWS * x.shape[-1]:
-            bias = None if self.bias is None else self.bias.to(x.dtype)
-            return F.linear(x.to(w.dtype).to(x.dtype), w.to(x.dtype), bias).to(w.dtype).to(x.dtype)
-        return F.linear(x.to(w.dtype), w, self.bias).to(x.dtype)
-
-    def _int8_forward(self, x: Tensor) -> Tensor:
-        rows = x.reshape(-1, x.shape[-1]).to(torch.bfloat16)
-        if x.device.type == "cpu" and rows.shape[0] < self.UPCAST_ROWS:
-            y = torch._weight_int8pack_mm(rows, self.weight, self.weight_scale)
-        else:
-            y = (F.linear(rows.float(), self.weight.float()) * self.weight_scale.float()).to(torch.bfloat16)
-        y = y.reshape(*x.shape[:-1], -1).to(x.dtype)
-        return y if self.bias is None else y + self.bias.to(x.dtype)
-
 
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
@@ -395,8 +125,8 @@ class NeuralMemory(nn.Module):
         self.init_weights = nn.ParameterList(
             nn.Parameter(w) for w in init_memory_weights(self.heads, cfg.mem_depth, self.head_dim, cfg.mem_expansion))
         self.register_buffer("gate_signs", torch.tensor(_GATE_SIGNS).repeat_interleave(self.heads), persistent=False)
-        self.compiled_chunk_step = None  # read_and_update through torch.compile, set by Titans.compile_steps
-        self.compiled_training_step = None  # the same, differentiated through: set by Titans.compile_training_steps
+        self.compiled_chunk_step = None  # read_and_update through torch.compile, set by compiled.compile_steps
+        self.compiled_training_step = None  # the same, differentiated through: set by compiled.compile_training_steps
         self.seen_gates: list[Tensor] | None = None  # log-gates of each gates() call while Titans.watching_gates
 
     def gate_bias(self) -> Tensor:
@@ -853,15 +583,12 @@ class Block(nn.Module):
         return x + self.mlp(self.mlp_norm(x)), new, surprises
 
 
-MAX_SPAN = 256  # rows of one single-session step outside MAC (attention cost grows with span * (window + span))
-
-
 class Titans(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
-        self.decode_step = None  # set by compile_steps
-        self.aot_decode = None  # (state names, runner), set by compile_decode_ahead_of_time
+        self.decode_step = None  # compiled.compile_steps
+        self.aot_decode = None  # compiled.AotDecode
         self.embed = nn.Embedding(cfg.vocab_size, cfg.dim)
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
@@ -902,56 +629,6 @@ class Titans(nn.Module):
         surprise = torch.stack(surprises).mean(0) if surprises else None
         return logits, new, surprise
 
-    def _single_row_step(self, tokens: Tensor, state: ModelState, pos: Tensor, count: Tensor,
-                         rope: tuple[Tensor, Tensor], any_full: bool, any_segment_end: bool):
-        """step() for one row per session, from tensors and flags only: what compile_steps compiles. The host
-        positions stay out of it, so one graph serves every position (two or three graphs in all: with and
-        without a chunk end / segment end). RoPE's cos/sin come in computed: inside the graph inductor would
-        recompute them for every key the query meets (it lowers a one-row bmm to an inlined mul + sum).
-
-        The state is updated in place and only the logits come back: returning a tensor the graph also
-        mutates makes it copy the whole tensor (every attention ring, every step) instead of writing one row.
-        """
-        ctx = StepContext(pos, count, 1, any_full, any_segment_end, self.cfg, None, owned=True)
-        ctx._cache[("rope", rope[0].dtype)] = rope
-        logits, new, _ = self.step(tokens, state, ctx)
-        for old_layer, new_layer in zip(state, new):
-            for old, replaced in zip(old_layer, new_layer):
-                for name, value in replaced.items():
-                    if value is not old[name]:
-                        old[name].copy_(value)
-        return logits
-
-    def compile_steps(self) -> None:
-        """Run through torch.compile the two steps that dominate on a CPU: the decode step (one row per
-        session, Titans._single_row_step) and prefill's whole-chunk memory step (read_and_update).
-
-        Eager, both are bound by dispatching small ops (~500 per decode step, ~60 per memory chunk), which
-        the compiled steps fuse: about 2.5x faster each for small-mac. The rest of prefill (dense
-        projections, attention over many rows) stays eager. Compiling takes seconds to a minute per graph
-        the first time (inductor caches on disk), and needs a C++ compiler on the CPU.
-
-        The Engine freezes the parameters and the config, so the guards on this module are dropped (checking
-        them cost more than the step itself): each call checks only the step's inputs. Dynamo keeps compiled
-        graphs on the code object it compiled, so each model compiles private copies of the steps' code; two
-        models never share a graph (nor one model's recompile budget).
-        """
-        self.decode_step = torch.compile(
-            types.MethodType(_private_copy(Titans._single_row_step, id(self)), self),
-            options={"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe})
-        chunk_step = compile_chunk_step(id(self))
-        for memory in self.memories():
-            memory.compiled_chunk_step = chunk_step
-
-    def compile_training_steps(self) -> None:
-        """Run prefill's whole-chunk memory step through torch.compile when gradients flow through it (training):
-        15-40 s to compile on a CPU, then a training step of the default model ~1.4x faster (forward and
-        backward fused over the chunk's ~60 small ops; bench/train_step.py). Serving steps keep their own graphs
-        (compile_steps)."""
-        chunk_step = compile_chunk_step(id(self) + 1)  # code of its own: dynamo caches graphs per code object
-        for memory in self.memories():
-            memory.compiled_training_step = chunk_step
-
     def memories(self) -> list[NeuralMemory]:
         return [m for m in self.modules() if isinstance(m, NeuralMemory)]
 
@@ -968,124 +645,7 @@ class Titans(nn.Module):
             for memory in memories:
                 memory.seen_gates = None
 
-    def compile_decode_ahead_of_time(self, state: ModelState, directory: str) -> None:
-        """The one-session decode step that ends no memory chunk (all but one step in chunk_size), exported with
-        torch.export and compiled with AOTInductor into `directory`: a C++ runner without dynamo's guards and
-        inductor's Python wrapper, which on a CPU cost about a third of a small model's step
-        (bench/decode_aoti_probe.py). state: a one-session batched state to trace with (not modified). The
-        other steps keep the torch.compile graphs of compile_steps."""
-        flat = flatten_state(state)
-        names = sorted(flat)
-        model = self
-
-        class Step(nn.Module):
-            def __init__(self):
-                super().__init__()
-                self.model = model
-
-            def forward(self, tokens, pos, count, cos, sin, *tensors):
-                nested = nest_state(dict(zip(names, tensors, strict=True)))
-                return Titans._single_row_step(self.model, tokens, nested, pos, count, (cos, sin), False, False)
-
-        ctx = StepContext.build([1], [1], self.cfg, self.embed.weight.device)  # the position is an input
-        cos, sin = ctx.rope(self.embed.weight.dtype)
-        example = (torch.zeros(1, 1, dtype=torch.long, device=ctx.pos.device), ctx.pos, ctx.count, cos, sin,
-                   *[flat[n].clone() for n in names])
-        exported = torch.export.export(Step().eval(), example, strict=False)
-        package = torch._inductor.aoti_compile_and_package(exported, package_path=f"{directory}/decode_step.pt2")
-        self.aot_decode = (names, torch._inductor.aoti_load_package(package))
-
-    def _aot_decode_step(self, tokens: Tensor, state: ModelState, ctx: StepContext) -> Tensor:
-        """One session's row through the AOTInductor package (state updated in place): logits [1, 1, V]."""
-        names, runner = self.aot_decode
-        flat = flatten_state(state)
-        cos, sin = ctx.rope(self.embed.weight.dtype)
-        logits = runner(tokens, ctx.pos, ctx.count, cos, sin, *[flat[n] for n in names])
-        return logits[0] if isinstance(logits, (list, tuple)) else logits
-
-    def step_limit(self, pos: int, aligned: bool, ragged: bool) -> int:
-        """Most rows one step may take for a session at pos. Sessions at different positions step inside
-        one memory chunk; otherwise a step runs up to MAX_SPAN rows and never crosses a MAC segment edge; a
-        step in which some session has fewer rows than others (padding) stays within the attention window:
-        a ring keeps a step's last `window` rows, which are then every session's last rows only without
-        padding."""
-        cfg = self.cfg
-        if not aligned:
-            return cfg.chunk_size - pos % cfg.chunk_size
-        if cfg.variant == "mac":
-            return cfg.segment_size - pos % cfg.segment_size
-        if ragged and cfg.variant != "lmm":
-            return min(MAX_SPAN, cfg.window)
-        return MAX_SPAN
-
     def forward_tokens(self, tokens: list[Tensor] | Tensor, state: ModelState, pos: list[int],
                        want_surprise: bool = False, owned: bool = False):
-        """Run each session s over tokens[s] (1-D; a [B, T] tensor: as many for every session) from position
-        pos[s], in steps (see the module docstring).
-
-        state: nested, batched [B, ...]. owned=True lets the model write rows into it in place (the caller
-        holds the only reference, as SessionBatch does). Returns per-session logits [T_s, V], the new
-        state, per-session surprise [T_s] (or None).
-        """
-        dev = self.embed.weight.device
-        if isinstance(tokens, Tensor):
-            lengths = [tokens.shape[1]] * tokens.shape[0]
-            padded = F.pad(tokens.to(dev, torch.long), (0, 1))
-        elif len(set(lengths := [len(t) for t in tokens])) == 1:  # the same rows for all: one stack, no copy each
-            padded = F.pad(torch.stack(tokens).to(dev, torch.long), (0, 1))
-        else:
-            padded = torch.zeros(len(tokens), max(lengths, default=0) + 1, dtype=torch.long, device=dev)
-            for s, t in enumerate(tokens):
-                padded[s, : len(t)] = t
-        done = [0] * len(tokens)
-        pos = list(pos)
-        steps: list[tuple[list[int], Tensor, Tensor | None]] = []  # (counts, logits [B, R, V], surprise [B, R])
-        while any(d < n for d, n in zip(done, lengths)):
-            aligned, remaining = len(set(pos)) == 1, [n - d for d, n in zip(done, lengths)]
-            ragged = len(set(remaining)) > 1  # e.g. prompts of different lengths, or one decoding beside them
-            counts = [min(r, self.step_limit(p, aligned, ragged)) for r, p in zip(remaining, pos)]
-            rows = max(counts)
-            ctx = StepContext.build(pos, counts, self.cfg, dev, owned)
-            if len(tokens) == 1:
-                step_tokens = padded[:, done[0]:done[0] + rows]
-            else:
-                index = torch.tensor(done, device=dev)[:, None] + torch.arange(rows, device=dev)
-                step_tokens = padded.gather(1, index.clamp(max=padded.shape[1] - 1))
-            # compiled: in place, on the caller's own state; surprise requests stay eager (half the graphs)
-            compiled = rows == 1 and owned and not want_surprise
-            if (compiled and self.aot_decode is not None and len(tokens) == 1 and not ctx.any_full
-                    and not ctx.any_segment_end):
-                logits, surprise = self._aot_decode_step(step_tokens, state, ctx), None
-            elif compiled and self.decode_step is not None:
-                logits, surprise = self.decode_step(step_tokens, state, ctx.pos, ctx.count,
-                                                    ctx.rope(self.embed.weight.dtype), ctx.any_full,
-                                                    ctx.any_segment_end), None
-            else:
-                logits, state, surprise = self.step(step_tokens, state, ctx, want_surprise)
-            steps.append((counts, logits, surprise))
-            done = [d + c for d, c in zip(done, counts)]
-            pos = [p + c for p, c in zip(pos, counts)]
-        logits_out, surprise_out = self._per_session(steps, len(tokens), want_surprise, dev)
-        return logits_out, state, surprise_out
-
-    def _per_session(self, steps: list[tuple[list[int], Tensor, Tensor | None]], sessions: int, want_surprise: bool,
-                     dev: torch.device) -> tuple[list[Tensor], list[Tensor] | None]:
-        """Each session's logits [T_s, V] (and surprise [T_s]) from the steps' batched outputs."""
-        if steps and all(min(counts) == max(counts) == lg.shape[1] for counts, lg, _ in steps):
-            # every row a token (training batches, aligned prompts): one cat, then views; a slice per session and
-            # step would cost a training backward a zero-filled gradient of the whole step's logits each
-            def whole(parts: list[Tensor]) -> list[Tensor]:
-                return list((parts[0] if len(parts) == 1 else torch.cat(parts, 1)).unbind(0))
-            return whole([lg for _, lg, _ in steps]), whole([sp for _, _, sp in steps]) if want_surprise else None
-        logits, surprise = [[] for _ in range(sessions)], [[] for _ in range(sessions)]
-        for counts, lg, sp in steps:
-            for s, c in enumerate(counts):
-                if c:
-                    logits[s].append(lg[s, :c])
-                    if sp is not None:
-                        surprise[s].append(sp[s, :c])
-        V = self.cfg.vocab_size
-        logits_out = [(p[0] if len(p) == 1 else torch.cat(p)) if p else torch.zeros(0, V, device=dev) for p in logits]
-        if not want_surprise:
-            return logits_out, None
-        return logits_out, [torch.cat(p) if p else torch.zeros(0, device=dev) for p in surprise]
+        """Each session s over tokens[s] from position pos[s], in steps: engine.step.forward_tokens."""
+        return steps.forward_tokens(self, tokens, state, pos, want_surprise, owned)

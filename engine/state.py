@@ -19,6 +19,34 @@ import torch
 from safetensors.torch import load as st_load
 from torch import Tensor
 
+State = dict[str, Tensor]  # one mixer's state
+ModelState = list[list[State]]  # [layer][mixer]
+
+
+def nest_state(flat: State) -> ModelState:
+    """Mixer dicts in name order, whichever order the flat dict came in (a snapshot's, the template's): compiled
+    decode guards on the order of their keys."""
+    layers: dict[int, dict[int, State]] = {}
+    for key, value in sorted(flat.items()):
+        _, layer, mixer, name = key.split(".", 3)
+        layers.setdefault(int(layer), {}).setdefault(int(mixer[1:]), {})[name] = value
+    return [[mixers[j] for j in sorted(mixers)] for _, mixers in sorted(layers.items())]
+
+
+def flatten_state(nested: ModelState) -> State:
+    return {f"layers.{i}.m{j}.{k}": v for i, mixers in enumerate(nested) for j, st in enumerate(mixers)
+            for k, v in st.items()}
+
+
+def write_into(state: ModelState, new: ModelState) -> None:
+    """Copy into `state`'s tensors those of `new` that a step made afresh rather than writing in place."""
+    for old_layer, new_layer in zip(state, new):
+        for old, replaced in zip(old_layer, new_layer):
+            for name, value in replaced.items():
+                if value is not old[name]:
+                    old[name].copy_(value)
+
+
 FORMAT_VERSION = "1"
 # A snapshot is untrusted input (anyone can re-sign one: the checksum has no key), so every field is bounded.
 # tokens_seen: positions stay far inside int64 whatever a session reads next (2**48 tokens: ~9,000 years at a

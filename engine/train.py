@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
+from .compiled import compile_training_steps
 from .config import ModelConfig
 from .data import FACT_BYTES, recall_example, text_window
 from .engine import save_model_dir
@@ -99,7 +100,7 @@ class TrainConfig:
     # threads, CPU type and torch, a config gives the same run again
     threads: int = 0
     bf16: bool = False  # autocast on CUDA
-    compile: bool = False  # the memory's chunk step through torch.compile (Titans.compile_training_steps)
+    compile: bool = False  # the memory's chunk step through torch.compile (compiled.compile_training_steps)
     tokenizer_dir: str | None = None  # holds tokenizer.json for 'tokenizers' models
     # a run (or model) directory whose weights, and optimizer moments when it has them, start this run at step 0:
     # a later stage with its own steps, schedule, curriculum and seed (a run's own checkpoint still wins)
@@ -403,7 +404,7 @@ def _train(cfg: TrainConfig, resume: bool, log) -> dict:
     torch.manual_seed(cfg.seed)
     model = Titans(cfg.model_config()).to(device).train()
     if cfg.compile:
-        model.compile_training_steps()
+        compile_training_steps(model)
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "init_weights" not in n]
     no_decay = [p for n, p in model.named_parameters() if p.dim() < 2 or "init_weights" in n]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},

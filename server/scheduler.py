@@ -139,33 +139,31 @@ class Sequence:
 
 
 class Group:
-    """Sequences and the SessionBatch that holds their states, in the same order."""
+    """Sequences and the SessionBatch that holds their states, in the same order; the batch's pool lives as long as
+    the group."""
 
-    def __init__(self, engine: Engine):
-        self.engine = engine
+    def __init__(self, engine: Engine, capacity: int):
         self.seqs: list[Sequence] = []
-        self.batch: SessionBatch | None = None
+        self.batch = SessionBatch(engine, capacity=capacity)
 
     def add(self, seqs: list[Sequence], states: list[SessionState]) -> None:
-        """Sequences join at the end, all in one SessionBatch.add: joining one at a time would copy the growing
-        batch's states once per newcomer (quadratic in the newcomers)."""
-        if not seqs:
-            return
-        if self.batch is None:
-            self.batch = self.engine.batch(states)
-        else:
-            self.batch.add(states)
+        self.batch.add(states)
         self.seqs += seqs
 
     def remove(self, indices: list[int]) -> None:
-        if not indices:
-            return
-        drop = set(indices)
-        self.seqs = [s for i, s in enumerate(self.seqs) if i not in drop]
-        if self.seqs:
-            self.batch.remove(indices)
-        else:
-            self.batch = None
+        if indices:
+            self.seqs = [self.seqs[i] for i in self.batch.remove(indices)]
+
+    def move(self, indices: list[int], into: Group) -> None:
+        """Sequences leave for `into`, their states slot to slot."""
+        if indices:
+            order = self.batch.move(indices, into.batch)
+            into.seqs += [self.seqs[i] for i in indices]
+            self.seqs = [self.seqs[i] for i in order]
+
+    def reset(self) -> None:
+        """An empty batch (after a failed step left this one half-written)."""
+        self.seqs, self.batch = [], SessionBatch(self.batch.engine, capacity=self.batch.capacity)
 
 
 class Scheduler:
@@ -173,8 +171,8 @@ class Scheduler:
         self.engine = engine
         self.max_running, self.prefill_chunk = max_running, prefill_chunk
         self.waiting: collections.deque[Sequence] = collections.deque()
-        self.prefilling = Group(engine)
-        self.decoding = Group(engine)
+        self.prefilling = Group(engine, max_running)
+        self.decoding = Group(engine, max_running)
         self.aborted: set[int] = set()
         self.queue_waits: list[float] = []  # seconds each request admitted in this iteration waited
         self._outbox: list[tuple[int, object]] = []
@@ -268,13 +266,13 @@ class Scheduler:
                 leaving.append(i)
             elif outcome == "generating" and prefill:
                 moving.append(i)
-        if moving:
-            seqs = [group.seqs[i] for i in moving]
-            try:
-                self.decoding.add(seqs, [group.batch.state(i) for i in moving])
-            except Exception as e:  # e.g. out of memory growing the decode batch: these requests fail, it goes on
-                self._fail(seqs, e)
-        group.remove(leaving + moving)
+        leaving_seqs = {group.seqs[i] for i in leaving}
+        try:
+            group.move(moving, self.decoding)
+        except Exception as e:  # e.g. out of memory growing the decode batch: these requests fail, it goes on
+            self._fail([group.seqs[i] for i in moving], e)
+            leaving_seqs.update(group.seqs[i] for i in moving)
+        group.remove([i for i, seq in enumerate(group.seqs) if seq in leaving_seqs])
 
     def _state_it_came_with(self, seq: Sequence) -> SessionState:
         snapshot = seq.sub.snapshot
@@ -298,7 +296,7 @@ class Scheduler:
                 continue
             seqs.append(seq)
             states.append(alone.state(0))
-        group.seqs, group.batch = [], None
+        group.reset()
         try:
             group.add(seqs, states)
         except Exception as e:  # e.g. out of memory rebuilding the batch
@@ -340,7 +338,7 @@ class Scheduler:
         read_surprise, seq.pending_surprise = seq.pending_surprise, []
         if seq.finish_reason is not None or seq.params.max_tokens == 0:
             started = time.perf_counter()
-            snapshot = group.batch.state(i).to_bytes() if seq.sub.keep_state else None
+            snapshot = group.batch.to_bytes(i) if seq.sub.keep_state else None
             done = time.perf_counter()
             first_token_at = done if seq.first_token_at is None else seq.first_token_at
             self._send(seq, DoneEvent(snapshot, group.batch.positions[i], len(seq.prompt_ids), len(seq.generated),
@@ -351,7 +349,7 @@ class Scheduler:
         if seq.first_token_at is None:
             seq.first_token_at = time.perf_counter()
         seq.generated.append(token)
-        eos = self.engine._is_eos(token)
+        eos = self.engine.is_eos(token)
         text, stopped = (seq.stops.finish(), False) if eos else seq.stops.push(token)  # EOS adds no text
         if eos or stopped:
             seq.finish_reason = "stop"

@@ -131,3 +131,16 @@ def test_recall_context_probe_quick(tmp_path, model_dir):
     assert [(r["layer"], r["digit"]) for r in result["keys"]] == [(i, d) for i in (0, 1) for d in (1, 2, 3, 4)]
     assert all(-1 <= r[c] <= 1 for r in result["keys"] for c in ("key_key_other_facts", "query_own_key",
                                                                      "query_other_keys"))
+
+
+def test_batch_churn_benchmark_quick(tmp_path):
+    out = tmp_path / "churn.json"
+    proc = subprocess.run([sys.executable, "bench/batch_churn.py", "--quick", "--threads", "1", "--out", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    results = json.loads(out.read_text())["sessions"]
+    assert sorted(results) == ["2", "4"]
+    for cell in results.values():
+        for layout in ("slot_pool", "restacking"):
+            assert cell[layout]["tokens_s"] > 0 and cell[layout]["bookkeeping_ms_per_step"] > 0
+        assert cell["tokens_s_ratio"] > 0

@@ -1,4 +1,4 @@
-"""Compiled steps (Titans.compile_steps: torch.compile of the one-row decode step and of prefill's whole-chunk
+"""Compiled steps (compiled.compile_steps: torch.compile of the one-row decode step and of prefill's whole-chunk
 memory step) compute the eager steps' function.
 
 In float64, so that the comparison is tight; every variant's attention rule, chunk ends and MAC segment ends are
@@ -10,7 +10,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engine.model import Linear
+from engine.compiled import AotDecode, compile_steps
+from engine.quant import Linear
 
 from .helpers import VARIANTS, assert_close, assert_states_close, engine_for, tiny, tokens
 
@@ -36,7 +37,7 @@ def test_compiled_decode_equals_eager(variant):
     cfg = tiny(variant)
     eager = engine_for(cfg, dtype=torch.float64)
     compiled = engine_for(cfg, dtype=torch.float64)
-    compiled.model.compile_steps()
+    compile_steps(compiled.model)
     g = torch.Generator().manual_seed(0)
     steps = 2 * max(cfg.segment_size, cfg.window) + cfg.chunk_size + 1  # several chunk and segment ends
     for prompts in ([tokens(3, g)], [tokens(5, g), tokens(9, g), tokens(2, g)]):
@@ -55,7 +56,7 @@ def test_compiled_prefill_equals_eager(variant):
     cfg = tiny(variant)
     eager = engine_for(cfg, dtype=torch.float64)
     compiled = engine_for(cfg, dtype=torch.float64)
-    compiled.model.compile_steps()
+    compile_steps(compiled.model)
     g = torch.Generator().manual_seed(3)
     graphs = counters["stats"]["unique_graphs"]
     for prompts in ([tokens(9 * cfg.chunk_size + 3, g)], [tokens(6 * cfg.chunk_size, g)] * 3):
@@ -77,7 +78,7 @@ def test_compiled_models_never_share_a_graph():
     for theta_max in (1.0, 0.25):
         cfg = tiny("mal", theta_max=theta_max)
         eager, compiled = engine_for(cfg, dtype=torch.float64), engine_for(cfg, dtype=torch.float64)
-        compiled.model.compile_steps()
+        compile_steps(compiled.model)
         states_eager, states_compiled = decode_both(eager, compiled, prompt, 2 * cfg.chunk_size, g)
         assert_states_close(states_eager[0], states_compiled[0], tol=1e-8)
 
@@ -90,7 +91,7 @@ def test_after_warm_up_decoding_compiles_nothing_new():
 
     cfg = tiny("mac")
     engine = engine_for(cfg, weight_dtype=torch.float16)  # fp16 dense layers switch GEMMs at UPCAST_ROWS rows
-    engine.model.compile_steps()
+    compile_steps(engine.model)
     engine.warm_up()
     compiled = counters["stats"]["unique_graphs"]
     g = torch.Generator().manual_seed(2)
@@ -104,16 +105,15 @@ def test_after_warm_up_decoding_compiles_nothing_new():
 
 
 def test_ahead_of_time_decode_equals_eager(tmp_path):
-    """Titans.compile_decode_ahead_of_time: one session's steps that end no chunk run the AOTInductor package,
+    """compiled.AotDecode: one session's steps that end no chunk run the AOTInductor package,
     the others the usual path; together the eager function, across MAC chunk and segment ends."""
     cfg = tiny("mac")
     eager, aot = (engine_for(cfg, dtype=torch.float64) for _ in range(2))
     traced = aot.batch([aot.new_state()])
     traced.forward([tokens(5)])
-    aot.model.compile_decode_ahead_of_time(traced._state, str(tmp_path))
-    names, runner = aot.model.aot_decode
-    calls = []
-    aot.model.aot_decode = (names, lambda *args: calls.append(1) or runner(*args))
+    aot.model.aot_decode = AotDecode(aot.model, traced.live_state(), str(tmp_path))
+    runner, calls = aot.model.aot_decode.runner, []
+    aot.model.aot_decode.runner = lambda *args: calls.append(1) or runner(*args)
     g = torch.Generator().manual_seed(0)
     steps = 2 * cfg.segment_size + 3
     states_eager, states_aot = decode_both(eager, aot, [tokens(cfg.chunk_size + 3, g)], steps, g)

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from engine import Engine, SamplingParams
-from engine.model import Linear, Titans
+from engine.model import Titans
+from engine.quant import Linear
 
 from .helpers import assert_close, engine_for, tiny, tokens
 
@@ -169,7 +170,7 @@ def test_half_precision_linear_is_one_function_whatever_the_rows():
     """Linear with fp16 weights runs few rows as an fp16 GEMM and many as an fp32 GEMM on the upcast weight
     (much faster on CPUs); both round input and output to fp16, so they agree to fp16 rounding (two units in the
     last place at most: the sums are accumulated in different orders)."""
-    from engine.model import Linear
+    from engine.quant import Linear
 
     torch.manual_seed(0)
     layer = Linear(64, 96).to(torch.float16)

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from engine import Engine
-from titans.cli import main
 from engine.evaluate import recall_by_distance, recall_summary
+from titans.cli import main
 
 from .helpers import tiny
 

@@ -7,8 +7,7 @@ import random
 import pytest
 import torch
 
-from engine.engine import stack_states
-from engine.model import nest_state
+from engine.state import nest_state
 
 from .helpers import VARIANTS, assert_close, assert_states_close, engine_for, random_config, tiny, tokens
 
@@ -117,9 +116,10 @@ def test_serving_updates_in_place_as_the_model_does_on_states_it_does_not_own(en
     prompt = [tokens(3 * engine.config.chunk_size, gen) for _ in starts]
     steps = [prompt] + [[tokens(1, gen) for _ in starts] for _ in range(2 * engine.config.chunk_size + 1)]
     logits = [[lg for lg, _ in batch.forward(ids)] for ids in steps]
+    stacked = nest_state({k: torch.stack([s.tensors[k] for s in starts]) for k in starts[0].tensors})
     with torch.no_grad():
         expected, _, _ = engine.model.forward_tokens([torch.cat([ids[i] for ids in steps]) for i in range(3)],
-                                                     nest_state(stack_states(starts)), [5] * 3)
+                                                     stacked, [5] * 3)
     for i in range(3):
         assert_exact(torch.cat([row[i] for row in logits]), expected[i])
     assert [s.to_bytes() for s in starts] == before
@@ -134,8 +134,8 @@ def test_sessions_join_and_leave_a_running_batch(engine):
     order = ["a"]
     for step, (join, leave) in enumerate([(["b"], []), (["c"], ["a"]), ([], ["b"]), (["a2"], [])]):
         if leave:
-            batch.remove([order.index(name) for name in leave])
-            order = [n for n in order if n not in leave]
+            kept = batch.remove([order.index(name) for name in leave])  # the last sessions move into the holes
+            order = [order[i] for i in kept]
         fresh = {"b": b, "c": c, "a2": alone.get("a", a)}
         batch.add([fresh[name] for name in join])
         for name in join:
@@ -210,7 +210,8 @@ def test_banded_window_attention_is_the_full_attention(variant, monkeypatch):
     # step's rows: outputs, the ring written after the step, and gradients; at the start of a sequence (the ring
     # never written: its random contents must stay invisible), after it (a full ring), with rows that are not a
     # multiple of the window
-    from engine.model import Attention, StepContext
+    from engine.model import Attention
+    from engine.step import StepContext
 
     cfg = tiny(variant)
     W, nh, hd = cfg.window, cfg.n_heads, cfg.head_dim

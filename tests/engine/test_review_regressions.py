@@ -112,7 +112,8 @@ def test_stream_decoder_never_splits_characters():
 def test_short_conv_serves_the_same_bits_it_trains_with():
     # serving sums the conv's taps one by one (faster than the unfolded product training differentiates): the
     # same products in the same order, so exactly the same values, for prompts and for decode steps
-    from engine.model import ShortConv, StepContext
+    from engine.model import ShortConv
+    from engine.step import StepContext
 
     conv = ShortConv(96, 4)
     cfg = tiny("mag")

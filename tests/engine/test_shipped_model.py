@@ -11,9 +11,9 @@ import json
 import pytest
 
 from engine import Engine
-from titans.cli import main
 from engine.evaluate import recall_by_distance
 from server.settings import DEFAULT_MODEL
+from titans.cli import main
 
 # exact recall (4 digits), by number of facts, at the distances (in attention windows) checked below. The card
 # measured 1.00 (1 fact, 8-16 windows, and 8-16 bytes) and 0.84-0.87 (8 facts, 4-8 windows, this seed), 0.74-0.82

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from engine import Engine
+from engine.compiled import compile_training_steps
 from engine.data import recall_example
 from engine.train import TrainConfig, lr_at, train
 
@@ -222,7 +223,7 @@ def test_padded_batch_is_the_loss_of_each_sequence_alone():
 
 @pytest.mark.slow
 def test_compiled_training_step_matches_eager():
-    # Titans.compile_training_steps: the memory's chunk step through torch.compile, differentiated through;
+    # compiled.compile_training_steps: the memory's chunk step through torch.compile, differentiated through;
     # same loss and gradients as eager, and the compiled graph is really the one used. In float64: in fp32 the
     # memory's dynamics amplify the two paths' different rounding to ~1e-3 of upstream gradients (both paths
     # agree with each other to ~2e-12 in float64, so that is rounding, not a different gradient)
@@ -236,7 +237,7 @@ def test_compiled_training_step_matches_eager():
     eager = Titans(cfg.model_config()).double()
     compiled = Titans(cfg.model_config()).double()
     compiled.load_state_dict(eager.state_dict())
-    compiled.compile_training_steps()
+    compile_training_steps(compiled)
     calls = []
     for memory in compiled.memories():
         step = memory.compiled_training_step

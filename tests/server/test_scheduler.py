@@ -149,31 +149,24 @@ def test_a_request_that_keeps_no_state_gets_none_and_the_same_tokens():
     assert dropped.tokens_seen == kept.tokens_seen == len(prompt) + 6
 
 
-def test_requests_that_arrive_or_finish_their_prompts_together_join_a_batch_in_one_copy(monkeypatch):
-    """Joining one by one would copy the growing batch's states once per newcomer (quadratic in the sessions)."""
-    from engine.engine import SessionBatch
-
+def test_requests_join_and_leave_the_running_batches_in_their_slot_pools():
+    """The prefill and decode batches are allocated once, for max_running sessions: admitted requests are written
+    into free slots and a session that has read its prompt moves slot to slot into the decode batch, so no join,
+    leave or hand-over stacks a batch again (the pools keep their storage throughout)."""
     engine = engine_for(tiny("mac"), seed=5)
-    joins = []
-    add = SessionBatch.add
-
-    def spy(self, states):
-        joins.append(len(states))
-        return add(self, states)
-
-    monkeypatch.setattr(SessionBatch, "add", spy)
+    scheduler = Scheduler(engine, max_running=8, prefill_chunk=8)
+    groups = (scheduler.prefilling, scheduler.decoding)
+    storage = [[v.data_ptr() for v in g.batch._pool.values()] for g in groups]
     params = SamplingParams(max_tokens=6, temperature=0)
     blob = bytearray(engine.new_state().to_bytes())
     blob[-5] ^= 0xFF  # one damaged snapshot among the newcomers fails alone
-    events = run(Scheduler(engine, max_running=8, prefill_chunk=8),
-                 {0: [Submission(0, list(range(5)), None, params, False)],
-                  2: [Submission(j, list(range(12)), None, params, False) for j in (1, 2, 3)]
-                  + [Submission(4, list(range(12)), bytes(blob), params, False)]})
-    # job 0 starts each batch alone; jobs 1-3 join the prefill batch together at iteration 2 (it emptied when job
-    # 0 moved on, so they start a new one) and the decode batch together once their prompts are read
-    assert joins == [3], joins
+    events = run(scheduler, {0: [Submission(0, list(range(5)), None, params, False)],
+                             2: [Submission(j, list(range(12)), None, params, False) for j in (1, 2, 3)]
+                             + [Submission(4, list(range(12)), bytes(blob), params, False)]})
     assert isinstance(events[4][0], ErrorEvent) and len(events[4]) == 1
     assert all(isinstance(events[j][-1], DoneEvent) and len(tokens_of(events[j])) == 6 for j in range(4))
+    assert [[v.data_ptr() for v in g.batch._pool.values()] for g in groups] == storage
+    assert all(g.batch.capacity == 8 and not g.seqs for g in groups)
 
 
 def test_engine_times_split_a_request_at_its_first_token(monkeypatch):
