@@ -24,7 +24,7 @@ from .model import Titans
 from .quant import Linear
 from .sampling import SamplingParams, sample
 from .state import ModelState, SessionState, State, flatten_state, nest_state, read_snapshot, write_into
-from .tokenizer import load_tokenizer
+from .tokenizer import StopStrings, load_tokenizer
 
 TokenIds = Sequence[int] | Tensor
 
@@ -250,26 +250,18 @@ class Engine:
         if params.seed is not None:
             generator = torch.Generator(device=self.device).manual_seed(params.seed)
         session = self.batch([state])
-        last, out = session.forward([ids])[0][0][-1], []
+        stops = StopStrings(self.tokenizer, params.stop)
+        last = session.forward([ids])[0][0][-1]
         for _ in range(params.max_tokens):
             token = sample(last, params, generator)
-            out.append(token)
             yield token
             last = session.forward([[token]])[0][0][-1]
-            if self._finished(out, params):
+            if self.is_eos(token) or stops.push(token)[1]:
                 break
         return session.states()[0]
 
     def is_eos(self, token: int) -> bool:
         return self.config.eos_token_id is not None and token == self.config.eos_token_id
-
-    def _finished(self, out: list[int], params: SamplingParams) -> bool:
-        if self.is_eos(out[-1]):
-            return True
-        if params.stop:  # a stop string that just completed lies within the last len(stop) tokens
-            tail = self.tokenizer.decode(out[-(max(len(s.encode()) for s in params.stop) + 1):])
-            return any(s in tail for s in params.stop)
-        return False
 
     def complete(self, prompt_ids: TokenIds, state: SessionState,
                  params: SamplingParams = SamplingParams()) -> Completion:
@@ -283,10 +275,16 @@ class Engine:
                 final = stop.value
                 break
         eos = bool(out) and self.is_eos(out[-1])
-        text = self.tokenizer.decode(out[:-1] if eos else out)  # the EOS token has no text of its own
-        cuts = [text.index(s) for s in params.stop if s in text]
-        reason = "stop" if cuts or eos else "length"
-        return Completion(out, text[: min(cuts)] if cuts else text, reason, final)
+        stops, pieces = StopStrings(self.tokenizer, params.stop), []
+        for token in out[:-1] if eos else out:  # the EOS token has no text of its own
+            piece, stopped = stops.push(token)
+            pieces.append(piece)
+            if stopped:
+                break
+        else:
+            pieces.append(stops.finish())
+        reason = "stop" if stops.matched is not None or eos else "length"
+        return Completion(out, "".join(pieces), reason, final)
 
 
 class SessionBatch:

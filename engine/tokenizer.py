@@ -70,6 +70,7 @@ class StreamDecoder:
     """
 
     CONTEXT = 4  # tokens decoded before the unread ones
+    HOLD = 4  # tokens held back at most for a character still incomplete (UTF-8: 4 bytes); then they are invalid
 
     def __init__(self, tokenizer: Tokenizer):
         self.tokenizer = tokenizer
@@ -81,7 +82,8 @@ class StreamDecoder:
         self.ids.append(token_id)
         before = self.tokenizer.decode(self.ids[self.prefix:self.read])
         text = self.tokenizer.decode(self.ids[self.prefix:])
-        if len(text) <= len(before) or text.endswith("\ufffd"):  # nothing new, or a character still incomplete
+        incomplete = text.endswith("\ufffd") and len(self.ids) - self.read < self.HOLD
+        if len(text) <= len(before) or incomplete:
             return ""
         self.prefix, self.read = max(0, len(self.ids) - self.CONTEXT), len(self.ids)
         return text[len(before):]
@@ -91,3 +93,33 @@ class StreamDecoder:
         text = self.tokenizer.decode(self.ids[self.prefix:])
         self.prefix = self.read = len(self.ids)
         return text[len(before):]
+
+
+class StopStrings:
+    """Streams text while never emitting the start of a stop string that may still complete."""
+
+    def __init__(self, tokenizer: Tokenizer, stops: tuple[str, ...]):
+        self.decoder = StreamDecoder(tokenizer)
+        self.stops = stops
+        self.hold = max((len(s) for s in stops), default=1) - 1
+        self.pending = ""
+        self.matched: str | None = None
+
+    def push(self, token_id: int) -> tuple[str, bool]:
+        """(text safe to emit, whether a stop string completed)."""
+        self.pending += self.decoder.push(token_id)
+        return self._release(final=False)
+
+    def finish(self) -> str:
+        self.pending += self.decoder.flush()
+        return self._release(final=True)[0]
+
+    def _release(self, final: bool) -> tuple[str, bool]:
+        hits = [(i, s) for i, s in ((self.pending.find(s), s) for s in self.stops) if i >= 0]
+        if hits:
+            cut, self.matched = min(hits)
+            text, self.pending = self.pending[:cut], ""
+            return text, True
+        cut = len(self.pending) if final else max(0, len(self.pending) - self.hold)
+        text, self.pending = self.pending[:cut], self.pending[cut:]
+        return text, False

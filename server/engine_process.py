@@ -8,7 +8,7 @@ process the engine loop runs undisturbed on its cores while the event loop parse
 another.
 
     API process                                          engine process (spawned; its main thread runs the loop)
-    EngineClient.submit(job) -> sender thread --[Submission / Abort, ...]--> Scheduler (read between iterations)
+    EngineClient.submit(job) -> sender thread --[EngineRequest / Abort]--> Scheduler (read between iterations)
     job.events <- event loop <- receiver thread <------Outputs------- Scheduler.iterate()
 
 Messages are pickled over one duplex pipe. The engine has no thread besides its loop: it reads what has arrived
@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import gc
 import itertools
 import logging
@@ -45,20 +46,20 @@ from multiprocessing.connection import Connection
 import torch
 from safetensors.torch import load as load_safetensors
 
-from engine import Engine, ModelConfig, SamplingParams, SessionState
-from engine.state import read_snapshot
-from engine.tokenizer import Tokenizer, load_tokenizer
-from server.metrics import Metrics
-from server.scheduler import (
+from engine import Engine, ModelConfig, SessionState
+from engine.core import (
     ClientGone,
     DoneEvent,
+    EngineRequest,
     EngineStopped,
     ErrorEvent,
     QueueFull,
     Scheduler,
-    Submission,
     TokenEvent,
 )
+from engine.state import read_snapshot
+from engine.tokenizer import Tokenizer, load_tokenizer
+from server.metrics import Metrics
 
 log = logging.getLogger("titans.engine")
 
@@ -82,7 +83,7 @@ class EngineOptions:
 
 @dataclass(frozen=True)
 class Abort:
-    job_id: int
+    request_id: int
 
 
 @dataclass(frozen=True)
@@ -116,17 +117,17 @@ class Outputs:
         request are at most a token and then its error). Slots and one pass over the events: 2.7 -> 2.0 us warm
         for one session's iteration."""
         tokens, others = [], []
-        for job_id, e in self.events:
+        for request_id, e in self.events:
             if type(e) is TokenEvent:
-                tokens.append((job_id, e.token_ids, e.text, e.surprise, e.finish_reason, e.stop_reason))
+                tokens.append((request_id, e.token_ids, e.text, e.surprise, e.finish_reason, e.stop_reason))
             else:
-                others.append((job_id, e))
+                others.append((request_id, e))
         return _outputs, (tokens, others, self.running, self.waiting, self.queue_waits)
 
 
 def _outputs(tokens: list[tuple], others: list[tuple[int, object]], running: int, waiting: int,
              queue_waits: list[float]) -> Outputs:
-    return Outputs([(job_id, TokenEvent(*fields)) for job_id, *fields in tokens] + others, running, waiting,
+    return Outputs([(request_id, TokenEvent(*fields)) for request_id, *fields in tokens] + others, running, waiting,
                    queue_waits)
 
 
@@ -217,12 +218,12 @@ def engine_main(options: EngineOptions, conn: Connection) -> None:
                     if isinstance(message, Shutdown):
                         return
                     if isinstance(message, Abort):
-                        scheduler.abort(message.job_id)
-                        outbox.forget(message.job_id)
+                        scheduler.abort(message.request_id)
+                        outbox.forget(message.request_id)
                     else:
                         scheduler.add(message)
-            events = [(job_id, ErrorEvent(_portable(e.error)) if isinstance(e, ErrorEvent) else e)
-                      for job_id, e in scheduler.iterate()]
+            events = [(request_id, ErrorEvent(_portable(e.error)) if isinstance(e, ErrorEvent) else e)
+                      for request_id, e in scheduler.iterate()]
             waits, scheduler.queue_waits = scheduler.queue_waits, []
             try:
                 outbox.put(events, waits, scheduler.running, len(scheduler.waiting), idle=not scheduler.busy)
@@ -259,20 +260,20 @@ class Outbox:
         self.events += events
         self.waits += waits
         urgent = idle
-        for job_id, event in events:
+        for request_id, event in events:
             if type(event) is not TokenEvent:
-                self.streaming.discard(job_id)
+                self.streaming.discard(request_id)
                 urgent = True
-            elif job_id not in self.streaming:
-                self.streaming.add(job_id)
+            elif request_id not in self.streaming:
+                self.streaming.add(request_id)
                 urgent = True
         now = time.perf_counter()
         if urgent or now - self.sent_at >= self.interval_s:
             send(self.conn, Outputs(self.events, running, waiting, self.waits))
             self.events, self.waits, self.sent_at = [], [], now
 
-    def forget(self, job_id: int) -> None:
-        self.streaming.discard(job_id)
+    def forget(self, request_id: int) -> None:
+        self.streaming.discard(request_id)
 
 
 def _arrival_check(conn: Connection) -> Callable[[], bool]:
@@ -402,15 +403,11 @@ class ModelInfo:
 
 @dataclass(eq=False)
 class Job:
-    """A request as the API process tracks it: its events arrive on `events`."""
-    prompt_ids: list[int]
-    snapshot: bytes | None
-    params: SamplingParams
-    want_surprise: bool
-    keep_state: bool  # the final state comes back (to be committed)
+    """A request as the API process tracks it: the EngineRequest it sends (its id set on submit), and its events
+    as they arrive on `events`."""
+    request: EngineRequest
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     submitted_at: float = field(default_factory=time.perf_counter)
-    id: int = -1
     client: EngineClient | None = None
     generated: int = 0
     first_token_at: float | None = None
@@ -504,14 +501,13 @@ class EngineClient:
             raise EngineStopped("the engine process has stopped")
         if len(self.jobs) >= self.capacity:
             raise QueueFull(f"{len(self.jobs)} requests in the engine (limit {self.capacity})")
-        job.id, job.client = next(self._ids), self
-        self.jobs[job.id] = job
-        self._outbox.put(Submission(job.id, job.prompt_ids, job.snapshot, job.params, job.want_surprise,
-                                    job.keep_state))
+        job.request, job.client = dataclasses.replace(job.request, request_id=next(self._ids)), self
+        self.jobs[job.request.request_id] = job
+        self._outbox.put(job.request)
 
     def abort(self, job: Job) -> None:
-        if self.jobs.pop(job.id, None) is not None and self.alive:
-            self._outbox.put(Abort(job.id))
+        if self.jobs.pop(job.request.request_id, None) is not None and self.alive:
+            self._outbox.put(Abort(job.request.request_id))
 
     def _receive(self, conn: Connection, process) -> None:
         try:
@@ -533,16 +529,16 @@ class EngineClient:
     def _deliver(self, out: Outputs) -> None:
         now = time.perf_counter()
         m = self.metrics
-        for job_id, event in out.events:
-            job = self.jobs.get(job_id)
+        for request_id, event in out.events:
+            job = self.jobs.get(request_id)
             if job is None:  # aborted: the engine's events for it were already in flight
                 continue
             if isinstance(event, TokenEvent):
                 self._observe_tokens(job, len(event.token_ids), now)
             else:  # the job's last event
-                del self.jobs[job_id]
+                del self.jobs[request_id]
             if isinstance(event, DoneEvent):
-                m.finished(len(job.prompt_ids), job.generated, now - job.submitted_at, event.finish_reason)
+                m.finished(len(job.request.prompt_ids), job.generated, now - job.submitted_at, event.finish_reason)
                 m.engine_times(event.prefill_s, event.inference_s)
                 if event.snapshot is not None:
                     m.state_bytes.observe(len(event.snapshot))

@@ -24,11 +24,11 @@ from dataclasses import dataclass
 import anyio
 
 from engine import SamplingParams, SessionState, SnapshotError
+from engine.core import ClientGone, DoneEvent, EngineRequest, EngineStopped, ErrorEvent, QueueFull, TokenEvent
 from server.engine_process import EngineClient, Job, ModelInfo
 from server.errors import APIError
 from server.metrics import Metrics
 from server.quotas import Quotas
-from server.scheduler import ClientGone, DoneEvent, EngineStopped, ErrorEvent, QueueFull, TokenEvent
 from server.settings import Settings
 from server.store import Lease, Receipt, SessionBusy, SessionRecord, SessionStore, StoreUnavailable, VersionConflict
 
@@ -297,7 +297,7 @@ class Runtime:
 
     async def _run(self, snapshot: bytes | None, prompt_ids: list[int], params: SamplingParams, want_surprise: bool,
                    keep_state: bool, on_job: Callable[[Job], None] | None) -> AsyncIterator[TokenEvent | DoneEvent]:
-        job = Job(prompt_ids, snapshot, params, want_surprise, keep_state)
+        job = Job(EngineRequest(-1, prompt_ids, snapshot, params, want_surprise, keep_state))
         if on_job is not None:
             on_job(job)
         try:

@@ -18,11 +18,11 @@ import anyio
 from fastapi import APIRouter, Depends, Header, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
+from engine.core import ClientGone, DoneEvent, TokenEvent
 from server.deps import CLIENT_CLOSED, REPLAYED, Departure, get_runtime, get_tenant, session_binding
 from server.errors import APIError, as_api_error, error_body
 from server.protocol import ChatCompletionRequest, CompletionRequest, SamplingFields
 from server.runtime import Replay, Runtime
-from server.scheduler import ClientGone, DoneEvent, TokenEvent
 
 router = APIRouter(prefix="/v1", tags=["generation"])
 

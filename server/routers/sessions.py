@@ -8,11 +8,11 @@ from fastapi import APIRouter, Depends, Header, Query, Request, Response
 from fastapi.responses import JSONResponse
 
 from engine import SamplingParams
+from engine.core import ClientGone, DoneEvent
 from server.deps import CLIENT_CLOSED, REPLAYED, Departure, get_runtime, get_tenant
 from server.errors import APIError
 from server.protocol import SessionCreate, SessionFork, SessionMemorize, SessionRollback
 from server.runtime import Replay, Runtime
-from server.scheduler import ClientGone, DoneEvent
 
 router = APIRouter(prefix="/v1/sessions", tags=["sessions"])
 

@@ -269,9 +269,9 @@ def test_a_message_that_cannot_reach_the_engine_stops_it_and_fails_its_requests(
     import asyncio
 
     from engine import SamplingParams
+    from engine.core import EngineRequest, EngineStopped, ErrorEvent
     from server.engine_process import EngineClient, EngineOptions, Job
     from server.metrics import Metrics
-    from server.scheduler import EngineStopped, ErrorEvent
 
     async def main():
         client = EngineClient(EngineOptions(str(model_dir), "cpu", "fp32", False, False, 1, 4, 64),
@@ -279,8 +279,8 @@ def test_a_message_that_cannot_reach_the_engine_stops_it_and_fails_its_requests(
         client.start()
         client.attach(asyncio.get_running_loop())
         try:
-            job = Job([1, 2, 3], None, SamplingParams(max_tokens=2), False, False)
-            job.params = lambda: None  # does not pickle: the sender fails
+            job = Job(EngineRequest(-1, [1, 2, 3], None, SamplingParams(max_tokens=2), False, False))
+            object.__setattr__(job.request, "params", lambda: None)  # does not pickle: the sender fails
             client.submit(job)
             event = await asyncio.wait_for(job.events.get(), 30)
             assert isinstance(event, ErrorEvent) and isinstance(event.error, EngineStopped)

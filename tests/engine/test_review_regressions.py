@@ -126,3 +126,14 @@ def test_short_conv_serves_the_same_bits_it_trains_with():
         trained, trained_tail = conv(x, tail, ctx)
         assert trained.requires_grad and not served.requires_grad
         assert torch.equal(served, trained) and torch.equal(served_tail, trained_tail)
+
+
+def test_stream_decoder_releases_bytes_that_can_never_form_a_character():
+    # a random model emits stray continuation bytes: held back for good, they would stall the stream and hide a
+    # stop string made of them until the request ends
+    decoder = StreamDecoder(ByteTokenizer())
+    pieces = [decoder.push(t) for t in [104, 0xBF, 0xBF, 0xBF, 0xBF, 0xBF, 105]]
+    assert "".join(pieces) + decoder.flush() == ByteTokenizer().decode([104] + [0xBF] * 5 + [105])
+    assert "\ufffd" in "".join(pieces[:6])  # out before the stream ends
+    decoder = StreamDecoder(ByteTokenizer())
+    assert [decoder.push(t) for t in "é!".encode()] == ["", "é", "!"]  # an incomplete character still waits

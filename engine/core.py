@@ -1,4 +1,4 @@
-"""The engine loop (DESIGN §5): admit -> batched steps -> emit, in the engine process (server/engine_process.py).
+"""The engine core (DESIGN §5): requests in, admit -> batched steps -> emit, typed events out.
 
 Requests join between steps (continuous batching across sessions, each with its own memory). Sessions reading
 their prompt and sessions generating sit in two batches, stepped one after the other in each iteration (decode
@@ -10,8 +10,8 @@ the prefill's last logits and moves to the decode batch, which feeds one token p
 final state has read every generated token (as Engine.generate does). A token that ends the request (EOS, stop
 string, max_tokens) is still fed once, then the request leaves with its final state, serialised.
 
-Pure engine-side logic: no asyncio, no pipes. `iterate()` runs one iteration and returns its events, which the
-engine process sends to the API process in one message.
+No asyncio, no pipes: `iterate()` runs one iteration and returns its events; the server runs it in a process of
+its own (server/engine_process.py) and sends each iteration's events to the API process in one message.
 """
 
 from __future__ import annotations
@@ -22,10 +22,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from engine import Engine, SamplingParams, SessionState
-from engine.engine import SessionBatch
-from engine.sampling import sample
-from engine.tokenizer import StreamDecoder
+from .engine import Engine, SessionBatch
+from .sampling import SamplingParams, sample
+from .state import SessionState
+from .tokenizer import StopStrings
 
 
 class QueueFull(Exception):
@@ -74,9 +74,9 @@ class ErrorEvent:
 
 
 @dataclass(frozen=True)
-class Submission:
-    """A request as the engine receives it."""
-    job_id: int
+class EngineRequest:
+    """A request as the engine core takes it: token ids, the session's memory as snapshot bytes, sampling."""
+    request_id: int
     prompt_ids: list[int]
     snapshot: bytes | None  # the session's memory; None: a fresh one (a stateless request)
     params: SamplingParams
@@ -84,40 +84,10 @@ class Submission:
     keep_state: bool = True  # send the final state back (False: a stateless or discarded request, nothing to save)
 
 
-class StopStrings:
-    """Streams text while never emitting the start of a stop string that may still complete."""
-
-    def __init__(self, engine: Engine, stops: tuple[str, ...]):
-        self.decoder = StreamDecoder(engine.tokenizer)
-        self.stops = stops
-        self.hold = max((len(s) for s in stops), default=1) - 1
-        self.pending = ""
-        self.matched: str | None = None
-
-    def push(self, token_id: int) -> tuple[str, bool]:
-        """(text safe to emit, whether a stop string completed)."""
-        self.pending += self.decoder.push(token_id)
-        return self._release(final=False)
-
-    def finish(self) -> str:
-        self.pending += self.decoder.flush()
-        return self._release(final=True)[0]
-
-    def _release(self, final: bool) -> tuple[str, bool]:
-        hits = [(i, s) for i, s in ((self.pending.find(s), s) for s in self.stops) if i >= 0]
-        if hits:
-            cut, self.matched = min(hits)
-            text, self.pending = self.pending[:cut], ""
-            return text, True
-        cut = len(self.pending) if final else max(0, len(self.pending) - self.hold)
-        text, self.pending = self.pending[:cut], self.pending[cut:]
-        return text, False
-
-
 @dataclass(eq=False)
 class Sequence:
     """A request's progress in the engine."""
-    sub: Submission
+    request: EngineRequest
     received_at: float = field(default_factory=time.perf_counter)
     admitted_at: float = 0.0  # when it joined the prefill batch
     first_token_at: float | None = None
@@ -131,11 +101,11 @@ class Sequence:
 
     @property
     def prompt_ids(self) -> list[int]:
-        return self.sub.prompt_ids
+        return self.request.prompt_ids
 
     @property
     def params(self) -> SamplingParams:
-        return self.sub.params
+        return self.request.params
 
 
 class Group:
@@ -185,15 +155,15 @@ class Scheduler:
     def busy(self) -> bool:
         return bool(self.waiting or self.running)
 
-    def add(self, sub: Submission) -> None:
-        self.waiting.append(Sequence(sub))
+    def add(self, request: EngineRequest) -> None:
+        self.waiting.append(Sequence(request))
 
-    def abort(self, job_id: int) -> None:
+    def abort(self, request_id: int) -> None:
         """Drop the request wherever it is, silently: the API side has already given up on it."""
-        self.aborted.add(job_id)
+        self.aborted.add(request_id)
 
     def iterate(self) -> list[tuple[int, object]]:
-        """Drop the aborted, admit, one decode step, one prefill step: this iteration's (job_id, event)s. A
+        """Drop the aborted, admit, one decode step, one prefill step: this iteration's (request_id, event)s. A
         session that finishes its prompt here samples its first token and decodes from the next iteration on, so
         each of its tokens leaves in an iteration of its own."""
         self._drop_aborted()
@@ -211,7 +181,7 @@ class Scheduler:
         seqs = list(self.waiting) + self.prefilling.seqs + self.decoding.seqs
         self.waiting.clear()
         outbox, self._outbox = self._outbox, []
-        return outbox + [(s.sub.job_id, ErrorEvent(error)) for s in seqs]
+        return outbox + [(s.request.request_id, ErrorEvent(error)) for s in seqs]
 
     # --- one iteration ----------------------------------------------------------------------------------------
 
@@ -223,7 +193,7 @@ class Scheduler:
             self.queue_waits.append(now - seq.received_at)
             try:
                 state = self._state_it_came_with(seq)
-                seq.stops = StopStrings(self.engine, seq.params.stop)
+                seq.stops = StopStrings(self.engine.tokenizer, seq.params.stop)
                 if seq.params.seed is not None:
                     seq.generator = torch.Generator(device=self.engine.device).manual_seed(seq.params.seed)
             except Exception as e:  # a damaged snapshot (SnapshotError), a bad seed: this request's alone
@@ -238,18 +208,18 @@ class Scheduler:
             self._fail(admitted, e)
 
     def _drop_aborted(self) -> None:
-        """Aborted requests leave at once, waiting or running (an Abort always arrives after its Submission, so
+        """Aborted requests leave at once, waiting or running (an Abort always arrives after its EngineRequest, so
         an id not found here belongs to a request that has already finished)."""
         if not self.aborted:
             return
-        self.waiting = collections.deque(s for s in self.waiting if s.sub.job_id not in self.aborted)
+        self.waiting = collections.deque(s for s in self.waiting if s.request.request_id not in self.aborted)
         for group in (self.prefilling, self.decoding):
-            group.remove([i for i, s in enumerate(group.seqs) if s.sub.job_id in self.aborted])
+            group.remove([i for i, s in enumerate(group.seqs) if s.request.request_id in self.aborted])
         self.aborted.clear()
 
     def _step(self, group: Group, prefill: bool) -> None:
         inputs = [self._inputs(seq) for seq in group.seqs]
-        want_surprise = any(seq.sub.want_surprise for seq in group.seqs)
+        want_surprise = any(seq.request.want_surprise for seq in group.seqs)
         try:
             out = group.batch.forward(inputs, return_surprise=want_surprise)
         except Exception:  # the batch is half-written: each session again, alone, and only the culprits fail
@@ -275,7 +245,7 @@ class Scheduler:
         group.remove([i for i, seq in enumerate(group.seqs) if seq in leaving_seqs])
 
     def _state_it_came_with(self, seq: Sequence) -> SessionState:
-        snapshot = seq.sub.snapshot
+        snapshot = seq.request.snapshot
         return self.engine.new_state() if snapshot is None else self.engine.load_state(snapshot)
 
     def _step_alone(self, group: Group, inputs: list[list[int]], want_surprise: bool) -> list[tuple]:
@@ -332,13 +302,13 @@ class Scheduler:
         """Account for the rows seq just fed: "reading" (more prompt to go), "generating" (sampled a token to
         feed next) or "done" (finished, its final state sent). greedy_pick: the argmax of its last logits, taken
         for the whole batch in one op (per session, argmax and .item() were most of the loop's own time)."""
-        seq.pending_surprise += surprise.tolist() if seq.sub.want_surprise else []
+        seq.pending_surprise += surprise.tolist() if seq.request.want_surprise else []
         if seq.read < len(seq.prompt_ids):
             return "reading"
         read_surprise, seq.pending_surprise = seq.pending_surprise, []
         if seq.finish_reason is not None or seq.params.max_tokens == 0:
             started = time.perf_counter()
-            snapshot = group.batch.to_bytes(i) if seq.sub.keep_state else None
+            snapshot = group.batch.to_bytes(i) if seq.request.keep_state else None
             done = time.perf_counter()
             first_token_at = done if seq.first_token_at is None else seq.first_token_at
             self._send(seq, DoneEvent(snapshot, group.batch.positions[i], len(seq.prompt_ids), len(seq.generated),
@@ -361,4 +331,4 @@ class Scheduler:
         return "generating"
 
     def _send(self, seq: Sequence, event) -> None:
-        self._outbox.append((seq.sub.job_id, event))
+        self._outbox.append((seq.request.request_id, event))

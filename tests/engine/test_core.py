@@ -9,21 +9,21 @@ import pytest
 import torch
 
 from engine import SamplingParams, SnapshotError
-from server.scheduler import DoneEvent, ErrorEvent, Scheduler, Submission, TokenEvent
+from engine.core import DoneEvent, EngineRequest, ErrorEvent, Scheduler, TokenEvent
 from tests.engine.helpers import VARIANTS, assert_states_close, engine_for, tiny
 
 
-def run(scheduler: Scheduler, arrivals: dict[int, list[Submission]], abort_at: dict[int, int] | None = None):
-    """Iterate until idle; submissions join at their iteration. -> job_id -> events, in order."""
+def run(scheduler: Scheduler, arrivals: dict[int, list[EngineRequest]], abort_at: dict[int, int] | None = None):
+    """Iterate until idle; submissions join at their iteration. -> request_id -> events, in order."""
     events, iteration = collections.defaultdict(list), 0
     while scheduler.busy or any(at >= iteration for at in arrivals):
         for sub in arrivals.get(iteration, []):
             scheduler.add(sub)
-        for job_id, at in (abort_at or {}).items():
+        for request_id, at in (abort_at or {}).items():
             if at == iteration:
-                scheduler.abort(job_id)
-        for job_id, event in scheduler.iterate():
-            events[job_id].append(event)
+                scheduler.abort(request_id)
+        for request_id, event in scheduler.iterate():
+            events[request_id].append(event)
         iteration += 1
     return events
 
@@ -46,17 +46,17 @@ def test_staggered_requests_end_as_each_would_alone():
             cases.append((at, prompt, earlier.to_bytes() if stateful else None, max_tokens))
         scheduler = Scheduler(engine, max_running=4, prefill_chunk=16)  # 7 requests: some wait for a place
         arrivals = collections.defaultdict(list)
-        for job_id, (at, prompt, snapshot, max_tokens) in enumerate(cases):
-            arrivals[at].append(Submission(job_id, prompt, snapshot, SamplingParams(max_tokens=max_tokens,
+        for request_id, (at, prompt, snapshot, max_tokens) in enumerate(cases):
+            arrivals[at].append(EngineRequest(request_id, prompt, snapshot, SamplingParams(max_tokens=max_tokens,
                                                                                     temperature=0), False))
         events = run(scheduler, arrivals)
-        for job_id, (_, prompt, snapshot, max_tokens) in enumerate(cases):
+        for request_id, (_, prompt, snapshot, max_tokens) in enumerate(cases):
             alone = engine.complete(prompt, engine.new_state() if snapshot is None else engine.load_state(snapshot),
                                     SamplingParams(max_tokens=max_tokens, temperature=0))
-            done = events[job_id][-1]
-            assert isinstance(done, DoneEvent), (variant, job_id, done)
-            assert tokens_of(events[job_id]) == alone.token_ids, (variant, job_id)
-            assert all(len(e.token_ids) == 1 for e in events[job_id][:-1])  # one token per iteration
+            done = events[request_id][-1]
+            assert isinstance(done, DoneEvent), (variant, request_id, done)
+            assert tokens_of(events[request_id]) == alone.token_ids, (variant, request_id)
+            assert all(len(e.token_ids) == 1 for e in events[request_id][:-1])  # one token per iteration
             assert (done.prompt_tokens, done.completion_tokens) == (len(prompt), max_tokens)
             assert_states_close(engine.load_state(done.snapshot), alone.state)
             assert done.tokens_seen == alone.state.tokens_seen
@@ -67,7 +67,7 @@ def test_an_aborted_request_leaves_without_a_trace_and_the_others_continue():
     params = SamplingParams(max_tokens=8, temperature=0)
     prompts = [list(b"abort me later"), list(b"keep going"), list(b"never admitted")]
     scheduler = Scheduler(engine, max_running=2, prefill_chunk=4)
-    arrivals = {0: [Submission(i, p, None, params, False) for i, p in enumerate(prompts)]}
+    arrivals = {0: [EngineRequest(i, p, None, params, False) for i, p in enumerate(prompts)]}
     events = run(scheduler, arrivals, abort_at={0: 4, 2: 1})
     assert 2 not in events  # aborted while waiting: never ran
     assert not any(isinstance(e, DoneEvent) for e in events[0]) and len(tokens_of(events[0])) < 8
@@ -81,8 +81,8 @@ def test_a_damaged_snapshot_fails_its_own_request_only():
     blob = bytearray(engine.new_state().to_bytes())
     blob[-5] ^= 0xFF
     scheduler = Scheduler(engine, max_running=4, prefill_chunk=8)
-    events = run(scheduler, {0: [Submission(0, [1, 2, 3], bytes(blob), params, False),
-                                 Submission(1, [1, 2, 3], None, params, False)]})
+    events = run(scheduler, {0: [EngineRequest(0, [1, 2, 3], bytes(blob), params, False),
+                                 EngineRequest(1, [1, 2, 3], None, params, False)]})
     assert len(events[0]) == 1 and isinstance(events[0][0], ErrorEvent)
     assert isinstance(events[0][0].error, SnapshotError)
     assert isinstance(events[1][-1], DoneEvent) and len(tokens_of(events[1])) == 3
@@ -93,7 +93,7 @@ def test_surprise_covers_every_token_read(want_surprise):
     engine = engine_for(tiny("mag"), seed=5)
     prompt = list(b"a prompt of a few chunks")
     scheduler = Scheduler(engine, max_running=4, prefill_chunk=5)
-    events = run(scheduler, {0: [Submission(0, prompt, None, SamplingParams(max_tokens=4, temperature=0),
+    events = run(scheduler, {0: [EngineRequest(0, prompt, None, SamplingParams(max_tokens=4, temperature=0),
                                             want_surprise)]})
     read = sum(len(e.surprise) for e in events[0])
     assert read == (len(prompt) + 4 if want_surprise else 0)  # the prompt, then each generated token once fed
@@ -102,8 +102,8 @@ def test_surprise_covers_every_token_read(want_surprise):
 def test_aborted_requests_leave_the_queue_at_once_even_when_no_place_frees():
     engine = engine_for(tiny("lmm"), seed=5)
     scheduler = Scheduler(engine, max_running=1, prefill_chunk=8)
-    for job_id in range(3):
-        scheduler.add(Submission(job_id, [1, 2, 3], None, SamplingParams(max_tokens=50, temperature=0), False))
+    for request_id in range(3):
+        scheduler.add(EngineRequest(request_id, [1, 2, 3], None, SamplingParams(max_tokens=50, temperature=0), False))
     scheduler.iterate()
     scheduler.abort(1)
     scheduler.abort(2)
@@ -127,9 +127,9 @@ def test_a_prompt_read_while_others_generate_never_pads_their_steps(monkeypatch)
     monkeypatch.setattr(SessionBatch, "forward", spy)
     params = SamplingParams(max_tokens=12, temperature=0)
     events = run(Scheduler(engine, max_running=4, prefill_chunk=8),
-                 {0: [Submission(0, list(range(8)), None, params, False)],
-                  3: [Submission(1, list(range(24)), None, params, False),
-                      Submission(2, list(range(16)), None, params, False)]})
+                 {0: [EngineRequest(0, list(range(8)), None, params, False)],
+                  3: [EngineRequest(1, list(range(24)), None, params, False),
+                      EngineRequest(2, list(range(16)), None, params, False)]})
     assert [1] in calls and [8] in calls
     assert all(lengths in ([1], [8]) for lengths in calls), calls  # never a 1-token row beside an 8-token one
     assert all(isinstance(events[job][-1], DoneEvent) for job in range(3))
@@ -141,8 +141,8 @@ def test_a_request_that_keeps_no_state_gets_none_and_the_same_tokens():
     params = SamplingParams(max_tokens=6, temperature=0)
     prompt = list(b"no state to keep")
     events = run(Scheduler(engine, max_running=4, prefill_chunk=8),
-                 {0: [Submission(0, prompt, None, params, False, keep_state=False),
-                      Submission(1, prompt, None, params, False)]})
+                 {0: [EngineRequest(0, prompt, None, params, False, keep_state=False),
+                      EngineRequest(1, prompt, None, params, False)]})
     dropped, kept = events[0][-1], events[1][-1]
     assert dropped.snapshot is None and kept.snapshot is not None
     assert tokens_of(events[0]) == tokens_of(events[1])
@@ -160,9 +160,9 @@ def test_requests_join_and_leave_the_running_batches_in_their_slot_pools():
     params = SamplingParams(max_tokens=6, temperature=0)
     blob = bytearray(engine.new_state().to_bytes())
     blob[-5] ^= 0xFF  # one damaged snapshot among the newcomers fails alone
-    events = run(scheduler, {0: [Submission(0, list(range(5)), None, params, False)],
-                             2: [Submission(j, list(range(12)), None, params, False) for j in (1, 2, 3)]
-                             + [Submission(4, list(range(12)), bytes(blob), params, False)]})
+    events = run(scheduler, {0: [EngineRequest(0, list(range(5)), None, params, False)],
+                             2: [EngineRequest(j, list(range(12)), None, params, False) for j in (1, 2, 3)]
+                             + [EngineRequest(4, list(range(12)), bytes(blob), params, False)]})
     assert isinstance(events[4][0], ErrorEvent) and len(events[4]) == 1
     assert all(isinstance(events[j][-1], DoneEvent) and len(tokens_of(events[j])) == 6 for j in range(4))
     assert [[v.data_ptr() for v in g.batch._pool.values()] for g in groups] == storage
@@ -173,7 +173,7 @@ def test_engine_times_split_a_request_at_its_first_token(monkeypatch):
     """prefill_s: joining the batch to the first token; inference_s: to the end (vLLM's request times). On a
     clock that moves one unit per iteration: a 61-token prompt read 16 tokens per iteration samples its first
     token in its 4th iteration, its 6th token in its 9th, and ends when that token is fed, in its 10th."""
-    import server.scheduler as scheduler_module
+    import engine.core as scheduler_module
 
     class Clock:
         now = 0.0
@@ -186,11 +186,11 @@ def test_engine_times_split_a_request_at_its_first_token(monkeypatch):
     engine = engine_for(tiny("mal"), seed=1)
     scheduler = Scheduler(engine, max_running=4, prefill_chunk=16)
     params = SamplingParams(max_tokens=6, temperature=0)
-    scheduler.add(Submission(0, list(range(61)), None, params, False))
-    scheduler.add(Submission(1, list(range(20)), None, SamplingParams(max_tokens=0), False))  # reads, no tokens
+    scheduler.add(EngineRequest(0, list(range(61)), None, params, False))
+    scheduler.add(EngineRequest(1, list(range(20)), None, SamplingParams(max_tokens=0), False))  # reads, no tokens
     done = {}
     while scheduler.busy:
-        done |= {job_id: e for job_id, e in scheduler.iterate() if isinstance(e, DoneEvent)}
+        done |= {request_id: e for request_id, e in scheduler.iterate() if isinstance(e, DoneEvent)}
         Clock.now += 1
     assert (done[0].prefill_s, done[0].inference_s) == (3.0, 9.0)
     assert done[1].prefill_s == done[1].inference_s == 1.0  # no first token: all of it is prefill
@@ -208,8 +208,8 @@ def test_a_request_whose_step_fails_fails_alone_and_the_batch_goes_on(monkeypatc
     prompts = [torch.randint(0, 256, (n,), generator=g).tolist() for n in (21, 30, 9)]
     bad = prompts[1][:12] + [10_000] + prompts[1][12:]  # in its second prefill chunk
     snapshots = [earlier.to_bytes(), None, None]
-    subs = [Submission(0, prompts[0], snapshots[0], params, False), Submission(1, bad, None, params, False),
-            Submission(2, prompts[2], snapshots[2], params, True)]
+    subs = [EngineRequest(0, prompts[0], snapshots[0], params, False), EngineRequest(1, bad, None, params, False),
+            EngineRequest(2, prompts[2], snapshots[2], params, True)]
     from engine.engine import SessionBatch
 
     forward, failures = SessionBatch.forward, []
@@ -224,9 +224,9 @@ def test_a_request_whose_step_fails_fails_alone_and_the_batch_goes_on(monkeypatc
     events = run(Scheduler(engine, max_running=4, prefill_chunk=8), {0: subs})
     assert failures == [2]
     assert len(events[1]) == 1 and isinstance(events[1][0], ErrorEvent)
-    for job_id in (0, 2):
-        state = engine.new_state() if snapshots[job_id] is None else engine.load_state(snapshots[job_id])
-        alone = engine.complete(prompts[job_id], state, params)
-        done = events[job_id][-1]
-        assert isinstance(done, DoneEvent) and tokens_of(events[job_id]) == alone.token_ids
+    for request_id in (0, 2):
+        state = engine.new_state() if snapshots[request_id] is None else engine.load_state(snapshots[request_id])
+        alone = engine.complete(prompts[request_id], state, params)
+        done = events[request_id][-1]
+        assert isinstance(done, DoneEvent) and tokens_of(events[request_id]) == alone.token_ids
         assert_states_close(engine.load_state(done.snapshot), alone.state)
