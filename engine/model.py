@@ -77,8 +77,8 @@ class ShortConv(nn.Module):
     def forward(self, x: Tensor, tail: Tensor, ctx: StepContext) -> tuple[Tensor, Tensor]:
         """x [B, R, P], tail [B, K-1, P] -> y [B, R, P], new tail [B, K-1, P]."""
         ext = torch.cat([tail, x], 1)  # [B, K-1+R, P]
-        # tap by tap: F.conv1d with groups=P is ~10x slower for the few rows of a step, and the unfolded product
-        # (strided, then a sum over K) ~3x slower than these K contiguous products. Serving adds them in place;
+        # tap by tap: F.conv1d with groups=P, and the unfolded product (strided, then a sum over K), are slower for
+        # the few rows of a step than these K contiguous products (bench/engine_probes.py). Serving adds them in place;
         # training keeps each product for autograd. The same products summed in the same order: the same bits.
         rows, taps = x.shape[1], self.weight.t().contiguous()  # taps [K, P], each a contiguous row
         y = ext[:, :rows] * taps[0]
@@ -157,7 +157,7 @@ class NeuralMemory(nn.Module):
     def qkv(self, projected: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Post-conv projections [B, R, 3D] -> q, k (SiLU unless cfg.qk_silu is off, l2-normalised), v (SiLU):
         [B, H, R, d] each."""
-        silu_all = self.cfg.qk_silu  # one SiLU over q, k and v before the heads' dtype, as it always was
+        silu_all = self.cfg.qk_silu  # one SiLU over q, k and v, before the cast to the memory's dtype
         x = self.heads_of(F.silu(projected) if silu_all else projected, 3)
         qk = F.normalize(x[:2], dim=-1)
         return qk[0], qk[1], x[2] if silu_all else F.silu(x[2])
@@ -389,8 +389,8 @@ class Attention(nn.Module):
     def banded(self, ctx: StepContext) -> bool:
         """Whether a step takes the banded path: a window step of at least 2W rows of aligned sessions, every row a
         token, each session at a multiple of the window (so ring slot j holds position pos - W + j) — a prompt or
-        a training batch. The full product scores every row against every row of the step (at 256 rows and
-        W = 16, 8x the work; at 256 rows and W = 128, 1.5x). Steps are at most MAX_SPAN rows, so a window that
+        a training batch. The full product scores every row against every row of the step, R / (2W) times the
+        work of the band. Steps are at most MAX_SPAN rows, so a window that
         does not divide MAX_SPAN is banded in a sequence's first step only."""
         if self.rule != "window" or self.m != 1 or ctx.rows < 2 * self.span or not ctx.unpadded:
             return False

@@ -2,8 +2,7 @@
 
 Why a process and not a thread: the model step and the event loop both run Python. In one process they share
 the GIL, and each of a decode step's few hundred torch ops, when it returns from C++, waits for the event loop to
-hand the GIL back: with 32 streams to serve, a batched step that takes 4.2 ms alone took ~10 ms in the server (a
-one-off trace of the engine loop; a 10x shorter switch interval won back 17% of the throughput). In its own
+hand the GIL back, so a batched step serving many streams takes several times as long as alone. In its own
 process the engine loop runs undisturbed on its cores while the event loop parses requests and writes SSE on
 another.
 
@@ -111,11 +110,9 @@ class Outputs:
     queue_waits: list[float]  # seconds waited by the requests admitted in this iteration
 
     def __reduce__(self):
-        """Pickled as plain tuples: a TokenEvent per session per step pickled as a dataclass, through
-        multiprocessing's pickler, was ~35 us of every decode iteration of one session (after a step, with cold
-        caches), 2% of it. Token events come first in the tuples, then the rest (an iteration's events for one
-        request are at most a token and then its error). Slots and one pass over the events: 2.7 -> 2.0 us warm
-        for one session's iteration."""
+        """Pickled as plain tuples, in one pass over the events: a dataclass per session per step is pickled field
+        by field, on every decode iteration. Token events come first, then the rest (an iteration's events for one
+        request are at most a token and then its error)."""
         tokens, others = [], []
         for request_id, e in self.events:
             if type(e) is TokenEvent:
@@ -133,7 +130,7 @@ def _outputs(tokens: list[tuple], others: list[tuple[int, object]], running: int
 
 def send(conn: Connection, message: object) -> None:
     """Messages cross the pipe pickled by the C pickler (multiprocessing's own pickler looks up a reducer for every
-    object in a ChainMap, in Python: four times slower for an iteration's events)."""
+    object in a ChainMap, in Python)."""
     conn.send_bytes(pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL))
 
 
@@ -143,8 +140,8 @@ def receive(conn: Connection) -> object:
 
 def _sender(conn: Connection, outbox: queue.SimpleQueue, stop_engine: Callable[[], None]) -> None:
     """Send what the event loop queued: everything queued by then as one message (a list), because the engine reads
-    between its iterations, and a burst of requests should join the same one (one by one, each 300 KB snapshot
-    waited for an iteration: at 32 sessions, a prefill group of one request per iteration)."""
+    between its iterations, and a burst of requests should join the same one (one by one, each snapshot would wait
+    for an iteration, and the prefill batch would take one request per iteration)."""
     while True:
         batch = [outbox.get()]
         with contextlib.suppress(queue.Empty):
@@ -167,9 +164,9 @@ PIPE_BUFFER_BYTES = 4 << 20
 
 
 def _widen(conn: Connection) -> None:
-    """Let PIPE_BUFFER_BYTES wait in the socket (the kernel caps it at net.core.wmem_max): with the default ~200 KB,
-    the engine loop's send of an iteration's final snapshots (322 KB each for the default model, a dozen at
-    once when 32 requests finish together) waited for the API process to read them, ~1.9 ms per such iteration."""
+    """Let PIPE_BUFFER_BYTES wait in the socket (the kernel caps it at net.core.wmem_max): with the default buffer,
+    smaller than one snapshot, the engine loop's send of an iteration's final snapshots (several when many requests
+    finish together) waits for the API process to read them."""
     with socket.socket(fileno=os.dup(conn.fileno())) as view:  # a second handle on the same socket
         view.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, PIPE_BUFFER_BYTES)
 
@@ -240,10 +237,9 @@ def engine_main(options: EngineOptions, conn: Connection) -> None:
 
 class Outbox:
     """The engine loop's Outputs to the API process. With an interval, token events wait until it has passed
-    since the last send and then go as one message: each send wakes the API process, and at one session a send
-    per step cost ~5.6% of the loop's time per request on 2 vCPUs (1.098x Engine.generate against 1.042x with
-    nothing sent; every 2nd step 1.070x, every 4th 1.059x: a one-off probe, 25 shuffled rounds). Never held: a
-    request's first token (time to first token), its last event, and anything when the loop is about to sleep."""
+    since the last send and then go as one message: each send wakes the API process, which then competes with the
+    loop for the CPU. Never held: a request's first token (time to first token), its last event, and anything
+    when the loop is about to sleep."""
 
     def __init__(self, conn: Connection, interval_s: float):
         self.conn, self.interval_s = conn, interval_s
@@ -278,17 +274,16 @@ class Outbox:
 
 def _arrival_check(conn: Connection) -> Callable[[], bool]:
     """Whether a message (or the pipe's end) waits on conn, without blocking: one poll(2) on a poll object made
-    once. Connection.poll builds a selector in Python for every call: ~12 us warm and ~35 us after a decode step
-    (caches cold), once per iteration (one-off probes of the loop at one session; ~3 us warm this way)."""
+    once (Connection.poll builds a selector in Python for every call, once per iteration)."""
     poller = select.poll()
     poller.register(conn.fileno(), select.POLLIN)
     return lambda: bool(poller.poll(0))
 
 
 def freeze_garbage_collector() -> None:
-    """Exempt everything made so far (the model, torch, the libraries: ~180k objects) from Python's collector. A
-    full collection otherwise scans them all: ~90 ms in which no session advanced, a few times a minute in the
-    engine loop at 32 sessions (a one-off gc.callbacks trace); once frozen, it scans only what serving makes."""
+    """Exempt everything made so far (the model, torch, the libraries: hundreds of thousands of objects) from
+    Python's collector. A full collection otherwise scans them all, a pause in which no session advances; once
+    frozen, it scans only what serving makes."""
     gc.collect()
     gc.freeze()
 
@@ -307,10 +302,9 @@ def _received(conn: Connection) -> list:
 @dataclass(frozen=True)
 class CpuPlan:
     """Which CPUs each process runs on (--engine-cpus). Unpinned, the kernel wakes the HTTP process (for every
-    streamed token) on whichever CPU it likes, at times the engine's: at one session on 2 vCPUs the engine
-    process spent ~11-14% of a request runnable but not running (its /proc schedstat; ~4% pinned). Pinned, the
-    engine's torch threads own their cores and the HTTP process keeps the rest. Opt-in: on that machine no served
-    rate moved measurably (bench/serve.py, four runs each way)."""
+    streamed token) on whichever CPU it likes, at times the engine's, and the engine process then waits runnable.
+    Pinned, the engine's torch threads own their cores and the HTTP process keeps the rest. Opt-in: it is not
+    shown to move the served rate (bench/serve.py)."""
     engine: frozenset[int] | None  # None: not pinned
     api: frozenset[int] | None
     threads: int  # the engine's torch threads

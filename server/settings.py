@@ -31,15 +31,14 @@ class Settings(BaseSettings):
         "fp32", description="dtype of the dense projections: fp16 halves the bytes of every decode step, int8 "
                             "(weight-only, a scale per row) quarters them; part of the model fingerprint, so "
                             "snapshots do not move between servers that differ in it")
-    compile: bool = Field(False, description="torch.compile the decode step and prefill's memory chunks (2-3x "
+    compile: bool = Field(False, description="torch.compile the decode step and prefill's memory chunks (a "
                                              "faster decode on a CPU, needs a C++ compiler); compiled at start-up, "
                                              "before /ready")
     aot_decode: bool = Field(False, description="with compile: also compile one session's decode step ahead of "
                                                  "time (AOTInductor; a faster single-session decode on a CPU, "
                                                  "tens of seconds more at start-up)")
     torch_threads: int = Field(0, ge=0, description="CPU threads of the engine process; 0: all cores but one, "
-                                                     "which is left to the HTTP process (on 2 cores this is "
-                                                     "faster too)")
+                                                     "which is left to the HTTP process")
     engine_cpus: str = Field("none", pattern=r"^(auto|none|\d+(-\d+)?(,\d+(-\d+)?)*)$",
                              description="CPUs of the engine process (Linux): none = not pinned; auto = the last "
                                          "torch_threads of those this server may use, the HTTP process keeping the "

@@ -26,8 +26,8 @@ def triton_available() -> bool:
 
 
 # A program holds a [d, BFB] block of a head's weights at a time (depth 1: the whole [d, d] matrix) and the
-# [rows, d] tiles of a chunk. Compiled for sm_90 on a CPU (bench/kernels_compile.py): d 128 with expansion 4 and
-# chunk 64 needs 144 KB of shared memory, inside an H100's 227 KB per block; chunk 128 at d 128, 272 KB.
+# [rows, d] tiles of a chunk; these bounds keep its shared memory inside an H100's per-block limit (their shared
+# memory for sm_90: bench/kernels_compile.py).
 MAX_HEAD_DIM = 128
 MAX_ROW_TILE = 64 * 128  # rows x head dim, both padded to powers of two
 

@@ -226,9 +226,8 @@ HIDDEN_TILE_ELEMENTS = 4096  # a [BD, BFB] weight tile of at most 16 KB of fp32
 
 
 def _warps(BT: int, BD: int) -> int:
-    """Warps per program, growing with the chunk's [BT, BD] tiles, which a program holds several of: at 4 warps
-    ptxas spilled 11.5 KB per thread for chunk 64 at d 128 (8.5 KB at 8 warps, 3.2 KB at 16) and 2.5 KB for
-    chunk 16 at d 64 (0.7 KB at 8); bench/kernels_compile.py, sm_90."""
+    """Warps per program, growing with the chunk's [BT, BD] tiles, which a program holds several of: with fewer
+    warps ptxas spills registers at the larger tiles (bench/kernels_compile.py reports the spills for sm_90)."""
     return 16 if BT * BD >= 4096 else 8 if BT * BD >= 1024 else 4
 
 

@@ -67,7 +67,7 @@ def memory_forward(weights: list[Tensor], x: Tensor, eps: float) -> tuple[Tensor
         return pre[-1], (inputs, pre, None)
     z = pre[-1]
     centred = z - z.mean(-1, keepdim=True)
-    rstd = torch.rsqrt(centred.square().mean(-1, keepdim=True) + eps)  # not z.var: 10x slower on a CPU at these widths
+    rstd = torch.rsqrt(centred.square().mean(-1, keepdim=True) + eps)  # not z.var: much slower on a CPU at these widths
     zhat = centred * rstd
     return x + zhat, (inputs, pre, (zhat, rstd))
 

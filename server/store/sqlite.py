@@ -174,9 +174,8 @@ class LocalStore(SessionStore):
 
     async def _run_grouped(self, fn: Callable[[sqlite3.Connection], T], snapshot_bytes: int) -> T:
         """Run the write fn(db) on the store's thread together with the others waiting for it, in one
-        transaction (group commit). When many requests finish at once (32 streams of bench/serve.py), a
-        transaction per snapshot cost twice as much per commit (1.3 against 0.7 ms for 32 snapshots of 322 KB,
-        one-off), and each waited for all before it. fn must check before it writes: a call that fails having
+        transaction (group commit). When many requests finish at once, a transaction per snapshot costs more per
+        commit, and each waits for all before it. fn must check before it writes: a call that fails having
         written nothing fails alone; one that fails halfway sends every call of its group to a transaction of
         its own."""
         loop = asyncio.get_running_loop()
@@ -220,9 +219,9 @@ class LocalStore(SessionStore):
     def _wrote(self, nbytes: int) -> None:
         """Count the bytes a transaction just committed (on the store's thread). Past CHECKPOINT_BYTES, start a
         passive checkpoint on the checkpoint thread: SQLite's own checkpoint runs inside the commit that crosses
-        its threshold, and with its fsync it held the store's one thread for ~100 ms every ~200 snapshots, with
-        every request queued behind it (the rounds of bench/serve.py that it landed in). A passive checkpoint on
-        a connection of its own waits for no one and blocks no writer, and once it has copied the whole WAL back,
+        its threshold, and with its fsync it holds the store's one thread, every request queued behind it. A
+        passive checkpoint on a connection of its own waits for no one and blocks no writer, and once it has
+        copied the whole WAL back,
         the next write starts the WAL over. Writers that never pause keep it from completing, and a busy machine
         may not run its thread in time, so the WAL's length is bounded here, where it grows: once its file is
         longer than WAL_LIMIT_BYTES, this thread restarts the WAL itself before it writes on (rarely: only under
@@ -444,8 +443,8 @@ class LocalStore(SessionStore):
         return await self._run(lambda db: self._acquire(db, tenant, session_id, ttl_s, time.time())[0])
 
     async def checkout(self, tenant, session_id, ttl_s):
-        """In one transaction: 32 requests arriving at once each took their lease, then (behind all the other
-        leases on the store's one thread) their snapshot, so the first reached the engine ~20 ms late."""
+        """The lease and the snapshot in one transaction: apart, requests arriving together would each take their
+        lease and then, behind all the other leases on the store's one thread, their snapshot."""
         def op(db):
             lease, row = self._acquire(db, tenant, session_id, ttl_s, time.time())
             return lease, self._record(db, row), self._snapshot(db, row)
