@@ -15,6 +15,7 @@ COPY pyproject.toml README.md ./
 COPY engine engine
 COPY kernels kernels
 COPY server server
+COPY titans titans
 RUN pip install --no-cache-dir .
 
 FROM ${PYTHON_IMAGE}

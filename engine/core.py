@@ -10,8 +10,8 @@ the prefill's last logits and moves to the decode batch, which feeds one token p
 final state has read every generated token (as Engine.generate does). A token that ends the request (EOS, stop
 string, max_tokens) is still fed once, then the request leaves with its final state, serialised.
 
-No asyncio, no pipes: `iterate()` runs one iteration and returns its events; the server runs it in a process of
-its own (server/engine_process.py) and sends each iteration's events to the API process in one message.
+No asyncio, no pipes: `iterate()` runs one iteration and returns its events. The HTTP layer runs it in a process
+of its own and sends each iteration's events to the API process in one message.
 """
 
 from __future__ import annotations

@@ -187,7 +187,7 @@ class NeuralMemory(nn.Module):
 
     def kernel_pool(self, state: State, in_place: bool) -> tuple[list[Tensor], list[Tensor]]:
         """The W/S the Triton kernels update in place: the state's own tensors when the caller owns them (a
-        server's batch; copying every session's weights whenever one completes a chunk would cost more than the
+        serving batch; copying every session's weights whenever one completes a chunk would cost more than the
         update), else contiguous copies (inputs are never written)."""
         def pool(x: Tensor) -> Tensor:
             if in_place and x.is_contiguous():
@@ -311,7 +311,7 @@ class NeuralMemory(nn.Module):
             some = ctx.full_sessions()
             serving = not torch.is_grad_enabled()  # nothing will differentiate through these tensors
             if some is not None and len(some) < len(w[0]):
-                # staggered sessions (a server's running batch): only those completing a chunk pay for the update
+                # staggered sessions (a running batch): only those completing a chunk pay for the update
                 some = torch.tensor(some, device=buf.device)
                 part = buf.index_select(0, some)
                 w_new, s_new = self._chunk_update([t.index_select(0, some) for t in w],
