@@ -22,8 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from kernels.memory.dispatch import use_triton
-from kernels.memory.naive import chunk_coefficients, chunk_update, memory_read, memory_surprise, read_and_update
+import kernels.memory as memory_op
+from kernels.memory.naive import chunk_update, chunks, memory_surprise
 
 from . import step as steps
 from .config import ModelConfig
@@ -176,56 +176,15 @@ class NeuralMemory(nn.Module):
 
     def read(self, weights: list[Tensor], q: Tensor, dtype) -> Tensor:
         """M*(q): q [B, H, R, d] -> [B, R, H*d] in the activation dtype."""
-        if use_triton(weights, q, rows=q.shape[2]):
-            from kernels.memory import fused_chunk
+        return memory_op.read(weights, q, self.cfg.norm_eps).transpose(1, 2).flatten(2).to(dtype)
 
-            weights = [w.contiguous() for w in weights]
-            out = fused_chunk.read(weights, torch.arange(q.shape[0], device=q.device), q, self.cfg.norm_eps)
-        else:
-            out = memory_read(weights, q, self.cfg.norm_eps)
-        return out.transpose(1, 2).flatten(2).to(dtype)
+    def pool(self, state: State, owned: bool) -> tuple[list[Tensor], list[Tensor]]:
+        """The W/S that serving updates in place: the state's own tensors when the caller owns them (a batch's
+        slots), else contiguous copies (a caller's states are never written)."""
+        def mine(x: Tensor) -> Tensor:
+            return x if owned and x.is_contiguous() else x.clone(memory_format=torch.contiguous_format)
 
-    def kernel_pool(self, state: State, in_place: bool) -> tuple[list[Tensor], list[Tensor]]:
-        """The W/S the Triton kernels update in place: the state's own tensors when the caller owns them (a
-        serving batch; copying every session's weights whenever one completes a chunk would cost more than the
-        update), else contiguous copies (inputs are never written)."""
-        def pool(x: Tensor) -> Tensor:
-            if in_place and x.is_contiguous():
-                return x
-            return x.clone(memory_format=torch.contiguous_format)
-
-        return [pool(x) for x in self.weights(state)], [pool(x) for x in self.weights(state, "S")]
-
-    def chunk_kernel(self, state: State, k: Tensor, v: Tensor, log_gates: Tensor, only: Tensor,
-                     in_place: bool) -> tuple[list[Tensor], list[Tensor]]:
-        """The Triton chunk step over the whole batch, applied to the sessions flagged in `only` [B] (the
-        others keep their weights): new (W, S). One launch of the batch's shape whoever completes a chunk."""
-        from kernels.memory import fused_chunk
-
-        w, s = self.kernel_pool(state, in_place)
-        log_theta, log_eta, log_keep = log_gates.unbind(-1)
-        fused_chunk.chunk_step(w, s, torch.arange(k.shape[0], device=k.device), None, k, v, log_eta, log_keep,
-                               self.theta(log_theta), self.cfg.norm_eps, self.cfg.mem_grad_clip, only)
-        return w, s
-
-    def prefill_kernel(self, state: State, q: Tensor, k: Tensor, v: Tensor, log_gates: Tensor,
-                       dtype, in_place: bool) -> tuple[Tensor, Tensor, State]:
-        """Whole chunks of aligned sessions in one Triton launch (kernels/memory/chunk.py: each session a packed
-        sequence): q, k, v [B, H, R, d] -> (y [B, R, H*d], surprise [B, R], new state)."""
-        from kernels.memory import chunk
-
-        B, H, R, d = q.shape
-        w, s = self.kernel_pool(state, in_place)
-
-        def packed(x: Tensor) -> Tensor:  # [B, H, R, ...] -> [B * R, H, ...]
-            return x.transpose(1, 2).reshape(B * R, H, *x.shape[3:])
-
-        log_theta, log_eta, log_keep = log_gates.unbind(-1)
-        sessions = torch.arange(B, device=q.device)
-        read, surprise = chunk.prefill(w, s, sessions, torch.arange(B + 1, device=q.device) * R, packed(q), packed(k),
-                                       packed(v), packed(log_eta), packed(log_keep), packed(self.theta(log_theta)),
-                                       self.cfg.chunk_size, self.cfg.norm_eps, self.cfg.mem_grad_clip)
-        return read.view(B, R, H * d).to(dtype), surprise.view(B, R, H).mean(-1), self.with_memory(state, w, s)
+        return [mine(x) for x in self.weights(state)], [mine(x) for x in self.weights(state, "S")]
 
     @staticmethod
     def with_memory(state: State, weights: list[Tensor], momentum: list[Tensor]) -> State:
@@ -237,7 +196,8 @@ class NeuralMemory(nn.Module):
 
     def scan(self, state: State, q: Tensor, k: Tensor, v: Tensor, log_gates: Tensor, ctx: StepContext,
              want_surprise: bool, dtype) -> tuple[Tensor, State, Tensor | None]:
-        """Read M*(q) with each row's chunk-start weights, writing the rows chunk by chunk.
+        """Read M*(q) with each row's chunk-start weights, writing the rows chunk by chunk (Eq. 13-14, chunked as
+        in the paper's §3.2).
 
         q, k, v [B, H, R, d], log_gates [B, H, R, 3] -> (y [B, R, H*d], new state, surprise [B, R] or None).
         """
@@ -246,40 +206,19 @@ class NeuralMemory(nn.Module):
             y = self.read(self.weights(state), q, dtype)
             surprise = self.surprise(state, k, v) if want_surprise else None
             return y, self.write(state, k, v, log_gates, ctx), surprise
-        # Chunks that every session covers whole skip the buffer: one forward serves read, surprise and
-        # gradients, and their scan coefficients (gate-only) are computed for all of them at once.
+        # Chunks that every session covers whole skip the buffer: one forward serves read, surprise and gradients
+        # (naive.read_and_update, or the kernels' prefill).
         b = self.cfg.chunk_size
         whole = [i for i, (_, _, p) in enumerate(pieces) if all(x % b == 0 and c == b for x, c in zip(*p.host))]
-        kernel = bool(whole) and use_triton(self.weights(state), q, rows=b)
-        if whole and not kernel:
-            first = pieces[whole[0]][0]
-            span = log_gates[:, :, first:first + len(whole) * b]
-            log_theta, log_eta, log_keep = span.unflatten(2, (len(whole), b)).unbind(-1)  # [B, H, n, b]
-            coefficients = chunk_coefficients(log_eta, log_keep)
-            thetas = self.theta(log_theta)
         ys, surprises = [], []
         for i, (a, e, piece) in enumerate(pieces):
-            if i in whole and kernel:  # the step's whole chunks, all in one launch
+            if i in whole:
                 if i == whole[0]:
                     e = pieces[whole[-1]][1]
-                    y, surprise, state = self.prefill_kernel(state, q[:, :, a:e], k[:, :, a:e], v[:, :, a:e],
-                                                             log_gates[:, :, a:e], dtype, ctx.owned)
+                    y, surprise, state = self.whole_chunks(state, q[:, :, a:e], k[:, :, a:e], v[:, :, a:e],
+                                                           log_gates[:, :, a:e], dtype, ctx.owned)
                     ys.append(y)
                     surprises.append(surprise)
-                continue
-            if i in whole:
-                j = i - whole[0]
-                # serving and training each have their own compiled graphs (one differentiates, one writes in
-                # place); a serving batch's eager chunks update its own weights in place
-                serving = not torch.is_grad_enabled()
-                chunk_step = self.compiled_chunk_step if serving else self.compiled_training_step
-                y, surprise, w_new, s_new = (chunk_step or read_and_update)(
-                    self.weights(state), self.weights(state, "S"), q[:, :, a:e], k[:, :, a:e], v[:, :, a:e],
-                    thetas[:, :, j], tuple(c[:, :, j] for c in coefficients), self.cfg.norm_eps,
-                    self.cfg.mem_grad_clip, ctx.owned and serving)
-                ys.append(y.transpose(1, 2).flatten(2).to(dtype))
-                surprises.append(surprise.mean(1))
-                state = self.with_memory(state, w_new, s_new)
                 continue
             ys.append(self.read(self.weights(state), q[:, :, a:e], dtype))
             if want_surprise:
@@ -288,47 +227,46 @@ class NeuralMemory(nn.Module):
         surprise = torch.cat(surprises, 1) if want_surprise else None
         return torch.cat(ys, 1), state, surprise
 
-    def _chunk_update(self, w: list[Tensor], s: list[Tensor], buf: Tensor, d: int, in_place: bool):
-        """chunk_update from full chunk buffers [B', H, b, 2d+3]."""
-        log_theta, log_eta, log_keep = buf[..., 2 * d:].unbind(-1)
-        return chunk_update(w, s, buf[..., :d], buf[..., d:2 * d], log_eta, log_keep, self.theta(log_theta),
-                            self.cfg.norm_eps, self.cfg.mem_grad_clip, in_place)
+    def whole_chunks(self, state: State, q: Tensor, k: Tensor, v: Tensor, log_gates: Tensor, dtype,
+                     owned: bool) -> tuple[Tensor, Tensor, State]:
+        """Chunks that every session reads whole, from a chunk edge: q, k, v [B, H, n*b, d] -> (y [B, n*b, H*d],
+        surprise [B, n*b], new state). Serving updates the pool in place (kernels/memory: Triton or PyTorch, each
+        chunk through the compiled step when there is one); training differentiates through naive.chunks."""
+        log_theta, log_eta, log_keep = log_gates.unbind(-1)
+        args = (q, k, v, log_eta, log_keep, self.theta(log_theta), self.cfg.chunk_size, self.cfg.norm_eps,
+                self.cfg.mem_grad_clip)
+        if torch.is_grad_enabled():
+            read, surprise, w, s = chunks(self.weights(state), self.weights(state, "S"), *args,
+                                          chunk_step=self.compiled_training_step)
+        else:
+            w, s = self.pool(state, owned)
+            read, surprise = memory_op.prefill(w, s, *args, chunk_step=self.compiled_chunk_step)
+        return read.transpose(1, 2).flatten(2).to(dtype), surprise.mean(1), self.with_memory(state, w, s)
 
     def write(self, state: State, k: Tensor, v: Tensor, log_gates: Tensor, ctx: StepContext) -> State:
-        """Append this step's rows to the chunk buffer; apply the chunk for sessions whose chunk is full."""
+        """Append this step's rows to the chunk buffer; apply the chunk (Eq. 12-14 in closed form) for the sessions
+        whose chunk is full, then empty their buffer."""
         d, b = self.head_dim, self.cfg.chunk_size
         rows = torch.cat([k, v, log_gates], -1)  # [B, H, R, 2d+3]
         buf = ctx.write(state["buf"], 2, b, rows.transpose(1, 2))
         new = dict(state)
-        if ctx.any_full and use_triton(self.weights(state), k, rows=b):
-            w_new, s_new = self.chunk_kernel(state, buf[..., :d], buf[..., d:2 * d], buf[..., 2 * d:],
-                                             ctx.flag("full").flatten(), ctx.owned)
-            new = self.with_memory(new, w_new, s_new)
-            buf = buf.masked_fill(ctx.flag("full"), 0.0)
-        elif ctx.any_full:
-            w, s = self.weights(state), self.weights(state, "S")
+        if ctx.any_full:
             full = ctx.flag("full")
-            some = ctx.full_sessions()
-            serving = not torch.is_grad_enabled()  # nothing will differentiate through these tensors
-            if some is not None and len(some) < len(w[0]):
-                # staggered sessions (a running batch): only those completing a chunk pay for the update
-                some = torch.tensor(some, device=buf.device)
-                part = buf.index_select(0, some)
-                w_new, s_new = self._chunk_update([t.index_select(0, some) for t in w],
-                                                  [t.index_select(0, some) for t in s], part, d, serving)
-                put = Tensor.index_copy_ if ctx.owned and serving else Tensor.index_copy
-                for i in range(len(w)):
-                    new[f"W{i}"] = put(w[i], 0, some, w_new[i])
-                    new[f"S{i}"] = put(s[i], 0, some, s_new[i])
-            elif some is not None:  # every session completes its chunk (an aligned batch): nothing to mask
-                w_new, s_new = self._chunk_update(w, s, buf, d, ctx.owned and serving)
-                new = self.with_memory(new, w_new, s_new)
-            else:  # a compiled step (no host positions): masked
-                w_new, s_new = self._chunk_update(w, s, buf, d, False)
-                for i in range(len(w)):
-                    new[f"W{i}"] = torch.where(full, w_new[i], w[i])
-                    new[f"S{i}"] = torch.where(full, s_new[i], s[i])
-            buf = buf.masked_fill(full, 0.0)  # a completed chunk leaves an empty buffer
+            log_theta, log_eta, log_keep = buf[..., 2 * d:].unbind(-1)
+            args = (buf[..., :d], buf[..., d:2 * d], log_eta, log_keep, self.theta(log_theta), self.cfg.norm_eps,
+                    self.cfg.mem_grad_clip)
+            some = ctx.full_sessions()  # None in a compiled step, which knows no host positions: a mask then
+            if torch.is_grad_enabled():  # training: differentiated through
+                w, s = self.weights(state), self.weights(state, "S")
+                w_new, s_new = chunk_update(w, s, *args)
+                if some is None or len(some) < len(w[0]):
+                    w_new = [torch.where(full, n, o) for n, o in zip(w_new, w)]
+                    s_new = [torch.where(full, n, o) for n, o in zip(s_new, s)]
+            else:
+                w_new, s_new = self.pool(state, ctx.owned)
+                memory_op.update(w_new, s_new, *args, only=full.flatten() if some is None else some)
+            new = self.with_memory(new, w_new, s_new)
+            buf = buf.masked_fill(full, 0.0)
         new["buf"] = buf
         return new
 

@@ -186,6 +186,29 @@ def read_and_update(weights: list[Tensor], momentum: list[Tensor], q: Tensor, k:
     return out[:, :, :b], (out_k - v).square().sum(-1), new_w, new_s
 
 
+def chunks(weights: list[Tensor], momentum: list[Tensor], q: Tensor, k: Tensor, v: Tensor, log_eta: Tensor,
+           log_keep: Tensor, theta: Tensor, chunk_size: int, eps: float, grad_clip: float | None,
+           in_place: bool = False, chunk_step=None):
+    """Whole chunks one after the other: q, k, v [B, H, n*b, d], gates [B, H, n*b]; each chunk read at its start
+    weights, then applied (read_and_update), its scan coefficients computed for all chunks at once (they depend on
+    the gates alone). chunk_step: read_and_update's stand-in (a compiled copy of it). Returns (read [B, H, n*b, d],
+    surprise [B, H, n*b], new W, new S); in_place as for apply_chunk."""
+    B, H, R, d = q.shape
+    n, b = R // chunk_size, chunk_size
+    coefficients = chunk_coefficients(log_eta.unflatten(2, (n, b)), log_keep.unflatten(2, (n, b)))  # [B, H, n, ...]
+    thetas = theta.unflatten(2, (n, b))
+    step = chunk_step or read_and_update
+    reads, surprises = [], []
+    for j in range(n):
+        rows = slice(j * b, (j + 1) * b)
+        out, surprise, weights, momentum = step(weights, momentum, q[:, :, rows], k[:, :, rows], v[:, :, rows],
+                                                thetas[:, :, j], tuple(c[:, :, j] for c in coefficients), eps,
+                                                grad_clip, in_place)
+        reads.append(out)
+        surprises.append(surprise)
+    return torch.cat(reads, 2), torch.cat(surprises, 2), weights, momentum
+
+
 def chunk_step_ref(weights: list[Tensor], momentum: list[Tensor], state_indices: Tensor, q: Tensor, k: Tensor,
                    v: Tensor, log_eta: Tensor, log_keep: Tensor, theta: Tensor, eps: float,
                    grad_clip: float | None):
