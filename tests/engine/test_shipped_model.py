@@ -16,13 +16,14 @@ from server.settings import DEFAULT_MODEL
 from titans.cli import main
 
 # exact recall (4 digits), by number of facts, at the distances (in attention windows) checked below. The card
-# measured 1.00 (1 fact, 8-16 windows, and 8-16 bytes) and 0.84-0.87 (8 facts, 4-8 windows, this seed), 0.74-0.82
-# at 4 windows over 32 examples of each filler kind: the long-context stage took 8 facts at short distances down
-# from 0.95 (issue 23 tracks getting them back), so the bar for 8 facts is lower than for one
-CARRIED_AT_LEAST = {1: 0.85, 8: 0.7}
+# measured 1.00 (1 fact, 8-16 windows, and 8-16 bytes) and 0.78 (8 facts, 4-8 windows, this seed; 0.73-0.80 at 4
+# windows over 32 examples of each filler kind): the long-context stages took 8 facts at short distances down from
+# 0.95 (issue 23 tracks getting them back), so the bar for 8 facts is lower than for one. A broken memory path
+# gives ~0 (the reset control)
+CARRIED_AT_LEAST = {1: 0.85, 8: 0.6}
 WINDOWS = {1: (8, 16), 8: (4, 8)}
 RESET_AT_MOST = 0.05
-FAR_AT_LEAST = 0.4  # 8 facts after 16 KB of held-out prose: 0.66 with this seed, 0.55 on the card's 32 examples
+FAR_AT_LEAST = 0.4  # 8 facts after 16 KB of held-out prose: 0.66 with this seed, 0.61 on the card's 32 examples
 
 
 @pytest.fixture(scope="module")
@@ -58,8 +59,8 @@ def test_a_fact_told_just_before_its_query_is_recalled(shipped):
 
 
 def test_facts_outlast_16_kb_of_other_text(shipped):
-    # far past what a sliding window or a forgetting memory keeps: the model before stage 3 (no long-context
-    # training) recalled 0.00-0.02 of 8 facts here, any filler kind
+    # far past what a sliding window or a forgetting memory keeps: the model before the long-context stages
+    # recalled 0.00-0.02 of 8 facts here, any filler kind
     rows = recall_by_distance(shipped, [16384], n_facts=8, examples=8, filler_source="prose", seed=11)
     assert rows[0]["carried_exact"] >= FAR_AT_LEAST, rows[0]
     assert rows[0]["reset_exact"] <= RESET_AT_MOST, rows[0]
