@@ -116,9 +116,12 @@ class AotDecode:
         exported = torch.export.export(Step().eval(), example, strict=False)
         package = torch._inductor.aoti_compile_and_package(exported, package_path=f"{directory}/decode_step.pt2")
         self.runner = torch._inductor.aoti_load_package(package)
+        self._inputs: tuple[ModelState, list[Tensor]] | None = None  # the last state and its tensors, in names' order
 
     def __call__(self, tokens: Tensor, state: ModelState, ctx: StepContext) -> Tensor:
-        flat = flatten_state(state)
+        if self._inputs is None or self._inputs[0] is not state:  # a batch's live state stays one object per member
+            flat = flatten_state(state)
+            self._inputs = (state, [flat[n] for n in self.names])
         cos, sin = ctx.rope(self.dtype)
-        logits = self.runner(tokens, ctx.pos, ctx.count, cos, sin, *[flat[n] for n in self.names])
+        logits = self.runner(tokens, ctx.pos, ctx.count, cos, sin, *self._inputs[1])
         return logits[0] if isinstance(logits, (list, tuple)) else logits

@@ -175,7 +175,7 @@ class NeuralMemory(nn.Module):
         return self.cfg.theta_max * log_sigmoid_theta.exp()
 
     def read(self, weights: list[Tensor], q: Tensor, dtype) -> Tensor:
-        """M*(q): q [B, H, R, d] -> [B, R, H*d] in the activation dtype."""
+        """M*(q), retrieval without update (Eq. 15): q [B, H, R, d] -> [B, R, H*d] in the activation dtype."""
         return memory_op.read(weights, q, self.cfg.norm_eps).transpose(1, 2).flatten(2).to(dtype)
 
     def pool(self, state: State, owned: bool) -> tuple[list[Tensor], list[Tensor]]:
@@ -196,8 +196,8 @@ class NeuralMemory(nn.Module):
 
     def scan(self, state: State, q: Tensor, k: Tensor, v: Tensor, log_gates: Tensor, ctx: StepContext,
              want_surprise: bool, dtype) -> tuple[Tensor, State, Tensor | None]:
-        """Read M*(q) with each row's chunk-start weights, writing the rows chunk by chunk (Eq. 13-14, chunked as
-        in the paper's §3.2).
+        """Read M*(q) with each row's chunk-start weights M_{t'}, t' = t - mod(t, b) (Eq. 16), writing the rows
+        chunk by chunk.
 
         q, k, v [B, H, R, d], log_gates [B, H, R, 3] -> (y [B, R, H*d], new state, surprise [B, R] or None).
         """
@@ -244,8 +244,9 @@ class NeuralMemory(nn.Module):
         return read.transpose(1, 2).flatten(2).to(dtype), surprise.mean(1), self.with_memory(state, w, s)
 
     def write(self, state: State, k: Tensor, v: Tensor, log_gates: Tensor, ctx: StepContext) -> State:
-        """Append this step's rows to the chunk buffer; apply the chunk (Eq. 12-14 in closed form) for the sessions
-        whose chunk is full, then empty their buffer."""
+        """Append this step's rows to the chunk buffer; for the sessions whose chunk is full, apply it (the loss of
+        Eq. 12, momentum Eq. 10/14 and decay Eq. 13 over a chunk, in the closed form of Eqs. 16-18), then empty their
+        buffer."""
         d, b = self.head_dim, self.cfg.chunk_size
         rows = torch.cat([k, v, log_gates], -1)  # [B, H, R, 2d+3]
         buf = ctx.write(state["buf"], 2, b, rows.transpose(1, 2))
@@ -285,6 +286,7 @@ class Attention(nn.Module):
         self.nh, self.hd = cfg.n_heads, cfg.head_dim
         self.wq = Linear(cfg.dim, cfg.dim, bias=False)
         self.wkv = Linear(cfg.dim, 2 * cfg.dim, bias=False)
+        # persistent memory (Eqs. 19-20): key and value rows that every query sees
         self.persistent = nn.Parameter(torch.randn(2, self.nh, cfg.n_persistent, self.hd) * 0.02)
 
     def initial_state(self) -> State:
@@ -413,7 +415,7 @@ class MemoryMixer(nn.Module):
 
 
 class MAGMixer(nn.Module):
-    """Sliding-window attention and the memory in parallel: o = W_o(norm(y) g1 * sigmoid(norm(m) g2))."""
+    """Sliding-window attention and the memory in parallel (Eqs. 26-28): o = W_o(norm(y) g1 * sigmoid(norm(m) g2))."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -434,7 +436,8 @@ class MAGMixer(nn.Module):
 
 
 class SWAMixer(nn.Module):
-    """MAL's attention layer: sliding-window attention with persistent rows, then W_o."""
+    """MAL's attention layer, after its memory layer (Eqs. 29-31): sliding-window attention with persistent rows,
+    then W_o."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -450,7 +453,7 @@ class SWAMixer(nn.Module):
 
 
 class MACMixer(nn.Module):
-    """Memory as context (DESIGN §2.6).
+    """Memory as context (Eqs. 21-25; DESIGN §2.9).
 
     h_j = M*(q_j) with the segment-start weights; attention of x_i over [persistent | (h_j, x_j), j <= i in
     the segment]; the attention output y (projected, RMS-normalised) is written to memory;
