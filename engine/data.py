@@ -36,7 +36,7 @@ FACT_BYTES = len("#abcd=1234;")
 @dataclass(frozen=True)
 class RecallExample:
     text: str
-    answer_spans: list[tuple[int, int]]  # character (= byte) ranges of the 4 answer digits, one per query
+    answer_spans: list[tuple[int, int]]  # character ranges of the 4 answer digits, one per query (bytes if ASCII)
     distance: int  # bytes between the end of the last fact and the first query
     fact_of_query: list[int]  # which fact (its place in the block of facts) each query asks for, in query order
     updated: list[bool] = field(default_factory=list)  # per query: its fact was told again with a new value
@@ -149,10 +149,31 @@ def log_lines(rng: random.Random, length: int, split: str = "train") -> str:
     return "".join(lines)[:length]
 
 
-def filler(rng: random.Random, length: int, source: str, split: str = "train") -> str:
+# characters outside ASCII that users' text is full of, 2 to 4 bytes of UTF-8 each: accented letters, typographic
+# punctuation, Greek and Cyrillic, CJK, emoji
+UNICODE_BLOCKS = ((0xC0, 0x17F), (0x2010, 0x2026), (0x391, 0x3C9), (0x410, 0x44F), (0x4E00, 0x4FFF), (0x1F600, 0x1F64F))
+
+
+def sprinkle(rng: random.Random, text: str, rate: float) -> str:
+    """text with each character replaced, with probability rate, by one from UNICODE_BLOCKS (the text gets longer in
+    bytes: a replaced character is 2-4 bytes). rate 0 draws nothing."""
+    if not rate:
+        return text
+    chars = list(text)
+    for i in range(len(chars)):
+        if rng.random() < rate:
+            low, high = rng.choice(UNICODE_BLOCKS)
+            chars[i] = chr(rng.randint(low, high))
+    return "".join(chars)
+
+
+def filler(rng: random.Random, length: int, source: str, split: str = "train", unicode_rate: float = 0.0) -> str:
     """`length` bytes that carry no facts, of one of FILLER_KINDS (see the module docstring). Code, prose and logs
     are harder distractors than words: they have '#', '=', ';' and digits of their own. Words may end one byte
-    short (the recipes' data stream was drawn this way; a fix would change every run's data)."""
+    short (the recipes' data stream was drawn this way; a fix would change every run's data). unicode_rate: see
+    sprinkle."""
+    if unicode_rate:
+        return sprinkle(rng, filler(rng, length, source, split), unicode_rate)
     if source in ("python", "code"):
         return text_window(rng, length, split)
     if source == "prose":
@@ -172,7 +193,8 @@ def filler(rng: random.Random, length: int, source: str, split: str = "train") -
 
 def recall_example(rng: random.Random, n_facts: int, distance: int, filler_source: str | list[str] = "words",
                    split: str = "train", query_gap: int = 0, updates: int = 0, update_at: int = 0,
-                   spread: tuple[int, int] | list[int] | None = None, lead: int = 0) -> RecallExample:
+                   spread: tuple[int, int] | list[int] | None = None, lead: int = 0,
+                   unicode_rate: float = 0.0) -> RecallExample:
     """query_gap > 0 puts that much filler before every query but the first: with a gap longer than the attention
     window, a query cannot lean on the query answered before it and must be read from the memory alone
     (bench/recall_context.py: after a query answered right in its window, the default model reads the next one
@@ -183,7 +205,8 @@ def recall_example(rng: random.Random, n_facts: int, distance: int, filler_sourc
     not counted in `distance`); their queries answer the new values. spread (low, high): each fact is followed by
     low..high bytes of filler of its own (a request of its own: `requests` holds where each ends), then come the
     `distance` bytes; a list gives each fact's filler length instead. lead > 0: that many bytes of filler come
-    before the first fact (a memory already written by other text when the facts arrive). With all four off,
+    before the first fact (a memory already written by other text when the facts arrive). unicode_rate: the filler
+    sprinkled with characters outside ASCII (sprinkle; answer_spans stay character offsets). With all five off,
     nothing more is drawn than the plain layout draws (recipes' data stay as they were)."""
     if not isinstance(filler_source, str):
         filler_source = rng.choice(filler_source)
@@ -196,18 +219,18 @@ def recall_example(rng: random.Random, n_facts: int, distance: int, filler_sourc
             keys.append(key)
     values = [fact_value(rng) for _ in keys]
     requests: list[int] = []
-    text = filler(rng, lead, filler_source, split).ljust(lead)[:lead] if lead else ""
+    text = filler(rng, lead, filler_source, split, unicode_rate).ljust(lead)[:lead] if lead else ""
     own_filler = 0  # bytes of filler told after the last fact, in its request
     for i, (k, v) in enumerate(zip(keys, values)):
         text += f"#{k}={v};"
         if spread is not None:
             length = spread[i] if isinstance(spread, list) else rng.randint(*spread)
-            own = filler(rng, length, filler_source, split).ljust(length)
+            own = filler(rng, length, filler_source, split, unicode_rate).ljust(length)
             text, own_filler = text + own, len(own)
             requests.append(len(text))
     updated = [False] * n_facts
     if updates:
-        text += filler(rng, update_at, filler_source, split)
+        text += filler(rng, update_at, filler_source, split, unicode_rate)
         for i in rng.sample(range(n_facts), updates):
             new = fact_value(rng)
             while new == values[i]:
@@ -215,11 +238,11 @@ def recall_example(rng: random.Random, n_facts: int, distance: int, filler_sourc
             values[i], updated[i] = new, True
             text += f"#{keys[i]}={new};"
         own_filler, distance = 0, distance - update_at
-    text += filler(rng, distance, filler_source, split)
+    text += filler(rng, distance, filler_source, split, unicode_rate)
     spans, order = [], rng.sample(range(n_facts), n_facts)
     for rank, i in enumerate(order):
         if rank and query_gap:
-            text += filler(rng, query_gap - 1, filler_source, split).ljust(query_gap)
+            text += filler(rng, query_gap - 1, filler_source, split, unicode_rate).ljust(query_gap)
         text += f"#{keys[i]}="
         spans.append((len(text), len(text) + 4))
         text += values[i] + ";"

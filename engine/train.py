@@ -81,6 +81,9 @@ class TrainConfig:
     # carried prefix is read without gradients, so only this price reaches the gates with the whole distance's
     # weight.
     write_price: float = 0.0
+    # this share of the filler's characters replaced by characters outside ASCII (data.sprinkle): the corpora are
+    # ASCII, and a memory that never read other bytes writes them over everything it holds
+    unicode_rate: float = 0.0
     # stages [from_step, min_distance, max_distance] or [..., n_facts]: facts that must cross the memory are
     # learned one fact first (8 facts from scratch stayed at chance; 1 -> 4 facts climbs), so stages may raise both.
     # n_facts may be [fewest, most], drawn per example: a stage of 8 facts at 16+ bytes never puts a fact in the
@@ -227,10 +230,12 @@ def make_batch(cfg: TrainConfig, step: int, rng: random.Random, tokenizer, multi
                     spread = [rng.randint(*cfg.spread_bytes) for _ in range(facts)]
             update_at = rng.randint(*_update_span(cfg, rng, carried and not lead, distance, updates)) if updates else 0
             ex = recall_example(rng, facts, distance, cfg.filler, query_gap=gap, updates=updates, update_at=update_at,
-                                spread=spread, lead=lead)
+                                spread=spread, lead=lead, unicode_rate=cfg.unicode_rate)
             seq = tokenizer.encode(ex.text)
             w = torch.ones(len(seq))
             for a, b in ex.answer_spans:
+                if cfg.unicode_rate:  # character offsets to byte offsets
+                    a, b = (len(tokenizer.encode(ex.text[:c])) for c in (a, b))
                 w[a - 1:b - 1] = cfg.answer_weight
         else:
             seq = tokenizer.encode(text_window(rng, carried + cfg.seq_len))

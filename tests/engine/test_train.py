@@ -391,3 +391,20 @@ def test_a_write_price_adds_its_cost_and_lowers_theta():
     after = {}
     batch_loss(model, ids, weights, parts=after)
     assert after["write_cost"] < 0.9 * parts["write_cost"]
+
+
+@pytest.mark.parametrize("carried", [0, 300])
+def test_unicode_filler_keeps_the_answer_weights_on_the_digits(carried):
+    # sprinkled characters are 2-4 bytes each: the answers' character offsets must become byte offsets
+    from engine.tokenizer import load_tokenizer
+    from engine.train import make_batch
+
+    cfg = TrainConfig(model={"preset": "tiny-mal"}, batch_size=6, seq_len=64, recall_fraction=1.0, n_facts=2,
+                      answer_weight=10.0, curriculum=[[0, 16, 48]], unicode_rate=0.2, carry_graded=64)
+    ids, weights = make_batch(cfg, 0, random.Random(3), load_tokenizer("byte", None), carried=carried)
+    for row, w in zip(ids.tolist(), weights):
+        assert any(b >= 0x80 for b in row)  # the filler holds bytes outside ASCII
+        answers = [i + 1 for i in (w == cfg.answer_weight).nonzero().flatten().tolist()]
+        assert len(answers) == 4 * cfg.n_facts
+        assert all(chr(row[i]).isdigit() and bytes(row[i - 6 - j:i - j]).startswith(b"#") for i, j in
+                   zip(answers, [0, 1, 2, 3] * cfg.n_facts))
