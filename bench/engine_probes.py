@@ -215,7 +215,7 @@ def previous_minus_matmul(x, a, b):
 
 
 def in_place_update_probe(repeats: int, model: Path) -> dict[str, float]:
-    from engine import memory
+    from kernels.memory import naive as memory
 
     engine, now = Engine.load(model, device="cpu"), memory._minus_matmul
 
@@ -266,21 +266,23 @@ def unpadded_write_probe(repeats: int, model: Path) -> dict[str, float]:
 
 
 def in_place_serving_probe(repeats: int, model: Path) -> dict[str, float]:
-    import engine.model as model_module
+    from kernels.memory import naive
 
     engine = Engine.load(model, device="cpu")
-    update, read_update = model_module.chunk_update, model_module.read_and_update
+    update, read_update = naive.chunk_update, naive.read_and_update
 
     def fresh_outputs(function):
-        return lambda *args: function(*args[:-1], False)  # in_place is their last argument
+        def call(*args, in_place=False):
+            return function(*args[:9])  # in_place (the 10th argument, or a keyword) left False
+        return call
 
     def timed(fresh: bool, decode: bool) -> float:
-        if fresh:
-            model_module.chunk_update, model_module.read_and_update = map(fresh_outputs, (update, read_update))
+        if fresh:  # fresh outputs, then copied into the batch's slots
+            naive.chunk_update, naive.read_and_update = map(fresh_outputs, (update, read_update))
         try:
             return prompt_or_steps_ms(engine, decode, steps=8)
         finally:
-            model_module.chunk_update, model_module.read_and_update = update, read_update
+            naive.chunk_update, naive.read_and_update = update, read_update
 
     return median_rounds({
         "32_sessions_93_tokens_fresh_updates_ms": lambda: timed(True, False),
