@@ -2,7 +2,7 @@
 or, with --compare int8, int8 dense weights against fp16, both compiled with the AOT step.
 
 torch.compile's call path (dynamo guards, inductor's Python wrapper) costs about a third of a small model's decode
-step on a 2-core CPU; an AOTInductor package (Titans.compile_decode_ahead_of_time) runs the same graph from a C++
+step on a 2-core CPU; an AOTInductor package (engine.compiled.AotDecode) runs the same graph from a C++
 runner. Two engines with the same weights (small-mac, fp16 dense weights by default), both compile=True and
 warmed up, the second also aot_decode=True, each decode --tokens tokens greedily after a 256-token prompt in one
 session, in interleaved rounds. Reported: decode tokens/s after the first token (medians over rounds), the median

@@ -10,7 +10,7 @@ import torch
 def naive_memory(weights, x, eps):
     """M(x) written out from DESIGN.md §2.1 for one head: x [N, d], weights [d_in, d_out] each.
 
-    Spelled out independently of engine.memory (explicit GELU and LayerNorm formulas).
+    Spelled out independently of kernels/memory/naive.py (explicit GELU and LayerNorm formulas).
     """
     if len(weights) == 1:
         return x @ weights[0]
