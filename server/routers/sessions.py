@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 from fastapi import APIRouter, Depends, Header, Query, Request, Response
@@ -87,15 +88,20 @@ async def memorize(request: Request, session_id: str, body: SessionMemorize, rt:
     same tokens and surprise (and the session as it is now) without reading the text again."""
     ids = await rt.encode(body.text)
     surprise, done, gone = [], None, Departure(request)
+    events = rt.generate(tenant, session_id, ids, SamplingParams(max_tokens=0), commit=True, want_surprise=True,
+                         on_job=gone.track, idempotency_key=idempotency_key)
     try:
-        async for event in rt.generate(tenant, session_id, ids, SamplingParams(max_tokens=0), commit=True,
-                                       want_surprise=True, on_job=gone.track, idempotency_key=idempotency_key):
-            if isinstance(event, Replay):
-                surprise, record = event.answer["surprise"], event.record
-                break
-            surprise += event.surprise
-            if isinstance(event, DoneEvent):
-                done, record = event, event.record  # the record this commit produced
+        # closed before the answer goes out: leaving an async for does not close its generator, and the session's
+        # lease, held inside it, would then be released whenever the generator is collected, after the client's
+        # next request may have found the session busy
+        async with contextlib.aclosing(events):
+            async for event in events:
+                if isinstance(event, Replay):
+                    surprise, record = event.answer["surprise"], event.record
+                    break
+                surprise += event.surprise
+                if isinstance(event, DoneEvent):
+                    done, record = event, event.record  # the record this commit produced
     except ClientGone:
         return Response(status_code=CLIENT_CLOSED)
     finally:

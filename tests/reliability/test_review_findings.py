@@ -258,16 +258,20 @@ def test_memorize_commits_only_for_a_client_still_there_and_a_keyed_retry_applie
         assert first.status_code == again.status_code == 200 and again.headers["idempotent-replayed"] == "true"
         assert first.json()["session"]["version"] == again.json()["session"]["version"] == 3
         assert first.json()["mean_surprise"] == again.json()["mean_surprise"]
+        # the replay gave the session's lease back before it answered: the next request finds the session free
+        assert c.post(f"/v1/sessions/{sid}/memorize", json={"text": " "}).status_code == 200
 
         body = {"prompt": "and then ", "session_id": sid, "max_tokens": 5, "temperature": 1.0, "seed": 7,
                 "return_token_ids": True}
         key = {"Idempotency-Key": "turn-2"}
-        first = c.post("/v1/completions", json=body, headers=key).json()
+        first = c.post("/v1/completions", json=body, headers=key)
+        assert first.status_code == 200, first.text
+        first = first.json()
         again = c.post("/v1/completions", json=body, headers=key)
-        assert again.headers["idempotent-replayed"] == "true"
+        assert again.status_code == 200 and again.headers["idempotent-replayed"] == "true", again.text
         assert again.json()["choices"] == first["choices"] and again.json()["session"] == first["session"]
         streamed = sse_events(c.post("/v1/completions", json={**body, "stream": True}, headers=key).content)
         assert "".join(e["choices"][0]["text"] for e in streamed[:-1]) == first["choices"][0]["text"]
-        assert c.get(f"/v1/sessions/{sid}").json()["version"] == 4  # three answers, one commit
+        assert c.get(f"/v1/sessions/{sid}").json()["version"] == 5  # three answers, one commit
         other = c.post("/v1/completions", json=body, headers={"Idempotency-Key": "turn-3"}).json()
-        assert other["session"]["version"] == 5
+        assert other["session"]["version"] == 6
