@@ -40,6 +40,10 @@ class TrainConfig:
     warmup: int = 100
     weight_decay: float = 0.01
     grad_clip: float = 1.0
+    # a step whose gradient norm is above this (or not finite) is skipped, not clipped: a long carried state can
+    # make the memory's backward explode (norms of 1e20 after ~60 KB), and such a gradient's direction is the
+    # explosion's, not the batch's. None: a non-finite norm stops the run
+    skip_grad_norm_above: float | None = None
     seed: int = 0
     recall_fraction: float = 0.5  # share of each batch that is recall examples (the rest: text windows)
     n_facts: int = 8
@@ -328,6 +332,7 @@ class Progress:
     step: int = 0
     held: int = 0  # steps the curriculum's stages were held (advance_at): the curriculum's step is step - held
     recall: float | None = None  # exact recall at the last eval
+    skipped: int = 0  # steps skipped for their gradient (TrainConfig.skip_grad_norm_above)
 
 
 def _save(model: Titans, optimizer: torch.optim.Optimizer, progress: Progress, out_dir: Path,
@@ -338,6 +343,7 @@ def _save(model: Titans, optimizer: torch.optim.Optimizer, progress: Progress, o
     tensors = {f"{i}.{name}": t.detach().cpu().contiguous() for i, s in state["state"].items() for name, t in s.items()}
     save_file(tensors, str(out_dir / "trainer.safetensors"),
               metadata={"step": str(progress.step), "held": str(progress.held), "recall": json.dumps(progress.recall),
+                        "skipped": str(progress.skipped),
                         "param_groups": json.dumps(state["param_groups"])})
 
 
@@ -356,7 +362,8 @@ def _load_checkpoint(model: Titans, optimizer: torch.optim.Optimizer, directory:
         index, name = key.split(".", 1)
         state.setdefault(int(index), {})[name] = t
     optimizer.load_state_dict({"state": state, "param_groups": json.loads(meta["param_groups"])})
-    return Progress(int(meta["step"]), int(meta.get("held", 0)), json.loads(meta.get("recall", "null")))
+    return Progress(int(meta["step"]), int(meta.get("held", 0)), json.loads(meta.get("recall", "null")),
+                    int(meta.get("skipped", 0)))
 
 
 # options a resumed run may change: how long it goes on and what it logs, not what it computes
@@ -443,9 +450,13 @@ def _train(cfg: TrainConfig, resume: bool, log) -> dict:
         loss.backward()
         grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip))
         loss_value = loss.item()
-        if not math.isfinite(loss_value) or not math.isfinite(grad_norm):  # never step on a NaN
+        if cfg.skip_grad_norm_above is not None and not grad_norm <= cfg.skip_grad_norm_above:
+            progress.skipped += 1
+            log(f"step {step:6d}  skipped: gradient norm {grad_norm:.3g} (loss {loss_value:.4f})")
+        elif not math.isfinite(loss_value) or not math.isfinite(grad_norm):  # never step on a NaN
             raise FloatingPointError(f"loss {loss_value}, gradient norm {grad_norm} at step {step}")
-        optimizer.step()
+        else:
+            optimizer.step()
         tokens_done += sum(sequence_lengths(weights))  # real tokens, not padding
         if step % cfg.log_every == 0 or step == cfg.steps - 1:
             elapsed = time.perf_counter() - t0
@@ -458,6 +469,8 @@ def _train(cfg: TrainConfig, resume: bool, log) -> dict:
                 last.update(parts)
             if cfg.advance_at:
                 last["held"] = progress.held
+            if cfg.skip_grad_norm_above is not None:
+                last["skipped"] = progress.skipped
             if cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.steps - 1):
                 low, high, n_facts = cfg.stage(at)
                 eval_rng = random.Random(10_000 + step)

@@ -55,6 +55,29 @@ def test_resume_continues_exactly(tmp_path):
 
 
 
+def test_steps_with_an_exploding_gradient_are_skipped(tmp_path):
+    from engine.model import Titans
+
+    # a bound no gradient is under: every step is skipped, so the weights stay the initialisation's, and the
+    # count survives a resume
+    skip_all = dict(steps=4, threads=1, skip_grad_norm_above=1e-12, checkpoint_every=2)
+    train(_config(tmp_path, **{**skip_all, "steps": 2}), resume=False, log=lambda _: None)
+    cfg = _config(tmp_path, **skip_all)
+    train(cfg, resume=True, log=lambda _: None)
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["skipped"] for r in rows] == [1, 2, 3, 4]
+    torch.manual_seed(cfg.seed)
+    initial = Titans(cfg.model_config()).state_dict()
+    trained = load_file(str(tmp_path / "run" / "model.safetensors"))
+    assert all(torch.equal(initial[name], trained[name]) for name in trained)
+    # a bound every gradient is under changes nothing: the same run as without one, to the bit
+    train(_config(tmp_path / "a", steps=3, threads=1, skip_grad_norm_above=1e12), resume=False, log=lambda _: None)
+    train(_config(tmp_path / "b", steps=3, threads=1), resume=False, log=lambda _: None)
+    a = load_file(str(tmp_path / "a" / "run" / "model.safetensors"))
+    b = load_file(str(tmp_path / "b" / "run" / "model.safetensors"))
+    assert all(torch.equal(a[name], b[name]) for name in a)
+
+
 def _stages(run_dir) -> list[tuple[int, list, int | None]]:
     rows = map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
     return [(r["step"], r["stage"], r.get("held")) for r in rows]
