@@ -1,10 +1,10 @@
 """Compile the memory kernels for an H100 (sm_90) on a machine without a GPU; print, as JSON, each kernel's shared
-memory in bytes, registers and stack (spilled registers) per thread (cuobjdump's resource usage), and its compile
-seconds (to PTX, then the triton wheel's ptxas), with the warps the kernels launch with (fused_chunk._warps;
-NUM_WARPS=8 in the environment overrides).
+memory in bytes, registers and stack (spilled registers) per thread (cuobjdump's resource usage), its tensor-core
+instructions (mma and wgmma in the PTX) and its compile seconds (to PTX, then the triton wheel's ptxas), with the
+warps the kernels launch with (fused_chunk._warps; NUM_WARPS=8 in the environment overrides).
 
     .venv/bin/python bench/kernels_compile.py '{"BT": 64, "BD": 128, "BFB": 32}' 2     # block sizes, memory depth
-    .venv/bin/python bench/kernels_compile.py '{"BT": 16, "BD": 64, "BFB": 64}' 2 step,read
+    .venv/bin/python bench/kernels_compile.py '{"BT": 16, "BD": 64, "BFB": 64}' 2 step,read bf16   # kernels, DOT
 
 BT: the chunk (rows), BD: the head dim, BFB: the hidden-width block (fused_chunk._hidden_tile), each a power of
 two of at least 16. Run without TRITON_INTERPRET: under it, triton.jit makes interpreted functions, which do
@@ -54,6 +54,7 @@ def compile_for_h100(kernel, num_warps: int | None = None, num_stages: int = 3, 
 def main() -> None:
     blocks, depth = json.loads(sys.argv[1]), int(sys.argv[2])
     which = sys.argv[3].split(",") if len(sys.argv) > 3 else ["step", "step_only", "read", "prefill"]
+    blocks = {**blocks, "DOT": sys.argv[4] if len(sys.argv) > 4 else "ieee"}
     launches = {  # as kernels/memory launches them
         "step": lambda: compile_for_h100(fused_chunk._chunk_step_kernel, DEPTH=depth, HAS_CLIP=True, DO_READ=True,
                                          HAS_ONLY=False, **blocks),
@@ -68,6 +69,7 @@ def main() -> None:
         compiled = launches[name]()
         assert compiled.asm.get("cubin"), f"{name}: no cubin"
         report[name] = {"shared_bytes": compiled.metadata.shared, **resources(compiled.asm["cubin"]),
+                        "tensor_core_instructions": len(re.findall(r"^\s*w?mma\.", compiled.asm["ptx"], re.M)),
                         "compile_s": round(time.perf_counter() - start, 1)}
     print(json.dumps(report))
 

@@ -43,6 +43,7 @@ import torch.nn.functional as F  # noqa: E402
 from engine.model import init_memory_weights  # noqa: E402
 from kernels.memory import chunk as varlen  # noqa: E402
 from kernels.memory import fused_chunk  # noqa: E402
+from kernels.memory.dispatch import TOLERANCES  # noqa: E402
 from kernels.memory.naive import (  # noqa: E402
     chunk_coefficients,
     chunk_step_ref,
@@ -92,35 +93,48 @@ def make_inputs(B, T, H, d, depth, expansion, device, pool=None):
     return weights, momentum, q, k, v, log_eta, log_keep, theta
 
 
-def check(device: torch.device) -> dict:
-    """Triton = PyTorch on one chunk, depth 1 and 2, ragged chunk, non-contiguous slots."""
-    errors = {}
-    for depth in (1, 2):
-        w, s, q, k, v, le, lk, th = make_inputs(3, 13, 2, 32, depth, 2, device, pool=5)
-        slots = torch.tensor([4, 0, 2], device=device)
-        ref = chunk_step_ref(w, s, slots, q, k, v, le, lk, th, EPS, 1.0)
-        pool_w, pool_s = [x.clone() for x in w], [x.clone() for x in s]
-        read, _ = fused_chunk.chunk_step(pool_w, pool_s, slots, q, k, v, le, lk, th, EPS, 1.0)
-        err = max([float((read - ref[0]).abs().max())]
-                  + [float((pool_w[i][slots] - ref[2][i]).abs().max()) for i in range(depth)])
-        errors[f"depth{depth}_max_abs_err"] = err
-        # varlen prefill: ragged packed sequences (3 chunks + a partial one, 2 chunks) in slots 4 and 0
-        cu = torch.tensor([0, 61, 93], device=device)
-        w, s, q, k, v, le, lk, th = make_inputs(1, 93, 2, 32, depth, 2, device, pool=5)
-        rows = [x[0].transpose(0, 1).contiguous() for x in (q, k, v, le, lk, th)]  # [N, H, ...]
-        slots = torch.tensor([4, 0], device=device)
-        ref = prefill_ref(w, s, slots, cu, *rows, 16, EPS, 1.0)
-        pool_w, pool_s = [x.clone() for x in w], [x.clone() for x in s]
-        read, _ = varlen.prefill(pool_w, pool_s, slots, cu, *rows, 16, EPS, 1.0)
-        err = max([float((read - ref[0]).abs().max())]
-                  + [float((pool_w[i][slots] - ref[2][i]).abs().max()) for i in range(depth)])
-        errors[f"varlen_depth{depth}_max_abs_err"] = err
-        if max(errors.values()) > 1e-3:
-            raise SystemExit(f"Triton and PyTorch disagree (depth {depth}): {errors}")
+def check(device: torch.device, precisions: list[str]) -> dict:
+    """Triton = PyTorch on one chunk, depth 1 and 2, ragged chunk, non-contiguous slots, within each precision's
+    stated tolerances (kernels/memory/dispatch.TOLERANCES); the largest errors, by precision."""
+    errors: dict[str, dict[str, float]] = {}
+
+    def compare(precision: str, name: str, what: str, actual: torch.Tensor, expected: torch.Tensor) -> None:
+        atol, rtol = TOLERANCES[precision][what]
+        excess = float(((actual - expected).abs() - atol - rtol * expected.abs()).max())
+        errors[precision][f"{name}_{what}_max_abs_err"] = float((actual - expected).abs().max())
+        if excess > 0:
+            raise SystemExit(f"Triton ({precision}) and PyTorch disagree beyond ({atol}, {rtol}) in {name}'s "
+                             f"{what}: {errors}")
+
+    for precision in precisions:
+        errors[precision] = {}
+        for depth in (1, 2):
+            w, s, q, k, v, le, lk, th = make_inputs(3, 13, 2, 32, depth, 2, device, pool=5)
+            slots = torch.tensor([4, 0, 2], device=device)
+            ref = chunk_step_ref(w, s, slots, q, k, v, le, lk, th, EPS, 1.0)
+            pool_w, pool_s = [x.clone() for x in w], [x.clone() for x in s]
+            read, surprise = fused_chunk.chunk_step(pool_w, pool_s, slots, q, k, v, le, lk, th, EPS, 1.0,
+                                                    precision=precision)
+            compare(precision, f"depth{depth}", "read", read, ref[0])
+            compare(precision, f"depth{depth}", "surprise", surprise, ref[1])
+            for i in range(depth):
+                compare(precision, f"depth{depth}", "state", pool_w[i][slots], ref[2][i])
+            # varlen prefill: ragged packed sequences (3 chunks + a partial one, 2 chunks) in slots 4 and 0
+            cu = torch.tensor([0, 61, 93], device=device)
+            w, s, q, k, v, le, lk, th = make_inputs(1, 93, 2, 32, depth, 2, device, pool=5)
+            rows = [x[0].transpose(0, 1).contiguous() for x in (q, k, v, le, lk, th)]  # [N, H, ...]
+            slots = torch.tensor([4, 0], device=device)
+            ref = prefill_ref(w, s, slots, cu, *rows, 16, EPS, 1.0)
+            pool_w, pool_s = [x.clone() for x in w], [x.clone() for x in s]
+            read, _ = varlen.prefill(pool_w, pool_s, slots, cu, *rows, 16, EPS, 1.0, precision=precision)
+            compare(precision, f"varlen_depth{depth}", "read", read, ref[0])
+            for i in range(depth):
+                compare(precision, f"varlen_depth{depth}", "state", pool_w[i][slots], ref[2][i])
     return errors
 
 
-def prefill(B, T, H, d, chunk, depth, device, repeats, baseline: bool) -> dict:
+def prefill(B, T, H, d, chunk, depth, device, repeats, baseline: bool, precisions: list[str]) -> dict:
+    """Tokens/s of each way to prefill; Triton's at the first of precisions, and its varlen kernel at each."""
     w, s, q, k, v, le, lk, th = make_inputs(B, T, H, d, depth, 4, device)
     slots = torch.arange(B, device=device)
     n = T // chunk
@@ -130,15 +144,15 @@ def prefill(B, T, H, d, chunk, depth, device, repeats, baseline: bool) -> dict:
         for c in range(n):
             sl = slice(c * chunk, (c + 1) * chunk)
             fused_chunk.chunk_step(pool_w, pool_s, slots, q[:, :, sl], k[:, :, sl], v[:, :, sl], le[:, :, sl],
-                                   lk[:, :, sl], th[:, :, sl], EPS, 1.0)
+                                   lk[:, :, sl], th[:, :, sl], EPS, 1.0, precision=precisions[0])
 
     packed = [x.transpose(1, 2).reshape(B * T, *x.shape[1:2], *x.shape[3:]).contiguous()
               for x in (q, k, v, le, lk, th)]  # [B*T, H, ...]
     cu = torch.arange(B + 1, device=device) * T
 
-    def varlen_run():
+    def varlen_run(precision=precisions[0]):
         pool_w, pool_s = [x.clone() for x in w], [x.clone() for x in s]
-        varlen.prefill(pool_w, pool_s, slots, cu, *packed, chunk, EPS, 1.0)
+        varlen.prefill(pool_w, pool_s, slots, cu, *packed, chunk, EPS, 1.0, precision=precision)
 
     def torch_chunk(ww, ss, qc, kc, vc, lec, lkc, thc):  # tensors, not a slice: a compiled graph per slice value
         _, _, ww, ss = read_and_update(ww, ss, qc, kc, vc, thc, chunk_coefficients(lec, lkc), EPS, 1.0)
@@ -151,8 +165,10 @@ def prefill(B, T, H, d, chunk, depth, device, repeats, baseline: bool) -> dict:
             ww, ss = step(ww, ss, *(x[:, :, sl] for x in (q, k, v, le, lk, th)))
 
     tokens = B * T
-    out = {"B": B, "T": T, "heads": H, "head_dim": d, "chunk": chunk, "depth": depth,
+    out = {"B": B, "T": T, "heads": H, "head_dim": d, "chunk": chunk, "depth": depth, "precision": precisions[0],
            "triton_varlen_tok_s": tokens / timed(varlen_run, device, repeats),
+           "triton_varlen_tok_s_by_precision": {p: tokens / timed(lambda p=p: varlen_run(p), device, repeats)
+                                                for p in precisions},
            "triton_tok_s": tokens / timed(triton_run, device, repeats),
            "torch_eager_tok_s": tokens / timed(torch_run, device, repeats)}
     if device.type == "cuda":  # one chunk's step compiled (the loop around it would unroll into the graph)
@@ -180,7 +196,7 @@ def titans_pytorch_prefill(B, T, H, d, chunk, depth, device, repeats) -> tuple[f
         return B * T / timed(lambda: memory(x), device, repeats), None
 
 
-def decode(N, H, d, chunk, device, repeats) -> dict:
+def decode(N, H, d, chunk, device, repeats, precision: str) -> dict:
     """N sessions, one token each per step: a read with each session's weights every step, and every `chunk`
     steps the chunk's update, in place on the pool (as the engine's running batch does). Timed apart; the
     rate is N tokens per (read + update / chunk)."""
@@ -189,14 +205,14 @@ def decode(N, H, d, chunk, device, repeats) -> dict:
     one = q[:, :, :1].contiguous()
 
     def triton_update():  # theta 0.1, keep ~0.998: the weights stay bounded over the repeats
-        fused_chunk.chunk_step(w, s, slots, None, k, v, le, lk, th, EPS, 1.0)
+        fused_chunk.chunk_step(w, s, slots, None, k, v, le, lk, th, EPS, 1.0, precision=precision)
 
-    t_read = timed(lambda: fused_chunk.read(w, slots, one, EPS), device, repeats)
+    t_read = timed(lambda: fused_chunk.read(w, slots, one, EPS, precision), device, repeats)
     t_update = timed(triton_update, device, repeats)
     t_torch_read = timed(lambda: memory_read(w, one, EPS), device, repeats)
     t_torch_update = timed(lambda: chunk_update(w, s, k, v, le, lk, th, EPS, 1.0, True), device, repeats)
     weight_bytes = sum(x.numel() * 4 for x in w)
-    return {"sessions": N, "triton_tok_s": N / (t_read + t_update / chunk),
+    return {"sessions": N, "precision": precision, "triton_tok_s": N / (t_read + t_update / chunk),
             "torch_tok_s": N / (t_torch_read + t_torch_update / chunk),
             "triton_read_us": 1e6 * t_read, "triton_update_us": 1e6 * t_update,
             "triton_weight_stream_gb_s": weight_bytes / t_read / 1e9}
@@ -210,12 +226,15 @@ def markdown_rows(results: dict) -> str:
     where = f"{results['device']}, {results['date']}, torch {results['torch']}, triton {results['triton']}"
     lines = [f"Run on {where}. Ceilings: copy {results['ceilings']['copy_gb_s']:.0f} GB/s, bf16 matmul "
              f"{results['ceilings']['matmul_tflops']:.0f} TFLOP/s.", "",
-             "| prefill B×T, heads×d, chunk, depth | Triton varlen tok/s | Triton per chunk | torch eager | torch "
-             "compiled | titans-pytorch | varlen / titans-pytorch |", "|---|---|---|---|---|---|---|"]
+             "| prefill B×T, heads×d, chunk, depth | Triton varlen tok/s (precision) | varlen, each precision | "
+             "Triton per chunk | torch eager | torch compiled | titans-pytorch | varlen / titans-pytorch |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in results.get("prefill", []):
         ratio = r.get("triton_over_titans_pytorch")
         lines.append(f"| {r['B']}×{r['T']}, {r['heads']}×{r['head_dim']}, {r['chunk']}, {r['depth']} | "
-                     f"{rate(r['triton_varlen_tok_s'])} | {rate(r['triton_tok_s'])} | {rate(r['torch_eager_tok_s'])} | "
+                     f"{rate(r['triton_varlen_tok_s'])} ({r['precision']}) | "
+                     + ", ".join(f"{p} {rate(x)}" for p, x in r["triton_varlen_tok_s_by_precision"].items())
+                     + f" | {rate(r['triton_tok_s'])} | {rate(r['torch_eager_tok_s'])} | "
                      f"{rate(r.get('torch_compile_tok_s'))} | {rate(r.get('titans_pytorch_tok_s'))} | "
                      f"{f'{ratio:.1f}×' if ratio else '—'} |")
     lines += ["", "| decode sessions | Triton tok/s | torch tok/s | read µs | update µs | weight stream GB/s "
@@ -232,8 +251,12 @@ def main() -> None:
     parser.add_argument("--dry-run", action="store_true", help="tiny sizes on the CPU (Triton interpreter)")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--out", default=str(ROOT / "bench/results/kernels_gpu.json"))
+    parser.add_argument("--precisions", default="tf32,ieee,bf16",
+                        help="the kernels' product precisions, checked and timed; the first is the headline (the "
+                             "engine's default on a GPU); a dry run keeps ieee and tf32 (the interpreter's)")
     args = parser.parse_args()
     dry = args.dry_run
+    precisions = [p for p in args.precisions.split(",") if not (dry and p == "bf16")]
     device = torch.device("cpu" if dry else "cuda")
     if not dry and not torch.cuda.is_available():
         raise SystemExit("no CUDA device: run with --dry-run on a CPU")
@@ -250,7 +273,7 @@ def main() -> None:
         out.write_text(json.dumps(results, indent=2) + "\n")
         out.with_suffix(".md").write_text(markdown_rows(results))
 
-    results["check"] = check(device)
+    results["check"] = check(device, precisions)
     results["ceilings"] = ceilings(device, dry)
     save()
     repeats = 1 if dry else args.repeats
@@ -258,11 +281,12 @@ def main() -> None:
     results["prefill"], results["decode"] = [], []
     for chunk in (16,) if dry else (16, 64):
         for depth in (1, 2):
-            results["prefill"].append(prefill(B, T, H, d, chunk, depth, device, repeats, baseline=True))
+            results["prefill"].append(prefill(B, T, H, d, chunk, depth, device, repeats, baseline=True,
+                                              precisions=precisions))
             save()
         if chunk == 16:  # decode at the shipped chunk, before chunk 64's long compiles
             for n in (1, 2) if dry else (1, 16, 128, 512):
-                row = decode(n, 2 if dry else 8, 16 if dry else 64, 16, device, repeats)
+                row = decode(n, 2 if dry else 8, 16 if dry else 64, 16, device, repeats, precisions[0])
                 row["fraction_of_copy_bandwidth"] = row["triton_weight_stream_gb_s"] / results["ceilings"]["copy_gb_s"]
                 results["decode"].append(row)
                 save()

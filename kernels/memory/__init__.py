@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from . import naive
-from .dispatch import use_triton
+from .dispatch import dot_precision, use_triton
 
 
 def read(weights: list[Tensor], q: Tensor, eps: float, state_indices: Tensor | None = None) -> Tensor:
@@ -30,7 +30,7 @@ def read(weights: list[Tensor], q: Tensor, eps: float, state_indices: Tensor | N
     if use_triton(weights, q, rows=q.shape[2]):
         from . import fused_chunk
 
-        return fused_chunk.read(weights, _indices(state_indices, q), q, eps)
+        return fused_chunk.read(weights, _indices(state_indices, q), q, eps, dot_precision())
     return naive.memory_read(_slots(weights, state_indices, q.shape[0]), q, eps)
 
 
@@ -46,7 +46,7 @@ def update(weights: list[Tensor], momentum: list[Tensor], k: Tensor, v: Tensor, 
 
         mask = only if only is None or isinstance(only, Tensor) else _mask(only, B, k.device)
         fused_chunk.chunk_step(weights, momentum, _indices(state_indices, k), None, k, v, log_eta, log_keep, theta,
-                               eps, grad_clip, mask)
+                               eps, grad_clip, mask, dot_precision())
         return
     if isinstance(only, Tensor):
         w, s = _slots(weights, state_indices, B), _slots(momentum, state_indices, B)
@@ -87,7 +87,7 @@ def prefill(weights: list[Tensor], momentum: list[Tensor], q: Tensor, k: Tensor,
         cu_seqlens = torch.arange(B + 1, device=q.device) * R
         out, surprise = chunk.prefill(weights, momentum, _indices(state_indices, q), cu_seqlens, packed(q),
                                       packed(k), packed(v), packed(log_eta), packed(log_keep), packed(theta),
-                                      chunk_size, eps, grad_clip)
+                                      chunk_size, eps, grad_clip, dot_precision())
         return out.view(B, R, H, d).transpose(1, 2), surprise.view(B, R, H).transpose(1, 2)
     w, s = _slots(weights, state_indices, B), _slots(momentum, state_indices, B)
     out, surprise, new_w, new_s = naive.chunks(w, s, q, k, v, log_eta, log_keep, theta, chunk_size, eps, grad_clip,

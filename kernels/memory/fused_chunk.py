@@ -24,7 +24,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .dispatch import padded
+from .dispatch import check_precision, padded
 
 # constexpr: a jitted function may read no other globals (the CPU interpreter lets plain floats through; a GPU
 # compile refuses them)
@@ -43,8 +43,14 @@ def _gelu_grad(z):
 
 
 @triton.jit
-def _dot(a, b):
-    return tl.dot(a, b, input_precision="ieee")
+def _dot(a, b, DOT: tl.constexpr):
+    """a @ b, accumulated in fp32. DOT: "ieee" (fp32 products, no tensor cores), "tf32" or "bf16" (tensor cores:
+    inputs rounded to 10 or 7 bits of mantissa)."""
+    if DOT == "bf16":
+        out = tl.dot(a.to(tl.bfloat16), b.to(tl.bfloat16), out_dtype=tl.float32)
+    else:
+        out = tl.dot(a, b, input_precision=DOT)
+    return out
 
 
 @triton.jit
@@ -58,12 +64,12 @@ def _hidden_block(f0, i, md, base1, base2, D, F, BFB: tl.constexpr):
 
 
 @triton.jit
-def _block_gradient(f0, k, d2, W1, W2, i, md, mt, base1, base2, D, F, BFB: tl.constexpr):
+def _block_gradient(f0, k, d2, W1, W2, i, md, mt, base1, base2, D, F, BFB: tl.constexpr, DOT: tl.constexpr):
     """Hidden block f0 of the backward: z1 = k W1[:, f] and d1 = (d2 W2[f, :]^T) * gelu'(z1), padded rows and
     columns zeroed; with the block's offsets and masks (w1_off, mw1, w2_off, mw2, z1, d1)."""
     w1_off, mw1, w2_off, mw2, mf = _hidden_block(f0, i, md, base1, base2, D, F, BFB)
-    z1 = _dot(k, tl.load(W1 + w1_off, mask=mw1, other=0.0))
-    d1 = _dot(d2, tl.trans(tl.load(W2 + w2_off, mask=mw2, other=0.0))) * _gelu_grad(z1)
+    z1 = _dot(k, tl.load(W1 + w1_off, mask=mw1, other=0.0), DOT)
+    d1 = _dot(d2, tl.trans(tl.load(W2 + w2_off, mask=mw2, other=0.0)), DOT) * _gelu_grad(z1)
     return w1_off, mw1, w2_off, mw2, z1, tl.where(mt[:, None] & mf[None, :], d1, 0.0)
 
 
@@ -74,15 +80,16 @@ def _square(base1, i, md, D):
 
 
 @triton.jit
-def _forward2(x, W1, W2, i, md, base1, base2, D, F, BT: tl.constexpr, BD: tl.constexpr, BFB: tl.constexpr):
+def _forward2(x, W1, W2, i, md, base1, base2, D, F, BT: tl.constexpr, BD: tl.constexpr, BFB: tl.constexpr,
+              DOT: tl.constexpr):
     """Depth 2, over blocks of the hidden width: z2 = gelu(x W1) W2 [BT, BD], and each row's sum of a^2."""
     z2 = tl.zeros([BT, BD], dtype=tl.float32)
     a_sq = tl.zeros([BT], dtype=tl.float32)
     for f0 in range(0, F, BFB):
         w1_off, mw1, w2_off, mw2, _ = _hidden_block(f0, i, md, base1, base2, D, F, BFB)
-        a = _gelu(_dot(x, tl.load(W1 + w1_off, mask=mw1, other=0.0)))
+        a = _gelu(_dot(x, tl.load(W1 + w1_off, mask=mw1, other=0.0), DOT))
         a_sq += tl.sum(a * a, 1)
-        z2 += _dot(a, tl.load(W2 + w2_off, mask=mw2, other=0.0))
+        z2 += _dot(a, tl.load(W2 + w2_off, mask=mw2, other=0.0), DOT)
     return z2, a_sq
 
 
@@ -97,12 +104,12 @@ def _layer_norm(z2, md, D, eps):
 
 @triton.jit
 def _read(q, W1, W2, i, md, base1, base2, D, F, eps,
-          DEPTH: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr, BFB: tl.constexpr):
+          DEPTH: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr, BFB: tl.constexpr, DOT: tl.constexpr):
     """M(q) [BT, BD] at the weights in the pool."""
     if DEPTH == 1:
         w_off, mw = _square(base1, i, md, D)
-        return _dot(q, tl.load(W1 + w_off, mask=mw, other=0.0))
-    z2, _ = _forward2(q, W1, W2, i, md, base1, base2, D, F, BT, BD, BFB)
+        return _dot(q, tl.load(W1 + w_off, mask=mw, other=0.0), DOT)
+    z2, _ = _forward2(q, W1, W2, i, md, base1, base2, D, F, BT, BD, BFB, DOT)
     zhat, _ = _layer_norm(z2, md, D, eps)
     return q + zhat
 
@@ -130,19 +137,19 @@ def _coefficients(LOG_ETA, LOG_KEEP, THETA, gate_off, t, mt, norm_sq, clip, HAS_
 
 
 @triton.jit
-def _update(W, S, off, mask, x, delta, c_m, c_s, beta, gamma, p_end):
+def _update(W, S, off, mask, x, delta, c_m, c_s, beta, gamma, p_end, DOT: tl.constexpr):
     """W <- beta W + gamma S - x^T (c_m delta),  S <- p_end S - x^T (c_s delta), in place (one block)."""
     w = tl.load(W + off, mask=mask, other=0.0)
     s = tl.load(S + off, mask=mask, other=0.0)
     xt = tl.trans(x)
-    tl.store(W + off, beta * w + gamma * s - _dot(xt, delta * c_m[:, None]), mask=mask)
-    tl.store(S + off, p_end * s - _dot(xt, delta * c_s[:, None]), mask=mask)
+    tl.store(W + off, beta * w + gamma * s - _dot(xt, delta * c_m[:, None], DOT), mask=mask)
+    tl.store(S + off, p_end * s - _dot(xt, delta * c_s[:, None], DOT), mask=mask)
 
 
 @triton.jit
 def _chunk(W1, W2, S1, S2, base1, base2, k, v, t, mt, i, md, gate_off, apply, LOG_ETA, LOG_KEEP, THETA, D, F,
            eps, clip, DEPTH: tl.constexpr, HAS_CLIP: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr,
-           BFB: tl.constexpr):
+           BFB: tl.constexpr, DOT: tl.constexpr):
     """One chunk's rows k, v [BT, BD] (rows beyond mt are padding) at the weights in the pool: the surprise
     [BT], and, where `apply`, the chunk's update written over the weights and momentum in place. Depth 2 walks
     the hidden width in blocks three times (forward; the gradient norms the clip needs; the update), so only
@@ -150,15 +157,15 @@ def _chunk(W1, W2, S1, S2, base1, base2, k, v, t, mt, i, md, gate_off, apply, LO
     mx = mt[:, None] & md[None, :]
     if DEPTH == 1:
         w_off, mw = _square(base1, i, md, D)
-        err = tl.where(mx, _dot(k, tl.load(W1 + w_off, mask=mw, other=0.0)) - v, 0.0)
+        err = tl.where(mx, _dot(k, tl.load(W1 + w_off, mask=mw, other=0.0), DOT) - v, 0.0)
         g = 2.0 * err
         if apply:
             c_m, c_s, beta, gamma, p_end = _coefficients(LOG_ETA, LOG_KEEP, THETA, gate_off, t, mt,
                                                          tl.sum(k * k, 1) * tl.sum(g * g, 1), clip, HAS_CLIP)
             tl.debug_barrier()  # every thread has read the weights before any overwrites them
-            _update(W1, S1, w_off, mw, k, g, c_m, c_s, beta, gamma, p_end)
+            _update(W1, S1, w_off, mw, k, g, c_m, c_s, beta, gamma, p_end, DOT)
         return tl.sum(err * err, 1)
-    z2, a_sq = _forward2(k, W1, W2, i, md, base1, base2, D, F, BT, BD, BFB)
+    z2, a_sq = _forward2(k, W1, W2, i, md, base1, base2, D, F, BT, BD, BFB, DOT)
     zhat, rstd = _layer_norm(z2, md, D, eps)
     err = tl.where(mx, k + zhat - v, 0.0)
     surprise = tl.sum(err * err, 1)
@@ -169,16 +176,17 @@ def _chunk(W1, W2, S1, S2, base1, base2, k, v, t, mt, i, md, gate_off, apply, LO
         d1_sq = tl.zeros([BT], dtype=tl.float32)
         if HAS_CLIP:  # |d1|^2 per row, block by block: d1 = (d2 W2^T) * gelu'(k W1)
             for f0 in range(0, F, BFB):
-                _, _, _, _, _, d1 = _block_gradient(f0, k, d2, W1, W2, i, md, mt, base1, base2, D, F, BFB)
+                _, _, _, _, _, d1 = _block_gradient(f0, k, d2, W1, W2, i, md, mt, base1, base2, D, F, BFB, DOT)
                 d1_sq += tl.sum(d1 * d1, 1)
         c_m, c_s, beta, gamma, p_end = _coefficients(
             LOG_ETA, LOG_KEEP, THETA, gate_off, t, mt, tl.sum(k * k, 1) * d1_sq + a_sq * tl.sum(d2 * d2, 1), clip,
             HAS_CLIP)
         for f0 in range(0, F, BFB):  # block f's gradients need only block f's weights, read before written
-            w1_off, mw1, w2_off, mw2, z1, d1 = _block_gradient(f0, k, d2, W1, W2, i, md, mt, base1, base2, D, F, BFB)
+            w1_off, mw1, w2_off, mw2, z1, d1 = _block_gradient(f0, k, d2, W1, W2, i, md, mt, base1, base2, D, F, BFB,
+                                                               DOT)
             tl.debug_barrier()  # every thread has read block f (in every pass) before any overwrites it
-            _update(W1, S1, w1_off, mw1, k, d1, c_m, c_s, beta, gamma, p_end)
-            _update(W2, S2, w2_off, mw2, _gelu(z1), d2, c_m, c_s, beta, gamma, p_end)
+            _update(W1, S1, w1_off, mw1, k, d1, c_m, c_s, beta, gamma, p_end, DOT)
+            _update(W2, S2, w2_off, mw2, _gelu(z1), d2, c_m, c_s, beta, gamma, p_end, DOT)
     return surprise
 
 
@@ -199,27 +207,27 @@ def _program_rows(IDX, H, T, D, F, BT: tl.constexpr, BD: tl.constexpr):
 def _chunk_step_kernel(W1, W2, S1, S2, IDX, ONLY, Q, K, V, LOG_ETA, LOG_KEEP, THETA, READ, SURPRISE,
                        H, T, D, F, eps, clip,
                        DEPTH: tl.constexpr, HAS_CLIP: tl.constexpr, DO_READ: tl.constexpr, HAS_ONLY: tl.constexpr,
-                       BT: tl.constexpr, BD: tl.constexpr, BFB: tl.constexpr):
+                       BT: tl.constexpr, BD: tl.constexpr, BFB: tl.constexpr, DOT: tl.constexpr):
     if HAS_ONLY:  # noqa: SIM102 (a constexpr test, resolved when compiling; the load only where it is true)
         if tl.load(ONLY + tl.program_id(0)) == 0:  # this session's chunk is not complete: leave it
             return
     row, t, mt, i, md, x_off, mx, base1, base2 = _program_rows(IDX, H, T, D, F, BT, BD)
     if DO_READ:  # chunk-lagged read: the chunk-start weights
         q = tl.load(Q + x_off, mask=mx, other=0.0).to(tl.float32)
-        tl.store(READ + x_off, _read(q, W1, W2, i, md, base1, base2, D, F, eps, DEPTH, BT, BD, BFB), mask=mx)
+        tl.store(READ + x_off, _read(q, W1, W2, i, md, base1, base2, D, F, eps, DEPTH, BT, BD, BFB, DOT), mask=mx)
     k = tl.load(K + x_off, mask=mx, other=0.0).to(tl.float32)
     v = tl.load(V + x_off, mask=mx, other=0.0).to(tl.float32)
     surprise = _chunk(W1, W2, S1, S2, base1, base2, k, v, t, mt, i, md, row * T + t, True, LOG_ETA, LOG_KEEP,
-                      THETA, D, F, eps, clip, DEPTH, HAS_CLIP, BT, BD, BFB)
+                      THETA, D, F, eps, clip, DEPTH, HAS_CLIP, BT, BD, BFB, DOT)
     tl.store(SURPRISE + row * T + t, surprise, mask=mt)
 
 
 @triton.jit
 def _read_kernel(W1, W2, IDX, Q, READ, H, T, D, F, eps,
-                 DEPTH: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr, BFB: tl.constexpr):
+                 DEPTH: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr, BFB: tl.constexpr, DOT: tl.constexpr):
     _, _, _, i, md, x_off, mx, base1, base2 = _program_rows(IDX, H, T, D, F, BT, BD)
     q = tl.load(Q + x_off, mask=mx, other=0.0).to(tl.float32)
-    tl.store(READ + x_off, _read(q, W1, W2, i, md, base1, base2, D, F, eps, DEPTH, BT, BD, BFB), mask=mx)
+    tl.store(READ + x_off, _read(q, W1, W2, i, md, base1, base2, D, F, eps, DEPTH, BT, BD, BFB, DOT), mask=mx)
 
 
 HIDDEN_TILE_ELEMENTS = 4096  # a [BD, BFB] weight tile of at most 16 KB of fp32
@@ -254,14 +262,17 @@ def _check_per_row(name: str, x: Tensor, rows: int) -> None:
 
 def chunk_step(weights: list[Tensor], momentum: list[Tensor], state_indices: Tensor, q: Tensor | None, k: Tensor,
                v: Tensor, log_eta: Tensor, log_keep: Tensor, theta: Tensor, eps: float,
-               grad_clip: float | None, only: Tensor | None = None) -> tuple[Tensor | None, Tensor]:
+               grad_clip: float | None, only: Tensor | None = None, precision: str = "ieee"
+               ) -> tuple[Tensor | None, Tensor]:
     """Read (if q is given) and apply one chunk for B sessions, updating the pool in place at state_indices.
 
     only: [B] bool, the sessions to apply (the others' slots are left untouched, their read and surprise are
     zeros): a decode batch whose sessions complete their chunks at different steps runs one launch of a fixed
     shape, with no host sync (what a CUDA graph captures).
+    precision: the products' inputs (_dot's DOT); accumulation, state and momentum stay fp32.
     Returns (read [B, H, T, d] fp32 or None, surprise [B, H, T] fp32)."""
     H, D, F = _check_pool(weights, momentum)
+    check_precision(precision)
     B, _, T, _ = k.shape
     _check_per_row("state_indices", state_indices, B)
     if only is not None:
@@ -278,7 +289,7 @@ def chunk_step(weights: list[Tensor], momentum: list[Tensor], state_indices: Ten
         weights[0], w2, momentum[0], s2, state_indices.contiguous(), _or_unused(only, k), _or_unused(q, k), k, v,
         *gates, _or_unused(read, k), surprise, H, T, D, F, eps,
         float(grad_clip or 0.0), DEPTH=len(weights), HAS_CLIP=grad_clip is not None, DO_READ=q is not None,
-        HAS_ONLY=only is not None, BT=padded(T), BD=padded(D), BFB=_hidden_tile(D, F),
+        HAS_ONLY=only is not None, BT=padded(T), BD=padded(D), BFB=_hidden_tile(D, F), DOT=precision,
         num_warps=_warps(padded(T), padded(D)))
     return read, surprise
 
@@ -295,9 +306,10 @@ def _or_unused(x: Tensor | None, like: Tensor) -> Tensor:
     return like.new_empty(1) if x is None else x.contiguous()
 
 
-def read(weights: list[Tensor], state_indices: Tensor, q: Tensor, eps: float) -> Tensor:
+def read(weights: list[Tensor], state_indices: Tensor, q: Tensor, eps: float, precision: str = "ieee") -> Tensor:
     """M*(q) with each session's weights from the pool: q [B, H, T, d] -> [B, H, T, d] fp32."""
     H, D, F = _check_pool(weights, None)
+    check_precision(precision)
     B, _, T, _ = q.shape
     _check_per_row("state_indices", state_indices, B)
     out = torch.empty(B, H, T, D, device=q.device, dtype=torch.float32)
@@ -305,5 +317,5 @@ def read(weights: list[Tensor], state_indices: Tensor, q: Tensor, eps: float) ->
         _read_kernel[(B, H)](weights[0], _second_layer(weights), state_indices.contiguous(), q.contiguous(), out,
                              H, T, D, F, eps,
                              DEPTH=len(weights), BT=padded(T), BD=padded(D), BFB=_hidden_tile(D, F),
-                             num_warps=_warps(padded(T), padded(D)))
+                             DOT=precision, num_warps=_warps(padded(T), padded(D)))
     return out

@@ -35,3 +35,14 @@ def test_every_kernel_compiles_for_an_h100(depth):
     shared = shared_bytes({"BT": 16, "BD": 32, "BFB": 32}, depth)
     assert set(shared) == {"step", "step_only", "read", "prefill"}
     assert all(0 < used <= H100_SHARED_BYTES for used in shared.values()), shared
+
+
+@pytest.mark.parametrize("precision", ["ieee", "tf32", "bf16"])
+def test_tensor_cores_run_the_products_unless_ieee(precision):
+    done = subprocess.run([sys.executable, str(ROOT / "bench/kernels_compile.py"), '{"BT": 16, "BD": 32, "BFB": 32}',
+                           "2", "step,read", precision], env={k: v for k, v in os.environ.items()
+                                                              if k != "TRITON_INTERPRET"},
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    mma = {name: row["tensor_core_instructions"] for name, row in json.loads(done.stdout).items()}
+    assert all((count > 0) == (precision != "ieee") for count in mma.values()), mma
