@@ -127,6 +127,7 @@ class NeuralMemory(nn.Module):
         self.register_buffer("gate_signs", torch.tensor(_GATE_SIGNS).repeat_interleave(self.heads), persistent=False)
         self.compiled_chunk_step = None  # read_and_update through torch.compile, set by compiled.compile_steps
         self.compiled_training_step = None  # the same, differentiated through: set by compiled.compile_training_steps
+        self.state_grad_bound: float | None = None  # training: naive.bound_gradient between chunks
         self.seen_gates: list[Tensor] | None = None  # log-gates of each gates() call while Titans.watching_gates
 
     def gate_bias(self) -> Tensor:
@@ -237,7 +238,8 @@ class NeuralMemory(nn.Module):
                 self.cfg.mem_grad_clip)
         if torch.is_grad_enabled():
             read, surprise, w, s = chunks(self.weights(state), self.weights(state, "S"), *args,
-                                          chunk_step=self.compiled_training_step)
+                                          chunk_step=self.compiled_training_step,
+                                          state_grad_bound=self.state_grad_bound)
         else:
             w, s = self.pool(state, owned)
             read, surprise = memory_op.prefill(w, s, *args, chunk_step=self.compiled_chunk_step)

@@ -44,6 +44,9 @@ class TrainConfig:
     # make the memory's backward explode (norms of 1e20 after ~60 KB), and such a gradient's direction is the
     # explosion's, not the batch's. None: a non-finite norm stops the run
     skip_grad_norm_above: float | None = None
+    # bound on the gradient through each memory state between chunks (per session, head and matrix; see
+    # kernels/memory/naive.bound_gradient): what keeps a long trained span after a long carried prefix trainable
+    state_grad_bound: float | None = None
     seed: int = 0
     recall_fraction: float = 0.5  # share of each batch that is recall examples (the rest: text windows)
     n_facts: int = 8
@@ -417,6 +420,8 @@ def _train(cfg: TrainConfig, resume: bool, log) -> dict:
     model = Titans(cfg.model_config()).to(device).train()
     if cfg.compile:
         compile_training_steps(model)
+    for memory in model.memories():
+        memory.state_grad_bound = cfg.state_grad_bound
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "init_weights" not in n]
     no_decay = [p for n, p in model.named_parameters() if p.dim() < 2 or "init_weights" in n]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},

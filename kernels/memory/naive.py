@@ -186,13 +186,37 @@ def read_and_update(weights: list[Tensor], momentum: list[Tensor], q: Tensor, k:
     return out[:, :, :b], (out_k - v).square().sum(-1), new_w, new_s
 
 
+class _BoundedGradient(torch.autograd.Function):
+    """Identity forward; backward scales each [d_in, d_out] slice of the gradient down to norm at most `bound`."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, bound: float) -> Tensor:
+        ctx.bound = bound
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        norm = torch.linalg.vector_norm(grad, dim=(-2, -1), keepdim=True)
+        return grad * (ctx.bound / norm.clamp_min(ctx.bound)), None
+
+
+def bound_gradient(state: list[Tensor], bound: float | None) -> list[Tensor]:
+    """The state as it is, with the gradient that flows back through it bounded per session, head and matrix.
+    Backpropagating through many chunk updates can grow a state's gradient geometrically (by ~1.4x a chunk,
+    1e20 over 300 chunks, once a memory has read tens of KB): bounding it at every chunk keeps the chunks near the
+    loss in the gradient and caps what the far ones add, where a whole-model clip would rescale the near ones to
+    nothing. None: unbounded."""
+    return state if bound is None else [_BoundedGradient.apply(x, bound) for x in state]
+
+
 def chunks(weights: list[Tensor], momentum: list[Tensor], q: Tensor, k: Tensor, v: Tensor, log_eta: Tensor,
            log_keep: Tensor, theta: Tensor, chunk_size: int, eps: float, grad_clip: float | None,
-           in_place: bool = False, chunk_step=None):
+           in_place: bool = False, chunk_step=None, state_grad_bound: float | None = None):
     """Whole chunks one after the other: q, k, v [B, H, n*b, d], gates [B, H, n*b]; each chunk read at its start
     weights, then applied (read_and_update), its scan coefficients computed for all chunks at once (they depend on
-    the gates alone). chunk_step: read_and_update's stand-in (a compiled copy of it). Returns (read [B, H, n*b, d],
-    surprise [B, H, n*b], new W, new S); in_place as for apply_chunk."""
+    the gates alone). chunk_step: read_and_update's stand-in (a compiled copy of it). state_grad_bound: see
+    bound_gradient (training). Returns (read [B, H, n*b, d], surprise [B, H, n*b], new W, new S); in_place as
+    for apply_chunk."""
     B, H, R, d = q.shape
     n, b = R // chunk_size, chunk_size
     coefficients = chunk_coefficients(log_eta.unflatten(2, (n, b)), log_keep.unflatten(2, (n, b)))  # [B, H, n, ...]
@@ -204,6 +228,7 @@ def chunks(weights: list[Tensor], momentum: list[Tensor], q: Tensor, k: Tensor, 
         out, surprise, weights, momentum = step(weights, momentum, q[:, :, rows], k[:, :, rows], v[:, :, rows],
                                                 thetas[:, :, j], tuple(c[:, :, j] for c in coefficients), eps,
                                                 grad_clip, in_place)
+        weights, momentum = bound_gradient(weights, state_grad_bound), bound_gradient(momentum, state_grad_bound)
         reads.append(out)
         surprises.append(surprise)
     return torch.cat(reads, 2), torch.cat(surprises, 2), weights, momentum

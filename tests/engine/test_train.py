@@ -78,6 +78,17 @@ def test_steps_with_an_exploding_gradient_are_skipped(tmp_path):
     assert all(torch.equal(a[name], b[name]) for name in a)
 
 
+def test_a_state_gradient_bound_reaches_the_memories(tmp_path):
+    def weights_after(name, **options):
+        train(_config(tmp_path / name, steps=2, threads=1, **options), resume=False, log=lambda _: None)
+        return load_file(str(tmp_path / name / "run" / "model.safetensors"))
+
+    free, loose, tight = weights_after("free"), weights_after("loose", state_grad_bound=1e12), \
+        weights_after("tight", state_grad_bound=1e-9)
+    assert all(torch.equal(free[name], loose[name]) for name in free)
+    assert not all(torch.equal(free[name], tight[name]) for name in free)
+
+
 def _stages(run_dir) -> list[tuple[int, list, int | None]]:
     rows = map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
     return [(r["step"], r["stage"], r.get("held")) for r in rows]

@@ -100,3 +100,45 @@ def test_fused_read_and_update_equals_separate_steps(depth):
     torch.testing.assert_close(surprise, memory_surprise(weights, k, v, 1e-5))
     for ours, ref in zip(new_w + new_s, ref_w + ref_s):
         torch.testing.assert_close(ours, ref)
+
+
+def test_a_bounded_state_gradient_caps_each_slice_and_leaves_small_ones():
+    from kernels.memory.naive import bound_gradient
+
+    x = torch.randn(3, 2, 4, 5, requires_grad=True)
+    (y,) = bound_gradient([x], 1.0)
+    assert torch.equal(y, x)
+    upstream = torch.randn(3, 2, 4, 5)
+    upstream[0, 0] *= 100  # one session's head: far above the bound; the others' norms are ~4.5
+    upstream[1] *= 0.01  # below it: untouched
+    y.backward(upstream)
+    norms = torch.linalg.vector_norm(x.grad, dim=(-2, -1))
+    assert torch.allclose(norms[0, 0], torch.tensor(1.0)) and torch.allclose(norms[2], torch.ones(2))
+    assert torch.equal(x.grad[1], upstream[1])
+    torch.testing.assert_close(x.grad[0, 0] / norms[0, 0], upstream[0, 0] / upstream[0, 0].norm())  # same direction
+    assert bound_gradient([x], None)[0] is x
+
+
+def test_the_bound_through_chunks_changes_gradients_only_where_it_bites():
+    from kernels.memory.naive import chunks
+
+    torch.manual_seed(0)
+    B, H, n, b, d = 2, 2, 6, 4, 8
+    weights = [(torch.randn(B, H, d, 2 * d) / d**0.5), (torch.randn(B, H, 2 * d, d) / d**0.5)]
+    momentum = [torch.zeros_like(w) for w in weights]
+    q, k, v = (torch.nn.functional.normalize(torch.randn(B, H, n * b, d), dim=-1) for _ in range(3))
+    log_eta = torch.nn.functional.logsigmoid(torch.randn(B, H, n * b) + 2)
+    log_keep = torch.nn.functional.logsigmoid(torch.randn(B, H, n * b) + 4)
+
+    def theta_gradient(bound):
+        theta = torch.full((B, H, n * b), 0.5, requires_grad=True)
+        read, *_ = chunks(weights, momentum, q, k, v, log_eta, log_keep, theta, b, 1e-5, 1.0, state_grad_bound=bound)
+        read[:, :, -b:].square().sum().backward()  # a loss on the last chunk's reads alone
+        return theta.grad
+
+    free, loose, tight = theta_gradient(None), theta_gradient(1e6), theta_gradient(1e-4)
+    assert torch.equal(free, loose)
+    assert not torch.allclose(free, tight)
+    # the chunk before the loss reaches it directly: its gradient passes through one bounded state, the earlier
+    # chunks' through more, so the bound shrinks them
+    assert tight[..., : -2 * b].abs().sum() < free[..., : -2 * b].abs().sum()
