@@ -125,3 +125,73 @@ class AotDecode:
         cos, sin = ctx.rope(self.dtype)
         logits = self.runner(tokens, ctx.pos, ctx.count, cos, sin, *self._inputs[1])
         return logits[0] if isinstance(logits, (list, tuple)) else logits
+
+
+class GraphDecode:
+    """A batch's one-token decode step replayed from CUDA graphs (vLLM's approach), over the batch's pool of slots.
+
+    One graph per bucket of batch sizes (powers of two up to the pool's capacity), captured over the pool's leading
+    slots with static inputs: n sessions run the smallest bucket that holds them, and the rows past n count 0 (their
+    slots are free: nothing in them is read by the live rows, and nothing is written). A graph runs single_row_step
+    with both host flags set, so the device masks say which sessions end a memory chunk or a MAC segment: one graph
+    per bucket serves every step, and a step costs the host a few small copies and one replay, no sync.
+
+    pool: the batch's flat state tensors [capacity, ...], which must stay where they are (a pool that grows makes
+    new tensors: the batch then builds a new GraphDecode). capture=False runs the same function on the same static
+    buffers without capturing (the CPU's case: tests compare it with the plain step).
+    """
+
+    def __init__(self, model, pool: dict[str, Tensor], capture: bool):
+        self.model, self.capture = model, capture
+        self.pool = pool
+        self.capacity = next(iter(pool.values())).shape[0]
+        self.device = next(iter(pool.values())).device
+        self.dtype = model.embed.weight.dtype
+        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph | None, dict[str, Tensor]]] = {}
+
+    def bucket(self, sessions: int) -> int:
+        if not 0 < sessions <= self.capacity:
+            raise ValueError(f"{sessions} sessions for a pool of {self.capacity}")
+        return min(self.capacity, 1 << (sessions - 1).bit_length())
+
+    def _run(self, io: dict[str, Tensor]) -> None:
+        bucket = io["tokens"].shape[0]
+        state = nest_state({k: v[:bucket] for k, v in self.pool.items()})
+        ctx = StepContext(io["pos"], io["count"], 1, True, True, self.model.cfg, None, owned=True)
+        io["logits"].copy_(single_row_step(self.model, io["tokens"], state, io["pos"], io["count"],
+                                           ctx.rope(self.dtype), True, True))
+
+    def _make(self, bucket: int) -> tuple[torch.cuda.CUDAGraph | None, dict[str, Tensor]]:
+        io = {"tokens": torch.zeros(bucket, 1, dtype=torch.long, device=self.device),
+              "pos": torch.zeros(bucket, dtype=torch.long, device=self.device),
+              "count": torch.zeros(bucket, dtype=torch.long, device=self.device),  # all padding: nothing changes
+              "logits": torch.empty(bucket, 1, self.model.cfg.vocab_size, dtype=self.dtype, device=self.device)}
+        if not self.capture:
+            return None, io
+        stream = torch.cuda.Stream(self.device)  # warm up (Triton's compiles, allocator) outside the capture
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(stream):
+            self._run(io)
+        torch.cuda.current_stream(self.device).wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            self._run(io)
+        return graph, io
+
+    def __call__(self, tokens: Tensor, positions: list[int]) -> Tensor:
+        """tokens [n, 1] of the sessions in slots 0..n-1, at `positions` -> logits [n, 1, V]; the slots updated in
+        place."""
+        n = tokens.shape[0]
+        bucket = self.bucket(n)
+        if bucket not in self.graphs:
+            self.graphs[bucket] = self._make(bucket)
+        graph, io = self.graphs[bucket]
+        io["tokens"][:n].copy_(tokens)
+        io["pos"][:n].copy_(torch.tensor(positions), non_blocking=True)
+        io["count"][:n].fill_(1)
+        io["count"][n:].fill_(0)
+        if graph is None:
+            self._run(io)
+        else:
+            graph.replay()
+        return io["logits"][:n].clone()  # the next step overwrites the buffer

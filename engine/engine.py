@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from .compiled import AotDecode, compile_steps
+from .compiled import AotDecode, GraphDecode, compile_steps
 from .config import ConfigError, ModelConfig
 from .model import Titans
 from .quant import Linear
@@ -61,20 +61,31 @@ class Engine:
     parameters and, with weight_dtype, casts its dense projections."""
 
     def __init__(self, model: Titans, tokenizer_dir: str | Path | None = None, device: torch.device | None = None,
-                 weight_dtype: torch.dtype | None = None, compile: bool = False, aot_decode: bool = False):
+                 weight_dtype: torch.dtype | None = None, compile: bool = False, aot_decode: bool = False,
+                 decode_graphs: str = "auto"):
         """weight_dtype: store the dense projections (not norms, memory or embeddings) in this dtype,
         e.g. torch.float16 to halve the bytes each decode step reads, or torch.int8 (weight-only, a scale per
         row: Linear.quantize_int8) to quarter them. Activations and the memory stay fp32. It is part of the
         fingerprint: snapshots are tied to the numerics that produced them.
         compile: run decode steps and prefill's memory chunks through torch.compile (engine/compiled.py);
         the same function, so not part of the fingerprint. aot_decode (with compile): warm_up also compiles
-        one session's decode step ahead of time (compiled.AotDecode)."""
+        one session's decode step ahead of time (compiled.AotDecode).
+        decode_graphs: how a SessionBatch runs its one-token decode steps (compiled.GraphDecode): "cuda" replays
+        CUDA graphs; "static" runs the same step on the same static buffers without capturing (what tests check on
+        a CPU); "off" steps as any other call does; "auto" means cuda on a CUDA device, off elsewhere."""
         if aot_decode and not compile:
             raise ValueError("aot_decode needs compile=True")
+        if decode_graphs not in ("auto", "cuda", "static", "off"):
+            raise ValueError(f"decode_graphs must be auto, cuda, static or off, got {decode_graphs!r}")
         self.aot_decode = aot_decode
         self.device = device or default_device()
         self.config: ModelConfig = model.cfg
         self.model = model.to(self.device).eval()
+        if decode_graphs == "auto":
+            decode_graphs = "cuda" if self.device.type == "cuda" else "off"
+        if decode_graphs == "cuda" and self.device.type != "cuda":
+            raise ValueError("decode_graphs='cuda' needs a CUDA device")
+        self.decode_graphs = decode_graphs
         for p in self.model.parameters():
             p.requires_grad_(False)
         if weight_dtype is not None:
@@ -103,17 +114,18 @@ class Engine:
     @classmethod
     def from_config(cls, cfg: ModelConfig, seed: int = 0, device: torch.device | str | None = None,
                     tokenizer_dir: str | Path | None = None, weight_dtype: torch.dtype | None = None,
-                    compile: bool = False, aot_decode: bool = False) -> Engine:
+                    compile: bool = False, aot_decode: bool = False, decode_graphs: str = "auto") -> Engine:
         """A randomly initialised model (seeded). tokenizer_dir holds tokenizer.json for 'tokenizers' configs."""
         with torch.random.fork_rng(devices=[]):  # seed the initialisation without touching the caller's RNG
             torch.manual_seed(seed)
             model = Titans(cfg)
         return cls(model, tokenizer_dir=tokenizer_dir, device=torch.device(device) if device else None,
-                   weight_dtype=weight_dtype, compile=compile, aot_decode=aot_decode)
+                   weight_dtype=weight_dtype, compile=compile, aot_decode=aot_decode, decode_graphs=decode_graphs)
 
     @classmethod
     def load(cls, model_dir: str | Path, device: torch.device | str | None = None,
-             weight_dtype: torch.dtype | None = None, compile: bool = False, aot_decode: bool = False) -> Engine:
+             weight_dtype: torch.dtype | None = None, compile: bool = False, aot_decode: bool = False,
+             decode_graphs: str = "auto") -> Engine:
         """A model directory: config.json + model.safetensors (+ tokenizer.json for 'tokenizers')."""
         model_dir = Path(model_dir)
         cfg = ModelConfig.load(model_dir)
@@ -132,7 +144,7 @@ class Engine:
                                   f"config.json implies {tuple(ref.shape)}")
         model.load_state_dict(weights)
         return cls(model, tokenizer_dir=model_dir, device=torch.device(device) if device else None,
-                   weight_dtype=weight_dtype, compile=compile, aot_decode=aot_decode)
+                   weight_dtype=weight_dtype, compile=compile, aot_decode=aot_decode, decode_graphs=decode_graphs)
 
     def save(self, model_dir: str | Path) -> None:
         if any(isinstance(m, Linear) and m.weight.dtype == torch.int8 for m in self.model.modules()):
@@ -309,6 +321,7 @@ class SessionBatch:
         self._failed: BaseException | None = None
         self._pool: State = {}
         self._live: ModelState | None = None  # nested views of slots [0, n), made when n changes
+        self._graphs: GraphDecode | None = None  # decode steps (Engine.decode_graphs), over this pool
         self._reserve(max(capacity, len(states), 1))
         self.add(states)
 
@@ -321,9 +334,12 @@ class SessionBatch:
         ids = [self.engine.ids(t) for t in token_ids] if rows is None else rows
         live = self.live_state()
         try:
-            logits, new, surprise = self.engine.model.forward_tokens(ids, live, self.positions, return_surprise,
-                                                                     owned=True)
-            write_into(live, new)
+            if rows is not None and not return_surprise and self.engine.decode_graphs != "off":
+                logits, surprise = list(self._graph_decode()(rows, self.positions).unbind(0)), None
+            else:
+                logits, new, surprise = self.engine.model.forward_tokens(ids, live, self.positions, return_surprise,
+                                                                         owned=True)
+                write_into(live, new)
         except BaseException as e:
             self._failed = e
             raise
@@ -344,6 +360,11 @@ class SessionBatch:
             n = len(self.positions)
             self._live = nest_state({k: v[:n] for k, v in self._pool.items()})
         return self._live
+
+    def _graph_decode(self) -> GraphDecode:
+        if self._graphs is None or self._graphs.pool is not self._pool:  # a grown pool is new tensors
+            self._graphs = GraphDecode(self.engine.model, self._pool, capture=self.engine.decode_graphs == "cuda")
+        return self._graphs
 
     def _usable(self) -> None:
         if self._failed is not None:

@@ -34,7 +34,8 @@ def load_runtime(settings: Settings) -> Runtime:
     cpus = plan_cpus(settings.engine_cpus, settings.torch_threads)
     core = EngineClient(EngineOptions(str(settings.model), settings.device, settings.weights, settings.compile,
                                       settings.aot_decode, cpus.threads, settings.max_running,
-                                      settings.prefill_chunk, cpus.engine, settings.stream_interval_ms / 1000),
+                                      settings.prefill_chunk, cpus.engine, settings.stream_interval_ms / 1000,
+                                      settings.decode_graphs),
                         metrics, settings.max_waiting)
     core.start()
     pin_this_process(cpus.api)

@@ -75,6 +75,7 @@ class EngineOptions:
     prefill_chunk: int
     cpus: frozenset[int] | None = None  # the engine process's CPUs (CpuPlan.engine); None: not pinned
     stream_interval_s: float = 0.0  # Outbox: 0 sends every iteration's events at once
+    decode_graphs: str = "auto"  # auto | cuda | off (Engine)
 
 
 # --- messages -------------------------------------------------------------------------------------------------
@@ -192,7 +193,8 @@ def engine_main(options: EngineOptions, conn: Connection) -> None:
         torch.set_num_threads(options.torch_threads or plan_cpus("none", 0).threads)
         device = None if options.device == "auto" else torch.device(options.device)
         engine = Engine.load(options.model, device=device, weight_dtype=_weight_dtype(options.weights),
-                             compile=options.compile, aot_decode=options.aot_decode)
+                             compile=options.compile, aot_decode=options.aot_decode,
+                             decode_graphs=options.decode_graphs)
         engine.warm_up()
     except BaseException:
         send(conn, Failed(traceback.format_exc()))

@@ -34,7 +34,7 @@ def random_config(rng: random.Random) -> ModelConfig:
 
 
 def engine_for(cfg: ModelConfig, seed: int = 0, dtype: torch.dtype = torch.float32,
-               weight_dtype: torch.dtype | None = None) -> Engine:
+               weight_dtype: torch.dtype | None = None, decode_graphs: str = "auto") -> Engine:
     """An engine whose gates differ per head and write strongly, so memory effects show in the logits.
 
     dtype=torch.float64 runs everything (memory included) in double precision: the invariants are then
@@ -47,7 +47,7 @@ def engine_for(cfg: ModelConfig, seed: int = 0, dtype: torch.dtype = torch.float
         for name, p in model.named_parameters():
             if name.endswith(("w_in.bias", "w_x.bias")):
                 p[-gates:] += 0.5 * torch.randn(gates)
-    return Engine(model, device=torch.device("cpu"), weight_dtype=weight_dtype)
+    return Engine(model, device=torch.device("cpu"), weight_dtype=weight_dtype, decode_graphs=decode_graphs)
 
 
 def tokens(n: int, generator: torch.Generator | None = None) -> torch.Tensor:
