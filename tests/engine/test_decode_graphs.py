@@ -21,19 +21,18 @@ def run(engine, prompts, steps_before_churn: int, steps_after: int):
     batch = SessionBatch(engine, [engine.new_state()], capacity=1)  # grows as sessions join: graphs made anew
     batch.forward([prompts[0]])
     out = []
-    for prompt in prompts[1:3]:
-        joining = engine.batch([engine.new_state()])
-        joining.forward([prompt])
-        joining.move([0], into=batch)
-    for _ in range(steps_before_churn):
-        out.append([lg for lg, _ in batch.forward([[int(t)] for t in tokens(len(batch), gen)])])
+
+    def join_then_decode(joining_prompts, steps):
+        for prompt in joining_prompts:
+            joining = engine.batch([engine.new_state()])
+            joining.forward([prompt])
+            joining.move([0], into=batch)
+        for _ in range(steps):
+            out.append([lg for lg, _ in batch.forward([[int(t)] for t in tokens(len(batch), gen)])])
+
+    join_then_decode(prompts[1:3], steps_before_churn)
     batch.remove([1])
-    for prompt in prompts[3:5]:
-        joining = engine.batch([engine.new_state()])
-        joining.forward([prompt])
-        joining.move([0], into=batch)
-    for _ in range(steps_after):
-        out.append([lg for lg, _ in batch.forward([[int(t)] for t in tokens(len(batch), gen)])])
+    join_then_decode(prompts[3:5], steps_after)
     return out, [batch.state(i) for i in range(len(batch))]
 
 
