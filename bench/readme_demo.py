@@ -1,8 +1,8 @@
 """The README's memory demo, over many random facts: one fact memorized, then four help topics of the Python
 reference (`class`, `for`, `if`, `while` from pydoc_data.topics: 6 KB) in four more requests, the session's state
 going through snapshot bytes between requests, then the query, answered greedily. Recall is counted twice: with the
-topics as they are (typographic quotes and dashes: bytes outside ASCII, which the default model never read in
-training) and with those characters dropped (what the training corpus does to the same text).
+topics as they are (typographic quotes and dashes: bytes outside ASCII, which a model trained on ASCII alone may
+not survive) and with those characters dropped.
 
     python bench/readme_demo.py                                   # the default model, 32 facts
     python bench/readme_demo.py --model other/model --facts 8
