@@ -15,9 +15,11 @@ Measured in one run, side by side:
   - ceilings of this card: copy bandwidth (a large device-to-device copy) and a bf16 matmul;
   - prefill (B sessions x T tokens, H heads of d, chunk b, memory depth 1 and 2): our Triton varlen prefill
     (all chunks of all sessions in one launch) and our Triton chunk step launched per chunk, our PyTorch path
-    eager and under torch.compile, and titans-pytorch NeuralMemory (if installed);
+    eager and under torch.compile, titans-pytorch NeuralMemory (if installed), and flash-linear-attention's chunked
+    gated delta rule at the same B, T, H, d (fla-core, if installed: a depth-1 memory's nearest kin);
   - decode (N sessions, one token each, a chunk update every b tokens): Triton vs PyTorch, with the
-    achieved bandwidth (the weights each read step must stream) against the copy ceiling.
+    achieved bandwidth (the weights each read step must stream) against the copy ceiling, and fla's fused
+    recurrent gated delta rule stepping the same N sessions (one token, state [N, H, d, d]).
 The correctness check compares the Triton kernels with the PyTorch reference on the same random inputs and
 refuses to time anything if they disagree.
 """
@@ -177,6 +179,7 @@ def prefill(B, T, H, d, chunk, depth, device, repeats, baseline: bool, precision
     if baseline:
         out["titans_pytorch_tok_s"], out["titans_pytorch_error"] = titans_pytorch_prefill(B, T, H, d, chunk, depth,
                                                                                           device, repeats)
+        out["fla_gdn_tok_s"], out["fla_error"] = fla_prefill(B, T, H, d, device, repeats)
     rate = out.get("titans_pytorch_tok_s")
     out["triton_over_titans_pytorch"] = out["triton_varlen_tok_s"] / rate if rate else None
     return out
@@ -196,6 +199,39 @@ def titans_pytorch_prefill(B, T, H, d, chunk, depth, device, repeats) -> tuple[f
         return B * T / timed(lambda: memory(x), device, repeats), None
 
 
+def fla_prefill(B, T, H, d, device, repeats) -> tuple[float | None, str | None]:
+    """flash-linear-attention's chunked gated delta rule (bf16 q, k, v [B, T, H, d]): (tokens/s, None), or (None,
+    why not)."""
+    try:
+        from fla.ops.gated_delta_rule import chunk_gated_delta_rule
+    except ImportError as e:
+        return None, repr(e)
+    if device.type != "cuda":
+        return None, "fla's kernels need a GPU"
+    q, k, v = (F.normalize(torch.randn(B, T, H, d, device=device), dim=-1).to(torch.bfloat16) for _ in range(3))
+    g = F.logsigmoid(torch.randn(B, T, H, device=device) + 6)
+    beta = torch.rand(B, T, H, device=device, dtype=torch.bfloat16)
+    with torch.no_grad():
+        return B * T / timed(lambda: chunk_gated_delta_rule(q, k, v, g, beta), device, repeats), None
+
+
+def fla_decode(N, H, d, device, repeats) -> tuple[float | None, str | None]:
+    """fla's fused recurrent gated delta rule, one token for N sessions: (µs per step, None), or (None, why not)."""
+    try:
+        from fla.ops.gated_delta_rule import fused_recurrent_gated_delta_rule
+    except ImportError as e:
+        return None, repr(e)
+    if device.type != "cuda":
+        return None, "fla's kernels need a GPU"
+    q, k, v = (F.normalize(torch.randn(N, 1, H, d, device=device), dim=-1).to(torch.bfloat16) for _ in range(3))
+    g = F.logsigmoid(torch.randn(N, 1, H, device=device) + 6)
+    beta = torch.rand(N, 1, H, device=device, dtype=torch.bfloat16)
+    state = torch.zeros(N, H, d, d, device=device)
+    with torch.no_grad():
+        return 1e6 * timed(lambda: fused_recurrent_gated_delta_rule(q, k, v, g, beta=beta, initial_state=state,
+                                                                    output_final_state=True), device, repeats), None
+
+
 def decode(N, H, d, chunk, device, repeats, precision: str) -> dict:
     """N sessions, one token each per step: a read with each session's weights every step, and every `chunk`
     steps the chunk's update, in place on the pool (as the engine's running batch does). Timed apart; the
@@ -212,7 +248,9 @@ def decode(N, H, d, chunk, device, repeats, precision: str) -> dict:
     t_torch_read = timed(lambda: memory_read(w, one, EPS), device, repeats)
     t_torch_update = timed(lambda: chunk_update(w, s, k, v, le, lk, th, EPS, 1.0, True), device, repeats)
     weight_bytes = sum(x.numel() * 4 for x in w)
-    return {"sessions": N, "precision": precision, "triton_tok_s": N / (t_read + t_update / chunk),
+    fla_us, fla_error = fla_decode(N, H, d, device, repeats)
+    return {"sessions": N, "precision": precision, "fla_recurrent_us": fla_us, "fla_error": fla_error,
+            "triton_tok_s": N / (t_read + t_update / chunk),
             "torch_tok_s": N / (t_torch_read + t_torch_update / chunk),
             "triton_read_us": 1e6 * t_read, "triton_update_us": 1e6 * t_update,
             "triton_weight_stream_gb_s": weight_bytes / t_read / 1e9}
@@ -227,8 +265,8 @@ def markdown_rows(results: dict) -> str:
     lines = [f"Run on {where}. Ceilings: copy {results['ceilings']['copy_gb_s']:.0f} GB/s, bf16 matmul "
              f"{results['ceilings']['matmul_tflops']:.0f} TFLOP/s.", "",
              "| prefill B×T, heads×d, chunk, depth | Triton varlen tok/s (precision) | varlen, each precision | "
-             "Triton per chunk | torch eager | torch compiled | titans-pytorch | varlen / titans-pytorch |",
-             "|---|---|---|---|---|---|---|---|"]
+             "Triton per chunk | torch eager | torch compiled | titans-pytorch | varlen / titans-pytorch | fla GDN |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in results.get("prefill", []):
         ratio = r.get("triton_over_titans_pytorch")
         lines.append(f"| {r['B']}×{r['T']}, {r['heads']}×{r['head_dim']}, {r['chunk']}, {r['depth']} | "
@@ -236,13 +274,14 @@ def markdown_rows(results: dict) -> str:
                      + ", ".join(f"{p} {rate(x)}" for p, x in r["triton_varlen_tok_s_by_precision"].items())
                      + f" | {rate(r['triton_tok_s'])} | {rate(r['torch_eager_tok_s'])} | "
                      f"{rate(r.get('torch_compile_tok_s'))} | {rate(r.get('titans_pytorch_tok_s'))} | "
-                     f"{f'{ratio:.1f}×' if ratio else '—'} |")
+                     f"{f'{ratio:.1f}×' if ratio else '—'} | {rate(r.get('fla_gdn_tok_s'))} |")
     lines += ["", "| decode sessions | Triton tok/s | torch tok/s | read µs | update µs | weight stream GB/s "
-              "(of copy) |", "|---|---|---|---|---|---|"]
+              "(of copy) | fla recurrent step µs |", "|---|---|---|---|---|---|---|"]
     for r in results.get("decode", []):
         lines.append(f"| {r['sessions']} | {rate(r['triton_tok_s'])} | {rate(r['torch_tok_s'])} | "
                      f"{r['triton_read_us']:.1f} | {r['triton_update_us']:.1f} | "
-                     f"{r['triton_weight_stream_gb_s']:.0f} ({r['fraction_of_copy_bandwidth']:.0%}) |")
+                     f"{r['triton_weight_stream_gb_s']:.0f} ({r['fraction_of_copy_bandwidth']:.0%}) | "
+                     + (f"{r['fla_recurrent_us']:.1f} |" if r.get("fla_recurrent_us") else "— |"))
     return "\n".join(lines) + "\n"
 
 
@@ -285,7 +324,7 @@ def main() -> None:
                                               precisions=precisions))
             save()
         if chunk == 16:  # decode at the shipped chunk, before chunk 64's long compiles
-            for n in (1, 2) if dry else (1, 16, 128, 512):
+            for n in (1, 2) if dry else (1, 16, 128, 256, 1024):
                 row = decode(n, 2 if dry else 8, 16 if dry else 64, 16, device, repeats, precisions[0])
                 row["fraction_of_copy_bandwidth"] = row["triton_weight_stream_gb_s"] / results["ceilings"]["copy_gb_s"]
                 results["decode"].append(row)

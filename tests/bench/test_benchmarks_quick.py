@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -146,3 +147,16 @@ def test_batch_churn_benchmark_quick(tmp_path):
         for layout in ("slot_pool", "restacking"):
             assert cell[layout]["tokens_s"] > 0 and cell[layout]["bookkeeping_ms_per_step"] > 0
         assert cell["tokens_s_ratio"] > 0
+
+
+@pytest.mark.slow
+def test_the_gpu_suite_rehearses_every_section_on_the_cpu(tmp_path):
+    out = tmp_path / "gpu"
+    proc = subprocess.run(["bash", "bench/gpu_suite.sh", "--dry-run"], cwd=ROOT, env={**os.environ, "OUT": str(out)},
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr
+    log = (out / "suite.log").read_text()
+    assert [line.split(":")[1].strip().split()[1] for line in log.splitlines() if ": exit " in line] == ["0"] * 4, log
+    assert json.loads((out / "kernels_gpu.json").read_text())["dry_run"]
+    assert [r["sessions"] for r in json.loads((out / "decode_gpu.json").read_text())["rows"]] == [1, 2]
+    assert (out / "serve.json").exists()

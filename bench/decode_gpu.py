@@ -1,0 +1,117 @@
+"""Batched decode through the engine on a GPU: µs per step at N = 1 ... 1,024 sessions, CUDA graphs against the plain
+step in the same run, and the share of the card's copy bandwidth the step's state traffic reaches.
+
+A SessionBatch of N sessions (each prefilled with one memory chunk of tokens) decodes one token per session per
+step; both engines (Engine decode_graphs "cuda" and "off") load the same model and run the same tokens, each N's
+steps interleaved in blocks so the card's noise falls on both. Per step the memory's weights of every session are
+read once (and its momentum too, at the step that ends a chunk), so state bytes / step time is the achieved stream,
+set against a large device-to-device copy measured in the same run.
+
+    python bench/decode_gpu.py --out $OUT/decode_gpu.json          # the default model and small-mac, on CUDA
+    python bench/decode_gpu.py --dry-run                            # the whole script, tiny, on the CPU
+        (graphs are then not captured: the static-buffer step, Engine decode_graphs "static")
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from engine import Engine, ModelConfig  # noqa: E402
+from engine.engine import SessionBatch  # noqa: E402
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def copy_gb_s(device: torch.device, elements: int) -> float:
+    src = torch.empty(elements, device=device)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    synchronize(device)
+    start = time.perf_counter()
+    for _ in range(5):
+        dst.copy_(src)
+    synchronize(device)
+    return 2 * 4 * elements * 5 / (time.perf_counter() - start) / 1e9
+
+
+def step_seconds(engine: Engine, sessions: int, steps: int, blocks: int) -> list[float]:
+    """Seconds per decode step, one value per block of `steps` steps (after one warm-up block)."""
+    batch = SessionBatch(engine, [engine.new_state()] * sessions, capacity=sessions)
+    batch.forward([list(range(engine.config.chunk_size))] * sessions)
+    token = [[7]] * sessions
+    times = []
+    for block in range(blocks + 1):
+        synchronize(engine.device)
+        start = time.perf_counter()
+        for _ in range(steps):
+            batch.forward(token)
+        synchronize(engine.device)
+        if block:
+            times.append((time.perf_counter() - start) / steps)
+    return times
+
+
+def load(name: str, device: torch.device, decode_graphs: str) -> Engine:
+    """A model directory, or a preset with random weights."""
+    if Path(name).is_dir():
+        return Engine.load(name, device=device, decode_graphs=decode_graphs)
+    return Engine.from_config(ModelConfig.preset(name), device=device, decode_graphs=decode_graphs)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", default=f"{ROOT / 'models/titans-mal-recall'},small-mac",
+                        help="model directories or presets (a preset gets random weights)")
+    parser.add_argument("--sessions", default="1,16,128,256,1024")
+    parser.add_argument("--steps", type=int, default=32, help="steps per timed block (a multiple of the chunk)")
+    parser.add_argument("--blocks", type=int, default=3)
+    parser.add_argument("--dry-run", action="store_true")
+    parser.add_argument("--out", default=str(ROOT / "bench/results/decode_gpu.json"))
+    args = parser.parse_args()
+    if args.dry_run:
+        device, graphs, sessions, models = torch.device("cpu"), "static", [1, 2], ["tiny-mal"]
+        args.steps, args.blocks = 4, 1
+    else:
+        if not torch.cuda.is_available():
+            raise SystemExit("no CUDA device: run with --dry-run on a CPU")
+        device, graphs = torch.device("cuda"), "cuda"
+        sessions, models = [int(n) for n in args.sessions.split(",")], args.models.split(",")
+    results = {"device": "cpu (dry run)" if args.dry_run else torch.cuda.get_device_name(),
+               "date": time.strftime("%Y-%m-%d %H:%M"), "torch": torch.__version__,
+               "copy_gb_s": copy_gb_s(device, 2**20 if args.dry_run else 2**28), "rows": []}
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    for name in models:
+        engines = {"graphs": load(name, device, graphs), "plain": load(name, device, "off")}
+        state_bytes = sum(t.numel() * t.element_size() for t in engines["plain"].state_template.values())
+        memory_bytes = sum(t.numel() * t.element_size() for k, t in engines["plain"].state_template.items()
+                           if k.rsplit(".", 1)[-1].startswith("W"))
+        for n in sessions:
+            runs = {mode: step_seconds(engine, n, args.steps, args.blocks) for mode, engine in engines.items()}
+            best = {mode: min(times) for mode, times in runs.items()}
+            results["rows"].append({
+                "model": Path(name).name, "sessions": n, "state_bytes_per_session": state_bytes,
+                "graphs_us": 1e6 * best["graphs"], "plain_us": 1e6 * best["plain"],
+                "graphs_speedup": best["plain"] / best["graphs"],
+                "graphs_tok_s": n / best["graphs"],
+                "memory_read_gb_s": n * memory_bytes / best["graphs"] / 1e9,
+                "fraction_of_copy": n * memory_bytes / best["graphs"] / 1e9 / results["copy_gb_s"]})
+            out.write_text(json.dumps(results, indent=2) + "\n")
+            print(json.dumps(results["rows"][-1]), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
