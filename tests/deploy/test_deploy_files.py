@@ -129,6 +129,10 @@ def test_kubernetes_manifests():
     assert "$(REDIS_PASSWORD)" in redis["spec"]["template"]["spec"]["containers"][0]["args"]
     gpu = load_yaml(DEPLOY / "k8s/titans-gpu.yaml")
     assert gpu["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == 1
+    env = {e["name"]: e.get("value") for e in gpu["spec"]["template"]["spec"]["containers"][0]["env"]}
+    settings = Settings(device=env["TITANS_DEVICE"], weights=env["TITANS_WEIGHTS"],
+                        decode_graphs=env["TITANS_DECODE_GRAPHS"])  # values the server accepts
+    assert (settings.device, settings.weights, settings.decode_graphs) == ("cuda", "bf16", "cuda")
 
 
 def test_nginx_routes_sessions_by_header_and_streams():
