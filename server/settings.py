@@ -59,6 +59,9 @@ class Settings(BaseSettings):
 
     max_prompt_tokens: int = Field(16384, gt=0)
     max_output_tokens: int = Field(4096, gt=0)
+    default_max_tokens: int = Field(256, gt=0, description="max_tokens of a chat completion that names none (at most "
+                                                           "max_output_tokens): a reply the model never ends stops "
+                                                           "there instead of filling the session's memory")
     max_waiting: int = Field(256, ge=0, description="queued requests beyond this get 429")
     max_running: int = Field(32, gt=0, description="sessions decoding together in one batch")
     prefill_chunk: int = Field(512, gt=0, description="prompt tokens a session reads per engine step")

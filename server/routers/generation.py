@@ -239,7 +239,7 @@ async def chat_completions(request: Request, req: ChatCompletionRequest, rt: Run
     except ValueError as e:
         raise APIError(400, str(e), "invalid_content", "messages") from e
     limit = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
-    max_tokens = rt.settings.max_output_tokens if limit is None else limit
+    max_tokens = min(rt.settings.default_max_tokens, rt.settings.max_output_tokens) if limit is None else limit
     prompt_ids = await rt.encode(text)
     return await respond(request, rt, tenant, req, session_binding(req.session_id, x_session_id), prompt_ids,
                          max_tokens, chat=True, idempotency_key=idempotency_key)

@@ -58,6 +58,16 @@ def test_openai_sdk_streams_chat_and_completions_with_usage(server):
     assert done.choices[0].message.role == "assistant" and done.usage.completion_tokens == 3
 
 
+def test_a_chat_without_max_tokens_stops_at_the_server_default(client):
+    from server.settings import Settings
+
+    body = {"messages": [{"role": "user", "content": "hello"}], "temperature": 0}
+    done = client.post("/v1/chat/completions", json=body).json()
+    used, reason, default = done["usage"]["completion_tokens"], done["choices"][0]["finish_reason"], \
+        Settings().default_max_tokens
+    assert used == default and reason == "length" or used < default and reason == "stop", done
+
+
 def test_sse_framing_matches_vllm_byte_for_byte(client):
     body = {"messages": [{"role": "user", "content": "hello"}], "max_tokens": 3, "stream": True,
             "stream_options": {"include_usage": True}, "temperature": 0}
