@@ -16,7 +16,7 @@ log = logging.getLogger("titans.server")
 
 TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
          404: "not_found_error", 405: "invalid_request_error", 409: "conflict_error", 413: "invalid_request_error",
-         422: "invalid_request_error", 429: "rate_limit_error", 503: "unavailable_error"}
+         415: "invalid_request_error", 422: "invalid_request_error", 429: "rate_limit_error", 503: "unavailable_error"}
 
 
 class APIError(Exception):
@@ -75,6 +75,12 @@ def install_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError):
         first = exc.errors()[0] if exc.errors() else {}
+        content_type = request.headers.get("content-type", "")
+        if tuple(first.get("loc", ())) == ("body",) and "json" not in content_type.lower():
+            # FastAPI reads a body as JSON only when it says so: otherwise every field seems missing
+            message = (f"the body must be JSON sent with 'Content-Type: application/json' (this request's content "
+                       f"type: {content_type or 'none'})")
+            return JSONResponse(error_body(415, message, "unsupported_media_type"), status_code=415)
         # a JSON syntax error's loc ends in a character offset, not a field: no param then
         where = [] if first.get("type") == "json_invalid" else [str(p) for p in first.get("loc", ()) if p != "body"]
         message = "; ".join(describe(e) for e in exc.errors()[:5])

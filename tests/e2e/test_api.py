@@ -117,6 +117,11 @@ def test_models_health_ready_metrics(client):
                  "titans_request_inference_time_seconds_count", "titans_snapshot_cache_bytes"):
         assert name in metrics, name
     assert sid not in metrics  # never a session id as a label
+    from prometheus_client.parser import text_string_to_metric_families
+
+    labels = {name for family in text_string_to_metric_families(metrics) if family.name.startswith("titans_")
+              for sample in family.samples for name in sample.labels}
+    assert labels <= {"model_name", "le", "finished_reason", "op", "reason"}, labels  # as the README says
     assert client.get("/openapi.json").status_code == 200 and client.get("/docs").status_code == 200
 
 
@@ -343,6 +348,8 @@ def test_concurrent_sessions_are_batched_and_each_gets_its_own_answer(client, se
     ({"json": {"prompt": "x", "logprobs": 2}}, 400, "invalid_request"),
     ({"json": {"prompt": "x", "seed": 2**64}}, 400, "invalid_request"),
     ({"json": {"prompt": [-1], "echo": True}}, 400, "invalid_token"),
+    ({"content": b'{"prompt": "x"}'}, 415, "unsupported_media_type"),  # JSON, but not said to be
+    ({"content": b"x", "headers": {"content-type": "text/plain"}}, 415, "unsupported_media_type"),
 ])
 def test_bad_requests_get_the_right_status_and_envelope(client, kwargs, status, code):
     assert_error(client.post("/v1/completions", **kwargs), status, code)
@@ -357,4 +364,8 @@ def test_bad_session_requests(client):
     assert_error(client.get("/v1/sessions", params={"limit": 0}), 400)
     assert_error(client.post("/v1/sessions/unknown/fork"), 404)
     assert_error(client.post("/v1/sessions/import", content=b""), 400)
+    sid = new_session(client)["id"]
+    refused = client.post(f"/v1/sessions/{sid}/memorize", content=b'{"text": "hi"}')
+    assert_error(refused, 415, "unsupported_media_type")
+    assert "Content-Type: application/json" in refused.json()["error"]["message"]
     assert_error(client.get("/v1/nothing-here"), 404)
