@@ -11,13 +11,14 @@ import time
 
 import torch
 from fastapi import FastAPI
+from fastapi.staticfiles import StaticFiles
 
 from server.deps import tenant_of
 from server.engine_process import EngineClient, EngineOptions, freeze_garbage_collector, pin_this_process, plan_cpus
 from server.errors import APIError, error_response, install_handlers
 from server.metrics import Metrics
 from server.quotas import Quotas
-from server.routers import generation, health, models, sessions
+from server.routers import docs, generation, health, models, sessions
 from server.runtime import Runtime
 from server.settings import Settings
 from server.store import StoreLimits, StoreOptions, open_store, redact_url
@@ -55,8 +56,8 @@ def load_runtime(settings: Settings) -> Runtime:
 
 
 IMPORT_PATH = "/v1/sessions/import"
-PUBLIC_PATHS = frozenset({"/health", "/ready", "/metrics", "/docs", "/docs/oauth2-redirect", "/redoc",
-                          "/openapi.json"})
+PUBLIC_PATHS = frozenset({"/health", "/ready", "/metrics", "/docs", "/openapi.json"})
+PUBLIC_PREFIXES = ("/static/",)  # the page assets the public /docs loads
 
 
 class Gate:
@@ -76,7 +77,7 @@ class Gate:
         headers = dict(scope["headers"])
         path = scope["path"]
         try:
-            if path not in PUBLIC_PATHS:
+            if path not in PUBLIC_PATHS and not path.startswith(PUBLIC_PREFIXES):
                 tenant = tenant_of(headers.get(b"authorization", b"").decode("latin-1") or None, self.keys)
                 runtime = scope["app"].state.runtime
                 if runtime is not None:
@@ -132,7 +133,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             rt.core.stop()
             await rt.store.close()
 
-    app = FastAPI(title="Titans Server", version="0.1.0", lifespan=lifespan,
+    app = FastAPI(title="Titans Server", version="0.1.0", lifespan=lifespan, docs_url=None, redoc_url=None,
                   description="OpenAI-compatible completions over per-session neural long-term memory.")
     app.state.runtime = None
     app.state.tenants_by_key = settings.tenants_by_key()
@@ -140,6 +141,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     app.add_middleware(Gate, tenants_by_key=app.state.tenants_by_key, json_limit=settings.max_json_body_bytes,
                        import_limit=settings.max_body_bytes)
-    for module in (generation, sessions, models, health):
+    for module in (generation, sessions, models, health, docs):
         app.include_router(module.router)
+    app.mount("/static", StaticFiles(directory=docs.STATIC), name="static")
     return app

@@ -122,7 +122,21 @@ def test_models_health_ready_metrics(client):
     labels = {name for family in text_string_to_metric_families(metrics) if family.name.startswith("titans_")
               for sample in family.samples for name in sample.labels}
     assert labels <= {"model_name", "le", "finished_reason", "op", "reason"}, labels  # as the README says
-    assert client.get("/openapi.json").status_code == 200 and client.get("/docs").status_code == 200
+    assert client.get("/openapi.json").status_code == 200
+
+
+def test_the_docs_page_loads_nothing_from_outside(client):
+    import re
+
+    page = client.get("/docs")
+    assert page.status_code == 200 and "/openapi.json" in page.text
+    assets = re.findall(r'(?:src|href)="([^"]+)"', page.text)
+    assert assets and not [a for a in assets if a.startswith(("http:", "https:", "//"))], assets
+    for asset in assets:
+        if not asset.startswith("data:"):
+            served = client.get(asset)
+            assert served.status_code == 200 and len(served.content) > 10_000, asset  # the real bundle
+    assert client.get("/redoc").status_code == 404  # FastAPI's own page loads its script from a CDN
 
 
 # --- memory continuity -----------------------------------------------------------------------------------------

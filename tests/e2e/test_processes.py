@@ -93,7 +93,7 @@ def test_api_keys_map_to_tenants_that_cannot_see_each_other(model_dir, tmp_path)
         assert [s["id"] for s in a.get("/v1/sessions").json()["data"]] == [sid]
         assert_error(anon.get("/v1/models"), 401, "invalid_api_key")
         assert_error(wrong.post("/v1/completions", json={"prompt": "x"}), 401, "invalid_api_key")
-        for public in ("/health", "/ready", "/metrics", "/docs"):
+        for public in ("/health", "/ready", "/metrics", "/docs", "/static/swagger-ui/swagger-ui.css"):
             assert anon.get(public).status_code == 200, public
         assert a.get(f"/v1/sessions/{sid}").json()["version"] == 2
         for client in (a, b, anon, wrong):
