@@ -195,3 +195,15 @@ def test_dockerfile_install_and_entrypoint_serve_a_request(tmp_path):
                        clean_env=True) as srv:
         r = httpx.post(srv.url + "/v1/completions", json={"prompt": "def ", "max_tokens": 3}, timeout=30)
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 3
+
+
+def test_setup_installs_once_and_quietly():
+    # bin/serve runs bin/setup first: with nothing changed it must not run pip again (a second install took 17 s
+    # before `titans serve --help` answered)
+    first = subprocess.run(["bash", "bin/setup"], cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert first.returncode == 0, first.stderr
+    log = ROOT / ".venv/setup.log"
+    before = log.stat().st_mtime_ns if log.exists() else None
+    again = subprocess.run(["bash", "bin/setup"], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert again.returncode == 0 and again.stdout == again.stderr == "", again
+    assert (log.stat().st_mtime_ns if log.exists() else None) == before
