@@ -105,12 +105,14 @@ async def test_async_client(server):
 
 def test_chat_cli_commands(server, tmp_path):
     out = io.StringIO()
-    commands = ["/surprise on", "hello there", "/session", "/fork", f"/export {tmp_path / 'm.safetensors'}", "/reset",
-                "/bogus", "/quit"]
+    commands = ["/help", "/surprise on", "hello there", "/session", "/fork", f"/export {tmp_path / 'm.safetensors'}",
+                "/reset", "/bogus", "/quit"]
     script = "\n".join(commands) + "\n"
     assert chat_main(["--url", server.url, "--max-tokens", "3"], stdin=io.StringIO(script), out=out) == 0
     text = out.getvalue()
     for expected in ("[session ", "[surprise on]", "[mean surprise", "tokens seen]", "[forked ", "[exported ",
-                     "[memory reset: version", "[unknown command /bogus"):
+                     "[memory reset: version", "[unknown command /bogus", "/export FILE", "\ntitans> ",
+                     "[cut at 3 tokens"):
         assert expected in text, (expected, text)
+    assert "you> " not in text  # a prompt only when a person types
     assert (tmp_path / "m.safetensors").stat().st_size > 0

@@ -7,7 +7,7 @@ Each turn sends only the new message: the session's memory holds the conversatio
     /fork             continue in a copy of this session (the original stays as it is)
     /export FILE      save the session's memory to FILE
     /surprise on|off  show the mean surprise of each reply (how new the text was to the memory)
-    /session          show the session;   /quit  leave
+    /session          show the session;   /help  this list;   /quit  leave
 """
 
 from __future__ import annotations
@@ -19,6 +19,9 @@ import sys
 from ._core import TitansError, chunk_text
 from .client import DEFAULT_URL, Client
 
+PROMPT, REPLY = "you> ", "titans> "
+HELP = __doc__.split("Commands:\n", 1)[1].rstrip()
+
 
 def run_command(client: Client, line: str, state: dict, out) -> bool:
     """Handle one /command; returns False to quit."""
@@ -26,7 +29,9 @@ def run_command(client: Client, line: str, state: dict, out) -> bool:
     sid = state["session"]
     if cmd in ("/quit", "/exit"):
         return False
-    if cmd == "/reset":
+    if cmd == "/help":
+        print(HELP, file=out)
+    elif cmd == "/reset":
         s = client.reset_session(sid)
         print(f"[memory reset: version {s.version}]", file=out)
     elif cmd == "/fork":
@@ -46,18 +51,24 @@ def run_command(client: Client, line: str, state: dict, out) -> bool:
         s = client.get_session(sid)
         print(f"[session {s.id}: version {s.version}, {s.tokens_seen} tokens seen]", file=out)
     else:
-        print(f"[unknown command {cmd}; try /reset /fork /export FILE /surprise on|off /session /quit]", file=out)
+        print(f"[unknown command {cmd}; /help lists them]", file=out)
     return True
 
 
-def chat_turn(client: Client, text: str, state: dict, out, **options) -> None:
+def chat_turn(client: Client, text: str, state: dict, out, max_tokens: int, **options) -> None:
+    """The reply streamed under its label, then a note if it was cut at max_tokens."""
     surprise: list[float] = []
+    finish = None
+    print(REPLY, end="", file=out, flush=True)
     for chunk in client.stream_chat([{"role": "user", "content": text}], session_id=state["session"],
-                                    return_surprise=state["surprise"], **options):
+                                    return_surprise=state["surprise"], max_tokens=max_tokens, **options):
         print(chunk_text(chunk), end="", file=out, flush=True)
         if chunk.get("choices"):
             surprise += chunk["choices"][0].get("surprise") or []
+            finish = chunk["choices"][0].get("finish_reason") or finish
     print(file=out)
+    if finish == "length":
+        print(f"[cut at {max_tokens} tokens: --max-tokens sets the limit]", file=out)
     if state["surprise"] and surprise:
         print(f"[mean surprise {sum(surprise) / len(surprise):.3f} over {len(surprise)} tokens]", file=out)
 
@@ -79,8 +90,14 @@ def main(argv: list[str] | None = None, stdin=None, out=None) -> int:
             print(f"error: {e}", file=sys.stderr)
             return 1
         state = {"session": sid, "surprise": False}
-        print(f"[session {sid}; /quit to leave]", file=out)
-        for line in stdin:
+        print(f"[session {sid}; /help lists the commands, /quit leaves]", file=out)
+        interactive = stdin.isatty()
+        while True:
+            if interactive:
+                print(PROMPT, end="", file=out, flush=True)
+            line = stdin.readline()
+            if not line:
+                break
             line = line.rstrip("\n")
             if not line.strip():
                 continue
