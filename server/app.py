@@ -18,7 +18,7 @@ from server.engine_process import EngineClient, EngineOptions, freeze_garbage_co
 from server.errors import APIError, error_response, install_handlers
 from server.metrics import Metrics
 from server.quotas import Quotas
-from server.routers import docs, generation, health, models, sessions
+from server.routers import docs, generation, health, models, playground, sessions
 from server.runtime import Runtime
 from server.settings import Settings
 from server.store import StoreLimits, StoreOptions, open_store, redact_url
@@ -56,8 +56,8 @@ def load_runtime(settings: Settings) -> Runtime:
 
 
 IMPORT_PATH = "/v1/sessions/import"
-PUBLIC_PATHS = frozenset({"/health", "/ready", "/metrics", "/docs", "/openapi.json"})
-PUBLIC_PREFIXES = ("/static/",)  # the page assets the public /docs loads
+PUBLIC_PATHS = frozenset({"/", "/health", "/ready", "/metrics", "/docs", "/openapi.json"})
+PUBLIC_PREFIXES = ("/static/",)  # the assets of the public pages (/, /docs)
 
 
 class Gate:
@@ -141,7 +141,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     app.add_middleware(Gate, tenants_by_key=app.state.tenants_by_key, json_limit=settings.max_json_body_bytes,
                        import_limit=settings.max_body_bytes)
-    for module in (generation, sessions, models, health, docs):
+    for module in (generation, sessions, models, health, docs, playground):
         app.include_router(module.router)
     app.mount("/static", StaticFiles(directory=docs.STATIC), name="static")
     return app
