@@ -263,26 +263,39 @@ async function compare(prompt) {
     return streamInto(out, "/v1/completions", body);
   });
   await Promise.all(runs);
+  say("both answered; neither remembers the prompt");
 }
 
 // --- the recall demo ------------------------------------------------------------------------------------------
 
-function randomWords(bytes) {
-  const letters = "abcdefghijklmnopqrstuvwxyz";
+// A seeded generator (mulberry32), so a demo can be run again as it was; no seed: Math.random.
+function generator(seed) {
+  if (!seed) return Math.random;
+  let s = seed >>> 0;
+  return () => {
+    s = (s + 0x6D2B79F5) >>> 0;
+    let t = Math.imul(s ^ (s >>> 15), 1 | s);
+    t = (t + Math.imul(t ^ (t >>> 7), 61 | t)) ^ t;
+    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
+  };
+}
+
+const LETTERS = "abcdefghijklmnopqrstuvwxyz";
+
+function randomWords(random, bytes) {
   let text = "";
   while (text.length < bytes) {
-    const length = 2 + Math.floor(Math.random() * 7);
-    for (let i = 0; i < length; i++) text += letters[Math.floor(Math.random() * 26)];
+    const length = 2 + Math.floor(random() * 7);
+    for (let i = 0; i < length; i++) text += LETTERS[Math.floor(random() * 26)];
     text += " ";
   }
   return text.slice(0, bytes);
 }
 
-function randomFact() {
-  const letters = "abcdefghijklmnopqrstuvwxyz";
+function randomFact(random) {
   let key = "", value = "";
-  for (let i = 0; i < 4; i++) key += letters[Math.floor(Math.random() * 26)];
-  for (let i = 0; i < 4; i++) value += String(Math.floor(Math.random() * 10));
+  for (let i = 0; i < 4; i++) key += LETTERS[Math.floor(random() * 26)];
+  for (let i = 0; i < 4; i++) value += String(Math.floor(random() * 10));
   return { key, value };
 }
 
@@ -292,7 +305,8 @@ async function answer(id, key) {
   return done.choices[0].text;
 }
 
-async function demo(count, fillerBytes) {
+async function demo(count, fillerBytes, seed) {
+  const random = generator(seed);
   const progress = $("demo-progress"), rows = $("demo-table").tBodies[0];
   progress.hidden = false;
   progress.value = 0;
@@ -300,9 +314,9 @@ async function demo(count, fillerBytes) {
   $("demo-table").hidden = true;
   $("demo-summary").textContent = "";
   const memory = await createSession("recall demo"), control = await createSession("recall demo: reset control");
-  const facts = Array.from({ length: count }, randomFact);
+  const facts = Array.from({ length: count }, () => randomFact(random));
   await api("POST", `/v1/sessions/${memory.id}/memorize`, { text: facts.map((f) => `#${f.key}=${f.value};`).join("") });
-  const filler = randomWords(fillerBytes);
+  const filler = randomWords(random, fillerBytes);
   const steps = Math.ceil(filler.length / PIECE) + count;
   let step = 0;
   for (let start = 0; start < filler.length; start += PIECE) {
@@ -404,7 +418,8 @@ function start() {
     if (text) await memorize(text);
   });
   on("compare-form", "submit", () => compare($("compare-prompt").value || "#"));
-  on("demo-form", "submit", () => demo(Number($("demo-facts").value), Number($("demo-filler").value)));
+  on("demo-form", "submit", () => demo(Number($("demo-facts").value), Number($("demo-filler").value),
+                                       Number($("demo-seed").value)));
   run(loadSessions);
 }
 
