@@ -142,7 +142,16 @@ def test_side_by_side_and_plain_errors(browser, server):
     assert text(browser, "compare-left-title").endswith("v2") and text(browser, "compare-right-title") == "fresh memory"
     assert text(browser, "d-version") == "2"  # neither side remembered the prompt
     browser.save_screenshot(str(SHOTS / "5-side-by-side.png"))
-    # an API error in plain words: a session deleted behind the page's back is not found
+    # API errors in plain words: a session busy with a reply cannot be reset meanwhile (409)
+    browser.find_element(By.ID, "max-tokens").clear()
+    browser.find_element(By.ID, "max-tokens").send_keys("3000")
+    browser.find_element(By.ID, "chat-input").send_keys("tell me a long story")
+    browser.find_element(By.CSS_SELECTOR, "#chat-form button[type=submit]").click()
+    wait(browser, lambda d: len(d.find_elements(By.CSS_SELECTOR, "#transcript .reply .tok")) > 5)
+    browser.find_element(By.ID, "reset").click()
+    wait(browser, lambda d: text(d, "status").startswith("This session is busy"))
+    wait(browser, lambda d: text(d, "d-version") == "3", seconds=120)  # the long reply ends and is committed
+    # and a session deleted behind the page's back is not found
     assert httpx.delete(f"{server.url}/v1/sessions/{sid}").status_code == 200
     browser.find_element(By.ID, "reset").click()
     wait(browser, lambda d: text(d, "status").startswith("Not found"))
