@@ -1,7 +1,10 @@
-"""Tokenizers: byte-level (the default, vocabulary = the 256 byte values) or a `tokenizers` tokenizer.json."""
+"""Tokenizers: byte-level (the default, vocabulary = the 256 byte values) or a `tokenizers` tokenizer.json; and the
+chat template a model directory may carry (chat_template.json)."""
 
 from __future__ import annotations
 
+import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
@@ -59,6 +62,36 @@ def load_tokenizer(kind: str, model_dir: str | Path | None) -> Tokenizer:
     if not path.exists():
         raise FileNotFoundError(f"config says tokenizer 'tokenizers' but {path} does not exist")
     return HFTokenizer(path)
+
+
+@dataclass(frozen=True)
+class ChatTemplate:
+    """How a chat's messages become a prompt: each message as `message` with {role} and {content} filled in, then
+    `reply` (the assistant's turn begins); the reply ends at any of `stop` (where the next turn's marker begins)."""
+    message: str = "<|{role}|>\n{content}\n"
+    reply: str = "<|assistant|>\n"
+    stop: tuple[str, ...] = ("<|",)
+
+    def render(self, messages: list[tuple[str, str]]) -> str:
+        """(role, content) pairs -> the prompt."""
+        return "".join(self.message.format(role=role, content=content) for role, content in messages) + self.reply
+
+    @classmethod
+    def load(cls, model_dir: str | Path | None) -> ChatTemplate:
+        """The model directory's chat_template.json ({"message", "reply", "stop"}, each optional), or the default."""
+        path = Path(model_dir) / "chat_template.json" if model_dir is not None else None
+        if path is None or not path.exists():
+            return cls()
+        spec = json.loads(path.read_text())
+        unknown = set(spec) - {"message", "reply", "stop"}
+        if unknown:
+            raise ValueError(f"{path}: unknown fields {sorted(unknown)} (a template has message, reply and stop)")
+        template = cls(**{**spec, "stop": tuple(spec.get("stop", cls.stop))})
+        try:  # a template with other {fields} fails here, at load, not in a request
+            template.render([("user", "check")])
+        except (KeyError, IndexError) as e:
+            raise ValueError(f"{path}: the template names {{{e.args[0]}}}; it may use {{role}} and {{content}}") from e
+        return template
 
 
 class StreamDecoder:

@@ -57,7 +57,7 @@ from engine.core import (
     TokenEvent,
 )
 from engine.state import read_snapshot
-from engine.tokenizer import Tokenizer, load_tokenizer
+from engine.tokenizer import ChatTemplate, Tokenizer, load_tokenizer
 from server.metrics import Metrics
 
 log = logging.getLogger("titans.engine")
@@ -381,12 +381,14 @@ class ModelInfo:
     tokenizer: Tokenizer
     fingerprint: str
     template: dict[str, torch.Tensor]
+    chat: ChatTemplate
 
     @classmethod
     def of(cls, model_dir: str, ready: Ready) -> ModelInfo:
         config = ModelConfig.load(model_dir)
         template = {k: v.clone() for k, v in load_safetensors(ready.fresh_snapshot).items()}
-        return cls(config, load_tokenizer(config.tokenizer, model_dir), ready.fingerprint, template)
+        return cls(config, load_tokenizer(config.tokenizer, model_dir), ready.fingerprint, template,
+                   ChatTemplate.load(model_dir))
 
     def new_state(self) -> SessionState:
         return SessionState.fresh(self.template, self.fingerprint)

@@ -26,13 +26,6 @@ from server.runtime import Replay, Runtime
 
 router = APIRouter(prefix="/v1", tags=["generation"])
 
-CHAT_STOP = "<|"  # a role marker begins: the assistant's turn is over
-
-
-def render_chat(messages) -> str:
-    """The chat template: each message as `<|role|>\\n{content}\\n`, then `<|assistant|>\\n` to answer.
-    In a session only the new messages are sent: the memory holds the conversation so far."""
-    return "".join(f"<|{m.role}|>\n{m.text()}\n" for m in messages) + "<|assistant|>\n"
 
 
 def compact(value) -> str:
@@ -107,7 +100,7 @@ async def respond(request: Request, rt: Runtime, tenant: str, req: SamplingField
                   idempotency_key: str | None = None):
     rt.check_served_model(req.model)
     try:
-        params = req.sampling(max_tokens, (CHAT_STOP,) if chat else ())
+        params = req.sampling(max_tokens, rt.model.chat.stop if chat else ())
     except ValueError as e:
         raise APIError(400, str(e), "invalid_sampling") from e
     # a client that leaves aborts its job at once (even during a long prefill): nothing is committed
@@ -235,7 +228,9 @@ async def chat_completions(request: Request, req: ChatCompletionRequest, rt: Run
                            tenant: str = Depends(get_tenant), x_session_id: str | None = Header(None),
                            idempotency_key: str | None = Header(None)):
     try:
-        text = render_chat(req.messages)
+        # the model directory's template (engine.tokenizer.ChatTemplate). In a session only the new messages are
+        # sent: the memory holds the conversation so far
+        text = rt.model.chat.render([(m.role, m.text()) for m in req.messages])
     except ValueError as e:
         raise APIError(400, str(e), "invalid_content", "messages") from e
     limit = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens

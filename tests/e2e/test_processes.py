@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import signal
@@ -312,3 +313,21 @@ def test_two_servers_on_a_redis_cluster_serve_each_others_sessions_across_slots(
         with redis.Redis(port=node.port) as master:
             holding.append(master.dbsize() > 0)
     assert sum(holding) > 1
+
+
+def test_a_model_directory_brings_its_chat_template(model_dir, tmp_path):
+    templated = tmp_path / "templated"
+    shutil.copytree(model_dir, templated)
+    (templated / "chat_template.json").write_text(json.dumps(
+        {"message": "### {role}: {content}\n", "reply": "### assistant: ", "stop": ["###", "\n\n"]}))
+    with ServerProcess(templated, f"sqlite:///{tmp_path}/sessions.db") as srv, httpx.Client(base_url=srv.url) as c:
+        messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hello"}]
+        done = c.post("/v1/chat/completions", json={"messages": messages, "max_tokens": 40, "temperature": 0})
+        rendered = "### system: be brief\n### user: hello\n### assistant: "
+        assert done.status_code == 200 and done.json()["usage"]["prompt_tokens"] == len(rendered.encode())
+        reply = done.json()["choices"][0]["message"]["content"]
+        assert "###" not in reply and "\n\n" not in reply  # the template's stops end a reply
+    (templated / "chat_template.json").write_text(json.dumps({"message": "{speaker}: {content}"}))
+    # a broken template stops the server at start, saying why
+    with pytest.raises(RuntimeError, match=r"names \{speaker\}; it may use \{role\} and \{content\}"):
+        ServerProcess(templated, f"sqlite:///{tmp_path}/other.db").start(timeout=60)
