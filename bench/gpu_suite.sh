@@ -7,7 +7,8 @@
 #   bash bench/gpu_suite.sh --dry-run                         # the rehearsal: every section, tiny, on this CPU
 # Sections: the GPU tests (tensor-core tolerances, CUDA-graph decode = plain decode); kernels (correctness at each
 # precision, then prefill against titans-pytorch and fla's chunked gated delta rule, decode against fla's recurrent
-# step, copy bandwidth); engine decode at N = 1 ... 1,024 with and without CUDA graphs; HTTP serving at N = 1 ... 256.
+# step, copy bandwidth); engine decode at N = 1 ... 1,024 with and without CUDA graphs; HTTP serving at N = 1 ... 256;
+# 1,024 sessions told text in rounds through one server, none lost.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-bench/results/gpu}"
@@ -42,12 +43,16 @@ if [[ $DRY == 1 ]]; then
     section kernels 300 "$PY" bench/kernels_gpu.py --dry-run --out "$OUT/kernels_gpu.json"
     section decode 300 "$PY" bench/decode_gpu.py --dry-run --out "$OUT/decode_gpu.json"
     section serve 300 "$PY" bench/serve.py --sessions 1 2 --tokens 4 --rounds 1 --pairs 1 --out "$OUT/serve.json"
+    section sessions 300 "$PY" bench/many_sessions.py --sessions 32 --concurrency 8 --text-bytes 32 \
+        --max-running 4 --max-waiting 4 --out "$OUT/many_sessions.json"
 else
-    section tests 75 "$PY" -m pytest -q -p no:cacheprovider tests/kernels/test_precision.py \
+    section tests 60 "$PY" -m pytest -q -p no:cacheprovider tests/kernels/test_precision.py \
         tests/engine/test_decode_graphs.py -k "not static_buffer"
-    section kernels 200 "$PY" bench/kernels_gpu.py --out "$OUT/kernels_gpu.json"
-    section decode 90 "$PY" bench/decode_gpu.py --out "$OUT/decode_gpu.json"
-    section serve 120 "$PY" bench/serve.py --sessions 1 16 64 256 --tokens 32 --rounds 1 --pairs 2 \
+    section kernels 170 "$PY" bench/kernels_gpu.py --out "$OUT/kernels_gpu.json"
+    section decode 70 "$PY" bench/decode_gpu.py --out "$OUT/decode_gpu.json"
+    section serve 90 "$PY" bench/serve.py --sessions 1 16 64 256 --tokens 32 --rounds 1 --pairs 2 \
         --out "$OUT/serve.json"
+    section sessions 80 "$PY" bench/many_sessions.py --sessions 1024 --concurrency 256 --text-bytes 256 \
+        --max-running 256 --max-waiting 256 --out "$OUT/many_sessions.json"
 fi
 echo "done: $OUT" | tee -a "$log"

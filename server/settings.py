@@ -21,6 +21,10 @@ class Settings(BaseSettings):
     store: str = Field("sqlite:///./data/sessions.db", description="sqlite:///path.db or redis://host:port/db")
     host: str = "127.0.0.1"
     port: int = 8000
+    keep_alive_s: float = Field(75.0, gt=0, description="how long an idle client connection is kept open: longer than "
+                                                        "clients keep pooled connections (httpx and the openai SDK: "
+                                                        "5 s), so a client never sends a request on a connection the "
+                                                        "server is closing (it would see a reset it cannot retry)")
     # "KEY" or "KEY:TENANT", comma-separated in TITANS_API_KEYS; a key without a tenant is its own tenant
     api_keys: Annotated[tuple[str, ...], NoDecode] = ()
     api_keys_file: Path | None = Field(None, description="a file of API keys, one KEY[:TENANT] a line ('#' "

@@ -142,7 +142,7 @@ def serve(args: argparse.Namespace) -> int:
         logging.getLogger("titans.server").warning(
             "API keys given with --api-key can be read in the process list; prefer --api-keys-file")
     uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=args.log_level,
-                timeout_graceful_shutdown=10)
+                timeout_graceful_shutdown=10, timeout_keep_alive=settings.keep_alive_s)
     return 0
 
 

@@ -383,3 +383,22 @@ def test_bad_session_requests(client):
     assert_error(refused, 415, "unsupported_media_type")
     assert "Content-Type: application/json" in refused.json()["error"]["message"]
     assert_error(client.get("/v1/nothing-here"), 404)
+
+
+def test_an_idle_connection_outlives_a_client_pool_s_expiry(server):
+    # httpx (and the openai SDK over it) reuses a pooled connection for up to 5 s idle: a server that closed it
+    # first would make a request sent meanwhile fail with a reset (seen under load: bench/many_sessions.py)
+    import http.client
+    from urllib.parse import urlparse
+
+    url = urlparse(server.url)
+    connection = http.client.HTTPConnection(url.hostname, url.port, timeout=30)
+    connection.request("GET", "/health")
+    first = connection.getresponse()
+    first.read()
+    socket = connection.sock
+    assert first.status == 200 and socket is not None
+    time.sleep(6)  # past uvicorn's default keep-alive (5 s), far inside --keep-alive-s (75 s)
+    connection.request("GET", "/health")  # on a socket the server closed this raises RemoteDisconnected
+    assert connection.getresponse().status == 200 and connection.sock is socket
+    connection.close()
