@@ -2,10 +2,11 @@
 step in the same run, and the share of the card's copy bandwidth the step's state traffic reaches.
 
 A SessionBatch of N sessions (each prefilled with one memory chunk of tokens) decodes one token per session per
-step; both engines (Engine decode_graphs "cuda" and "off") load the same model and run the same tokens, each N's
-steps interleaved in blocks so the card's noise falls on both. Per step the memory's weights of every session are
-read once (and its momentum too, at the step that ends a chunk), so state bytes / step time is the achieved stream,
-set against a large device-to-device copy measured in the same run.
+step; both engines (Engine decode_graphs "cuda" and "off") load the same model and run the same tokens, in blocks
+taken in turn (graphs, plain, graphs, ...) so the card's noise falls on both; a block is a whole number of MAC
+segments and memory chunks (so each pays its chunk and segment ends), and the median block is reported. Per step
+the memory's weights of every session are read once (and its momentum too, at the step that ends a chunk), so
+state bytes / step time is the achieved stream, set against a large device-to-device copy measured in the same run.
 
     python bench/decode_gpu.py --out $OUT/decode_gpu.json          # the default model and small-mac, on CUDA
     python bench/decode_gpu.py --dry-run                            # the whole script, tiny, on the CPU
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -46,21 +48,21 @@ def copy_gb_s(device: torch.device, elements: int) -> float:
     return 2 * 4 * elements * 5 / (time.perf_counter() - start) / 1e9
 
 
-def step_seconds(engine: Engine, sessions: int, steps: int, blocks: int) -> list[float]:
-    """Seconds per decode step, one value per block of `steps` steps (after one warm-up block)."""
+def decoder(engine: Engine, sessions: int):
+    """A running batch of `sessions`, prefilled one chunk; calling it times `steps` decode steps (seconds each)."""
     batch = SessionBatch(engine, [engine.new_state()] * sessions, capacity=sessions)
     batch.forward([list(range(engine.config.chunk_size))] * sessions)
     token = [[7]] * sessions
-    times = []
-    for block in range(blocks + 1):
+
+    def block(steps: int) -> float:
         synchronize(engine.device)
         start = time.perf_counter()
         for _ in range(steps):
             batch.forward(token)
         synchronize(engine.device)
-        if block:
-            times.append((time.perf_counter() - start) / steps)
-    return times
+        return (time.perf_counter() - start) / steps
+
+    return block
 
 
 def load(name: str, device: torch.device, decode_graphs: str) -> Engine:
@@ -98,9 +100,18 @@ def main() -> int:
         state_bytes = sum(t.numel() * t.element_size() for t in engines["plain"].state_template.values())
         memory_bytes = sum(t.numel() * t.element_size() for k, t in engines["plain"].state_template.items()
                            if k.rsplit(".", 1)[-1].startswith("W"))
+        cfg = engines["plain"].config
+        period = max(cfg.chunk_size, cfg.segment_size if cfg.variant == "mac" else 1)
+        steps = max(1, args.steps // period) * period
         for n in sessions:
-            runs = {mode: step_seconds(engine, n, args.steps, args.blocks) for mode, engine in engines.items()}
-            best = {mode: min(times) for mode, times in runs.items()}
+            blocks = {mode: decoder(engine, n) for mode, engine in engines.items()}
+            times = {mode: [] for mode in blocks}
+            for turn in range(args.blocks + 1):  # the first turn warms up (compiles, captures)
+                for mode, block in blocks.items():
+                    seconds = block(steps)
+                    if turn:
+                        times[mode].append(seconds)
+            best = {mode: statistics.median(t) for mode, t in times.items()}
             results["rows"].append({
                 "model": Path(name).name, "sessions": n, "state_bytes_per_session": state_bytes,
                 "graphs_us": 1e6 * best["graphs"], "plain_us": 1e6 * best["plain"],

@@ -19,5 +19,6 @@ rm -rf .gpu-wheels && mkdir .gpu-wheels
     fastapi==0.165.0 starlette==1.10.0 uvicorn==0.55.0 pydantic==2.14.4 pydantic-core==2.50.5 \
     pydantic-settings==2.16.3 python-dotenv==1.2.4 annotated-types==0.8.0 typing-inspection==0.4.5 \
     anyio==4.16.0 sniffio==1.3.1 idna==3.21 h11==0.16.0 click==8.5.1 httpx==0.29.0 httpcore==1.0.9 \
-    certifi==2026.10.19.post1 prometheus-client==0.26.0 redis==8.2.0 typing-extensions==4.16.0
+    certifi==2026.10.19.post1 prometheus-client==0.26.0 redis==8.2.0 typing-extensions==4.16.0 uvloop==0.23.0 \
+    httptools==0.9.0 pytest==9.2.0 pluggy==1.7.0 iniconfig==2.3.1 pygments==2.21.0
 du -sh .gpu-wheels

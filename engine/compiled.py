@@ -148,6 +148,7 @@ class GraphDecode:
         self.device = next(iter(pool.values())).device
         self.dtype = model.embed.weight.dtype
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph | None, dict[str, Tensor]]] = {}
+        self.memory_pool = torch.cuda.graph_pool_handle() if capture else None  # one pool for every bucket's graph
 
     def bucket(self, sessions: int) -> int:
         if not 0 < sessions <= self.capacity:
@@ -174,7 +175,7 @@ class GraphDecode:
             self._run(io)
         torch.cuda.current_stream(self.device).wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+        with torch.cuda.graph(graph, pool=self.memory_pool):
             self._run(io)
         return graph, io
 

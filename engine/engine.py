@@ -72,7 +72,7 @@ class Engine:
         one session's decode step ahead of time (compiled.AotDecode).
         decode_graphs: how a SessionBatch runs its one-token decode steps (compiled.GraphDecode): "cuda" replays
         CUDA graphs; "static" runs the same step on the same static buffers without capturing (what tests check on
-        a CPU); "off" steps as any other call does; "auto" means cuda on a CUDA device, off elsewhere."""
+        a CPU); "off" (and "auto", for now: no GPU has run the capture yet) steps as any other call does."""
         if aot_decode and not compile:
             raise ValueError("aot_decode needs compile=True")
         if decode_graphs not in ("auto", "cuda", "static", "off"):
@@ -82,7 +82,7 @@ class Engine:
         self.config: ModelConfig = model.cfg
         self.model = model.to(self.device).eval()
         if decode_graphs == "auto":
-            decode_graphs = "cuda" if self.device.type == "cuda" else "off"
+            decode_graphs = "off"
         if decode_graphs == "cuda" and self.device.type != "cuda":
             raise ValueError("decode_graphs='cuda' needs a CUDA device")
         self.decode_graphs = decode_graphs

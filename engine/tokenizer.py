@@ -86,11 +86,18 @@ class ChatTemplate:
         unknown = set(spec) - {"message", "reply", "stop"}
         if unknown:
             raise ValueError(f"{path}: unknown fields {sorted(unknown)} (a template has message, reply and stop)")
-        template = cls(**{**spec, "stop": tuple(spec.get("stop", cls.stop))})
+        stop = spec.get("stop", list(cls.stop))
+        if not (isinstance(stop, list) and all(isinstance(s, str) and s for s in stop)):
+            raise ValueError(f"{path}: stop must be a list of non-empty strings, got {stop!r}")
+        if not all(isinstance(spec.get(k, ""), str) for k in ("message", "reply")):
+            raise ValueError(f"{path}: message and reply must be strings")
+        template = cls(**{**spec, "stop": tuple(stop)})
         try:  # a template with other {fields} fails here, at load, not in a request
             template.render([("user", "check")])
         except (KeyError, IndexError) as e:
             raise ValueError(f"{path}: the template names {{{e.args[0]}}}; it may use {{role}} and {{content}}") from e
+        except ValueError as e:  # a brace left open, say
+            raise ValueError(f"{path}: the template does not format: {e}") from e
         return template
 
 

@@ -61,6 +61,13 @@ def describe(error: dict) -> str:
     return f"{'.'.join(str(p) for p in loc if p != 'body') or 'body'}: {error.get('msg')}"
 
 
+def is_json(content_type: str) -> bool:
+    """Whether FastAPI reads a body of this content type as JSON: application/json or application/*+json."""
+    media = content_type.split(";", 1)[0].strip().lower()
+    main, _, sub = media.partition("/")
+    return main == "application" and (sub == "json" or sub.endswith("+json"))
+
+
 def install_handlers(app: FastAPI) -> None:
     @app.exception_handler(APIError)
     @app.exception_handler(StoreError)
@@ -76,7 +83,7 @@ def install_handlers(app: FastAPI) -> None:
     async def _validation(request: Request, exc: RequestValidationError):
         first = exc.errors()[0] if exc.errors() else {}
         content_type = request.headers.get("content-type", "")
-        if tuple(first.get("loc", ())) == ("body",) and "json" not in content_type.lower():
+        if tuple(first.get("loc", ())) == ("body",) and not is_json(content_type):
             # FastAPI reads a body as JSON only when it says so: otherwise every field seems missing
             message = (f"the body must be JSON sent with 'Content-Type: application/json' (this request's content "
                        f"type: {content_type or 'none'})")

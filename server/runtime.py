@@ -125,9 +125,13 @@ class Runtime:
 
     async def encode(self, text: str) -> list[int]:
         """Token ids of text; a long text is encoded off the event loop (a short one costs less than the hop)."""
-        if len(text) < INLINE_ENCODE_CHARS:
-            return self.model.tokenizer.encode(text)
-        return await asyncio.to_thread(self.model.tokenizer.encode, text)
+        try:
+            if len(text) < INLINE_ENCODE_CHARS:
+                return self.model.tokenizer.encode(text)
+            return await asyncio.to_thread(self.model.tokenizer.encode, text)
+        except UnicodeEncodeError as e:  # JSON may carry half of a UTF-16 pair ("\ud83d"), which no UTF-8 holds
+            raise APIError(400, f"the text holds a lone surrogate at character {e.start} (half of a character "
+                                "split from its other half): send whole characters", "invalid_text") from e
 
     async def import_bytes(self, blob: bytes) -> SessionState:
         """A snapshot from outside (SnapshotError when it is damaged, foreign or out of bounds)."""

@@ -42,8 +42,8 @@ class Settings(BaseSettings):
                                                  "time (AOTInductor; a faster single-session decode on a CPU, "
                                                  "tens of seconds more at start-up)")
     decode_graphs: Literal["auto", "cuda", "off"] = Field(
-        "auto", description="decode steps replayed from CUDA graphs captured at bucketed batch sizes (auto: on a "
-                            "CUDA device); off steps them as any other call")
+        "auto", description="cuda: decode steps replayed from CUDA graphs captured at bucketed batch sizes; off (and "
+                            "auto, until a GPU run has checked the capture) steps them as any other call")
     torch_threads: int = Field(0, ge=0, description="CPU threads of the engine process; 0: all cores but one, "
                                                      "which is left to the HTTP process")
     engine_cpus: str = Field("none", pattern=r"^(auto|none|\d+(-\d+)?(,\d+(-\d+)?)*)$",

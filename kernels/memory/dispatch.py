@@ -8,8 +8,8 @@ TITANS_KERNELS=triton on a CPU, run under TRITON_INTERPRET=1 (tests do, at tiny 
 
 TITANS_KERNEL_PRECISION=ieee | tf32 | bf16 sets the inputs of the kernels' matrix products (their sums, the
 weights, momentum and everything else stay fp32): ieee multiplies in fp32 without tensor cores; tf32 and bf16
-round the inputs to 10 and 7 bits of mantissa and run on tensor cores. Unset: tf32 on a GPU, ieee under the
-interpreter (which computes tf32 as fp32 and cannot run bf16 products).
+round the inputs to 10 and 7 bits of mantissa and run on tensor cores. Unset: ieee, until bench/gpu_suite.sh has
+checked the others on a GPU (the interpreter computes tf32 as fp32 and cannot run bf16 products).
 """
 
 from __future__ import annotations
@@ -67,8 +67,7 @@ def check_precision(precision: str) -> None:
 
 def dot_precision() -> str:
     """The precision the engine's kernels run with (module docstring)."""
-    precision = os.environ.get("TITANS_KERNEL_PRECISION") or (
-        "ieee" if os.environ.get("TRITON_INTERPRET") == "1" else "tf32")
+    precision = os.environ.get("TITANS_KERNEL_PRECISION") or "ieee"
     check_precision(precision)
     return precision
 

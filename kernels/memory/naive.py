@@ -196,8 +196,12 @@ class _BoundedGradient(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        norm = torch.linalg.vector_norm(grad, dim=(-2, -1), keepdim=True)
-        return grad * (ctx.bound / norm.clamp_min(ctx.bound)), None
+        # the norm in float64: an exploding gradient's fp32 sum of squares overflows (1e19 per element is enough);
+        # an infinite element is first clamped to the largest finite value, a NaN to zero
+        big = torch.finfo(grad.dtype).max
+        grad = torch.nan_to_num(grad, nan=0.0, posinf=big, neginf=-big)
+        norm = torch.linalg.vector_norm(grad.double(), dim=(-2, -1), keepdim=True)
+        return grad * (ctx.bound / norm.clamp_min(ctx.bound)).to(grad.dtype), None
 
 
 def bound_gradient(state: list[Tensor], bound: float | None) -> list[Tensor]:

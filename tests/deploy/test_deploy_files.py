@@ -132,7 +132,7 @@ def test_kubernetes_manifests():
     env = {e["name"]: e.get("value") for e in gpu["spec"]["template"]["spec"]["containers"][0]["env"]}
     settings = Settings(device=env["TITANS_DEVICE"], weights=env["TITANS_WEIGHTS"],
                         decode_graphs=env["TITANS_DECODE_GRAPHS"])  # values the server accepts
-    assert (settings.device, settings.weights, settings.decode_graphs) == ("cuda", "bf16", "cuda")
+    assert (settings.device, settings.weights, settings.decode_graphs) == ("cuda", "bf16", "off")
 
 
 def test_nginx_routes_sessions_by_header_and_streams():

@@ -363,6 +363,8 @@ def test_concurrent_sessions_are_batched_and_each_gets_its_own_answer(client, se
     ({"json": {"prompt": "x", "seed": 2**64}}, 400, "invalid_request"),
     ({"json": {"prompt": [-1], "echo": True}}, 400, "invalid_token"),
     ({"content": b'{"prompt": "x"}'}, 415, "unsupported_media_type"),  # JSON, but not said to be
+    ({"content": b'{"prompt": "half an emoji: \\ud83d"}', "headers": {"content-type": "application/json"}}, 400,
+     "invalid_text"),  # valid JSON, but no UTF-8 holds it
     ({"content": b"x", "headers": {"content-type": "text/plain"}}, 415, "unsupported_media_type"),
 ])
 def test_bad_requests_get_the_right_status_and_envelope(client, kwargs, status, code):

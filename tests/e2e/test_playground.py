@@ -73,6 +73,12 @@ def new_session(driver) -> str:
     return wait(driver, lambda d: text(d, "d-id"))
 
 
+def greedy(driver) -> None:
+    """Replies sampled greedily: the same reply on every run (a sampled end-of-turn marker could end one early)."""
+    driver.find_element(By.ID, "temperature").clear()
+    driver.find_element(By.ID, "temperature").send_keys("0")
+
+
 def test_a_session_remembers_streams_and_shows_surprise(browser):
     sid = new_session(browser)
     assert text(browser, "d-version") == "1" and text(browser, "d-tokens") == "0"
@@ -88,6 +94,7 @@ def test_a_session_remembers_streams_and_shows_surprise(browser):
             const replies = document.querySelectorAll('#transcript .reply');
             if (replies.length) window.growth.push(replies[replies.length - 1].querySelectorAll('.tok').length);
         }).observe(document.getElementById('transcript'), {childList: true, subtree: true});""")
+    greedy(browser)
     browser.find_element(By.ID, "max-tokens").clear()
     browser.find_element(By.ID, "max-tokens").send_keys("48")
     browser.find_element(By.ID, "chat-input").send_keys("hello, what do you remember?")
@@ -143,6 +150,7 @@ def test_side_by_side_and_plain_errors(browser, server):
     assert text(browser, "d-version") == "2"  # neither side remembered the prompt
     browser.save_screenshot(str(SHOTS / "5-side-by-side.png"))
     # API errors in plain words: a session busy with a reply cannot be reset meanwhile (409)
+    greedy(browser)
     browser.find_element(By.ID, "max-tokens").clear()
     browser.find_element(By.ID, "max-tokens").send_keys("3000")
     browser.find_element(By.ID, "chat-input").send_keys("tell me a long story")

@@ -76,7 +76,7 @@ def test_decode_graphs_are_checked():
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="needs a CUDA device"):
             engine_for(tiny("lmm"), decode_graphs="cuda")
-    assert engine_for(tiny("lmm")).decode_graphs == ("cuda" if torch.cuda.is_available() else "off")
+    assert engine_for(tiny("lmm")).decode_graphs == "off"  # asked for, until a GPU run has checked the capture
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
@@ -84,7 +84,7 @@ def test_decode_graphs_are_checked():
 def test_cuda_graph_decode_equals_the_plain_step(variant, monkeypatch):
     from engine import Engine
 
-    monkeypatch.setenv("TITANS_KERNEL_PRECISION", "ieee")  # the same products on both sides
+    monkeypatch.setenv("TITANS_KERNEL_PRECISION", "tf32")  # the products served on a GPU, on both sides
     cfg = tiny(variant)
     gen = torch.Generator().manual_seed(1)
     prompts = [tokens(n, gen) for n in (5, 9, 2, 7, 12)]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -137,3 +139,32 @@ def test_stream_decoder_releases_bytes_that_can_never_form_a_character():
     assert "\ufffd" in "".join(pieces[:6])  # out before the stream ends
     decoder = StreamDecoder(ByteTokenizer())
     assert [decoder.push(t) for t in "é!".encode()] == ["", "é", "!"]  # an incomplete character still waits
+
+
+@pytest.mark.parametrize("spec, complaint", [
+    ({"stop": "</s>"}, "stop must be a list of non-empty strings"),  # a string would stop at each of its characters
+    ({"stop": [""]}, "stop must be a list of non-empty strings"),  # every request would fail later, not the load
+    ({"message": "{role"}, "does not format"),
+    ({"message": "{speaker}: {content}"}, "names {speaker}"),
+    ({"reply": 3}, "must be strings"),
+    ({"turn": "x"}, "unknown fields"),
+])
+def test_a_chat_template_is_refused_at_load_with_a_reason(tmp_path, spec, complaint):
+    import json
+
+    from engine.tokenizer import ChatTemplate
+
+    (tmp_path / "chat_template.json").write_text(json.dumps(spec))
+    with pytest.raises(ValueError, match=re.escape(complaint)):
+        ChatTemplate.load(tmp_path)
+
+
+def test_a_chat_template_renders_messages_then_the_reply(tmp_path):
+    from engine.tokenizer import ChatTemplate
+
+    assert ChatTemplate.load(tmp_path).render([("user", "hi")]) == "<|user|>\nhi\n<|assistant|>\n"  # no file
+    spec = '{"message": "[{role}] {content}\\n", "reply": "[me] ", "stop": ["["]}'
+    (tmp_path / "chat_template.json").write_text(spec)
+    template = ChatTemplate.load(tmp_path)
+    assert template.render([("system", "a"), ("user", "b")]) == "[system] a\n[user] b\n[me] "
+    assert template.stop == ("[",)

@@ -142,3 +142,16 @@ def test_the_bound_through_chunks_changes_gradients_only_where_it_bites():
     # the chunk before the loss reaches it directly: its gradient passes through one bounded state, the earlier
     # chunks' through more, so the bound shrinks them
     assert tight[..., : -2 * b].abs().sum() < free[..., : -2 * b].abs().sum()
+
+
+def test_a_bounded_gradient_stays_bounded_when_it_overflows():
+    from kernels.memory.naive import bound_gradient
+
+    x = torch.randn(2, 1, 3, 3, requires_grad=True)
+    (y,) = bound_gradient([x], 0.5)
+    upstream = torch.randn(2, 1, 3, 3)
+    upstream[0, 0, 0, 0] = float("inf")  # what an exploding backward reaches
+    upstream[1] *= 1e30  # finite, but its fp32 sum of squares overflows
+    y.backward(upstream)
+    assert torch.isfinite(x.grad).all()
+    torch.testing.assert_close(torch.linalg.vector_norm(x.grad, dim=(-2, -1)), torch.full((2, 1), 0.5))

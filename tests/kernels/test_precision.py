@@ -22,14 +22,14 @@ def test_the_precision_is_checked(monkeypatch):
         dot_precision()
     monkeypatch.delenv("TITANS_KERNEL_PRECISION")
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    assert dot_precision() == "ieee"  # the interpreter computes tf32 as fp32 anyway
+    assert dot_precision() == "ieee"
     monkeypatch.setenv("TITANS_KERNEL_PRECISION", "bf16")
     with pytest.raises(ValueError, match="interpreter cannot run bf16"):
         dot_precision()
     monkeypatch.delenv("TRITON_INTERPRET")
     assert dot_precision() == "bf16"
     monkeypatch.delenv("TITANS_KERNEL_PRECISION")
-    assert dot_precision() == "tf32"  # a GPU's default
+    assert dot_precision() == "ieee"  # tensor cores are asked for, until a GPU run has checked them
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the interpreter's case")

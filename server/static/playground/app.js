@@ -5,6 +5,13 @@
 const $ = (id) => document.getElementById(id);
 const KEY_STORE = "titans-api-key";  // sessionStorage: this tab only
 const PIECE = 2048;  // characters a memorize call reads: progress between calls, and no body near the size limit
+
+// text in pieces of at most PIECE characters, never splitting a character (an emoji is two UTF-16 units)
+function pieces(text) {
+  const characters = Array.from(text), out = [];
+  for (let start = 0; start < characters.length; start += PIECE) out.push(characters.slice(start, start + PIECE).join(""));
+  return out;
+}
 const page = { key: sessionStorage.getItem(KEY_STORE) || "", session: null, after: null, sessions: new Map(),
                maxSurprise: 1e-6 };
 
@@ -21,7 +28,9 @@ function plain(error) {
   switch (error.status) {
     case 401: return "The server wants an API key, or this one is not valid: enter it above.";
     case 404: return `Not found: ${error.message}`;
-    case 409: return "This session is busy with another request: wait for it to finish, then try again.";
+    case 409: return error.code === "session_busy"
+      ? "This session is busy with another request: wait for it to finish, then try again."
+      : `Conflict: ${error.message}`;
     case 413: return `Too large for this server: ${error.message}`;
     case 429: return `The server is at capacity or you are over a quota.${wait || " Try again shortly."} (${error.message})`;
     case 503: return `The session store or the engine is unavailable right now.${wait} (${error.message})`;
@@ -222,8 +231,9 @@ async function chat(text) {
   const reply = turn("titans");
   reply.classList.add("reply");
   const maxTokens = Number($("max-tokens").value) || 64;
+  const temperature = Number($("temperature").value);
   const body = { messages: [{ role: "user", content: text }], session_id: id, max_tokens: maxTokens,
-                 temperature: 0.7, return_surprise: true };
+                 temperature: Number.isFinite(temperature) ? temperature : 0.7, return_surprise: true };
   if ($("discard").checked) body.memory = "discard";
   const finish = await streamInto(reply, "/v1/chat/completions", body);
   if (finish === "length") {
@@ -242,11 +252,12 @@ async function memorize(text) {
   progress.hidden = false;
   progress.value = 0;
   let tokens = 0, weighted = 0;
-  for (let start = 0; start < text.length; start += PIECE) {
-    const answer = await api("POST", `/v1/sessions/${id}/memorize`, { text: text.slice(start, start + PIECE) });
+  const parts = pieces(text);
+  for (const [i, part] of parts.entries()) {
+    const answer = await api("POST", `/v1/sessions/${id}/memorize`, { text: part });
     tokens += answer.tokens;
     weighted += (answer.mean_surprise ?? 0) * answer.tokens;
-    progress.value = Math.min(1, (start + PIECE) / text.length);
+    progress.value = (i + 1) / parts.length;
     show(answer.session);
   }
   $("memorize-result").textContent = `read ${tokens} tokens, mean surprise ${(weighted / Math.max(tokens, 1)).toFixed(4)}`;
@@ -316,14 +327,14 @@ async function demo(count, fillerBytes, seed) {
   const memory = await createSession("recall demo"), control = await createSession("recall demo: reset control");
   const facts = Array.from({ length: count }, () => randomFact(random));
   await api("POST", `/v1/sessions/${memory.id}/memorize`, { text: facts.map((f) => `#${f.key}=${f.value};`).join("") });
-  const filler = randomWords(random, fillerBytes);
-  const steps = Math.ceil(filler.length / PIECE) + count;
-  let step = 0;
-  for (let start = 0; start < filler.length; start += PIECE) {
-    const piece = filler.slice(start, start + PIECE);
-    await Promise.all([memory.id, control.id].map((id) => api("POST", `/v1/sessions/${id}/memorize`, { text: piece })));
+  const filler = randomWords(random, fillerBytes), parts = pieces(filler);
+  const steps = parts.length + count;
+  let step = 0, sent = 0;
+  for (const part of parts) {
+    await Promise.all([memory.id, control.id].map((id) => api("POST", `/v1/sessions/${id}/memorize`, { text: part })));
     progress.value = ++step / steps;
-    say(`the demo streamed ${Math.min(start + PIECE, filler.length)} of ${filler.length} bytes of other text`);
+    sent += part.length;
+    say(`the demo streamed ${sent} of ${filler.length} bytes of other text`);
   }
   $("demo-table").hidden = false;
   let right = 0, controlRight = 0;
