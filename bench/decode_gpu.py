@@ -27,6 +27,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.kernels_gpu import copy_gb_s  # noqa: E402  (the same ceiling the kernels are set against)
 from engine import Engine, ModelConfig  # noqa: E402
 from engine.engine import SessionBatch  # noqa: E402
 
@@ -34,18 +35,6 @@ from engine.engine import SessionBatch  # noqa: E402
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-def copy_gb_s(device: torch.device, elements: int) -> float:
-    src = torch.empty(elements, device=device)
-    dst = torch.empty_like(src)
-    dst.copy_(src)
-    synchronize(device)
-    start = time.perf_counter()
-    for _ in range(5):
-        dst.copy_(src)
-    synchronize(device)
-    return 2 * 4 * elements * 5 / (time.perf_counter() - start) / 1e9
 
 
 def decoder(engine: Engine, sessions: int):
@@ -92,7 +81,7 @@ def main() -> int:
         sessions, models = [int(n) for n in args.sessions.split(",")], args.models.split(",")
     results = {"device": "cpu (dry run)" if args.dry_run else torch.cuda.get_device_name(),
                "date": time.strftime("%Y-%m-%d %H:%M"), "torch": torch.__version__,
-               "copy_gb_s": copy_gb_s(device, 2**20 if args.dry_run else 2**28), "rows": []}
+               "copy_gb_s": copy_gb_s(device, args.dry_run), "rows": []}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     for name in models:

@@ -73,15 +73,19 @@ def timed(fn, device: torch.device, repeats: int) -> float:
     return sorted(times)[len(times) // 2]
 
 
-def ceilings(device: torch.device, dry: bool) -> dict:
+def copy_gb_s(device: torch.device, dry: bool) -> float:
+    """The card's copy bandwidth: bytes read and written per second by a large device-to-device copy."""
     n = 2**20 if dry else 2**28  # 4 MiB / 1 GiB of fp32
     src = torch.empty(n, device=device)
     dst = torch.empty_like(src)
-    copy_s = timed(lambda: dst.copy_(src), device, 3)
+    return 2 * n * 4 / timed(lambda: dst.copy_(src), device, 3) / 1e9
+
+
+def ceilings(device: torch.device, dry: bool) -> dict:
     m = 256 if dry else 8192
     a = torch.randn(m, m, device=device, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32)
     mm_s = timed(lambda: a @ a, device, 3)
-    return {"copy_gb_s": 2 * n * 4 / copy_s / 1e9, "matmul_tflops": 2 * m**3 / mm_s / 1e12}
+    return {"copy_gb_s": copy_gb_s(device, dry), "matmul_tflops": 2 * m**3 / mm_s / 1e12}
 
 
 def make_inputs(B, T, H, d, depth, expansion, device, pool=None):
