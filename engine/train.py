@@ -41,8 +41,8 @@ class TrainConfig:
     weight_decay: float = 0.01
     grad_clip: float = 1.0
     # a step whose gradient norm is above this (or not finite) is skipped, not clipped: a long carried state can
-    # make the memory's backward explode (norms of 1e20 after ~60 KB), and such a gradient's direction is the
-    # explosion's, not the batch's. None: a non-finite norm stops the run
+    # make the memory's backward explode (the model card's "What limits the horizon"), and such a gradient's
+    # direction is the explosion's, not the batch's. None: a non-finite norm stops the run
     skip_grad_norm_above: float | None = None
     # bound on the gradient through each memory state between chunks (per session, head and matrix; see
     # kernels/memory/naive.bound_gradient): what keeps a long trained span after a long carried prefix trainable

@@ -196,8 +196,8 @@ class _BoundedGradient(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        # the norm in float64: an exploding gradient's fp32 sum of squares overflows (1e19 per element is enough);
-        # an infinite element is first clamped to the largest finite value, a NaN to zero
+        # the norm in float64: an exploding gradient's fp32 sum of squares overflows; an infinite element is first
+        # clamped to the largest finite value, a NaN to zero
         big = torch.finfo(grad.dtype).max
         grad = torch.nan_to_num(grad, nan=0.0, posinf=big, neginf=-big)
         norm = torch.linalg.vector_norm(grad.double(), dim=(-2, -1), keepdim=True)
@@ -206,10 +206,10 @@ class _BoundedGradient(torch.autograd.Function):
 
 def bound_gradient(state: list[Tensor], bound: float | None) -> list[Tensor]:
     """The state as it is, with the gradient that flows back through it bounded per session, head and matrix.
-    Backpropagating through many chunk updates can grow a state's gradient geometrically (by ~1.4x a chunk,
-    1e20 over 300 chunks, once a memory has read tens of KB): bounding it at every chunk keeps the chunks near the
-    loss in the gradient and caps what the far ones add, where a whole-model clip would rescale the near ones to
-    nothing. None: unbounded."""
+    Backpropagating through many chunk updates can grow a state's gradient geometrically, once a memory has read
+    tens of KB (measured in models/titans-mal-recall/README.md, "What limits the horizon"): bounding it at every
+    chunk keeps the chunks near the loss in the gradient and caps what the far ones add, where a whole-model clip
+    would rescale the near ones to nothing. None: unbounded."""
     return state if bound is None else [_BoundedGradient.apply(x, bound) for x in state]
 
 
