@@ -42,18 +42,21 @@ def default_device() -> torch.device:
 
 
 def save_model_dir(model: Titans, model_dir: str | Path, tokenizer_dir: str | Path | None = None,
-                   metadata: dict[str, str] | None = None) -> None:
-    """A model directory Engine.load reads: config.json, model.safetensors and, for 'tokenizers' models,
-    tokenizer.json copied from tokenizer_dir."""
+                   metadata: dict[str, str] | None = None, weights: dict[str, torch.Tensor] | None = None) -> None:
+    """A model directory Engine.load reads: config.json, model.safetensors (the model's, or `weights`: whole
+    tensors gathered from a sharded model) and, from tokenizer_dir, tokenizer.json ('tokenizers' models) and the
+    chat template when it has one."""
     model_dir = Path(model_dir)
     model_dir.mkdir(parents=True, exist_ok=True)
     model.cfg.save(model_dir / "config.json")
-    weights = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    save_file(weights, str(model_dir / "model.safetensors"), metadata=metadata)
-    if tokenizer_dir is not None and model.cfg.tokenizer == "tokenizers":
-        source = Path(tokenizer_dir) / "tokenizer.json"
-        if source.resolve() != (model_dir / "tokenizer.json").resolve():
-            shutil.copyfile(source, model_dir / "tokenizer.json")
+    weights = model.state_dict() if weights is None else weights
+    save_file({k: v.detach().cpu().contiguous() for k, v in weights.items()}, str(model_dir / "model.safetensors"),
+              metadata=metadata)
+    names = ["chat_template.json"] + (["tokenizer.json"] if model.cfg.tokenizer == "tokenizers" else [])
+    for name in names if tokenizer_dir is not None else []:
+        source = Path(tokenizer_dir) / name
+        if source.exists() and source.resolve() != (model_dir / name).resolve():
+            shutil.copyfile(source, model_dir / name)
 
 
 class Engine:

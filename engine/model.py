@@ -21,6 +21,7 @@ from contextlib import contextmanager
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 import kernels.memory as memory_op
 from kernels.memory.naive import chunk_update, chunks, memory_surprise
@@ -504,6 +505,11 @@ class MACMixer(nn.Module):
         return self.w_out(y * torch.sigmoid(self.r_norm(r))), new, surprise
 
 
+def batched(state: State, sessions: int) -> State:
+    """One session's state as a batch of `sessions` identical ones (views: the model never writes into them)."""
+    return {k: v.unsqueeze(0).expand(sessions, *v.shape) for k, v in state.items()}
+
+
 class Block(nn.Module):
     """Pre-RMSNorm residual block: mixer(s) then SwiGLU. MAL has a memory layer and an SWA layer."""
 
@@ -515,7 +521,11 @@ class Block(nn.Module):
         self.mlp_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.mlp = SwiGLU(cfg.dim, cfg.ffn_hidden)
 
-    def forward(self, x: Tensor, states: list[State], ctx: StepContext, want_surprise: bool):
+    def forward(self, x: Tensor, states: list[State] | None, ctx: StepContext, want_surprise: bool):
+        """states None: every row a fresh session, its state built here, where a sharded (FSDP) block's
+        parameters, the memory's initial weights among them, are whole."""
+        if states is None:
+            states = [batched(mixer.initial_state(), x.shape[0]) for mixer in self.mixers]
         new, surprises = [], []
         for norm, mixer, state in zip(self.mixer_norms, self.mixers, states):
             out, mixer_state, surprise = mixer(norm(x), state, ctx, want_surprise)
@@ -531,6 +541,7 @@ class Titans(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.decode_step = None  # compiled.compile_steps
+        self.checkpoint_blocks = False  # training: recompute each block's activations in backward
         self.aot_decode = None  # compiled.AotDecode
         self.embed = nn.Embedding(cfg.vocab_size, cfg.dim)
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
@@ -556,15 +567,19 @@ class Titans(nn.Module):
         """A fresh session (unbatched tensors). Differentiable w.r.t. M_0 for outer-loop training."""
         return [[mixer.initial_state() for mixer in layer.mixers] for layer in self.layers]
 
-    def step(self, tokens: Tensor, state: ModelState, ctx: StepContext, want_surprise: bool = False):
-        """tokens [B, R] -> logits [B, R, V], new state, surprise [B, R] (or None).
+    def step(self, tokens: Tensor, state: ModelState | None, ctx: StepContext, want_surprise: bool = False):
+        """tokens [B, R] -> logits [B, R, V], new state, surprise [B, R] (or None). state None: fresh sessions.
 
         Rows beyond ctx.counts[s] are padding: their outputs are meaningless and they leave no trace.
         """
         x = self.embed(tokens)
         new, surprises = [], []
-        for layer, layer_state in zip(self.layers, state):
-            x, layer_new, layer_surprises = layer(x, layer_state, ctx, want_surprise)
+        for layer, layer_state in zip(self.layers, state or [None] * len(self.layers)):
+            if self.checkpoint_blocks and torch.is_grad_enabled():
+                x, layer_new, layer_surprises = checkpoint(layer, x, layer_state, ctx, want_surprise,
+                                                           use_reentrant=False)
+            else:
+                x, layer_new, layer_surprises = layer(x, layer_state, ctx, want_surprise)
             new.append(layer_new)
             surprises += layer_surprises
         x = self.norm(x)
@@ -588,7 +603,13 @@ class Titans(nn.Module):
             for memory in memories:
                 memory.seen_gates = None
 
-    def forward_tokens(self, tokens: list[Tensor] | Tensor, state: ModelState, pos: list[int],
+    def forward(self, tokens: Tensor, state: ModelState | None = None, pos: int = 0) -> tuple[Tensor, ModelState]:
+        """Training's entry, the call DDP and FSDP wrap: tokens [B, T], every row from position pos of its state
+        (None: fresh sessions) -> logits [B, T, V] and the new state."""
+        logits, state, _ = self.forward_tokens(tokens, state, [pos] * tokens.shape[0])
+        return torch.stack(logits), state
+
+    def forward_tokens(self, tokens: list[Tensor] | Tensor, state: ModelState | None, pos: list[int],
                        want_surprise: bool = False, owned: bool = False):
         """Each session s over tokens[s] from position pos[s], in steps: engine.step.forward_tokens."""
         return steps.forward_tokens(self, tokens, state, pos, want_surprise, owned)

@@ -52,6 +52,10 @@ class HFTokenizer:
     def decode_bytes(self, ids: list[int]) -> bytes:
         return self.decode(ids).encode("utf-8")
 
+    def token_id(self, token: str) -> int | None:
+        """The id of a token of the vocabulary (a special token, say), or None."""
+        return self._tok.token_to_id(token)
+
 
 def load_tokenizer(kind: str, model_dir: str | Path | None) -> Tokenizer:
     if kind == "byte":

@@ -19,12 +19,15 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
+from . import distributed
 from .compiled import compile_training_steps
 from .config import ModelConfig
+from .corpus import CorpusIndex, TokenSplit, WindowOrder, window_batch
 from .data import FACT_BYTES, recall_example, text_window
+from .distributed import World, full_state, load_full_state
 from .engine import save_model_dir
 from .evaluate import score_answers
-from .model import Titans
+from .model import Titans, batched
 from .tokenizer import load_tokenizer
 
 
@@ -48,7 +51,19 @@ class TrainConfig:
     # kernels/memory/naive.bound_gradient): what keeps a long trained span after a long carried prefix trainable
     state_grad_bound: float | None = None
     seed: int = 0
-    recall_fraction: float = 0.5  # share of each batch that is recall examples (the rest: text windows)
+    betas: list = field(default_factory=lambda: [0.9, 0.95])  # AdamW's
+    # a prepared corpus (titans corpus prepare): batches are windows of seq_len + 1 tokens of its train split, the
+    # model's vocabulary, tokenizer and end-of-text come from it, and evals report its held-out loss. None: the
+    # synthetic mix of recall examples and Python source below
+    data: str | None = None
+    eval_windows: int = 16  # held-out windows each eval reads (data runs)
+    # batch_size is the global batch, in rows: under torchrun each of the N processes takes batch_size / N of them,
+    # in grad_accum micro-batches, and the step's gradient is that of the whole batch's mean loss
+    grad_accum: int = 1
+    parallel: str = "ddp"  # ddp | fsdp (torch's fully_shard: each block a unit) when several processes run
+    activation_checkpointing: bool = False  # recompute each block's activations in backward instead of keeping them
+    # share of each batch that is recall examples (the rest: text windows); None: 0.5, or 0 with a corpus
+    recall_fraction: float | None = None
     n_facts: int = 8
     filler: str | list[str] = "words"  # a kind of data.FILLER_KINDS, or a list to draw one from per example
     answer_weight: float = 4.0  # loss weight of answer digits relative to the other tokens
@@ -118,28 +133,37 @@ class TrainConfig:
 
     @classmethod
     def load(cls, path: str | Path) -> TrainConfig:
-        """A JSON or YAML file (YAML needs PyYAML, which the dev extra installs)."""
-        text = Path(path).read_text()
-        if str(path).endswith((".yaml", ".yml")):
-            try:
-                import yaml
-            except ImportError as e:
-                raise RuntimeError(f"{path} is YAML: pip install pyyaml, or use a JSON config") from e
-            data = yaml.safe_load(text)
-        else:
-            data = json.loads(text)
+        """A JSON or YAML file (YAML needs PyYAML, which the dev extra installs). "extends": a file (relative to
+        this one) whose options this one's override, "model" merged key by key."""
+        data = _read_options(Path(path))
         unknown = set(data) - {f.name for f in fields(cls)}
         if unknown:
             raise ValueError(f"{path}: unknown training options {sorted(unknown)}")
         return cls(**data)
 
     def model_config(self) -> ModelConfig:
+        """The model: its preset, overridden by the config's fields; with a corpus, the corpus's tokenizer, and its
+        vocabulary and end-of-text unless the config sets them."""
         spec = dict(self.model)
         preset = spec.pop("preset", None)
         base = ModelConfig.preset(preset).to_dict() if preset else {}
+        if self.data:
+            corpus = CorpusIndex.load(self.data)
+            base.update(tokenizer=corpus.tokenizer, vocab_size=corpus.vocab_size,
+                        eos_token_id=corpus.end_of_text if corpus.tokenizer == "tokenizers" else None)
+            if spec.get("vocab_size", corpus.vocab_size) < corpus.vocab_size:
+                raise ValueError(f"vocab_size {spec['vocab_size']} is smaller than the corpus's {corpus.vocab_size}")
         return ModelConfig.from_dict({**base, **spec})
 
     def __post_init__(self):
+        if self.recall_fraction is None:
+            object.__setattr__(self, "recall_fraction", 0.0 if self.data else 0.5)
+        if self.data and self.recall_fraction:
+            raise ValueError("a corpus run (data) trains on the corpus alone: recall_fraction must be 0")
+        if self.parallel not in distributed.PARALLEL_MODES:
+            raise ValueError(f"parallel must be one of {distributed.PARALLEL_MODES}, got {self.parallel!r}")
+        if self.grad_accum < 1:
+            raise ValueError(f"grad_accum must be >= 1, got {self.grad_accum}")
         for stage in self.curriculum:
             facts = stage[3] if len(stage) == 4 else self.n_facts
             fewest, most = facts if isinstance(facts, (list, tuple)) and len(facts) == 2 else (facts, facts)
@@ -157,6 +181,23 @@ class TrainConfig:
     def starts_stage(self, step: int) -> bool:
         """Whether a stage after the first begins at this step of the curriculum."""
         return any(s[0] == step for s in self.curriculum[1:])
+
+
+def _read_options(path: Path) -> dict:
+    text = path.read_text()
+    if path.suffix in (".yaml", ".yml"):
+        try:
+            import yaml
+        except ImportError as e:
+            raise RuntimeError(f"{path} is YAML: pip install pyyaml, or use a JSON config") from e
+        data = yaml.safe_load(text)
+    else:
+        data = json.loads(text)
+    base = data.pop("extends", None)
+    if base is None:
+        return data
+    parent = _read_options(path.parent / base)
+    return {**parent, **data, "model": {**parent.get("model", {}), **data.get("model", {})}}
 
 
 def draw_facts(n_facts: int | list[int], rng: random.Random) -> int:
@@ -263,8 +304,7 @@ def sequence_lengths(weights: torch.Tensor) -> list[int]:
 
 def fresh_state(model: Titans, sessions: int):
     """The model's initial state for a batch of sessions (views of one copy: the model never writes into them)."""
-    return [[{k: v.unsqueeze(0).expand(sessions, *v.shape) for k, v in st.items()} for st in layer]
-            for layer in model.initial_state()]
+    return [[batched(st, sessions) for st in layer] for layer in model.initial_state()]
 
 
 CARRY_PIECE = 2048  # prefix ids read per call: the logits a call returns ([B, piece, V]) stay small
@@ -288,42 +328,49 @@ def write_cost(model: Titans, log_gates: list[list[torch.Tensor]], mask: torch.T
 
 
 def batch_loss(model: Titans, ids: torch.Tensor, weights: torch.Tensor, carried: int = 0,
-               write_price: float = 0.0, parts: dict | None = None) -> torch.Tensor:
+               write_price: float = 0.0, parts: dict | None = None, runner: torch.nn.Module | None = None,
+               total: float | None = None, cost_share: float = 1.0) -> torch.Tensor:
     """Weighted mean next-token loss of a batch from make_batch, every sequence from a fresh state; with carried,
     the first `carried` ids are read without gradients and the state they leave goes on, detached. With
-    write_price, plus that times write_cost over the trained tokens. parts, when given, receives both terms."""
-    B = ids.shape[0]
-    state = fresh_state(model, B)
+    write_price, plus that times write_cost over the trained tokens. parts, when given, receives both terms.
+
+    runner: the module to call (model wrapped by DDP or FSDP; the model itself by default). total: the weight of
+    the whole step's batch when this is a part of it (a micro-batch, a rank's rows), so the parts' losses add up to
+    the batch's; cost_share: this part's share of the write price."""
+    runner = model if runner is None else runner
+    state = None
     if carried:
         with torch.no_grad():
             for start in range(0, carried, CARRY_PIECE):
-                _, state, _ = model.forward_tokens(ids[:, start:min(carried, start + CARRY_PIECE)], state, [start] * B)
+                _, state = runner(ids[:, start:min(carried, start + CARRY_PIECE)], state, start)
         ids, weights = ids[:, carried:], weights[:, carried:]
     with model.watching_gates() as log_gates:
-        logits, _, _ = model.forward_tokens(ids, state, [carried] * B)
-    logits = torch.stack(logits)[:, :-1]  # [B, T - 1, V]
+        logits, _ = runner(ids, state, carried)
+    logits = logits[:, :-1]  # [B, T - 1, V]
     nll = F.cross_entropy(logits.flatten(0, 1).float(), ids[:, 1:].flatten().to(logits.device), reduction="none")
     weights = weights.to(logits.device)
-    loss = (nll * weights.flatten()).sum() / weights.sum()
+    loss = (nll * weights.flatten()).sum() / (weights.sum() if total is None else total)
     if parts is not None:
-        parts["nll"] = float(loss.detach())
+        parts["nll"] = parts.get("nll", 0.0) + float(loss.detach())
     if write_price or parts is not None:
         real = torch.cat([torch.ones_like(weights[:, :1], dtype=torch.bool), weights > 0], 1)  # [B, T]: targets
         cost = write_cost(model, log_gates, real)
         if parts is not None:
-            parts["write_cost"] = float(cost.detach())
+            parts["write_cost"] = parts.get("write_cost", 0.0) + cost_share * float(cost.detach())
         if write_price:
-            loss = loss + write_price * cost
+            loss = loss + write_price * cost_share * cost
     return loss
 
 
 @torch.no_grad()
-def recall_accuracy(model: Titans, tokenizer, examples) -> dict[str, float]:
-    """Teacher-forced exact match of the 4 answer digits (equal to greedy decoding getting them right)."""
+def recall_accuracy(model: torch.nn.Module, tokenizer, examples, device: torch.device | str = "cpu"
+                    ) -> dict[str, float]:
+    """Teacher-forced exact match of the 4 answer digits (equal to greedy decoding getting them right). model: a
+    Titans, or one wrapped for training (every rank of a sharded model calls this on the same examples)."""
     correct = digits = queries = 0
     for ex in examples:
         seq = torch.tensor(tokenizer.encode(ex.text), dtype=torch.long)
-        logits = model.forward_tokens([seq], fresh_state(model, 1), [0])[0][0]
+        logits = model(seq[None].to(device))[0][0]
         exact, right = score_answers(logits, seq, ex.answer_spans)
         correct, digits, queries = correct + exact, digits + right, queries + len(ex.answer_spans)
     return {"exact": correct / max(1, queries), "digit": digits / max(1, 4 * queries)}
@@ -338,39 +385,50 @@ class Progress:
     skipped: int = 0  # steps skipped for their gradient (TrainConfig.skip_grad_norm_above)
 
 
-def _save(model: Titans, optimizer: torch.optim.Optimizer, progress: Progress, out_dir: Path,
-          tokenizer_dir: str | None) -> None:
-    """A model directory Engine.load reads, plus the optimizer and progress in trainer.safetensors (no pickle)."""
-    save_model_dir(model, out_dir, tokenizer_dir)
-    state = optimizer.state_dict()
-    tensors = {f"{i}.{name}": t.detach().cpu().contiguous() for i, s in state["state"].items() for name, t in s.items()}
+def _save(model: Titans, wrapped: torch.nn.Module, optimizer: torch.optim.Optimizer, progress: Progress,
+          out_dir: Path, tokenizer_dir: str | None, world: World) -> None:
+    """A model directory Engine.load reads, plus the optimizer and progress in trainer.safetensors (no pickle), both
+    as whole tensors keyed by parameter name, whatever the number of processes (every rank calls this)."""
+    weights, optim = full_state(wrapped, optimizer)
+    if not world.main:
+        return
+    save_model_dir(model, out_dir, tokenizer_dir, weights=weights)
+    tensors = {f"{name}.{key}": t.contiguous() for name, s in optim["state"].items() for key, t in s.items()}
     save_file(tensors, str(out_dir / "trainer.safetensors"),
               metadata={"step": str(progress.step), "held": str(progress.held), "recall": json.dumps(progress.recall),
-                        "skipped": str(progress.skipped),
-                        "param_groups": json.dumps(state["param_groups"])})
+                        "skipped": str(progress.skipped), "param_groups": json.dumps(optim["param_groups"])})
 
 
-def _load_checkpoint(model: Titans, optimizer: torch.optim.Optimizer, directory: Path) -> Progress | None:
-    """Load a model directory's weights and, if it has trainer.safetensors, the optimizer; its progress or None."""
+def _load_checkpoint(model: Titans, wrapped: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                     directory: Path) -> Progress | None:
+    """Load a model directory's weights and, if it has trainer.safetensors, the optimizer; its progress or None.
+    Optimizer state saved by position in the parameter groups (checkpoints before names) is read too."""
     from safetensors import safe_open
 
-    model.load_state_dict(load_file(str(directory / "model.safetensors")))
+    weights = load_file(str(directory / "model.safetensors"))
     path = directory / "trainer.safetensors"
     if not path.exists():
+        load_full_state(wrapped, None, weights, None)
         return None
     with safe_open(str(path), "pt") as f:
         meta = f.metadata()
+    groups = json.loads(meta["param_groups"])
+    names = {id(p): n for n, p in model.named_parameters()}
+    by_position = [names[id(p)] for g in optimizer.param_groups for p in g["params"]]
     state: dict = {}
     for key, t in load_file(str(path)).items():
-        index, name = key.split(".", 1)
-        state.setdefault(int(index), {})[name] = t
-    optimizer.load_state_dict({"state": state, "param_groups": json.loads(meta["param_groups"])})
+        name, field_name = key.rsplit(".", 1)
+        state.setdefault(by_position[int(name)] if name.isdigit() else name, {})[field_name] = t
+    for group in groups:
+        group["params"] = [by_position[p] if isinstance(p, int) else p for p in group["params"]]
+    load_full_state(wrapped, optimizer, weights, {"state": state, "param_groups": groups})
     return Progress(int(meta["step"]), int(meta.get("held", 0)), json.loads(meta.get("recall", "null")),
                     int(meta.get("skipped", 0)))
 
 
 # options a resumed run may change: how long it goes on and what it logs, not what it computes
-RESUMABLE_CHANGES = {"steps", "out_dir", "log_every", "eval_every", "eval_examples", "checkpoint_every"}
+RESUMABLE_CHANGES = {"steps", "out_dir", "log_every", "eval_every", "eval_examples", "checkpoint_every",
+                     "eval_windows", "grad_accum", "parallel", "activation_checkpointing", "data"}
 
 
 def _check_same_run(cfg: TrainConfig, out_dir: Path) -> None:
@@ -389,50 +447,135 @@ def _check_same_run(cfg: TrainConfig, out_dir: Path) -> None:
                          "resume it with its own config, or start over with --restart or another out_dir")
 
 
-def _start(cfg: TrainConfig, model: Titans, optimizer: torch.optim.Optimizer, out_dir: Path,
-           resume: bool) -> Progress:
+def _start(cfg: TrainConfig, model: Titans, wrapped: torch.nn.Module, optimizer: torch.optim.Optimizer,
+           out_dir: Path, resume: bool) -> Progress:
     """Where to start: resume from this run's checkpoint, else begin from init_from, else from scratch."""
     if resume and (out_dir / "trainer.safetensors").exists():
         _check_same_run(cfg, out_dir)
-        return _load_checkpoint(model, optimizer, out_dir)
+        return _load_checkpoint(model, wrapped, optimizer, out_dir)
     if cfg.init_from:
         source = Path(cfg.init_from)
         theirs = ModelConfig.load(source / "config.json")
         if theirs != model.cfg:
             raise ValueError(f"init_from {source}: its model config differs from this run's")
-        _load_checkpoint(model, optimizer, source)
+        _load_checkpoint(model, wrapped, optimizer, source)
     return Progress()
 
 
 def train(cfg: TrainConfig, resume: bool = True, log=print) -> dict:
+    """Run (or resume) a training. Under torchrun, every process calls this; rank 0 logs and writes."""
     threads = torch.get_num_threads()
     torch.set_num_threads(cfg.threads or threads)
+    world, device = distributed.join(cfg.device)
     try:
-        return _train(cfg, resume, log)
+        return _train(cfg, resume, log if world.main else (lambda *_: None), world, device)
     finally:  # the caller's setting again (tests train in-process)
         torch.set_num_threads(threads)
+        distributed.leave(world)
 
 
-def _train(cfg: TrainConfig, resume: bool, log) -> dict:
-    device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available()
-                          else ("cpu" if cfg.device == "auto" else cfg.device))
+class SyntheticBatches:
+    """make_batch's recall examples and Python-source windows: every rank draws the step's whole batch (its seed is
+    the step's) and takes its own rows."""
+
+    def __init__(self, cfg: TrainConfig, tokenizer, chunk: int):
+        self.cfg, self.tokenizer, self.chunk = cfg, tokenizer, chunk
+
+    def rows(self, step: int, curriculum_step: int, world: World) -> tuple[torch.Tensor, torch.Tensor, int, int]:
+        """This rank's ids [b, T], weights [b, T - 1], the prefix read without gradients, and the tokens read."""
+        rng = random.Random(self.cfg.seed * 1_000_003 + step)  # the batch of a step does not depend on resumes
+        carried = carried_bytes(self.cfg, rng, self.chunk)
+        ids, weights = make_batch(self.cfg, curriculum_step, rng, self.tokenizer, self.chunk, carried)
+        share = _share(self.cfg.batch_size, world)
+        return ids[share], weights[share], carried, sum(sequence_lengths(weights[share]))  # real tokens, no padding
+
+
+class CorpusBatches:
+    """Windows of a prepared corpus's train split, in the order of corpus.WindowOrder."""
+
+    def __init__(self, cfg: TrainConfig):
+        self.cfg = cfg
+        self.split = TokenSplit(cfg.data, "train")
+        self.order = WindowOrder(self.split.tokens, cfg.seq_len, cfg.batch_size, cfg.seed)
+
+    def rows(self, step: int, curriculum_step: int, world: World) -> tuple[torch.Tensor, torch.Tensor, int, int]:
+        windows = [self.order.window(slot) for slot in self.order.slots(step, world.rank, world.size)]
+        ids, weights = window_batch(self.split, windows, self.cfg.seq_len)
+        return ids, weights, 0, ids.numel()
+
+
+def _share(batch: int, world: World) -> slice:
+    if batch % world.size:
+        raise ValueError(f"batch_size {batch} (the global batch) must divide among {world.size} processes")
+    rows = batch // world.size
+    return slice(world.rank * rows, (world.rank + 1) * rows)
+
+
+@torch.no_grad()
+def heldout_loss(runner: torch.nn.Module, tokenizer, data: str, seq_len: int, windows: int,
+                 device: torch.device) -> dict[str, float]:
+    """Mean next-token loss (nats) and bits per byte over the first `windows` windows of the corpus's held-out
+    split, each from a fresh state."""
+    split = TokenSplit(data, "heldout")
+    count = min(windows, max(1, math.ceil((split.tokens - 1) / seq_len)))
+    nats = targets = n_bytes = 0.0
+    for w in range(count):
+        ids, weights = window_batch(split, [w], seq_len)
+        logits, _ = runner(ids.to(device))
+        nll = F.cross_entropy(logits[0, :-1].float(), ids[0, 1:].to(device), reduction="none")
+        weights = weights[0].to(device)
+        nats += float((nll * weights).sum())
+        targets += float(weights.sum())
+        n_bytes += len(tokenizer.decode_bytes(ids[0, 1:][weights.cpu() > 0].tolist()))
+    return {"loss": nats / max(1.0, targets), "bits_per_byte": nats / math.log(2) / max(1.0, n_bytes)}
+
+
+# dense bf16 tensor-core peak FLOP/s by device name, for model FLOPs utilisation
+PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12, "L4": 121e12}
+
+
+def flops_per_token(model: Titans, seq_len: int) -> float:
+    """Training FLOPs per token: 6 per weight (forward and backward) of every matrix but the embedding, plus
+    attention's scores and values over its span (window or segment, at most the sequence). The memory's inner
+    gradient is left out, as attention's softmax is: a lower bound."""
+    cfg = model.cfg
+    weights = sum(p.numel() for n, p in model.named_parameters() if p.dim() >= 2 and "embed" not in n)
+    span = min(seq_len, cfg.segment_size if cfg.variant == "mac" else cfg.window)
+    attention = 0 if cfg.variant == "lmm" else 12 * cfg.n_layers * cfg.dim * span
+    return 6.0 * weights + attention
+
+
+def peak_flops(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((peak for key, peak in PEAK_FLOPS.items() if key in name), None)
+
+
+def _train(cfg: TrainConfig, resume: bool, log, world: World, device: torch.device) -> dict:
     torch.manual_seed(cfg.seed)
     model = Titans(cfg.model_config()).to(device).train()
     if cfg.compile:
         compile_training_steps(model)
     for memory in model.memories():
         memory.state_grad_bound = cfg.state_grad_bound
+    model.checkpoint_blocks = cfg.activation_checkpointing
+    wrapped = distributed.wrap(model, world, cfg.parallel, device)
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "init_weights" not in n]
     no_decay = [p for n, p in model.named_parameters() if p.dim() < 2 or "init_weights" in n]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95))
+                                   {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=tuple(cfg.betas))
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    progress = _start(cfg, model, optimizer, out, resume)
-    (out / "train_config.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n")
-    tokenizer = load_tokenizer(model.cfg.tokenizer, cfg.tokenizer_dir)
+    progress = _start(cfg, model, wrapped, optimizer, out, resume)
+    if world.main:
+        (out / "train_config.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n")
+    tokenizer_dir = cfg.tokenizer_dir or cfg.data
+    tokenizer = load_tokenizer(model.cfg.tokenizer, tokenizer_dir)
     if cfg.recall_fraction > 0 and model.cfg.tokenizer != "byte":  # answer spans are byte offsets
         raise ValueError("recall examples need the byte tokenizer; set recall_fraction to 0 for other tokenizers")
+    batches = CorpusBatches(cfg) if cfg.data else SyntheticBatches(cfg, tokenizer, model.cfg.chunk_size)
+    flops, peak = flops_per_token(model, cfg.seq_len), peak_flops(device)
     metrics_path = out / "metrics.jsonl"
     last: dict = {}
     tokens_done, t0 = 0, time.perf_counter()
@@ -443,18 +586,23 @@ def _train(cfg: TrainConfig, resume: bool, log) -> dict:
             else:
                 progress.recall = None  # the next stage is judged by its own evals
         at = step - progress.held  # the curriculum's step
-        rng = random.Random(cfg.seed * 1_000_003 + step)  # the batch of a step does not depend on resumes
-        parts = {} if cfg.write_price else None
-        carried = carried_bytes(cfg, rng, model.cfg.chunk_size)
-        ids, weights = make_batch(cfg, at, rng, tokenizer, model.cfg.chunk_size, carried)
+        ids, weights, carried, tokens = batches.rows(step, at, world)
+        total = distributed.all_sum(float(weights.sum()), world, device)
         for group in optimizer.param_groups:
             group["lr"] = lr_at(cfg, step)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16 and device.type == "cuda"):
-            loss = batch_loss(model, ids.to(device), weights, carried, cfg.write_price, parts)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip))
-        loss_value = loss.item()
+        parts = {} if cfg.write_price else None
+        loss_sum = 0.0
+        micro = _micro_batches(len(ids), cfg.grad_accum)
+        for i, rows in enumerate(micro):
+            with (distributed.no_sync(wrapped, world, i == len(micro) - 1),
+                  torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16 and device.type == "cuda")):
+                loss = batch_loss(model, ids[rows].to(device), weights[rows], carried, cfg.write_price, parts,
+                                  runner=wrapped, total=total, cost_share=(rows.stop - rows.start) / cfg.batch_size)
+                (loss * distributed.gradient_scale(world)).backward()
+            loss_sum += float(loss.detach())
+        grad_norm = _full_float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip))
+        loss_value = distributed.all_sum(loss_sum, world, device)
         if cfg.skip_grad_norm_above is not None and not grad_norm <= cfg.skip_grad_norm_above:
             progress.skipped += 1
             log(f"step {step:6d}  skipped: gradient norm {grad_norm:.3g} (loss {loss_value:.4f})")
@@ -462,12 +610,16 @@ def _train(cfg: TrainConfig, resume: bool, log) -> dict:
             raise FloatingPointError(f"loss {loss_value}, gradient norm {grad_norm} at step {step}")
         else:
             optimizer.step()
-        tokens_done += sum(sequence_lengths(weights))  # real tokens, not padding
+        tokens_done += tokens
         if step % cfg.log_every == 0 or step == cfg.steps - 1:
             elapsed = time.perf_counter() - t0
+            rate = distributed.all_sum(tokens_done, world, device) / elapsed
             last = {"step": step, "loss": loss_value, "lr": lr_at(cfg, step), "grad_norm": grad_norm,
-                    "tokens_per_s": tokens_done / elapsed, "elapsed_s": elapsed,
-                    "stage": list(cfg.stage(at))}
+                    "tokens_per_s": rate, "elapsed_s": elapsed, "stage": list(cfg.stage(at))}
+            if cfg.data:
+                last["epoch"] = batches.order.epoch(step + 1)
+            if peak:
+                last["mfu"] = rate * flops / (peak * world.size)
             if cfg.carry_share:
                 last["carried"] = carried
             if cfg.write_price:
@@ -477,20 +629,40 @@ def _train(cfg: TrainConfig, resume: bool, log) -> dict:
             if cfg.skip_grad_norm_above is not None:
                 last["skipped"] = progress.skipped
             if cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.steps - 1):
-                low, high, n_facts = cfg.stage(at)
-                eval_rng = random.Random(10_000 + step)
                 model.eval()
-                examples = [recall_example(eval_rng, draw_facts(n_facts, eval_rng), eval_rng.randint(low, high),
-                                           cfg.filler, "heldout")
-                            for _ in range(cfg.eval_examples)]
-                last["recall"] = recall_accuracy(model, tokenizer, examples)
-                progress.recall = last["recall"]["exact"]
+                if cfg.data:
+                    last["heldout"] = heldout_loss(wrapped, tokenizer, cfg.data, cfg.seq_len, cfg.eval_windows,
+                                                   device)
+                if model.cfg.tokenizer == "byte" and cfg.eval_examples:
+                    low, high, n_facts = cfg.stage(at)
+                    eval_rng = random.Random(10_000 + step)
+                    examples = [recall_example(eval_rng, draw_facts(n_facts, eval_rng), eval_rng.randint(low, high),
+                                               cfg.filler, "heldout")
+                                for _ in range(cfg.eval_examples)]
+                    last["recall"] = recall_accuracy(wrapped, tokenizer, examples, device)
+                    progress.recall = last["recall"]["exact"]
                 model.train()
-            with metrics_path.open("a") as f:
-                f.write(json.dumps(last) + "\n")
-            log(f"step {step:6d}  loss {last['loss']:.4f}  lr {last['lr']:.2e}  "
-                f"{last['tokens_per_s']:,.0f} tok/s" + (f"  recall {last['recall']}" if "recall" in last else ""))
+            if world.main:
+                with metrics_path.open("a") as f:
+                    f.write(json.dumps(last) + "\n")
+            log(f"step {step:6d}  loss {last['loss']:.4f}  lr {last['lr']:.2e}  {rate:,.0f} tok/s"
+                + (f"  mfu {last['mfu']:.1%}" if "mfu" in last else "")
+                + (f"  held-out {last['heldout']['loss']:.4f} ({last['heldout']['bits_per_byte']:.3f} bits/byte)"
+                   if "heldout" in last else "")
+                + (f"  recall {last['recall']}" if "recall" in last else ""))
         if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0:
-            _save(model, optimizer, replace(progress, step=step + 1), out, cfg.tokenizer_dir)
-    _save(model, optimizer, replace(progress, step=cfg.steps), out, cfg.tokenizer_dir)
+            _save(model, wrapped, optimizer, replace(progress, step=step + 1), out, tokenizer_dir, world)
+    _save(model, wrapped, optimizer, replace(progress, step=cfg.steps), out, tokenizer_dir, world)
     return last
+
+
+def _micro_batches(rows: int, accum: int) -> list[slice]:
+    if rows % accum:
+        raise ValueError(f"{rows} rows per process do not split into grad_accum={accum} micro-batches")
+    size = rows // accum
+    return [slice(i * size, (i + 1) * size) for i in range(accum)]
+
+
+def _full_float(value: torch.Tensor) -> float:
+    """A norm as a float (a sharded model's clip_grad_norm_ returns it as a DTensor)."""
+    return float(value.full_tensor() if hasattr(value, "full_tensor") else value)
