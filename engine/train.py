@@ -587,22 +587,12 @@ def _train(cfg: TrainConfig, resume: bool, log, world: World, device: torch.devi
                 progress.recall = None  # the next stage is judged by its own evals
         at = step - progress.held  # the curriculum's step
         ids, weights, carried, tokens = batches.rows(step, at, world)
-        total = distributed.all_sum(float(weights.sum()), world, device)
         for group in optimizer.param_groups:
             group["lr"] = lr_at(cfg, step)
         optimizer.zero_grad(set_to_none=True)
         parts = {} if cfg.write_price else None
-        loss_sum = 0.0
-        micro = _micro_batches(len(ids), cfg.grad_accum)
-        for i, rows in enumerate(micro):
-            with (distributed.no_sync(wrapped, world, i == len(micro) - 1),
-                  torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16 and device.type == "cuda")):
-                loss = batch_loss(model, ids[rows].to(device), weights[rows], carried, cfg.write_price, parts,
-                                  runner=wrapped, total=total, cost_share=(rows.stop - rows.start) / cfg.batch_size)
-                (loss * distributed.gradient_scale(world)).backward()
-            loss_sum += float(loss.detach())
+        loss_value = accumulate_gradients(cfg, model, wrapped, ids, weights, carried, world, device, parts)
         grad_norm = _full_float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip))
-        loss_value = distributed.all_sum(loss_sum, world, device)
         if cfg.skip_grad_norm_above is not None and not grad_norm <= cfg.skip_grad_norm_above:
             progress.skipped += 1
             log(f"step {step:6d}  skipped: gradient norm {grad_norm:.3g} (loss {loss_value:.4f})")
@@ -630,7 +620,7 @@ def _train(cfg: TrainConfig, resume: bool, log, world: World, device: torch.devi
                 last["skipped"] = progress.skipped
             if cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.steps - 1):
                 model.eval()
-                if cfg.data:
+                if cfg.data and CorpusIndex.load(cfg.data).splits["heldout"]["tokens"]:
                     last["heldout"] = heldout_loss(wrapped, tokenizer, cfg.data, cfg.seq_len, cfg.eval_windows,
                                                    device)
                 if model.cfg.tokenizer == "byte" and cfg.eval_examples:
@@ -654,6 +644,24 @@ def _train(cfg: TrainConfig, resume: bool, log, world: World, device: torch.devi
             _save(model, wrapped, optimizer, replace(progress, step=step + 1), out, tokenizer_dir, world)
     _save(model, wrapped, optimizer, replace(progress, step=cfg.steps), out, tokenizer_dir, world)
     return last
+
+
+def accumulate_gradients(cfg: TrainConfig, model: Titans, wrapped: torch.nn.Module, ids: torch.Tensor,
+                         weights: torch.Tensor, carried: int, world: World, device: torch.device,
+                         parts: dict | None = None) -> float:
+    """Backward of this rank's rows of a step, in cfg.grad_accum micro-batches, leaving in the parameters' grads
+    (after the ranks' average) the gradient of the whole global batch's loss; returns that loss."""
+    total = distributed.all_sum(float(weights.sum()), world, device)
+    micro = _micro_batches(len(ids), cfg.grad_accum)
+    loss_sum = 0.0
+    for i, rows in enumerate(micro):
+        with (distributed.no_sync(wrapped, world, i == len(micro) - 1),
+              torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16 and device.type == "cuda")):
+            loss = batch_loss(model, ids[rows].to(device), weights[rows], carried, cfg.write_price, parts,
+                              runner=wrapped, total=total, cost_share=(rows.stop - rows.start) / cfg.batch_size)
+            (loss * distributed.gradient_scale(world)).backward()
+        loss_sum += float(loss.detach())
+    return distributed.all_sum(loss_sum, world, device)
 
 
 def _micro_batches(rows: int, accum: int) -> list[slice]:

@@ -72,6 +72,33 @@ def cmd_train(args) -> int:
     return 0
 
 
+def _suffixes(text: str | None) -> tuple[str, ...] | None:
+    from engine.corpus import TEXT_SUFFIXES
+
+    if text is None:
+        return TEXT_SUFFIXES
+    return None if text == "*" else tuple(s if s.startswith(".") else f".{s}" for s in text.split(","))
+
+
+def cmd_tokenizer_train(args) -> int:
+    from engine.corpus import train_tokenizer
+
+    path = train_tokenizer(args.sources, args.out, args.vocab_size, _suffixes(args.suffixes), args.text_key)
+    print(f"wrote {path} ({args.vocab_size:,} tokens) and {Path(args.out) / 'chat_template.json'}")
+    return 0
+
+
+def cmd_corpus_prepare(args) -> int:
+    from engine.corpus import prepare
+
+    index = prepare(args.sources, args.out, args.tokenizer, args.heldout, args.seed, args.chat, args.text_key,
+                    _suffixes(args.suffixes))
+    for split, info in index.splits.items():
+        print(f"{split}: {info['documents']:,} documents, {info['tokens']:,} tokens in {len(info['shards'])} shards")
+    print(f"wrote {args.out} ({index.tokenizer} tokenizer, vocabulary {index.vocab_size:,})")
+    return 0
+
+
 def cmd_eval(args) -> int:
     from engine.data import FILLER_KINDS
     from engine.evaluate import Progress, evaluate, expected_bytes, write_report
@@ -178,6 +205,30 @@ def main(argv: list[str] | None = None) -> int:
     tr.add_argument("--out-dir", help="override the config's out_dir")
     tr.add_argument("--restart", action="store_true", help="ignore a checkpoint in out_dir instead of resuming")
     tr.set_defaults(func=cmd_train)
+
+    tok = sub.add_parser("tokenizer", help="tokenizers for training")
+    tok_sub = tok.add_subparsers(dest="action", required=True)
+    tt = tok_sub.add_parser("train", help="learn a byte-level BPE tokenizer.json (+ chat_template.json) from text")
+    tt.add_argument("sources", nargs="+", help="files or folders (text, JSONL, Parquet)")
+    tt.add_argument("--out", required=True, help="folder for tokenizer.json and chat_template.json")
+    tt.add_argument("--vocab-size", type=int, default=8192)
+    tt.set_defaults(func=cmd_tokenizer_train)
+
+    corpus = sub.add_parser("corpus", help="training corpora")
+    corpus_sub = corpus.add_subparsers(dest="action", required=True)
+    cp = corpus_sub.add_parser("prepare", help="tokenize, shuffle and shard text, JSONL or Parquet for training")
+    cp.add_argument("sources", nargs="+", help="files or folders")
+    cp.add_argument("--out", required=True, help="the prepared corpus's folder (a training config's data)")
+    cp.add_argument("--tokenizer", default=None, help="folder with tokenizer.json (default: bytes)")
+    cp.add_argument("--heldout", type=float, default=0.01, help="share of documents held out for evaluation")
+    cp.add_argument("--seed", type=int, default=0)
+    cp.add_argument("--chat", action="store_true",
+                    help="JSONL of {'messages': [{'role', 'content'}, ...]}: the loss counts on the assistant's turns")
+    cp.set_defaults(func=cmd_corpus_prepare)
+    for p in (tt, cp):
+        p.add_argument("--suffixes", default=None,
+                       help="file endings taken from folders, comma-separated (default: common text files; * for all)")
+        p.add_argument("--text-key", default="text", help="the text field of JSONL lines and Parquet rows")
 
     ev = sub.add_parser("eval", help="recall by distance (memory carried vs reset) and bits per byte")
     ev.add_argument("--model", required=True)
