@@ -192,8 +192,9 @@ def _pyplot():
 
 
 def plot_training(metrics: str | Path | list[str | Path], path: str | Path) -> None:
-    """Loss (all tokens, answers weighted) and teacher-forced recall over training, from train.py's metrics.jsonl;
-    several files are stages of one training (init_from), drawn one after the other."""
+    """Loss (all tokens, answers weighted), held-out loss (corpus runs) and teacher-forced recall over training,
+    from train.py's metrics.jsonl; several files are stages of one training (init_from), drawn one after the
+    other."""
     rows, offset = [], 0
     for file, stage in enumerate(metrics if isinstance(metrics, list) else [metrics]):
         stage_rows = [json.loads(line) for line in Path(stage).read_text().splitlines() if line.strip()]
@@ -202,9 +203,14 @@ def plot_training(metrics: str | Path | list[str | Path], path: str | Path) -> N
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 4))
     ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], lw=1, label="training loss")
+    held_out = [r for r in rows if "heldout" in r]  # corpus runs
+    if held_out:
+        ax.plot([r["step"] for r in held_out], [r["heldout"]["loss"] for r in held_out], "s-", ms=3, color="C2",
+                label="held-out loss")
     ax.set_xlabel("step")
-    ax.set_ylabel("loss (nats, answer digits weighted)")
-    ax.set_ylim(0, min(6.0, max(r["loss"] for r in rows)))
+    ax.set_ylabel("loss (nats" + (")" if held_out else ", answer digits weighted)"))
+    top = max(r["loss"] for r in rows)
+    ax.set_ylim(0, top if held_out else min(6.0, top))
     evals = [r for r in rows if "recall" in r]
     if evals:
         right = ax.twinx()
