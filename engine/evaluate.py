@@ -224,7 +224,7 @@ def plot_training(metrics: str | Path | list[str | Path], path: str | Path) -> N
         if (r["file"], r["stage"]) != last:
             stages.append((r["step"], r["stage"]))
             last = (r["file"], r["stage"])
-    for step, (low, high, facts) in stages:
+    for step, (low, high, facts) in stages if not held_out else []:  # a corpus run has no curriculum
         facts = "-".join(map(str, facts)) if isinstance(facts, list) else facts  # [fewest, most] drawn per example
         ax.axvline(step, color="grey", lw=0.5, ls=":")
         ax.text(step, 0.05, f" {facts} facts, {low}-{high} B", fontsize=7, va="bottom", color="grey", rotation=90)
