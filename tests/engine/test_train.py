@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from engine import Engine
+from engine import Engine, ModelConfig
 from engine.compiled import compile_training_steps
 from engine.data import recall_example
 from engine.train import TrainConfig, lr_at, train
@@ -442,3 +442,27 @@ def test_unicode_filler_keeps_the_answer_weights_on_the_digits(carried):
         assert len(answers) == 4 * cfg.n_facts
         assert all(chr(row[i]).isdigit() and bytes(row[i - 6 - j:i - j]).startswith(b"#") for i, j in
                    zip(answers, [0, 1, 2, 3] * cfg.n_facts))
+
+
+@pytest.mark.parametrize("variant", ["mac", "mal"])
+def test_activation_checkpointing_gives_the_same_loss_and_gradients(variant):
+    from engine.model import Titans
+    from engine.tokenizer import load_tokenizer
+    from engine.train import batch_loss, make_batch
+
+    torch.manual_seed(0)
+    model = Titans(ModelConfig.preset(f"tiny-{variant}")).double()
+    cfg = TrainConfig(model={"preset": f"tiny-{variant}"}, batch_size=3, seq_len=48, n_facts=2,
+                      curriculum=[[0, 0, 16]])
+    ids, weights = make_batch(cfg, 0, random.Random(0), load_tokenizer("byte", None), model.cfg.chunk_size)
+    results = []
+    for checkpointed in (False, True):
+        model.zero_grad()
+        model.checkpoint_blocks = checkpointed
+        loss = batch_loss(model, ids, weights.double())
+        loss.backward()
+        results.append((float(loss), {n: p.grad.clone() for n, p in model.named_parameters()}))
+    (plain, plain_grads), (recomputed, recomputed_grads) = results
+    assert plain == recomputed
+    for name, grad in plain_grads.items():
+        torch.testing.assert_close(recomputed_grads[name], grad, rtol=1e-10, atol=1e-12, msg=name)
