@@ -156,8 +156,9 @@ def test_the_gpu_suite_rehearses_every_section_on_the_cpu(tmp_path):
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr
     log = (out / "suite.log").read_text()
-    assert [line.split(":")[1].strip().split()[1] for line in log.splitlines() if ": exit " in line] == ["0"] * 5, log
+    assert [line.split(":")[1].strip().split()[1] for line in log.splitlines() if ": exit " in line] == ["0"] * 6, log
     assert json.loads((out / "kernels_gpu.json").read_text())["dry_run"]
     assert [r["sessions"] for r in json.loads((out / "decode_gpu.json").read_text())["rows"]] == [1, 2]
     assert (out / "serve.json").exists()
     assert json.loads((out / "many_sessions.json").read_text())["sessions_lost_or_torn"] == 0
+    assert json.loads((out / "train_gpu.json").read_text())["ours"]["tokens_per_s"] > 0
