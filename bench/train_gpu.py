@@ -5,7 +5,7 @@ width, depth, heads, segment and sequence length, timed in the same process (ben
 Both train on random tokens (throughput does not depend on the text): forward, backward and an AdamW step, timed
 after --warmup steps. A batch that does not fit is halved until it does (the JSON says which rows ran).
 
-    python bench/train_gpu.py [--config configs/paper/170m-mac.json] [--rows 8] [--steps 6] [--out FILE]
+    python bench/train_gpu.py [--config configs/paper/170m-mac.json] [--rows 4] [--steps 3] [--out FILE]
     python bench/train_gpu.py --dry-run      # the tiny config, a short sequence, on this CPU
 """
 
@@ -103,10 +103,10 @@ def fitting(measure, rows: int, device: torch.device, *args) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="configs/paper/170m-mac.json")
-    parser.add_argument("--rows", type=int, default=8, help="sequences per step (halved until they fit)")
+    parser.add_argument("--rows", type=int, default=4, help="sequences per step (halved until they fit)")
     parser.add_argument("--seq-len", type=int, default=None, help="default: the config's")
-    parser.add_argument("--steps", type=int, default=6)
-    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--no-baseline", action="store_true")
     parser.add_argument("--dry-run", action="store_true", help="configs/paper/tiny.json, 128 tokens, 1 step, CPU")
     parser.add_argument("--out", default="bench/results/train_gpu.json")
