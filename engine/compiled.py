@@ -179,6 +179,17 @@ class GraphDecode:
             self._run(io)
         return graph, io
 
+    def buckets(self) -> list[int]:
+        """The batch sizes graphs are captured at: powers of two below the capacity, and the capacity."""
+        return sorted({1 << i for i in range(self.capacity.bit_length()) if 1 << i < self.capacity} | {self.capacity})
+
+    def prepare(self) -> None:
+        """Capture every bucket's graph now (at start-up) rather than at the first step that needs it (in someone's
+        request)."""
+        for bucket in self.buckets():
+            if bucket not in self.graphs:
+                self.graphs[bucket] = self._make(bucket)
+
     def __call__(self, tokens: Tensor, positions: list[int]) -> Tensor:
         """tokens [n, 1] of the sessions in slots 0..n-1, at `positions` -> logits [n, 1, V]; the slots updated in
         place."""

@@ -112,9 +112,17 @@ class Group:
     """Sequences and the SessionBatch that holds their states, in the same order; the batch's pool lives as long as
     the group."""
 
-    def __init__(self, engine: Engine, capacity: int):
+    def __init__(self, engine: Engine, capacity: int, decodes: bool = False):
+        """decodes: the group whose steps are one-token decodes; its decode graphs are captured here, once."""
         self.seqs: list[Sequence] = []
-        self.batch = SessionBatch(engine, capacity=capacity)
+        self.decodes = decodes
+        self.batch = self._new_batch(engine, capacity)
+
+    def _new_batch(self, engine: Engine, capacity: int) -> SessionBatch:
+        batch = SessionBatch(engine, capacity=capacity)
+        if self.decodes:
+            batch.prepare_decode_graphs()
+        return batch
 
     def add(self, seqs: list[Sequence], states: list[SessionState]) -> None:
         self.batch.add(states)
@@ -133,7 +141,7 @@ class Group:
 
     def reset(self) -> None:
         """An empty batch (after a failed step left this one half-written)."""
-        self.seqs, self.batch = [], SessionBatch(self.batch.engine, capacity=self.batch.capacity)
+        self.seqs, self.batch = [], self._new_batch(self.batch.engine, self.batch.capacity)
 
 
 class Scheduler:
@@ -142,7 +150,7 @@ class Scheduler:
         self.max_running, self.prefill_chunk = max_running, prefill_chunk
         self.waiting: collections.deque[Sequence] = collections.deque()
         self.prefilling = Group(engine, max_running)
-        self.decoding = Group(engine, max_running)
+        self.decoding = Group(engine, max_running, decodes=True)
         self.aborted: set[int] = set()
         self.queue_waits: list[float] = []  # seconds each request admitted in this iteration waited
         self._outbox: list[tuple[int, object]] = []

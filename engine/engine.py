@@ -364,6 +364,12 @@ class SessionBatch:
             self._live = nest_state({k: v[:n] for k, v in self._pool.items()})
         return self._live
 
+    def prepare_decode_graphs(self) -> None:
+        """Capture the decode graphs of every batch size this pool holds now (Engine.decode_graphs on), not at the
+        first step of each size."""
+        if self.engine.decode_graphs != "off":
+            self._graph_decode().prepare()
+
     def _graph_decode(self) -> GraphDecode:
         if self._graphs is None or self._graphs.pool is not self._pool:  # a grown pool is new tensors
             self._graphs = GraphDecode(self.engine.model, self._pool, capture=self.engine.decode_graphs == "cuda")

@@ -70,6 +70,24 @@ def test_buckets_and_the_free_slots():
     assert isinstance(batch._graphs, GraphDecode) and set(batch._graphs.graphs) == {4}
 
 
+def test_the_scheduler_captures_every_bucket_at_start_and_none_later():
+    from engine.core import EngineRequest, Scheduler
+    from engine.sampling import SamplingParams
+
+    engine = engine_for(tiny("mal"), decode_graphs="static")
+    scheduler = Scheduler(engine, max_running=6, prefill_chunk=16)
+    graphs = scheduler.decoding.batch._graphs
+    assert set(graphs.graphs) == {1, 2, 4, 6}
+    assert graphs.buckets() == [1, 2, 4, 6]
+    made = dict(graphs.graphs)
+    for i in range(5):
+        scheduler.add(EngineRequest(i, [1, 2, 3], None, SamplingParams(max_tokens=4, temperature=0), False))
+    while scheduler.busy:
+        scheduler.iterate()
+    assert scheduler.decoding.batch._graphs is graphs and graphs.graphs == made  # the same captures, replayed
+    assert Scheduler(engine_for(tiny("mal")), 6, 16).decoding.batch._graphs is None  # off: nothing made
+
+
 def test_decode_graphs_are_checked():
     with pytest.raises(ValueError, match="auto, cuda, static or off"):
         engine_for(tiny("lmm"), decode_graphs="always")
