@@ -371,7 +371,7 @@ def recall_accuracy(model: torch.nn.Module, tokenizer, examples, device: torch.d
     for ex in examples:
         seq = torch.tensor(tokenizer.encode(ex.text), dtype=torch.long)
         logits = model(seq[None].to(device))[0][0]
-        exact, right = score_answers(logits, seq, ex.answer_spans)
+        exact, right = score_answers(logits, seq.to(logits.device), ex.answer_spans)
         correct, digits, queries = correct + exact, digits + right, queries + len(ex.answer_spans)
     return {"exact": correct / max(1, queries), "digit": digits / max(1, 4 * queries)}
 
