@@ -21,11 +21,14 @@ from __future__ import annotations
 
 import hashlib
 import random
+import re
 import string
 import sysconfig
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
+
+import torch
 
 HELD_OUT_PERCENT = 5
 PROSE_HELD_OUT_PERCENT = 25  # the prose corpus is small (~0.46 MB): a quarter keeps ~100 KB apart for evaluation
@@ -54,6 +57,18 @@ def fact_key(rng: random.Random) -> str:
 
 def fact_value(rng: random.Random) -> str:
     return "".join(rng.choice(string.digits) for _ in range(4))
+
+
+FACT_PATTERN = re.compile(rb"#[a-z]{4}=(?:[0-9]{4};)?")  # a fact, or a query with its answer, or a bare query
+
+
+def fact_mask(ids: torch.Tensor) -> torch.Tensor:
+    """byte ids [B, T] -> bool [B, T]: the bytes of facts and queries (FACT_PATTERN); the rest is other text."""
+    mask = torch.zeros(ids.shape, dtype=torch.bool)
+    for row, seq in enumerate(ids.tolist()):
+        for match in FACT_PATTERN.finditer(bytes(b & 0xFF for b in seq)):
+            mask[row, match.start():match.end()] = True
+    return mask
 
 
 @cache

@@ -23,7 +23,7 @@ from . import distributed
 from .compiled import compile_training_steps
 from .config import ModelConfig
 from .corpus import CorpusIndex, TokenSplit, WindowOrder, window_batch
-from .data import FACT_BYTES, recall_example, text_window
+from .data import FACT_BYTES, fact_mask, recall_example, text_window
 from .distributed import World, full_state, load_full_state
 from .engine import save_model_dir
 from .evaluate import score_answers
@@ -103,6 +103,9 @@ class TrainConfig:
     # carried prefix is read without gradients, so only this price reaches the gates with the whole distance's
     # weight.
     write_price: float = 0.0
+    # a labelled price: loss += filler_price * write_cost over the trained bytes that are neither a fact nor a query
+    # (data.fact_mask): the lasting writes of other text alone, which the facts' answers do not pay back
+    filler_price: float = 0.0
     # this share of the filler's characters replaced by characters outside ASCII (data.sprinkle): the corpora are
     # ASCII, and a memory that never read other bytes writes them over everything it holds
     unicode_rate: float = 0.0
@@ -329,10 +332,11 @@ def write_cost(model: Titans, log_gates: list[list[torch.Tensor]], mask: torch.T
 
 def batch_loss(model: Titans, ids: torch.Tensor, weights: torch.Tensor, carried: int = 0,
                write_price: float = 0.0, parts: dict | None = None, runner: torch.nn.Module | None = None,
-               total: float | None = None, cost_share: float = 1.0) -> torch.Tensor:
+               total: float | None = None, cost_share: float = 1.0, filler_price: float = 0.0) -> torch.Tensor:
     """Weighted mean next-token loss of a batch from make_batch, every sequence from a fresh state; with carried,
     the first `carried` ids are read without gradients and the state they leave goes on, detached. With
-    write_price, plus that times write_cost over the trained tokens. parts, when given, receives both terms.
+    write_price, plus that times write_cost over the trained tokens; with filler_price, plus that times write_cost
+    over the trained tokens of other text (data.fact_mask). parts, when given, receives the terms.
 
     runner: the module to call (model wrapped by DDP or FSDP; the model itself by default). total: the weight of
     the whole step's batch when this is a part of it (a micro-batch, a rank's rows), so the parts' losses add up to
@@ -352,13 +356,19 @@ def batch_loss(model: Titans, ids: torch.Tensor, weights: torch.Tensor, carried:
     loss = (nll * weights.flatten()).sum() / (weights.sum() if total is None else total)
     if parts is not None:
         parts["nll"] = parts.get("nll", 0.0) + float(loss.detach())
-    if write_price or parts is not None:
+    if write_price or filler_price or parts is not None:
         real = torch.cat([torch.ones_like(weights[:, :1], dtype=torch.bool), weights > 0], 1)  # [B, T]: targets
         cost = write_cost(model, log_gates, real)
         if parts is not None:
             parts["write_cost"] = parts.get("write_cost", 0.0) + cost_share * float(cost.detach())
         if write_price:
             loss = loss + write_price * cost_share * cost
+        if filler_price:
+            filler = real & ~fact_mask(ids.cpu()).to(real.device)
+            cost = write_cost(model, log_gates, filler)
+            if parts is not None:
+                parts["filler_cost"] = parts.get("filler_cost", 0.0) + cost_share * float(cost.detach())
+            loss = loss + filler_price * cost_share * cost
     return loss
 
 
@@ -590,7 +600,7 @@ def _train(cfg: TrainConfig, resume: bool, log, world: World, device: torch.devi
         for group in optimizer.param_groups:
             group["lr"] = lr_at(cfg, step)
         optimizer.zero_grad(set_to_none=True)
-        parts = {} if cfg.write_price else None
+        parts = {} if cfg.write_price or cfg.filler_price else None
         loss_value = accumulate_gradients(cfg, model, wrapped, ids, weights, carried, world, device, parts)
         grad_norm = _full_float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip))
         if cfg.skip_grad_norm_above is not None and not grad_norm <= cfg.skip_grad_norm_above:
@@ -612,7 +622,7 @@ def _train(cfg: TrainConfig, resume: bool, log, world: World, device: torch.devi
                 last["mfu"] = rate * flops / (peak * world.size)
             if cfg.carry_share:
                 last["carried"] = carried
-            if cfg.write_price:
+            if parts is not None:
                 last.update(parts)
             if cfg.advance_at:
                 last["held"] = progress.held
@@ -658,7 +668,8 @@ def accumulate_gradients(cfg: TrainConfig, model: Titans, wrapped: torch.nn.Modu
         with (distributed.no_sync(wrapped, world, i == len(micro) - 1),
               torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16 and device.type == "cuda")):
             loss = batch_loss(model, ids[rows].to(device), weights[rows], carried, cfg.write_price, parts,
-                              runner=wrapped, total=total, cost_share=(rows.stop - rows.start) / cfg.batch_size)
+                              runner=wrapped, total=total, cost_share=(rows.stop - rows.start) / cfg.batch_size,
+                              filler_price=cfg.filler_price)
             (loss * distributed.gradient_scale(world)).backward()
         loss_sum += float(loss.detach())
     return distributed.all_sum(loss_sum, world, device)

@@ -427,6 +427,31 @@ def test_a_write_price_adds_its_cost_and_lowers_theta():
     assert after["write_cost"] < 0.9 * parts["write_cost"]
 
 
+def test_a_filler_price_charges_only_the_writes_of_other_text():
+    from engine.data import fact_mask
+    from engine.model import Titans
+    from engine.tokenizer import load_tokenizer
+    from engine.train import batch_loss, make_batch, write_cost
+
+    text = b"some text #abcd=1234; more = 5; #wxyz=0042;filler #abcd=12"
+    mask = fact_mask(torch.tensor([list(text)]))[0]
+    marked = bytes(b for b, m in zip(text, mask.tolist()) if m)
+    assert marked == b"#abcd=1234;#wxyz=0042;#abcd="  # facts and the query; not "= 5;" nor the answer cut short
+    cfg = TrainConfig(model={"preset": "tiny-mal", "alpha_bias_init": -14.0}, batch_size=4, seq_len=48,
+                      recall_fraction=1.0, n_facts=2, curriculum=[[0, 16, 32]])
+    ids, weights = make_batch(cfg, 0, random.Random(3), load_tokenizer("byte", None))
+    torch.manual_seed(0)
+    model = Titans(cfg.model_config())
+    parts = {}
+    priced = batch_loss(model, ids, weights, filler_price=2.0, parts=parts)
+    with model.watching_gates() as gates:
+        model(ids)
+    real = torch.cat([torch.ones_like(weights[:, :1], dtype=torch.bool), weights > 0], 1)
+    filler_cost = float(write_cost(model, gates, real & ~fact_mask(ids)))
+    assert abs(parts["filler_cost"] - filler_cost) < 1e-6 and filler_cost != parts["write_cost"]
+    assert abs(float(priced) - (parts["nll"] + 2.0 * filler_cost)) < 1e-5
+
+
 @pytest.mark.parametrize("carried", [0, 300])
 def test_unicode_filler_keeps_the_answer_weights_on_the_digits(carried):
     # sprinkled characters are 2-4 bytes each: the answers' character offsets must become byte offsets
