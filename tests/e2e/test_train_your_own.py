@@ -75,7 +75,8 @@ def words(text: str) -> list[str]:
 @pytest.mark.skipif(not DOCS_MODEL.exists(), reason="models/titans-docs-chat is trained by bin/train-docs-model")
 def test_the_docs_chat_model_answers_in_the_words_of_the_python_documentation(docs, tmp_path):
     known = {w.lower() for p in (docs / "text").iterdir() for w in words(p.read_text())}
-    questions = [json.loads(line)["messages"][0]["content"] for line in (docs / "heldout.jsonl").open()][:6]
+    lines = (docs / "heldout.jsonl").read_text().splitlines()
+    questions = [json.loads(line)["messages"][0]["content"] for line in lines][:6]
     with ServerProcess(DOCS_MODEL, f"sqlite:///{tmp_path}/sessions.db") as server:
         answers = [chat(server, DOCS_MODEL, q) for q in questions]
     for question, choice in zip(questions, answers):
