@@ -61,7 +61,10 @@ def join(device: str = "auto") -> tuple[World, torch.device]:
 
 
 def leave(world: World) -> None:
+    """The end of a run that went well: every rank waits for the others before the process group goes (a rank
+    that left first would close its connections under a peer still finishing its last collective)."""
     if world.distributed and dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()
 
 

@@ -478,10 +478,11 @@ def train(cfg: TrainConfig, resume: bool = True, log=print) -> dict:
     torch.set_num_threads(cfg.threads or threads)
     world, device = distributed.join(cfg.device)
     try:
-        return _train(cfg, resume, log if world.main else (lambda *_: None), world, device)
+        last = _train(cfg, resume, log if world.main else (lambda *_: None), world, device)
+        distributed.leave(world)
+        return last
     finally:  # the caller's setting again (tests train in-process)
         torch.set_num_threads(threads)
-        distributed.leave(world)
 
 
 class SyntheticBatches:

@@ -47,7 +47,9 @@ def gradients(tmp_path: Path, name: str, processes: int, **options) -> tuple[dic
     config = write_config(tmp_path / f"{name}.json", out_dir=str(tmp_path / name), **options)
     out = tmp_path / f"{name}.safetensors"
     command = ([sys.executable, str(STEP_SCRIPT)] if processes == 1 else torchrun(processes, str(STEP_SCRIPT)))
-    subprocess.run([*command, str(config), str(out)], check=True, env=env(), cwd=ROOT, timeout=300)
+    done = subprocess.run([*command, str(config), str(out)], env=env(), cwd=ROOT, timeout=300, capture_output=True,
+                          text=True)
+    assert done.returncode == 0, f"{name} exited {done.returncode}:\n{done.stdout[-3000:]}\n{done.stderr[-6000:]}"
     with safe_open(str(out), "pt") as f:
         loss = float(f.metadata()["loss"])
     return load_file(str(out)), loss
