@@ -449,9 +449,11 @@ def _check_same_run(cfg: TrainConfig, out_dir: Path) -> None:
         return
     saved = json.loads(path.read_text())
     known = {f.name for f in fields(TrainConfig)}
-    theirs = json.loads(json.dumps(asdict(TrainConfig(**{k: v for k, v in saved.items() if k in known}))))
-    ours = json.loads(json.dumps(asdict(cfg)))
-    changed = sorted(k for k in ours if k not in RESUMABLE_CHANGES and ours[k] != theirs[k])
+    their_cfg = TrainConfig(**{k: v for k, v in saved.items() if k in known})
+    theirs, ours = (json.loads(json.dumps(asdict(c))) for c in (their_cfg, cfg))
+    changed = sorted(k for k in ours if k not in RESUMABLE_CHANGES | {"model"} and ours[k] != theirs[k])
+    if cfg.model_config() != their_cfg.model_config():  # the model, not how its config is spelt
+        changed.append("model")
     if changed:
         raise ValueError(f"{out_dir} holds a checkpoint of another training config (it differs in {changed}): "
                          "resume it with its own config, or start over with --restart or another out_dir")

@@ -51,6 +51,12 @@ def test_resume_continues_exactly(tmp_path):
     # a changed recipe does not silently continue (or count as done) the run its out_dir holds
     with pytest.raises(ValueError, match="another training config .*'lr'"):
         train(_config(tmp_path / "b", steps=6, threads=1, lr=1e-4), resume=True, log=lambda _: None)
+    with pytest.raises(ValueError, match="another training config .*'model'"):
+        train(_config(tmp_path / "b", steps=6, threads=1, model={"preset": "tiny-lmm", "window": 8}),
+              log=lambda _: None)
+    # the same model spelt otherwise (its preset's value written out) is the same run
+    train(_config(tmp_path / "b", steps=6, threads=1, model={"preset": "tiny-lmm", "chunk_size": 4}),
+          log=lambda _: None)
     train(_config(tmp_path / "b", steps=6, threads=1, lr=1e-4), resume=False, log=lambda _: None)  # --restart
 
 
