@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .distributed import rank_rows
 from .tokenizer import ByteTokenizer, ChatTemplate, HFTokenizer, Tokenizer
 
 END_OF_TEXT = "<|endoftext|>"
@@ -273,11 +274,8 @@ class WindowOrder:
         self._epoch: tuple[int, torch.Tensor] | None = None
 
     def slots(self, step: int, rank: int, world: int) -> range:
-        if self.global_batch % world:
-            raise ValueError(f"the global batch ({self.global_batch}) must divide among {world} processes")
-        share = self.global_batch // world
-        first = step * self.global_batch + rank * share
-        return range(first, first + share)
+        rows = rank_rows(self.global_batch, rank, world)
+        return range(step * self.global_batch + rows.start, step * self.global_batch + rows.stop)
 
     def window(self, slot: int) -> int:
         epoch, at = divmod(slot, self.windows)

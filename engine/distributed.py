@@ -104,6 +104,14 @@ def _fsdp_no_sync(wrapped: nn.Module):
         wrapped.set_requires_gradient_sync(True)
 
 
+def rank_rows(batch: int, rank: int, size: int) -> range:
+    """Rank `rank`'s rows of a global batch of `batch` rows split among `size` processes."""
+    if batch % size:
+        raise ValueError(f"the global batch ({batch} rows) must divide among {size} processes")
+    share = batch // size
+    return range(rank * share, (rank + 1) * share)
+
+
 def all_sum(value: float, world: World, device: torch.device) -> float:
     if not world.distributed:
         return value

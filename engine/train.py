@@ -24,7 +24,7 @@ from .compiled import compile_training_steps
 from .config import ModelConfig
 from .corpus import CorpusIndex, TokenSplit, WindowOrder, window_batch
 from .data import FACT_BYTES, fact_mask, recall_example, text_window
-from .distributed import World, full_state, load_full_state
+from .distributed import World, full_state, load_full_state, rank_rows
 from .engine import save_model_dir
 from .evaluate import score_answers
 from .model import Titans, batched
@@ -358,17 +358,15 @@ def batch_loss(model: Titans, ids: torch.Tensor, weights: torch.Tensor, carried:
         parts["nll"] = parts.get("nll", 0.0) + float(loss.detach())
     if write_price or filler_price or parts is not None:
         real = torch.cat([torch.ones_like(weights[:, :1], dtype=torch.bool), weights > 0], 1)  # [B, T]: targets
-        cost = write_cost(model, log_gates, real)
-        if parts is not None:
-            parts["write_cost"] = parts.get("write_cost", 0.0) + cost_share * float(cost.detach())
-        if write_price:
-            loss = loss + write_price * cost_share * cost
+        priced = {"write_cost": (real, write_price)}
         if filler_price:
-            filler = real & ~fact_mask(ids.cpu()).to(real.device)
-            cost = write_cost(model, log_gates, filler)
+            priced["filler_cost"] = (real & ~fact_mask(ids.cpu()).to(real.device), filler_price)
+        for name, (mask, price) in priced.items():
+            cost = write_cost(model, log_gates, mask)
             if parts is not None:
-                parts["filler_cost"] = parts.get("filler_cost", 0.0) + cost_share * float(cost.detach())
-            loss = loss + filler_price * cost_share * cost
+                parts[name] = parts.get(name, 0.0) + cost_share * float(cost.detach())
+            if price:
+                loss = loss + price * cost_share * cost
     return loss
 
 
@@ -499,7 +497,8 @@ class SyntheticBatches:
         rng = random.Random(self.cfg.seed * 1_000_003 + step)  # the batch of a step does not depend on resumes
         carried = carried_bytes(self.cfg, rng, self.chunk)
         ids, weights = make_batch(self.cfg, curriculum_step, rng, self.tokenizer, self.chunk, carried)
-        share = _share(self.cfg.batch_size, world)
+        rows = rank_rows(self.cfg.batch_size, world.rank, world.size)
+        share = slice(rows.start, rows.stop)
         return ids[share], weights[share], carried, sum(sequence_lengths(weights[share]))  # real tokens, no padding
 
 
@@ -510,6 +509,8 @@ class CorpusBatches:
         self.cfg = cfg
         self.split = TokenSplit(cfg.data, "train")
         self.order = WindowOrder(self.split.tokens, cfg.seq_len, cfg.batch_size, cfg.seed)
+        has_heldout = self.split.index.splits["heldout"]["tokens"] > 0
+        self.heldout = TokenSplit(cfg.data, "heldout") if has_heldout else None  # None: nothing held out
 
     def rows(self, step: int, curriculum_step: int, world: World) -> tuple[torch.Tensor, torch.Tensor, int, int]:
         windows = [self.order.window(slot) for slot in self.order.slots(step, world.rank, world.size)]
@@ -517,19 +518,11 @@ class CorpusBatches:
         return ids, weights, 0, ids.numel()
 
 
-def _share(batch: int, world: World) -> slice:
-    if batch % world.size:
-        raise ValueError(f"batch_size {batch} (the global batch) must divide among {world.size} processes")
-    rows = batch // world.size
-    return slice(world.rank * rows, (world.rank + 1) * rows)
-
-
 @torch.no_grad()
-def heldout_loss(runner: torch.nn.Module, tokenizer, data: str, seq_len: int, windows: int,
+def heldout_loss(runner: torch.nn.Module, tokenizer, split: TokenSplit, seq_len: int, windows: int,
                  device: torch.device) -> dict[str, float]:
-    """Mean next-token loss (nats) and bits per byte over the first `windows` windows of the corpus's held-out
+    """Mean next-token loss (nats) and bits per byte over the first `windows` windows of a corpus's held-out
     split, each from a fresh state."""
-    split = TokenSplit(data, "heldout")
     count = min(windows, max(1, math.ceil((split.tokens - 1) / seq_len)))
     nats = targets = n_bytes = 0.0
     for w in range(count):
@@ -633,9 +626,9 @@ def _train(cfg: TrainConfig, resume: bool, log, world: World, device: torch.devi
                 last["skipped"] = progress.skipped
             if cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.steps - 1):
                 model.eval()
-                if cfg.data and CorpusIndex.load(cfg.data).splits["heldout"]["tokens"]:
-                    last["heldout"] = heldout_loss(wrapped, tokenizer, cfg.data, cfg.seq_len, cfg.eval_windows,
-                                                   device)
+                if cfg.data and batches.heldout is not None:
+                    last["heldout"] = heldout_loss(wrapped, tokenizer, batches.heldout, cfg.seq_len,
+                                                   cfg.eval_windows, device)
                 if model.cfg.tokenizer == "byte" and cfg.eval_examples:
                     low, high, n_facts = cfg.stage(at)
                     eval_rng = random.Random(10_000 + step)
