@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from .distributed import rank_rows
-from .tokenizer import ByteTokenizer, ChatTemplate, HFTokenizer, Tokenizer
+from .tokenizer import ByteTokenizer, ChatTemplate, Tokenizer, load_tokenizer
 
 END_OF_TEXT = "<|endoftext|>"
 # the default chat template's turn markers ("<|user|>" ...) as single tokens: a turn's end is one token to learn
@@ -98,8 +98,8 @@ def shuffled(items: Iterator, rng: random.Random, buffer: int) -> Iterator:
 
 def load_corpus_tokenizer(directory: str | Path | None) -> Tokenizer:
     """The tokenizer.json in directory, or bytes when there is none (or no directory)."""
-    path = Path(directory) / "tokenizer.json" if directory is not None else None
-    return HFTokenizer(path) if path is not None and path.exists() else ByteTokenizer()
+    has_file = directory is not None and (Path(directory) / "tokenizer.json").exists()
+    return load_tokenizer("tokenizers" if has_file else "byte", directory)
 
 
 def end_of_text_id(tokenizer: Tokenizer) -> int:
