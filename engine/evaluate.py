@@ -114,10 +114,12 @@ def expected_bytes(distances: list[int], n_facts: int, examples: int, mode: str,
     return kinds * examples * sum(d + per_example for d in distances)
 
 
-def read_requests(engine: Engine, requests: list[list[str]], progress: Progress | None = None) -> list:
-    """Each session reads its requests in turn, all sessions in one batch, each request in pieces of PIECE bytes;
-    after every request the states are saved to bytes and loaded back (as between two requests of a session)."""
-    states = [engine.new_state() for _ in requests]
+def read_requests(engine: Engine, requests: list[list[str]], progress: Progress | None = None,
+                  states: list | None = None) -> list:
+    """Each session reads its requests in turn (from its state in `states`, fresh without), all sessions in one
+    batch, each request in pieces of PIECE bytes; after every request the states are saved to bytes and loaded back
+    (as between two requests of a session)."""
+    states = states or [engine.new_state() for _ in requests]
     for r in range(max(len(reqs) for reqs in requests)):
         batch = engine.batch(states)
         ids = [engine.tokenizer.encode(reqs[r]) if r < len(reqs) else [] for reqs in requests]

@@ -106,6 +106,10 @@ class TrainConfig:
     # a labelled price: loss += filler_price * write_cost over the trained bytes that are neither a fact nor a query
     # (data.fact_mask): the lasting writes of other text alone, which the facts' answers do not pay back
     filler_price: float = 0.0
+    # both prices count each write with the momentum that carries it on: theta / (1 - eta), eta the head's mean
+    # momentum gate on the priced tokens (with its gradient). A write of theta goes on landing for ~1 / (1 - eta)
+    # chunks, and a price on theta alone is dodged by raising eta (models/titans-mal-recall/README.md, s9)
+    price_momentum: bool = False
     # this share of the filler's characters replaced by characters outside ASCII (data.sprinkle): the corpora are
     # ASCII, and a memory that never read other bytes writes them over everything it holds
     unicode_rate: float = 0.0
@@ -143,6 +147,9 @@ class TrainConfig:
         if unknown:
             raise ValueError(f"{path}: unknown training options {sorted(unknown)}")
         return cls(**data)
+
+    def write_prices(self) -> WritePrices:
+        return WritePrices(self.write_price, self.filler_price, self.price_momentum)
 
     def model_config(self) -> ModelConfig:
         """The model: its preset, overridden by the config's fields; with a corpus, the corpus's tokenizer, and its
@@ -314,29 +321,47 @@ CARRY_PIECE = 2048  # prefix ids read per call: the logits a call returns ([B, p
 WRITE_HORIZON = 65536  # tokens a write must last to be priced in full: the distance the memory keeps facts across
 
 
-def write_cost(model: Titans, log_gates: list[list[torch.Tensor]], mask: torch.Tensor) -> torch.Tensor:
+@dataclass(frozen=True)
+class WritePrices:
+    """What batch_loss adds for the memories' lasting writes (TrainConfig's write_price, filler_price and
+    price_momentum)."""
+    write: float = 0.0
+    filler: float = 0.0
+    momentum: bool = False
+
+    def __bool__(self) -> bool:
+        return bool(self.write or self.filler)
+
+
+def write_cost(model: Titans, log_gates: list[list[torch.Tensor]], mask: torch.Tensor,
+               momentum: bool = False) -> torch.Tensor:
     """Mean over memories and heads of the inner learning rate theta on the tokens of mask [B, R], each head's
     weighted by the share of a write it still holds WRITE_HORIZON tokens later, exp(horizon * mean log(1 - alpha)),
     taken without gradient: a head that forgets within the horizon writes for free (a short-term memory serving
-    language modelling), one that keeps everything pays for every write. log_gates: Titans.watching_gates' lists."""
+    language modelling), one that keeps everything pays for every write. With momentum, each head's theta is
+    divided by 1 - eta, its mean momentum gate on those tokens: the sum of a write's echoes through the momentum.
+    log_gates: Titans.watching_gates' lists."""
     mask = mask.to(torch.float32)[:, None, :]  # [B, 1, R]
     real = mask.sum()
     costs = []
     for memory, calls in zip(model.memories(), log_gates, strict=True):
-        log_theta, _, log_keep = torch.cat(calls, dim=2).float().unbind(-1)  # [B, H, R] each
+        log_theta, log_eta, log_keep = torch.cat(calls, dim=2).float().unbind(-1)  # [B, H, R] each
         theta = (memory.theta(log_theta) * mask).sum((0, 2)) / real
+        if momentum:
+            theta = theta / (1 - (log_eta.exp() * mask).sum((0, 2)) / real)
         kept = torch.exp(WRITE_HORIZON * (log_keep * mask).sum((0, 2)) / real).detach()
         costs.append(kept * theta)
     return torch.cat(costs).mean()
 
 
 def batch_loss(model: Titans, ids: torch.Tensor, weights: torch.Tensor, carried: int = 0,
-               write_price: float = 0.0, parts: dict | None = None, runner: torch.nn.Module | None = None,
-               total: float | None = None, cost_share: float = 1.0, filler_price: float = 0.0) -> torch.Tensor:
+               prices: WritePrices = WritePrices(), parts: dict | None = None,
+               runner: torch.nn.Module | None = None, total: float | None = None,
+               cost_share: float = 1.0) -> torch.Tensor:
     """Weighted mean next-token loss of a batch from make_batch, every sequence from a fresh state; with carried,
     the first `carried` ids are read without gradients and the state they leave goes on, detached. With
-    write_price, plus that times write_cost over the trained tokens; with filler_price, plus that times write_cost
-    over the trained tokens of other text (data.fact_mask). parts, when given, receives the terms.
+    prices.write, plus that times write_cost over the trained tokens; with prices.filler, plus that times
+    write_cost over the trained tokens of other text (data.fact_mask). parts, when given, receives the terms.
 
     runner: the module to call (model wrapped by DDP or FSDP; the model itself by default). total: the weight of
     the whole step's batch when this is a part of it (a micro-batch, a rank's rows), so the parts' losses add up to
@@ -356,13 +381,13 @@ def batch_loss(model: Titans, ids: torch.Tensor, weights: torch.Tensor, carried:
     loss = (nll * weights.flatten()).sum() / (weights.sum() if total is None else total)
     if parts is not None:
         parts["nll"] = parts.get("nll", 0.0) + float(loss.detach())
-    if write_price or filler_price or parts is not None:
+    if prices or parts is not None:
         real = torch.cat([torch.ones_like(weights[:, :1], dtype=torch.bool), weights > 0], 1)  # [B, T]: targets
-        priced = {"write_cost": (real, write_price)}
-        if filler_price:
-            priced["filler_cost"] = (real & ~fact_mask(ids.cpu()).to(real.device), filler_price)
+        priced = {"write_cost": (real, prices.write)}
+        if prices.filler:
+            priced["filler_cost"] = (real & ~fact_mask(ids.cpu()).to(real.device), prices.filler)
         for name, (mask, price) in priced.items():
-            cost = write_cost(model, log_gates, mask)
+            cost = write_cost(model, log_gates, mask, prices.momentum)
             if parts is not None:
                 parts[name] = parts.get(name, 0.0) + cost_share * float(cost.detach())
             if price:
@@ -596,7 +621,7 @@ def _train(cfg: TrainConfig, resume: bool, log, world: World, device: torch.devi
         for group in optimizer.param_groups:
             group["lr"] = lr_at(cfg, step)
         optimizer.zero_grad(set_to_none=True)
-        parts = {} if cfg.write_price or cfg.filler_price else None
+        parts = {} if cfg.write_prices() else None
         loss_value = accumulate_gradients(cfg, model, wrapped, ids, weights, carried, world, device, parts)
         grad_norm = _full_float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip))
         if cfg.skip_grad_norm_above is not None and not grad_norm <= cfg.skip_grad_norm_above:
@@ -663,9 +688,8 @@ def accumulate_gradients(cfg: TrainConfig, model: Titans, wrapped: torch.nn.Modu
     for i, rows in enumerate(micro):
         with (distributed.no_sync(wrapped, world, i == len(micro) - 1),
               torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16 and device.type == "cuda")):
-            loss = batch_loss(model, ids[rows].to(device), weights[rows], carried, cfg.write_price, parts,
-                              runner=wrapped, total=total, cost_share=(rows.stop - rows.start) / cfg.batch_size,
-                              filler_price=cfg.filler_price)
+            loss = batch_loss(model, ids[rows].to(device), weights[rows], carried, cfg.write_prices(), parts,
+                              runner=wrapped, total=total, cost_share=(rows.stop - rows.start) / cfg.batch_size)
             (loss * distributed.gradient_scale(world)).backward()
         loss_sum += float(loss.detach())
     return distributed.all_sum(loss_sum, world, device)

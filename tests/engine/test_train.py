@@ -416,10 +416,32 @@ def test_write_cost_prices_theta_by_how_long_a_head_keeps_its_writes():
     assert abs(float(write_cost(model, log_gates, mask)) - expected) < 1e-6
 
 
+def test_a_momentum_priced_write_counts_its_echoes_and_lowers_eta():
+    from engine.model import Titans
+    from engine.train import write_cost
+
+    model = Titans(TrainConfig(model={"preset": "tiny-mal"}).model_config())
+    memories = model.memories()
+    heads = memories[0].heads
+    theta = torch.full((1, heads, 4), 0.1)
+    eta = torch.full((1, heads, 4), 0.5)
+    eta[:, 1] = 0.9  # head 1's writes echo through its momentum for ~10 chunks
+    log_eta = eta.log().requires_grad_()
+    log_gates = [[torch.stack([theta.log(), log_eta, torch.zeros_like(theta)], -1)] for _ in memories]
+    mask = torch.ones(1, 4, dtype=torch.bool)
+    theta_max = memories[0].cfg.theta_max
+    assert abs(float(write_cost(model, log_gates, mask)) - 0.1 * theta_max) < 1e-6  # theta alone
+    cost = write_cost(model, log_gates, mask, momentum=True)
+    expected = 0.1 * theta_max * ((heads - 1) / 0.5 + 1 / 0.1) / heads
+    assert abs(float(cost) - expected) < 1e-5
+    cost.backward()
+    assert (log_eta.grad > 0).all() and log_eta.grad[:, 1].min() > log_eta.grad[:, 0].max()  # the price lowers eta
+
+
 def test_a_write_price_adds_its_cost_and_lowers_theta():
     from engine.model import Titans
     from engine.tokenizer import load_tokenizer
-    from engine.train import batch_loss, make_batch
+    from engine.train import WritePrices, batch_loss, make_batch
 
     # alpha ~ 1e-6: heads that keep ~94% of a write for WRITE_HORIZON tokens (a fresh model's forget them)
     cfg = TrainConfig(model={"preset": "tiny-mal", "alpha_bias_init": -14.0}, batch_size=4, seq_len=48,
@@ -430,12 +452,12 @@ def test_a_write_price_adds_its_cost_and_lowers_theta():
     parts = {}
     plain = batch_loss(model, ids, weights, parts=parts)
     assert float(plain.detach()) == parts["nll"] and parts["write_cost"] > 0
-    priced = batch_loss(model, ids, weights, write_price=3.0)
+    priced = batch_loss(model, ids, weights, prices=WritePrices(write=3.0))
     assert abs(float(priced) - (parts["nll"] + 3.0 * parts["write_cost"])) < 1e-5
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
     for _ in range(3):  # the price's gradient reaches the gates that write
         optimizer.zero_grad()
-        batch_loss(model, ids, weights, write_price=100.0).backward()
+        batch_loss(model, ids, weights, prices=WritePrices(write=100.0)).backward()
         optimizer.step()
     after = {}
     batch_loss(model, ids, weights, parts=after)
@@ -446,7 +468,7 @@ def test_a_filler_price_charges_only_the_writes_of_other_text():
     from engine.data import fact_mask
     from engine.model import Titans
     from engine.tokenizer import load_tokenizer
-    from engine.train import batch_loss, make_batch, write_cost
+    from engine.train import WritePrices, batch_loss, make_batch, write_cost
 
     text = b"some text #abcd=1234; more = 5; #wxyz=0042;filler #abcd=12"
     mask = fact_mask(torch.tensor([list(text)]))[0]
@@ -458,7 +480,7 @@ def test_a_filler_price_charges_only_the_writes_of_other_text():
     torch.manual_seed(0)
     model = Titans(cfg.model_config())
     parts = {}
-    priced = batch_loss(model, ids, weights, filler_price=2.0, parts=parts)
+    priced = batch_loss(model, ids, weights, prices=WritePrices(filler=2.0), parts=parts)
     with model.watching_gates() as gates:
         model(ids)
     real = torch.cat([torch.ones_like(weights[:, :1], dtype=torch.bool), weights > 0], 1)
