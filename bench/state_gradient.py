@@ -59,7 +59,7 @@ def main() -> int:
         return out
 
     naive.read_and_update = recorded
-    loss = batch_loss(model, ids, weights, carried, cfg.write_price)
+    loss = batch_loss(model, ids, weights, carried, cfg.write_prices())
     loss.backward()
     total = torch.linalg.vector_norm(torch.stack([p.grad.double().norm() for p in model.parameters()
                                                   if p.grad is not None]))
