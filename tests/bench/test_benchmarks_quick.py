@@ -162,3 +162,22 @@ def test_the_gpu_suite_rehearses_every_section_on_the_cpu(tmp_path):
     assert (out / "serve.json").exists()
     assert json.loads((out / "many_sessions.json").read_text())["sessions_lost_or_torn"] == 0
     assert json.loads((out / "train_gpu.json").read_text())["ours"]["tokens_per_s"] > 0
+
+
+@pytest.mark.slow
+def test_memory_interference_quick(tmp_path):
+    # at distance 0 the facts' state is the carried one: every swap of it answers as carried, and what the filler
+    # left of the facts' write at their keys is all of it (cos 1, norm 1, no offset)
+    out = tmp_path / "mi.json"
+    proc = subprocess.run([sys.executable, "bench/memory_interference.py", "--distances", "0,512", "--examples", "1",
+                           "--filler", "words", "--out", str(out)], cwd=ROOT, capture_output=True, text=True,
+                          timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr
+    at_zero, at_512 = json.loads(out.read_text())["rows"]
+    exact = at_zero["exact"]
+    assert exact["mem0 = F"] == exact["mem1 = F"] == exact["mem0 = X+F-0"] == exact["carried"]
+    heads = at_zero["heads"]
+    assert all(abs(c - 1) < 1e-4 for c in heads["cos"]) and all(abs(n - 1) < 1e-4 for n in heads["norm"])
+    assert max(heads["offset"]) < 1e-4 and min(heads["signal"]) > 0
+    assert at_512["distance"] == 512 and max(at_512["heads"]["offset"]) > 1e-3  # 512 bytes of words moved it
+    assert all(0 <= v <= 1 for v in [*exact.values(), *at_512["exact"].values()])
