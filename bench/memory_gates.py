@@ -13,6 +13,10 @@ learning rate, theta_max * sigmoid) and the forgetting alpha. Reported per layer
                             its mean log(1 - alpha): 1 keeps everything, 0 has forgotten
     write mass 64K          theta summed over 65,536 bytes of filler over theta summed over the 8 facts: how much
                             filler the memory has written for every unit of facts by then
+    eta facts / filler      the mean momentum gate: a write goes on landing through the momentum for ~1 / (1 - eta)
+                            steps
+    echoed mass 64K         the write mass with each side's theta over 1 - its mean eta (what training's
+                            price_momentum prices)
 
 JSON to bench/results/memory_gates.json (--out).
 """
@@ -77,7 +81,7 @@ def main() -> None:
     result = {"model": args.model, "fingerprint": engine.fingerprint, "distance": args.distance, "kinds": {}}
     print(f"{args.model}: {args.facts} facts, then {args.distance} bytes of held-out filler, {args.examples} examples")
     print(f"{'filler':>6} {'layer':>5} {'head':>4} {'theta facts':>11} {'filler':>8} {'keep 64K':>9} "
-          f"{'write mass 64K':>15}")
+          f"{'write mass 64K':>15} {'eta facts':>9} {'filler':>7} {'echoed mass 64K':>16}")
     for kind in FILLER_KINDS:
         rng = random.Random(args.seed)
         texts = []
@@ -87,15 +91,20 @@ def main() -> None:
         rows = []
         for layer, gates in enumerate(recorded_gates(engine, texts)):
             theta = theta_max * gates[..., 0].exp()  # [B, H, T]
-            log_keep = gates[..., 2]
+            eta, log_keep = gates[..., 1].exp(), gates[..., 2]
             for head in range(theta.shape[1]):
                 on_facts = theta[:, head, :facts_end].mean().item()
                 on_filler = theta[:, head, facts_end:].mean().item()
+                eta_facts = eta[:, head, :facts_end].mean().item()
+                eta_filler = eta[:, head, facts_end:].mean().item()
                 keep = torch.exp(HORIZON * log_keep[:, head, facts_end:].mean()).item()
                 mass = on_filler * HORIZON / (on_facts * facts_end)
+                echoed = mass * (1 - eta_facts) / (1 - eta_filler)
                 rows.append({"layer": layer, "head": head, "theta_facts": on_facts, "theta_filler": on_filler,
-                             "keep_64k": keep, "write_mass_64k": mass})
-                print(f"{kind:>6} {layer:>5} {head:>4} {on_facts:>11.4f} {on_filler:>8.4f} {keep:>9.3g} {mass:>15.3g}")
+                             "keep_64k": keep, "write_mass_64k": mass, "eta_facts": eta_facts,
+                             "eta_filler": eta_filler, "echoed_mass_64k": echoed})
+                print(f"{kind:>6} {layer:>5} {head:>4} {on_facts:>11.4f} {on_filler:>8.4f} {keep:>9.3g} {mass:>15.3g}"
+                      f" {eta_facts:>9.3f} {eta_filler:>7.3f} {echoed:>16.3g}")
         result["kinds"][kind] = rows
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
