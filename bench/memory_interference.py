@@ -67,13 +67,14 @@ def swapped(state, layer: int, source: dict):
     return dataclasses.replace(state, tensors={**state.tensors, **{k: source[k] for k in memory_keys(state, layer)}})
 
 
-def superposed(fx, x, f, zero, layer: int) -> dict:
+def superposed(x, f, zero, layer: int) -> dict:
     """X + (F - 0) for the block's memory tensors: the filler's state plus the facts' write."""
-    return {k: x.tensors[k] + f.tensors[k] - zero.tensors[k] for k in memory_keys(fx, layer)}
+    return {k: x.tensors[k] + f.tensors[k] - zero.tensors[k] for k in memory_keys(x, layer)}
 
 
-def query_keys(engine: Engine, memory: NeuralMemory, ids: torch.Tensor, state) -> torch.Tensor:
-    """The memory's q [H, T, d] on the rows of ids, read from state (q depends on the conv tail, not on W)."""
+def forward_with_query_keys(engine: Engine, memory: NeuralMemory, ids: torch.Tensor,
+                            state) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logits [T, V], the memory's q [H, T, d]) of ids read from state (q depends on the conv tail, not on W)."""
     seen = []
     plain = NeuralMemory.qkv
 
@@ -85,10 +86,10 @@ def query_keys(engine: Engine, memory: NeuralMemory, ids: torch.Tensor, state) -
 
     NeuralMemory.qkv = recording
     try:
-        engine.forward_batch([ids], [state])
+        logits = engine.forward_batch([ids], [state])[0][0]
     finally:
         NeuralMemory.qkv = plain
-    return torch.cat(seen, 1)
+    return logits, torch.cat(seen, 1)
 
 
 @contextmanager
@@ -159,10 +160,11 @@ def main() -> None:
             for i, ex in enumerate(drawn):
                 ids = torch.tensor(tok.encode(ex.text[ex.queries_start:]))
                 spans = [(a - ex.queries_start, b - ex.queries_start) for a, b in ex.answer_spans]
-                starts = {"carried": fx[i], "mem0 = F": swapped(fx[i], 0, f[i].tensors),
-                          "mem1 = F": swapped(fx[i], 1, f[i].tensors),
+                logits, q = forward_with_query_keys(engine, memory, ids, fx[i])
+                answered["carried"].append(answer_hits(logits, ids, spans).all(1).float())
+                starts = {"mem0 = F": swapped(fx[i], 0, f[i].tensors), "mem1 = F": swapped(fx[i], 1, f[i].tensors),
                           "mem0 = F landed": swapped(fx[i], 0, landed[i].tensors),
-                          "mem0 = X+F-0": swapped(fx[i], 0, superposed(fx[i], x[i], f[i], zero, 0))}
+                          "mem0 = X+F-0": swapped(fx[i], 0, superposed(x[i], f[i], zero, 0))}
                 for name, start in starts.items():
                     logits = engine.forward_batch([ids], [start])[0][0]
                     answered[name].append(answer_hits(logits, ids, spans).all(1).float())
@@ -170,7 +172,7 @@ def main() -> None:
                     logits = engine.forward_batch([ids], [fx[i]])[0][0]
                 answered["unwritten"].append(answer_hits(logits, ids, spans).all(1).float())
                 rows = torch.tensor([p for a, b in spans for p in range(a - 1, b - 1)])
-                q = query_keys(engine, memory, ids, fx[i])[:, rows][None]  # [1, H, n, d]
+                q = q[:, rows][None]  # [1, H, n, d]
                 read = {name: memory_read(weights_of(s, 0, depth), q, eps)[0]
                         for name, s in (("0", zero), ("F", f[i]), ("X", x[i]), ("FX", fx[i]))}
                 wrote, left = read["F"] - read["0"], read["FX"] - read["X"]  # [H, n, d]

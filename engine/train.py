@@ -108,7 +108,7 @@ class TrainConfig:
     filler_price: float = 0.0
     # both prices count each write with the momentum that carries it on: theta / (1 - eta), eta the head's mean
     # momentum gate on the priced tokens (with its gradient). A write of theta goes on landing for ~1 / (1 - eta)
-    # chunks, and a price on theta alone is dodged by raising eta (models/titans-mal-recall/README.md, s9)
+    # tokens, and a price on theta alone is dodged by raising eta (models/titans-mal-recall/README.md, s9)
     price_momentum: bool = False
     # this share of the filler's characters replaced by characters outside ASCII (data.sprinkle): the corpora are
     # ASCII, and a memory that never read other bytes writes them over everything it holds
