@@ -67,6 +67,10 @@ class TrainConfig:
     n_facts: int = 8
     filler: str | list[str] = "words"  # a kind of data.FILLER_KINDS, or a list to draw one from per example
     answer_weight: float = 4.0  # loss weight of answer digits relative to the other tokens
+    # loss weight of predicting a recall example's filler bytes (neither fact nor query, data.fact_mask): below 1,
+    # the language-model loss pays less for writing other text into the memory that keeps the facts (> 0: the
+    # write prices take the weighted tokens as the trained ones)
+    filler_weight: float = 1.0
     # in this share of recall examples, query_gap bytes of filler before every query but the first (data.py)
     query_gap: int = 0
     query_gap_share: float = 0.0
@@ -174,6 +178,8 @@ class TrainConfig:
             raise ValueError(f"parallel must be one of {distributed.PARALLEL_MODES}, got {self.parallel!r}")
         if self.grad_accum < 1:
             raise ValueError(f"grad_accum must be >= 1, got {self.grad_accum}")
+        if not 0 < self.filler_weight <= 1:
+            raise ValueError(f"filler_weight must be in (0, 1], got {self.filler_weight}")
         for stage in self.curriculum:
             facts = stage[3] if len(stage) == 4 else self.n_facts
             fewest, most = facts if isinstance(facts, (list, tuple)) and len(facts) == 2 else (facts, facts)
@@ -291,6 +297,8 @@ def make_batch(cfg: TrainConfig, step: int, rng: random.Random, tokenizer, multi
                                 spread=spread, lead=lead, unicode_rate=cfg.unicode_rate)
             seq = tokenizer.encode(ex.text)
             w = torch.ones(len(seq))
+            if cfg.filler_weight != 1:  # w[i] weighs predicting seq[i + 1]
+                w[:-1][~fact_mask(torch.tensor([seq]))[0, 1:]] = cfg.filler_weight
             for a, b in ex.answer_spans:
                 if cfg.unicode_rate:  # character offsets to byte offsets
                     a, b = (len(tokenizer.encode(ex.text[:c])) for c in (a, b))

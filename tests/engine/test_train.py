@@ -490,6 +490,31 @@ def test_a_filler_price_charges_only_the_writes_of_other_text():
 
 
 @pytest.mark.parametrize("carried", [0, 300])
+def test_filler_weight_weighs_only_the_filler_of_recall_rows(carried):
+    from engine.data import fact_mask
+    from engine.tokenizer import load_tokenizer
+    from engine.train import make_batch
+
+    cfg = TrainConfig(model={"preset": "tiny-mal"}, batch_size=6, seq_len=64, recall_fraction=0.5, n_facts=2,
+                      answer_weight=10.0, curriculum=[[0, 16, 48]], carry_graded=64)
+    tok = load_tokenizer("byte", None)
+    ids, full = make_batch(cfg, 0, random.Random(3), tok, carried=carried)
+    same_ids, light = make_batch(dataclasses.replace(cfg, filler_weight=0.25), 0, random.Random(3), tok,
+                                 carried=carried)
+    assert torch.equal(ids, same_ids)  # the weight draws nothing: the same examples
+    targets = fact_mask(ids)[:, 1:]  # [B, T - 1]: weights[s, i] weighs predicting ids[s, i + 1]
+    recall_rows = targets.any(1)
+    assert 0 < int(recall_rows.sum()) < len(ids)
+    filler = recall_rows[:, None] & ~targets & (full == 1)  # trained filler of recall rows (not prefix, padding)
+    assert filler.any()
+    assert torch.all(light[filler] == 0.25)
+    assert torch.equal(light[~filler], full[~filler])  # facts, queries, answers, text rows, prefix, padding
+    assert (light[targets] == 10.0).any()  # the answers keep their weight
+    with pytest.raises(ValueError, match="filler_weight"):
+        dataclasses.replace(cfg, filler_weight=0.0)
+
+
+@pytest.mark.parametrize("carried", [0, 300])
 def test_unicode_filler_keeps_the_answer_weights_on_the_digits(carried):
     # sprinkled characters are 2-4 bytes each: the answers' character offsets must become byte offsets
     from engine.tokenizer import load_tokenizer
