@@ -17,6 +17,9 @@ learning rate, theta_max * sigmoid) and the forgetting alpha. Reported per layer
                             steps
     echoed mass 64K         the write mass with each side's theta over 1 - its mean eta (what training's
                             price_momentum prices)
+    byte spread             the largest standard deviation of theta among the filler's occurrences of one byte
+                            value: 0 when theta is a function of the byte alone, whatever stands around it
+    digit share             the share of the filler's echoed write, theta / (1 - eta) summed, that falls on digits
 
 JSON to bench/results/memory_gates.json (--out).
 """
@@ -81,7 +84,8 @@ def main() -> None:
     result = {"model": args.model, "fingerprint": engine.fingerprint, "distance": args.distance, "kinds": {}}
     print(f"{args.model}: {args.facts} facts, then {args.distance} bytes of held-out filler, {args.examples} examples")
     print(f"{'filler':>6} {'layer':>5} {'head':>4} {'theta facts':>11} {'filler':>8} {'keep 64K':>9} "
-          f"{'write mass 64K':>15} {'eta facts':>9} {'filler':>7} {'echoed mass 64K':>16}")
+          f"{'write mass 64K':>15} {'eta facts':>9} {'filler':>7} {'echoed mass 64K':>16} {'byte spread':>11} "
+          f"{'digit share':>11}")
     for kind in FILLER_KINDS:
         rng = random.Random(args.seed)
         texts = []
@@ -89,6 +93,9 @@ def main() -> None:
             ex = recall_example(rng, args.facts, args.distance, kind, "heldout")
             texts.append(ex.text[:facts_end + args.distance - 1])  # facts and filler, the same length for all
         rows = []
+        filler_ids = torch.tensor([engine.tokenizer.encode(t) for t in texts])[:, facts_end:]  # [B, T - facts]
+        values = filler_ids.unique()
+        digits = (filler_ids >= ord("0")) & (filler_ids <= ord("9"))
         for layer, gates in enumerate(recorded_gates(engine, texts)):
             theta = theta_max * gates[..., 0].exp()  # [B, H, T]
             eta, log_keep = gates[..., 1].exp(), gates[..., 2]
@@ -100,11 +107,16 @@ def main() -> None:
                 keep = torch.exp(HORIZON * log_keep[:, head, facts_end:].mean()).item()
                 mass = on_filler * HORIZON / (on_facts * facts_end)
                 echoed = mass * (1 - eta_facts) / (1 - eta_filler)
+                filler_theta = theta[:, head, facts_end:]
+                spread = max((filler_theta[filler_ids == v].std(correction=0).item() for v in values), default=0.0)
+                echoes = filler_theta / (1 - eta[:, head, facts_end:])
+                digit_share = (echoes[digits].sum() / echoes.sum()).item()
                 rows.append({"layer": layer, "head": head, "theta_facts": on_facts, "theta_filler": on_filler,
                              "keep_64k": keep, "write_mass_64k": mass, "eta_facts": eta_facts,
-                             "eta_filler": eta_filler, "echoed_mass_64k": echoed})
+                             "eta_filler": eta_filler, "echoed_mass_64k": echoed, "theta_byte_spread": spread,
+                             "digit_share": digit_share})
                 print(f"{kind:>6} {layer:>5} {head:>4} {on_facts:>11.4f} {on_filler:>8.4f} {keep:>9.3g} {mass:>15.3g}"
-                      f" {eta_facts:>9.3f} {eta_filler:>7.3f} {echoed:>16.3g}")
+                      f" {eta_facts:>9.3f} {eta_filler:>7.3f} {echoed:>16.3g} {spread:>11.2g} {digit_share:>11.2f}")
         result["kinds"][kind] = rows
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")

@@ -181,3 +181,21 @@ def test_memory_interference_quick(tmp_path):
     assert max(heads["offset"]) < 1e-4 and min(heads["signal"]) > 0
     assert at_512["distance"] == 512 and max(at_512["heads"]["offset"]) > 1e-3  # 512 bytes of words moved it
     assert all(0 <= v <= 1 for v in [*exact.values(), *at_512["exact"].values()])
+
+
+@pytest.mark.slow
+def test_memory_gates_quick(tmp_path):
+    # the default model's first block reads the byte's embedding, and its gates come from that input unconvolved:
+    # theta is one value per byte, whatever stands around it; the second block's input carries context
+    out = tmp_path / "mg.json"
+    proc = subprocess.run([sys.executable, "bench/memory_gates.py", "--examples", "1", "--distance", "256",
+                           "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr
+    for kind, rows in json.loads(out.read_text())["kinds"].items():
+        first = [r for r in rows if r["layer"] == 0]
+        second = [r for r in rows if r["layer"] == 1]
+        assert first and second, kind
+        assert max(r["theta_byte_spread"] for r in first) < 1e-6, kind
+        assert max(r["theta_byte_spread"] for r in second) > 1e-4, kind
+        assert all(0 <= r["digit_share"] <= 1 for r in rows), kind
